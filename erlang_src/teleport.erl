@@ -1,0 +1,215 @@
+%% @doc teleport: Erlang messages between nodes over pools of TCP connections
+%% owned by a Rust NIF, beside distributed Erlang instead of through it.
+%%
+%% `teleport:send({Name, Node}, Msg)' stands in for `{Name, Node} ! Msg' and
+%% `teleport:gs_call(Server, Request)' for `gen_server:call(Server, Request)'.
+%% Large messages to a node no longer hold up every other message to it, and
+%% many senders use many connections.
+%%
+%% Guarantees:
+%% <ul>
+%% <li>Ordering: messages from one process to one node arrive in the order sent
+%%     (the sender's pid picks its connection in the pool).</li>
+%% <li>Delivery: like `!', best effort. A message accepted by `send' is written
+%%     unless the connection dies first; such messages, and arrivals with no
+%%     live destination, are counted in {@link stats/0} and logged.</li>
+%% <li>Security: every connection proves knowledge of the cookie in both
+%%     directions (HMAC-SHA256 challenge-response) before anything is decoded.</li>
+%% <li>Memory: each connection queues at most `send_queue_bytes' (plus one
+%%     message per waiting sender); past it, senders wait until it drains.</li>
+%% </ul>
+-module(teleport).
+
+-export([send/2, gs_call/2, gs_call/3, gs_cast/2]).
+-export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0]).
+
+-export_type([dest/0, peer_stats/0]).
+
+-ifdef(TEST).
+-export([route/1]).
+-endif.
+
+-type dest() :: pid() | atom() | {atom(), node()}.
+-type peer_stats() :: #{messages_out := non_neg_integer(),
+                        bytes_out := non_neg_integer(),
+                        messages_in := non_neg_integer(),
+                        bytes_in := non_neg_integer(),
+                        connections := non_neg_integer(),
+                        queued_bytes := non_neg_integer(),
+                        dropped_out := non_neg_integer(),
+                        undeliverable_in := non_neg_integer(),
+                        connects := non_neg_integer(),
+                        disconnects := non_neg_integer()}.
+
+-define(DEFAULT_CALL_TIMEOUT, 5000).
+
+%% @doc Sends `Msg' to `Dest' like `erlang:send/2'; remote destinations go over
+%% teleport. Returns `{error, noconnection}' when the node cannot be reached
+%% and `{error, too_large}' past `max_frame_bytes'. A bad `Dest' raises
+%% `badarg', as does an unregistered local name. When the connection's queue is
+%% full the caller waits until it drains (like a busy distribution port).
+-spec send(dest(), term()) -> ok | {error, noconnection | too_large}.
+send(Dest, Msg) ->
+    case route(Dest) of
+        local ->
+            _ = erlang:send(Dest, Msg),
+            ok;
+        {remote, Node, Target} ->
+            remote_send(Node, send, {Target, Msg});
+        badarg ->
+            erlang:error(badarg, [Dest, Msg])
+    end.
+
+%% @equiv gs_call(Dest, Request, 5000)
+-spec gs_call(dest(), term()) -> term().
+gs_call(Dest, Request) ->
+    gs_call(Dest, Request, ?DEFAULT_CALL_TIMEOUT).
+
+%% @doc `gen_server:call/3' over teleport: works with gen_server and gen_statem,
+%% and the reply comes back over teleport too. Exits like gen_server:call, as
+%% `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}' with Reason
+%% `timeout', `noproc', `{nodedown, Node}', `noconnection' or the server's exit
+%% reason. The server sees `From' as `{RelayPid, Tag}' where RelayPid is a
+%% local teleport process, so `gen_server:reply/2' works as usual.
+%% As with gen_server before OTP 24, a reply that arrives after the timeout
+%% is left in the caller's mailbox as `{Ref, Reply}'.
+-spec gs_call(dest(), term(), timeout()) -> term().
+gs_call(Dest, Request, Timeout) ->
+    case route(Dest) of
+        local ->
+            try gen:call(Dest, '$gen_call', Request, Timeout) of
+                {ok, Reply} -> Reply
+            catch
+                exit:Reason -> exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}})
+            end;
+        {remote, Node, Target} ->
+            remote_call(Node, Target, Dest, Request, Timeout);
+        badarg ->
+            erlang:error(badarg, [Dest, Request, Timeout])
+    end.
+
+%% @doc `gen_server:cast/2' over teleport. Always returns `ok'.
+-spec gs_cast(dest(), term()) -> ok.
+gs_cast(Dest, Request) ->
+    try send(Dest, {'$gen_cast', Request}) of
+        _ -> ok
+    catch
+        error:badarg -> ok
+    end.
+
+%% @doc Opens the pool to `Node' now instead of at the first send. The peer's
+%% listener is found over distributed Erlang (or in `peer_addresses').
+-spec connect(node()) -> ok | {error, term()}.
+connect(Node) when is_atom(Node) ->
+    teleport_connector:ensure(Node, discover).
+
+%% @doc Opens the pool to `Node' at a known listener address.
+-spec connect(node(), {inet:ip_address(), inet:port_number()}) -> ok | {error, term()}.
+connect(Node, {Ip, Port} = Address) when is_atom(Node), is_tuple(Ip), is_integer(Port) ->
+    teleport_connector:ensure(Node, Address).
+
+%% @doc Closes the pool to `Node'. Messages still queued are dropped and counted.
+-spec disconnect(node()) -> ok.
+disconnect(Node) when is_atom(Node) ->
+    teleport_nif:close_pool(Node).
+
+%% @doc Nodes this node has an open pool to.
+-spec nodes() -> [node()].
+nodes() ->
+    teleport_nif:peers().
+
+%% @doc Where this node's listener is bound.
+-spec listen_address() -> {inet:ip_address(), inet:port_number()} | {error, not_started}.
+listen_address() ->
+    case teleport_nif:listen_address() of
+        {ok, Address} -> Address;
+        {error, _} = Error -> Error
+    end.
+
+%% @doc Counters per peer node: messages and bytes out (this node's pool to it)
+%% and in (its pool to us), open connections and queued bytes of our pool,
+%% messages dropped because a pool closed, arrivals with no live destination,
+%% and how often the pool opened and closed.
+-spec stats() -> #{node() => peer_stats()}.
+stats() ->
+    teleport_nif:stats().
+
+%%% Internal
+
+%% Where a destination lives, and what the peer needs to find it.
+-spec route(term()) -> local | {remote, node(), pid() | atom()} | badarg.
+route(Pid) when is_pid(Pid) ->
+    case node(Pid) =:= node() of
+        true -> local;
+        false -> {remote, node(Pid), Pid}
+    end;
+route(Name) when is_atom(Name) ->
+    local;
+route({Name, Node}) when is_atom(Name), is_atom(Node) ->
+    case Node =:= node() of
+        true -> local;
+        false -> {remote, Node, Name}
+    end;
+route(_) ->
+    badarg.
+
+remote_send(Node, Kind, Envelope) ->
+    %% term_to_iovec yields and keeps large binaries by reference: no copy here.
+    Iovec = erlang:term_to_iovec(Envelope),
+    Key = erlang:phash2(self()),
+    case enqueue(Node, Kind, Key, Iovec) of
+        not_connected ->
+            case teleport_connector:ensure(Node, discover) of
+                ok ->
+                    case enqueue(Node, Kind, Key, Iovec) of
+                        not_connected -> {error, noconnection};
+                        Result -> Result
+                    end;
+                {error, _} ->
+                    {error, noconnection}
+            end;
+        Result ->
+            Result
+    end.
+
+enqueue(Node, Kind, Key, Iovec) ->
+    case teleport_nif:send(Node, Kind, Key, Iovec) of
+        ok -> ok;
+        suspend ->
+            %% Queued, but the connection is over its byte limit: wait for it to
+            %% drain (or close) before this process may send more.
+            receive {teleport_resume, Node} -> ok end;
+        not_connected -> not_connected;
+        too_large -> {error, too_large}
+    end.
+
+remote_call(Node, Target, Dest, Request, Timeout) ->
+    %% The monitor travels over distributed Erlang (a few bytes); it is what
+    %% turns a dead server or node into an exit instead of a timeout.
+    Mref = erlang:monitor(process, Dest),
+    Tag = {'$teleport_reply', self(), Mref},
+    case remote_send(Node, call, {Target, Tag, Request}) of
+        ok ->
+            receive
+                {Mref, Reply} ->
+                    erlang:demonitor(Mref, [flush]),
+                    Reply;
+                {'DOWN', Mref, _, _, noconnection} ->
+                    call_exit({nodedown, Node}, Dest, Request, Timeout);
+                {'DOWN', Mref, _, _, Reason} ->
+                    call_exit(Reason, Dest, Request, Timeout)
+            after Timeout ->
+                    erlang:demonitor(Mref, [flush]),
+                    call_exit(timeout, Dest, Request, Timeout)
+            end;
+        {error, noconnection} ->
+            erlang:demonitor(Mref, [flush]),
+            call_exit({nodedown, Node}, Dest, Request, Timeout);
+        {error, Reason} ->
+            erlang:demonitor(Mref, [flush]),
+            call_exit(Reason, Dest, Request, Timeout)
+    end.
+
+-spec call_exit(term(), dest(), term(), timeout()) -> no_return().
+call_exit(Reason, Dest, Request, Timeout) ->
+    exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}}).

@@ -1,0 +1,71 @@
+%% @doc teleport's settings, read from the `teleport' application environment.
+%%
+%% <table>
+%% <tr><th>Key</th><th>Default</th><th>Meaning</th></tr>
+%% <tr><td>`pool_size'</td><td>schedulers online</td><td>connections per peer node</td></tr>
+%% <tr><td>`listen_ip'</td><td>`{0,0,0,0}'</td><td>address the listener binds</td></tr>
+%% <tr><td>`listen_port'</td><td>`0' (any)</td><td>port the listener binds</td></tr>
+%% <tr><td>`max_frame_bytes'</td><td>512 MiB</td><td>largest encoded message sent or accepted</td></tr>
+%% <tr><td>`send_queue_bytes'</td><td>64 MiB</td><td>per connection; past it senders wait</td></tr>
+%% <tr><td>`connect_timeout'</td><td>5000 ms</td><td>TCP connect to a peer</td></tr>
+%% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
+%% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
+%% </table>
+-module(teleport_config).
+
+-export([get/0, get/1, validate/2, defaults/0]).
+
+-type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
+             | connect_timeout | handshake_timeout | max_pending_handshakes | peer_addresses.
+-export_type([key/0]).
+
+%% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
+-spec get() -> #{key() => term()}.
+get() ->
+    maps:map(fun(Key, Default) ->
+                     validate(Key, application:get_env(teleport, Key, Default))
+             end, defaults()).
+
+%% @doc One setting, validated.
+-spec get(key()) -> term().
+get(Key) ->
+    validate(Key, application:get_env(teleport, Key, maps:get(Key, defaults()))).
+
+-spec defaults() -> #{key() => term()}.
+defaults() ->
+    #{pool_size => erlang:system_info(schedulers_online),
+      listen_ip => {0, 0, 0, 0},
+      listen_port => 0,
+      max_frame_bytes => 512 * 1024 * 1024,
+      send_queue_bytes => 64 * 1024 * 1024,
+      connect_timeout => 5000,
+      handshake_timeout => 5000,
+      max_pending_handshakes => 64,
+      peer_addresses => #{}}.
+
+%% @doc Returns `Value' if it is acceptable for `Key', else raises.
+-spec validate(key(), term()) -> term().
+validate(pool_size, N) when is_integer(N), N >= 1, N =< 256 -> N;
+validate(listen_ip, Ip) when is_tuple(Ip) -> valid_ip(listen_ip, Ip);
+validate(listen_port, P) when is_integer(P), P >= 0, P =< 65535 -> P;
+validate(max_frame_bytes, N) when is_integer(N), N >= 1024, N =< 16#FFFFFFFF -> N;
+validate(send_queue_bytes, N) when is_integer(N), N >= 1024 -> N;
+validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
+validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
+validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
+validate(peer_addresses, M) when is_map(M) ->
+    maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
+                                            Port > 0, Port =< 65535 ->
+                         valid_ip(peer_addresses, Ip);
+                    (Node, Addr) ->
+                         erlang:error({invalid_config, peer_addresses, {Node, Addr}})
+                 end, M),
+    M;
+validate(Key, Value) ->
+    erlang:error({invalid_config, Key, Value}).
+
+valid_ip(Key, Ip) ->
+    case inet:ntoa(Ip) of
+        {error, einval} -> erlang:error({invalid_config, Key, Ip});
+        _ -> Ip
+    end.

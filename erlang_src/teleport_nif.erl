@@ -1,0 +1,47 @@
+%% @private
+%% @doc The NIF stubs. The Rust side (native/teleport_nif) replaces them at load.
+-module(teleport_nif).
+
+-export([start/1, stop/0, listen_address/0, open_pool/5, send/4, close_pool/1, peers/0, stats/0]).
+
+-on_load(load/0).
+
+-type peer_stats() :: #{atom() => non_neg_integer()}.
+
+load() ->
+    erlang:load_nif(filename:join(priv_dir(), "libteleport_nif"), 0).
+
+priv_dir() ->
+    case code:priv_dir(teleport) of
+        {error, bad_name} ->
+            %% Not loaded as an application (e.g. a bare -pa): priv sits beside ebin.
+            filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+        Dir ->
+            Dir
+    end.
+
+-spec start(map()) -> {ok, {inet:ip_address(), inet:port_number()}} | {error, term()}.
+start(_Opts) -> erlang:nif_error(nif_not_loaded).
+
+-spec stop() -> ok.
+stop() -> erlang:nif_error(nif_not_loaded).
+
+-spec listen_address() -> {ok, {inet:ip_address(), inet:port_number()}} | {error, not_started}.
+listen_address() -> erlang:nif_error(nif_not_loaded).
+
+-spec open_pool(node(), inet:ip_address(), inet:port_number(), pos_integer(), pid()) ->
+    ok | opening | not_started.
+open_pool(_Node, _Ip, _Port, _Size, _Notify) -> erlang:nif_error(nif_not_loaded).
+
+-spec send(node(), send | call, non_neg_integer(), [binary()]) ->
+    ok | suspend | not_connected | too_large.
+send(_Node, _Kind, _Key, _Iovec) -> erlang:nif_error(nif_not_loaded).
+
+-spec close_pool(node()) -> ok.
+close_pool(_Node) -> erlang:nif_error(nif_not_loaded).
+
+-spec peers() -> [node()].
+peers() -> erlang:nif_error(nif_not_loaded).
+
+-spec stats() -> #{node() => peer_stats()}.
+stats() -> erlang:nif_error(nif_not_loaded).

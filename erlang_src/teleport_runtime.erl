@@ -1,0 +1,79 @@
+%% @private
+%% @doc Owns the Rust runtime's lifetime: starts the listener in init, stops it
+%% (closing every connection and joining every thread) in terminate. Also
+%% logs what the Rust side reports and closes a peer's pool on nodedown.
+-module(teleport_runtime).
+-behaviour(gen_server).
+
+-export([start_link/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-include_lib("kernel/include/logger.hrl").
+
+-define(META, #{domain => [teleport]}).
+
+start_link() ->
+    gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
+
+init([]) ->
+    process_flag(trap_exit, true),
+    Config = teleport_config:get(),
+    node() =:= nonode@nohost andalso
+        ?LOG_WARNING(#{what => not_distributed,
+                       text => "teleport needs a distributed node; start it with -name or -sname"},
+                     ?META),
+    Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes,
+                      connect_timeout, handshake_timeout, max_pending_handshakes], Config),
+    case teleport_nif:start(Opts#{local_node => atom_to_binary(node()),
+                                  cookie => atom_to_binary(erlang:get_cookie()),
+                                  event_pid => self(),
+                                  reply_relays => teleport_reply_relay:names()}) of
+        {ok, Addr} ->
+            ok = net_kernel:monitor_nodes(true),
+            ?LOG_INFO(#{what => listening, address => Addr}, ?META),
+            {ok, #{address => Addr}};
+        {error, Reason} ->
+            {stop, {listen_failed, Reason}}
+    end.
+
+handle_call(_Request, _From, State) ->
+    {reply, {error, unsupported}, State}.
+
+handle_cast(_Request, State) ->
+    {noreply, State}.
+
+handle_info({teleport_event, Event}, State) ->
+    log_event(Event),
+    {noreply, State};
+handle_info({nodedown, Node}, State) ->
+    %% Calls watch their server over distributed Erlang: without it, the pool is no use.
+    teleport_nif:close_pool(Node),
+    {noreply, State};
+handle_info({nodeup, _Node}, State) ->
+    {noreply, State};
+handle_info(Other, State) ->
+    ?LOG_DEBUG(#{what => unexpected_message, message => Other}, ?META),
+    {noreply, State}.
+
+terminate(_Reason, _State) ->
+    teleport_nif:stop().
+
+log_event({pool_up, Node, Connections}) ->
+    ?LOG_INFO(#{what => pool_up, peer => Node, connections => Connections}, ?META);
+log_event({pool_down, Node, Reason, 0}) ->
+    ?LOG_INFO(#{what => pool_down, peer => Node, reason => Reason}, ?META);
+log_event({pool_down, Node, Reason, Dropped}) ->
+    ?LOG_WARNING(#{what => pool_down, peer => Node, reason => Reason,
+                   dropped_messages => Dropped}, ?META);
+log_event({inbound_up, Node}) ->
+    ?LOG_DEBUG(#{what => inbound_up, peer => Node}, ?META);
+log_event({inbound_down, Node, Reason}) ->
+    ?LOG_DEBUG(#{what => inbound_down, peer => Node, reason => Reason}, ?META);
+log_event({handshake_failed, Remote, Reason}) ->
+    ?LOG_NOTICE(#{what => handshake_failed, remote => Remote, reason => Reason}, ?META);
+log_event({undeliverable, Node, Reason, Total}) ->
+    ?LOG_DEBUG(#{what => undeliverable, peer => Node, reason => Reason, total => Total}, ?META);
+log_event({panic, Thread, Message}) ->
+    ?LOG_ERROR(#{what => rust_thread_panicked, thread => Thread, message => Message}, ?META);
+log_event(Other) ->
+    ?LOG_DEBUG(#{what => unknown_event, event => Other}, ?META).

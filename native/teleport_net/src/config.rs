@@ -1,0 +1,35 @@
+//! Settings the runtime is started with (the Erlang side reads them from the
+//! application environment and validates them).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub local_node: String,
+    pub cookie: Vec<u8>,
+    /// Cap on one frame body, checked by readers before allocating and by senders.
+    pub max_frame_bytes: u32,
+    /// Per connection: past this many queued bytes, senders are told to wait.
+    pub send_queue_bytes: usize,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; further connections are closed at accept.
+    pub max_pending_handshakes: usize,
+}
+
+impl Config {
+    pub fn for_tests(local_node: &str, cookie: &[u8]) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            local_node: local_node.to_string(),
+            cookie: cookie.to_vec(),
+            max_frame_bytes: 64 << 20,
+            send_queue_bytes: 8 << 20,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 64,
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! One outbound connection: a bounded-by-bytes queue of frames, the writer
+//! thread that drains it with vectored writes, and the watcher thread that
+//! notices the peer going away while we have nothing to write.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::host::Callback;
+use crate::stats::PeerStats;
+
+/// The bytes of one frame body, possibly scattered (e.g. an Erlang iovec whose
+/// large binaries are referenced in place). They must stay valid while `self` lives;
+/// dropping `self` is what releases them, after they are on the wire.
+pub trait FrameBody: Send {
+    fn len(&self) -> usize;
+    fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>);
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FrameBody for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        out.push(IoSlice::new(self));
+    }
+}
+
+pub struct OutFrame {
+    header: [u8; HEADER_LEN],
+    body: Box<dyn FrameBody>,
+}
+
+impl OutFrame {
+    /// `None` when the body does not fit a frame's 32-bit length.
+    pub fn new(kind: FrameKind, body: Box<dyn FrameBody>) -> Option<OutFrame> {
+        let body_len = u32::try_from(body.len()).ok()?;
+        let header = FrameHeader { kind, body_len }.encode();
+        Some(OutFrame { header, body })
+    }
+
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.body.len()
+    }
+}
+
+enum Item {
+    Frame(OutFrame),
+    Close,
+}
+
+/// A batch is flushed with one writev once it holds this much, or the queue is empty.
+const BATCH_BYTES: usize = 4 << 20;
+const BATCH_FRAMES: usize = 256;
+
+pub struct Connection {
+    tx: Sender<Item>,
+    /// Kept to shut the socket down from any thread (wakes the writer and the watcher).
+    socket: TcpStream,
+    queued_bytes: AtomicUsize,
+    limit: usize,
+    closed: AtomicBool,
+    /// Callers told to wait for the queue to drain; run once it falls to half the limit.
+    waiters: Mutex<Vec<Callback<()>>>,
+    has_waiters: AtomicBool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    Ok,
+    /// Accepted, but the queue is over its limit: the caller should wait (see `wait_for_drain`).
+    OverLimit,
+}
+
+/// The connection is closed; the frame was not accepted.
+#[derive(Debug)]
+pub struct Closed;
+
+impl Connection {
+    /// Returns the connection and the receiving end for its writer thread.
+    pub(crate) fn new(socket: TcpStream, limit: usize) -> (Arc<Connection>, WriterQueue) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let conn = Arc::new(Connection {
+            tx,
+            socket,
+            queued_bytes: AtomicUsize::new(0),
+            limit,
+            closed: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+            has_waiters: AtomicBool::new(false),
+        });
+        (conn, WriterQueue { rx })
+    }
+
+    /// Queues a frame. Memory stays bounded because callers that get `OverLimit`
+    /// wait before sending more: each overshoots by at most one frame.
+    pub fn enqueue(&self, frame: OutFrame) -> Result<Enqueued, Closed> {
+        if self.closed.load(SeqCst) {
+            return Err(Closed);
+        }
+        let wire_len = frame.wire_len();
+        let queued = self.queued_bytes.fetch_add(wire_len, SeqCst) + wire_len;
+        if self.tx.send(Item::Frame(frame)).is_err() {
+            self.queued_bytes.fetch_sub(wire_len, SeqCst);
+            return Err(Closed);
+        }
+        Ok(if queued > self.limit {
+            Enqueued::OverLimit
+        } else {
+            Enqueued::Ok
+        })
+    }
+
+    /// Registers `wake` to run once the queue has drained to half its limit or the
+    /// connection closed. Returns false (and drops `wake`) if that is already so.
+    pub fn wait_for_drain(&self, wake: Callback<()>) -> bool {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // Publish first, then re-check: the writer reads `has_waiters` after it
+        // lowers `queued_bytes`, so one of the two sides always sees the other.
+        self.has_waiters.store(true, SeqCst);
+        if self.closed.load(SeqCst) || self.drained() {
+            if waiters.is_empty() {
+                self.has_waiters.store(false, SeqCst);
+            }
+            return false;
+        }
+        waiters.push(wake);
+        true
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(SeqCst)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+
+    fn drained(&self) -> bool {
+        self.queued_bytes.load(SeqCst) <= self.limit / 2
+    }
+
+    fn wake_waiters(&self, force: bool) {
+        if !self.has_waiters.load(SeqCst) {
+            return;
+        }
+        let ready = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if !(force || self.drained()) {
+                return;
+            }
+            self.has_waiters.store(false, SeqCst);
+            std::mem::take(&mut *waiters)
+        };
+        for wake in ready {
+            wake(());
+        }
+    }
+
+    /// Stops the connection from any thread: nothing more is accepted, the
+    /// writer stops after its current write, the watcher's read returns.
+    pub fn shutdown(&self) {
+        self.closed.store(true, SeqCst);
+        let _ = self.tx.send(Item::Close);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        self.wake_waiters(true);
+    }
+}
+
+/// The writer thread's end of a connection's queue.
+pub(crate) struct WriterQueue {
+    rx: Receiver<Item>,
+}
+
+/// How the writer ended: the reason, and how many accepted frames were never written.
+pub(crate) struct WriterExit {
+    pub reason: String,
+    pub dropped: u64,
+}
+
+/// The writer thread's body. Runs until the connection is shut down or a write fails.
+pub(crate) fn run_writer(
+    conn: &Connection,
+    queue: WriterQueue,
+    mut stream: TcpStream,
+    stats: &PeerStats,
+) -> WriterExit {
+    let reason = write_until_closed(conn, &queue, &mut stream, stats);
+    conn.closed.store(true, SeqCst);
+    let _ = stream.shutdown(Shutdown::Both);
+    // Whatever is still queued will never be sent: count it so it is not lost silently.
+    let mut dropped = 0;
+    while let Ok(item) = queue.rx.try_recv() {
+        if let Item::Frame(frame) = item {
+            conn.queued_bytes.fetch_sub(frame.wire_len(), SeqCst);
+            dropped += 1;
+        }
+    }
+    PeerStats::add(&stats.dropped_out, dropped);
+    conn.wake_waiters(true);
+    WriterExit { reason, dropped }
+}
+
+fn write_until_closed(
+    conn: &Connection,
+    queue: &WriterQueue,
+    stream: &mut TcpStream,
+    stats: &PeerStats,
+) -> String {
+    let mut batch: Vec<OutFrame> = Vec::new();
+    loop {
+        let mut close_after = false;
+        match queue.rx.recv() {
+            Ok(Item::Frame(frame)) => batch.push(frame),
+            Ok(Item::Close) | Err(_) => return "closed".to_string(),
+        }
+        // Take whatever else is already queued: many small frames become one write.
+        let mut batch_bytes = batch[0].wire_len();
+        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_FRAMES {
+            match queue.rx.try_recv() {
+                Ok(Item::Frame(frame)) => {
+                    batch_bytes += frame.wire_len();
+                    batch.push(frame);
+                }
+                Ok(Item::Close) => {
+                    close_after = true;
+                    break;
+                }
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        if let Err(e) = write_batch(stream, &batch) {
+            // The frames of this batch count as dropped: put them back in the tally.
+            let lost = batch.len() as u64;
+            conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
+            PeerStats::add(&stats.dropped_out, lost);
+            return format!("write failed: {e}");
+        }
+        let bodies: usize = batch.iter().map(OutFrame::body_len).sum();
+        PeerStats::add(&stats.messages_out, batch.len() as u64);
+        PeerStats::add(&stats.bytes_out, bodies as u64);
+        // Dropping the frames releases their bodies (and the binaries they reference).
+        batch.clear();
+        conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
+        conn.wake_waiters(false);
+        if close_after {
+            return "closed".to_string();
+        }
+    }
+}
+
+fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
+    for frame in batch {
+        slices.push(IoSlice::new(&frame.header));
+        frame.body.push_chunks(&mut slices);
+    }
+    write_all_vectored(stream, &mut slices)
+}
+
+/// `Write::write_all_vectored` is not stable yet.
+fn write_all_vectored(writer: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match writer.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The watcher thread's body: the peer never writes after the handshake, so any
+/// return from `read` means the connection is gone (or the peer misbehaves).
+pub(crate) fn run_watcher(mut stream: TcpStream) -> String {
+    let mut buf = [0u8; 64];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return "peer closed the connection".to_string(),
+            Ok(_) => return "peer sent unexpected data".to_string(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return format!("read failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Chunks(Vec<Vec<u8>>);
+    impl FrameBody for Chunks {
+        fn len(&self) -> usize {
+            self.0.iter().map(Vec::len).sum()
+        }
+        fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+            out.extend(self.0.iter().map(|c| IoSlice::new(c)));
+        }
+    }
+
+    #[test]
+    fn write_batch_puts_headers_and_scattered_bodies_in_order() {
+        let frames = vec![
+            OutFrame::new(
+                FrameKind::Send,
+                Box::new(Chunks(vec![b"ab".to_vec(), b"cd".to_vec()])),
+            )
+            .unwrap(),
+            OutFrame::new(FrameKind::Call, Box::new(b"xyz".to_vec())).unwrap(),
+        ];
+        let mut out = Vec::new();
+        let mut slices = Vec::new();
+        for frame in &frames {
+            slices.push(IoSlice::new(&frame.header));
+            frame.body.push_chunks(&mut slices);
+        }
+        write_all_vectored(&mut out, &mut slices).unwrap();
+        assert_eq!(out, b"\0\0\0\x04\x01abcd\0\0\0\x03\x02xyz");
+    }
+
+    /// A writer that takes at most 3 bytes per call, to exercise partial writes.
+    struct Dribble(Vec<u8>);
+    impl Write for Dribble {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_vectored_writes_resume_where_they_stopped() {
+        let parts: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; (i as usize) % 7 + 1]).collect();
+        let expected: Vec<u8> = parts.concat();
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut out = Dribble(Vec::new());
+        write_all_vectored(&mut out, &mut slices).unwrap();
+        assert_eq!(out.0, expected);
+    }
+}

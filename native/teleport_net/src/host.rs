@@ -1,0 +1,64 @@
+//! What the embedding side (the NIF, or a test) provides to the network core:
+//! somewhere to deliver arriving frames and somewhere to report events.
+//! Keeping the VM behind this trait lets `cargo test` run real pools on loopback.
+
+use crate::framing::FrameKind;
+
+/// How one arriving frame ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    /// Well formed, but nobody to give it to (dead pid, unregistered name): counted, not fatal.
+    Undeliverable(&'static str),
+}
+
+/// Delivers the frames of one inbound connection; owned by that connection's reader thread.
+pub trait FrameHandler: Send {
+    /// `Err` means the peer sent something malformed: the connection is closed.
+    fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String>;
+}
+
+/// Things worth telling the VM (for logging, or to wake a waiting caller).
+#[derive(Debug)]
+pub enum Event {
+    PoolUp {
+        peer: String,
+        connections: usize,
+    },
+    PoolDown {
+        peer: String,
+        reason: String,
+        dropped_messages: u64,
+    },
+    InboundUp {
+        peer: String,
+    },
+    InboundDown {
+        peer: String,
+        reason: String,
+    },
+    HandshakeFailed {
+        remote: String,
+        reason: &'static str,
+    },
+    Undeliverable {
+        peer: String,
+        reason: &'static str,
+        total: u64,
+    },
+    /// A thread of ours panicked; the connection it served is closed.
+    Panic {
+        thread: String,
+        message: String,
+    },
+}
+
+pub trait Host: Send + Sync + 'static {
+    /// Called once per authenticated inbound connection.
+    fn frame_handler(&self, peer: &str) -> Box<dyn FrameHandler>;
+    /// Never blocks for long; may be called from any thread.
+    fn event(&self, event: Event);
+}
+
+/// One-shot callbacks run on a core thread (never a VM scheduler thread).
+pub type Callback<T> = Box<dyn FnOnce(T) + Send + Sync>;

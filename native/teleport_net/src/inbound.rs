@@ -1,0 +1,85 @@
+//! One inbound connection: the server side of the handshake, then a reader
+//! that parses frames and hands them to the host for delivery.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::framing::read_frame;
+use crate::handshake::{server_handshake, HandshakeConfig};
+use crate::host::{Delivery, Event};
+use crate::runtime::Shared;
+use crate::stats::PeerStats;
+
+/// At most one Undeliverable event per connection per this interval; the counter has every one.
+const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
+    let handshake = HandshakeConfig {
+        cookie: &shared.config.cookie,
+        local_node: &shared.config.local_node,
+        timeout: shared.config.handshake_timeout,
+    };
+    let outcome = server_handshake(&stream, &handshake);
+    shared
+        .pending_handshakes
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    let peer = match outcome {
+        Ok(peer) => peer,
+        Err(e) => {
+            shared.host.event(Event::HandshakeFailed {
+                remote: remote.to_string(),
+                reason: e.reason(),
+            });
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let Some(registration) = shared.register_inbound(&stream) else {
+        return; // stopping
+    };
+    let stats = shared.peer_stats(&peer);
+    shared.host.event(Event::InboundUp { peer: peer.clone() });
+    let reason = read_frames(shared, &stream, &peer, &stats);
+    shared.unregister_inbound(registration);
+    shared.host.event(Event::InboundDown { peer, reason });
+}
+
+fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
+    let mut handler = shared.host.frame_handler(peer);
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let mut body = Vec::new();
+    let mut last_undeliverable_event: Option<Instant> = None;
+    loop {
+        let kind = match read_frame(&mut reader, shared.config.max_frame_bytes, &mut body) {
+            Ok(Some(kind)) => kind,
+            Ok(None) => return "peer closed the connection".to_string(),
+            Err(e) => return format!("bad frame: {e}"),
+        };
+        PeerStats::add(&stats.messages_in, 1);
+        PeerStats::add(&stats.bytes_in, body.len() as u64);
+        match handler.handle(kind, &body) {
+            Ok(Delivery::Delivered) => {}
+            Ok(Delivery::Undeliverable(reason)) => {
+                PeerStats::add(&stats.undeliverable_in, 1);
+                let due =
+                    last_undeliverable_event.is_none_or(|t| t.elapsed() >= UNDELIVERABLE_EVENT_INTERVAL);
+                if due {
+                    last_undeliverable_event = Some(Instant::now());
+                    let total = stats.undeliverable_in.load(Relaxed);
+                    shared.host.event(Event::Undeliverable {
+                        peer: peer.to_string(),
+                        reason,
+                        total,
+                    });
+                }
+            }
+            Err(e) => return format!("malformed frame: {e}"),
+        }
+        // A large body's buffer is not kept between frames.
+        if body.capacity() > 1 << 20 {
+            body = Vec::new();
+        }
+    }
+}

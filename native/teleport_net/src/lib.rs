@@ -1,0 +1,25 @@
+//! teleport's network core, independent of the Erlang VM: the listener, pools of
+//! authenticated outbound connections per peer, their writer threads, the inbound
+//! readers, handshake and framing. The NIF crate plugs the VM in through `host::Host`.
+//!
+//! Data path, in the order a message travels: `Runtime::send` -> `Connection::enqueue`
+//! -> writer thread (`connection.rs`) -> socket -> reader thread (`inbound.rs`) ->
+//! `framing::read_frame` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
+
+pub mod config;
+pub mod connection;
+pub mod framing;
+pub mod handshake;
+pub mod host;
+mod inbound;
+mod listener;
+pub mod pool;
+pub mod runtime;
+pub mod stats;
+
+pub use config::Config;
+pub use connection::{FrameBody, OutFrame};
+pub use framing::FrameKind;
+pub use host::{Callback, Delivery, Event, FrameHandler, Host};
+pub use runtime::{OpenStatus, Runtime, SendError, Sent};
+pub use stats::PeerStatsSnapshot;

@@ -1,0 +1,123 @@
+//! The outbound pool to one peer node: N authenticated connections, each with
+//! its own writer. A sender's key picks the connection, so one sender's frames
+//! always share one queue and one socket and arrive in order.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use crate::config::Config;
+use crate::connection::{Connection, WriterQueue};
+use crate::handshake::{client_handshake, HandshakeConfig};
+use crate::stats::PeerStats;
+
+pub struct Pool {
+    pub peer: String,
+    connections: Vec<Arc<Connection>>,
+    pub(crate) stats: Arc<PeerStats>,
+    closing: AtomicBool,
+    /// First reason given for closing; reported once every writer has stopped.
+    close_reason: Mutex<Option<String>>,
+    live_writers: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// Sockets that passed the handshake, not yet running.
+pub(crate) struct Dialed {
+    pub streams: Vec<TcpStream>,
+}
+
+/// Opens `size` connections to `addr` and authenticates each. Blocking: run on a core thread.
+pub(crate) fn dial(config: &Config, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, String> {
+    let handshake = HandshakeConfig {
+        cookie: &config.cookie,
+        local_node: &config.local_node,
+        timeout: config.handshake_timeout,
+    };
+    let mut streams = Vec::with_capacity(size);
+    for _ in 0..size {
+        let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
+            .map_err(|e| format!("connect to {addr} failed: {e}"))?;
+        // Small frames (calls, acks) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        client_handshake(&stream, &handshake, peer)
+            .map_err(|e| format!("handshake with {peer} failed: {e}"))?;
+        streams.push(stream);
+    }
+    Ok(Dialed { streams })
+}
+
+/// Per connection: the writer's stream, its queue, and the watcher's stream.
+pub(crate) type Started = Vec<(Arc<Connection>, WriterQueue, TcpStream, TcpStream)>;
+
+impl Pool {
+    pub(crate) fn new(
+        peer: &str,
+        dialed: Dialed,
+        limit: usize,
+        stats: Arc<PeerStats>,
+    ) -> std::io::Result<(Arc<Pool>, Started)> {
+        let mut connections = Vec::new();
+        let mut started = Vec::new();
+        for stream in dialed.streams {
+            let (conn, queue) = Connection::new(stream.try_clone()?, limit);
+            let watcher = stream.try_clone()?;
+            connections.push(conn.clone());
+            started.push((conn, queue, stream, watcher));
+        }
+        let pool = Arc::new(Pool {
+            peer: peer.to_string(),
+            live_writers: AtomicUsize::new(connections.len()),
+            connections,
+            stats,
+            closing: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+            dropped: AtomicU64::new(0),
+        });
+        Ok((pool, started))
+    }
+
+    /// The connection for a sender's key (e.g. a hash of its pid).
+    pub fn connection(&self, key: u64) -> &Arc<Connection> {
+        &self.connections[(key % self.connections.len() as u64) as usize]
+    }
+
+    pub fn size(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.connections.iter().map(|c| c.queued_bytes()).sum()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(SeqCst)
+    }
+
+    /// Starts closing; true for the first caller only. Losing one connection closes the
+    /// whole pool, so a sender never sees its frames reordered over a replacement socket.
+    pub(crate) fn begin_close(&self, reason: &str) -> bool {
+        if self.closing.swap(true, SeqCst) {
+            return false;
+        }
+        *self.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        for conn in &self.connections {
+            conn.shutdown();
+        }
+        true
+    }
+
+    /// Called by each writer as it exits; the last one gets the pool's final tally.
+    pub(crate) fn writer_exited(&self, dropped: u64) -> Option<(String, u64)> {
+        let total = self.dropped.fetch_add(dropped, SeqCst) + dropped;
+        if self.live_writers.fetch_sub(1, SeqCst) != 1 {
+            return None;
+        }
+        let reason = self
+            .close_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some((reason.unwrap_or_else(|| "closed".to_string()), total))
+    }
+}

@@ -1,0 +1,367 @@
+//! The runtime: one per node. Owns the listener, the pools by peer name, the
+//! inbound connections, the per-peer counters and every thread it started.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use crate::config::Config;
+use crate::connection::{run_watcher, run_writer, Connection, Enqueued, OutFrame};
+use crate::host::{Callback, Event, Host};
+use crate::listener::{bind, run_acceptor};
+use crate::pool::{dial, Pool};
+use crate::stats::{PeerStats, PeerStatsSnapshot};
+
+enum PoolSlot {
+    /// Dialing; these callers hear how it ends.
+    Opening(Vec<Callback<Result<(), String>>>),
+    Up(Arc<Pool>),
+}
+
+pub(crate) struct Shared {
+    pub config: Config,
+    pub host: Arc<dyn Host>,
+    pools: RwLock<HashMap<String, PoolSlot>>,
+    stats: Mutex<HashMap<String, Arc<PeerStats>>>,
+    /// Inbound sockets by id, kept so `stop` can shut them down.
+    inbound: Mutex<HashMap<u64, TcpStream>>,
+    next_inbound_id: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: AtomicBool,
+    pub pending_handshakes: AtomicUsize,
+}
+
+pub struct Runtime {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpenStatus {
+    /// Dialing started (or joined a dial already under way); the callback will run.
+    Opening,
+    /// Already up; the callback was dropped without running.
+    AlreadyUp,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// No pool is up for that peer: open one first.
+    NotConnected,
+    /// Larger than `max_frame_bytes`.
+    TooLarge,
+}
+
+/// A frame was queued; `OverLimit` carries the connection to wait on.
+pub enum Sent {
+    Queued,
+    OverLimit(Arc<Connection>),
+}
+
+impl Runtime {
+    pub fn start(config: Config, host: Arc<dyn Host>) -> io::Result<Runtime> {
+        let listener = bind(config.listen)?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            host,
+            pools: RwLock::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            inbound: Mutex::new(HashMap::new()),
+            next_inbound_id: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            pending_handshakes: AtomicUsize::new(0),
+        });
+        let acceptor_shared = shared.clone();
+        let acceptor_listener = listener.try_clone()?;
+        shared.spawn("teleport-acceptor".to_string(), move || {
+            run_acceptor(&acceptor_shared, acceptor_listener)
+        });
+        Ok(Runtime {
+            shared,
+            listener,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Opens the pool to `peer` in the background unless it is up; exactly one dial
+    /// happens however many callers ask at once, and every caller hears its outcome.
+    pub fn open_pool(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+        size: usize,
+        done: Callback<Result<(), String>>,
+    ) -> OpenStatus {
+        let shared = &self.shared;
+        {
+            let mut pools = shared.pools.write().unwrap_or_else(|p| p.into_inner());
+            match pools.get_mut(peer) {
+                Some(PoolSlot::Up(_)) => return OpenStatus::AlreadyUp,
+                Some(PoolSlot::Opening(waiting)) => {
+                    waiting.push(done);
+                    return OpenStatus::Opening;
+                }
+                None => {
+                    pools.insert(peer.to_string(), PoolSlot::Opening(vec![done]));
+                }
+            }
+        }
+        let dial_shared = shared.clone();
+        let peer = peer.to_string();
+        let size = size.max(1);
+        shared.spawn(format!("teleport-dial-{peer}"), move || {
+            let outcome = if dial_shared.is_stopping() {
+                Err("stopping".to_string())
+            } else {
+                dial(&dial_shared.config, &peer, addr, size)
+                    .and_then(|dialed| dial_shared.start_pool(&peer, dialed))
+            };
+            dial_shared.finish_open(&peer, outcome);
+        });
+        OpenStatus::Opening
+    }
+
+    /// Queues a frame on the connection `key` picks in `peer`'s pool.
+    pub fn send(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
+        if frame.body_len() > self.shared.config.max_frame_bytes as usize {
+            return Err(SendError::TooLarge);
+        }
+        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
+        let Some(PoolSlot::Up(pool)) = pools.get(peer) else {
+            return Err(SendError::NotConnected);
+        };
+        let conn = pool.connection(key);
+        match conn.enqueue(frame) {
+            Ok(Enqueued::Ok) => Ok(Sent::Queued),
+            Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn.clone())),
+            Err(_) => Err(SendError::NotConnected),
+        }
+    }
+
+    /// Closes the pool to `peer`, if any. Frames still queued are counted as dropped.
+    pub fn close_pool(&self, peer: &str, reason: &str) -> bool {
+        let pool = {
+            let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
+            match pools.get(peer) {
+                Some(PoolSlot::Up(pool)) => pool.clone(),
+                _ => return false,
+            }
+        };
+        self.shared.close_pool(&pool, reason);
+        true
+    }
+
+    /// Peers whose pool is up.
+    pub fn peers(&self) -> Vec<String> {
+        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter()
+            .filter(|(_, slot)| matches!(slot, PoolSlot::Up(_)))
+            .map(|(peer, _)| peer.clone())
+            .collect()
+    }
+
+    /// Every peer we ever exchanged with, with its counters and its pool's gauges.
+    pub fn stats(&self) -> Vec<(String, PeerStatsSnapshot)> {
+        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
+        let stats = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats
+            .iter()
+            .map(|(peer, counters)| {
+                let mut snapshot = counters.snapshot();
+                if let Some(PoolSlot::Up(pool)) = pools.get(peer) {
+                    snapshot.connections = pool.size() as u64;
+                    snapshot.queued_bytes = pool.queued_bytes() as u64;
+                }
+                (peer.clone(), snapshot)
+            })
+            .collect()
+    }
+
+    /// Closes the listener and every connection and joins every thread.
+    pub fn stop(&self) {
+        let shared = &self.shared;
+        shared.stopping.store(true, SeqCst);
+        let _ = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both);
+        let pools: Vec<Arc<Pool>> = {
+            let pools = shared.pools.read().unwrap_or_else(|p| p.into_inner());
+            pools
+                .values()
+                .filter_map(|slot| match slot {
+                    PoolSlot::Up(pool) => Some(pool.clone()),
+                    PoolSlot::Opening(_) => None,
+                })
+                .collect()
+        };
+        for pool in pools {
+            shared.close_pool(&pool, "teleport stopping");
+        }
+        // Threads may still start more threads (a dial finishing): join until none are left.
+        loop {
+            for stream in shared.inbound.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            let threads: Vec<JoinHandle<()>> =
+                std::mem::take(&mut *shared.threads.lock().unwrap_or_else(|p| p.into_inner()));
+            if threads.is_empty() {
+                break;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Threads started and not yet joined (for tests that check nothing leaks).
+    pub fn live_threads(&self) -> usize {
+        let threads = self.shared.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads.iter().filter(|t| !t.is_finished()).count()
+    }
+}
+
+impl Shared {
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(SeqCst)
+    }
+
+    /// Starts a thread whose panics are caught and reported, never reaching the VM.
+    pub fn spawn(self: &Arc<Self>, name: String, body: impl FnOnce() + Send + 'static) {
+        let shared = self.clone();
+        let thread_name = name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic".to_string());
+                    shared.host.event(Event::Panic {
+                        thread: thread_name,
+                        message,
+                    });
+                }
+            });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+            }
+            Err(e) => self.host.event(Event::Panic {
+                thread: "spawn".to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn peer_stats(&self, peer: &str) -> Arc<PeerStats> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.entry(peer.to_string()).or_default().clone()
+    }
+
+    pub fn register_inbound(&self, stream: &TcpStream) -> Option<u64> {
+        let clone = stream.try_clone().ok()?;
+        let id = self.next_inbound_id.fetch_add(1, SeqCst);
+        let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `stop` takes, so no socket slips past it.
+        if self.is_stopping() {
+            return None;
+        }
+        inbound.insert(id, clone);
+        Some(id)
+    }
+
+    pub fn unregister_inbound(&self, id: u64) {
+        self.inbound.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Turns dialed sockets into a running pool and starts its threads.
+    fn start_pool(self: &Arc<Self>, peer: &str, dialed: crate::pool::Dialed) -> Result<(), String> {
+        let stats = self.peer_stats(peer);
+        let (pool, started) = Pool::new(peer, dialed, self.config.send_queue_bytes, stats.clone())
+            .map_err(|e| e.to_string())?;
+        PeerStats::add(&stats.connects, 1);
+        {
+            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            let waiting = match pools.insert(peer.to_string(), PoolSlot::Up(pool.clone())) {
+                Some(PoolSlot::Opening(waiting)) => waiting,
+                _ => Vec::new(),
+            };
+            drop(pools);
+            for done in waiting {
+                done(Ok(()));
+            }
+        }
+        for (index, (conn, queue, writer_stream, watcher_stream)) in started.into_iter().enumerate() {
+            let (shared, writer_pool) = (self.clone(), pool.clone());
+            self.spawn(format!("teleport-w{index}-{peer}"), move || {
+                let exit = run_writer(&conn, queue, writer_stream, &writer_pool.stats);
+                shared.close_pool(&writer_pool, &exit.reason);
+                if let Some((reason, dropped)) = writer_pool.writer_exited(exit.dropped) {
+                    shared.host.event(Event::PoolDown {
+                        peer: writer_pool.peer.clone(),
+                        reason,
+                        dropped_messages: dropped,
+                    });
+                }
+            });
+            let (shared, watcher_pool) = (self.clone(), pool.clone());
+            self.spawn(format!("teleport-r{index}-{peer}"), move || {
+                let reason = run_watcher(watcher_stream);
+                shared.close_pool(&watcher_pool, &reason);
+            });
+        }
+        self.host.event(Event::PoolUp {
+            peer: peer.to_string(),
+            connections: pool.size(),
+        });
+        Ok(())
+    }
+
+    /// Runs the callers' callbacks for a dial that failed (success ran them in `start_pool`).
+    fn finish_open(&self, peer: &str, outcome: Result<(), String>) {
+        let Err(reason) = outcome else { return };
+        let waiting = {
+            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            match pools.remove(peer) {
+                Some(PoolSlot::Opening(waiting)) => waiting,
+                Some(up) => {
+                    pools.insert(peer.to_string(), up);
+                    Vec::new()
+                }
+                None => Vec::new(),
+            }
+        };
+        for done in waiting {
+            done(Err(reason.clone()));
+        }
+    }
+
+    pub(crate) fn close_pool(&self, pool: &Arc<Pool>, reason: &str) {
+        if !pool.begin_close(reason) {
+            return;
+        }
+        PeerStats::add(&pool.stats.disconnects, 1);
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        if matches!(pools.get(&pool.peer), Some(PoolSlot::Up(current)) if Arc::ptr_eq(current, pool)) {
+            pools.remove(&pool.peer);
+        }
+    }
+}

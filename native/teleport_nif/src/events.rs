@@ -1,0 +1,152 @@
+//! The NIF's side of `teleport_net::Host`: frame handlers for readers, and one
+//! event-pump thread that turns core events into messages to Erlang processes.
+//! A single sending thread means nothing is ever sent from a scheduler thread
+//! with the wrong kind of env, whoever raised the event.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use rustler::env::OwnedEnv;
+use rustler::sys::enif_send;
+use rustler::types::LocalPid;
+use rustler::{Atom, Encoder, Env, Term};
+use teleport_net::{Event, FrameHandler, Host};
+
+use crate::atoms;
+use crate::deliver::Deliverer;
+
+/// Builds a message in the pump's env and names its recipient.
+pub type Job = Box<dyn for<'a> FnOnce(Env<'a>) -> Option<(LocalPid, Term<'a>)> + Send>;
+
+pub struct NifHost {
+    jobs: Sender<Job>,
+    /// Receives every core event as `{teleport_event, Event}` (the teleport_runtime process).
+    event_pid: LocalPid,
+    relays: Arc<Vec<Atom>>,
+}
+
+pub struct EventPump {
+    jobs: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventPump {
+    pub fn start() -> std::io::Result<(EventPump, Sender<Job>)> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("teleport-events".into())
+            .spawn(move || pump(rx))?;
+        Ok((
+            EventPump {
+                jobs: Some(tx.clone()),
+                thread: Some(thread),
+            },
+            tx,
+        ))
+    }
+
+    /// Ends once every sender is gone and the queue is drained.
+    pub fn stop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn pump(rx: Receiver<Job>) {
+    let mut env = OwnedEnv::new();
+    for job in rx {
+        // A failing job loses one message, never the pump or the VM.
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            env.run(|env| {
+                if let Some((pid, msg)) = job(env) {
+                    // NULL caller env: this is our own thread.
+                    unsafe { enif_send(ptr::null_mut(), pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
+                }
+            })
+        }));
+        env.clear();
+    }
+}
+
+/// Queues a message `msg` for `pid`, built on the pump thread.
+pub fn post(
+    jobs: &Sender<Job>,
+    pid: LocalPid,
+    msg: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
+) {
+    let _ = jobs.send(Box::new(move |env| Some((pid, msg(env)))));
+}
+
+impl NifHost {
+    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, relays: Arc<Vec<Atom>>) -> NifHost {
+        NifHost {
+            jobs,
+            event_pid,
+            relays,
+        }
+    }
+}
+
+/// Node names arrive as text; as atoms they are what Erlang code matches on.
+/// Only names that passed the handshake (or that Erlang gave us) get here.
+pub fn node_atom<'a>(env: Env<'a>, name: &str) -> Term<'a> {
+    match Atom::from_str(env, name) {
+        Ok(atom) => atom.encode(env),
+        Err(_) => name.encode(env),
+    }
+}
+
+fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
+    match Atom::from_str(env, reason) {
+        Ok(atom) => atom.encode(env),
+        Err(_) => reason.encode(env),
+    }
+}
+
+impl Host for NifHost {
+    fn frame_handler(&self, _peer: &str) -> Box<dyn FrameHandler> {
+        Box::new(Deliverer::new(self.relays.clone()))
+    }
+
+    fn event(&self, event: Event) {
+        post(&self.jobs, self.event_pid, move |env| {
+            let body = match event {
+                Event::PoolUp { peer, connections } => {
+                    (atoms::pool_up(), node_atom(env, &peer), connections).encode(env)
+                }
+                Event::PoolDown {
+                    peer,
+                    reason,
+                    dropped_messages,
+                } => (
+                    atoms::pool_down(),
+                    node_atom(env, &peer),
+                    reason,
+                    dropped_messages,
+                )
+                    .encode(env),
+                Event::InboundUp { peer } => (atoms::inbound_up(), node_atom(env, &peer)).encode(env),
+                Event::InboundDown { peer, reason } => {
+                    (atoms::inbound_down(), node_atom(env, &peer), reason).encode(env)
+                }
+                Event::HandshakeFailed { remote, reason } => {
+                    (atoms::handshake_failed(), remote, reason_atom(env, reason)).encode(env)
+                }
+                Event::Undeliverable { peer, reason, total } => (
+                    atoms::undeliverable(),
+                    node_atom(env, &peer),
+                    reason_atom(env, reason),
+                    total,
+                )
+                    .encode(env),
+                Event::Panic { thread, message } => (atoms::panic(), thread, message).encode(env),
+            };
+            (atoms::teleport_event(), body).encode(env)
+        });
+    }
+}

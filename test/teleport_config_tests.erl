@@ -1,0 +1,40 @@
+-module(teleport_config_tests).
+-include_lib("eunit/include/eunit.hrl").
+
+with_env(Key, Value, Fun) ->
+    application:load(teleport),
+    Old = application:get_env(teleport, Key),
+    application:set_env(teleport, Key, Value),
+    try Fun()
+    after
+        case Old of
+            {ok, V} -> application:set_env(teleport, Key, V);
+            undefined -> application:unset_env(teleport, Key)
+        end
+    end.
+
+defaults_are_valid_test() ->
+    Config = teleport_config:get(),
+    ?assertEqual(erlang:system_info(schedulers_online), maps:get(pool_size, Config)),
+    ?assertEqual({0, 0, 0, 0}, maps:get(listen_ip, Config)),
+    ?assertEqual(0, maps:get(listen_port, Config)),
+    ?assert(maps:get(max_frame_bytes, Config) >= 1024),
+    ?assertEqual(lists:sort(maps:keys(teleport_config:defaults())), lists:sort(maps:keys(Config))).
+
+env_overrides_default_test() ->
+    with_env(pool_size, 7, fun() -> ?assertEqual(7, teleport_config:get(pool_size)) end),
+    with_env(listen_ip, {127, 0, 0, 2},
+             fun() -> ?assertEqual({127, 0, 0, 2}, teleport_config:get(listen_ip)) end).
+
+invalid_values_raise_test_() ->
+    Bad = [{pool_size, 0}, {pool_size, many}, {listen_ip, {300, 0, 0, 1}}, {listen_ip, "127.0.0.1"},
+           {listen_port, 70000}, {max_frame_bytes, 10}, {max_frame_bytes, 1 bsl 33},
+           {send_queue_bytes, -1}, {connect_timeout, infinity}, {handshake_timeout, 0},
+           {peer_addresses, #{a@b => {{127, 0, 0, 1}, 0}}}, {peer_addresses, [x]}],
+    [?_assertError({invalid_config, Key, _}, teleport_config:validate(Key, Value))
+     || {Key, Value} <- Bad].
+
+valid_values_pass_test_() ->
+    Good = [{pool_size, 1}, {listen_ip, {0, 0, 0, 0, 0, 0, 0, 1}}, {listen_port, 65535},
+            {max_frame_bytes, 16#FFFFFFFF}, {peer_addresses, #{'a@h' => {{127, 0, 0, 1}, 4000}}}],
+    [?_assertEqual(Value, teleport_config:validate(Key, Value)) || {Key, Value} <- Good].
