@@ -184,30 +184,36 @@ enqueue(Node, Kind, Key, Iovec) ->
     end.
 
 remote_call(Node, Target, Dest, Request, Timeout) ->
-    %% The monitor travels over distributed Erlang (a few bytes); it is what
-    %% turns a dead server or node into an exit instead of a timeout.
+    %% The server's node answers over teleport with the reply or the server's
+    %% exit reason (teleport_reply_relay). This monitor, over disterl, only
+    %% catches the node going away.
     Mref = erlang:monitor(process, Dest),
-    Tag = {'$teleport_reply', self(), Mref},
-    case remote_send(Node, call, {Target, Tag, Request}) of
+    case remote_send(Node, call, {Target, {self(), Mref, Timeout}, Request}) of
         ok ->
-            receive
-                {Mref, Reply} ->
-                    erlang:demonitor(Mref, [flush]),
-                    Reply;
-                {'DOWN', Mref, _, _, noconnection} ->
-                    call_exit({nodedown, Node}, Dest, Request, Timeout);
-                {'DOWN', Mref, _, _, Reason} ->
-                    call_exit(Reason, Dest, Request, Timeout)
-            after Timeout ->
-                    erlang:demonitor(Mref, [flush]),
-                    call_exit(timeout, Dest, Request, Timeout)
-            end;
+            await_reply(Mref, Node, Dest, Request, Timeout);
         {error, noconnection} ->
             erlang:demonitor(Mref, [flush]),
             call_exit({nodedown, Node}, Dest, Request, Timeout);
         {error, Reason} ->
             erlang:demonitor(Mref, [flush]),
             call_exit(Reason, Dest, Request, Timeout)
+    end.
+
+await_reply(Mref, Node, Dest, Request, Timeout) ->
+    receive
+        {Mref, Reply} ->
+            erlang:demonitor(Mref, [flush]),
+            Reply;
+        {'$teleport_down', Mref, Reason} ->
+            erlang:demonitor(Mref, [flush]),
+            call_exit(Reason, Dest, Request, Timeout);
+        {'DOWN', Mref, _, _, noconnection} ->
+            call_exit({nodedown, Node}, Dest, Request, Timeout)
+        %% Any other DOWN is left alone: it may have overtaken the relay's exact
+        %% answer, which is on its way over teleport.
+    after Timeout ->
+            erlang:demonitor(Mref, [flush]),
+            call_exit(timeout, Dest, Request, Timeout)
     end.
 
 -spec call_exit(term(), dest(), term(), timeout()) -> no_return().

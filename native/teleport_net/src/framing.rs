@@ -14,7 +14,8 @@ pub const HEADER_LEN: usize = 5;
 pub enum FrameKind {
     /// `{Dest, Msg}`: deliver Msg to Dest.
     Send = 1,
-    /// `{Dest, Tag, Request}`: deliver a gen_server call whose reply goes back over teleport.
+    /// `{Dest, Call, Request}`: a gen_server call, made on the caller's behalf by a local relay
+    /// whose reply (or the server's exit reason) goes back over teleport.
     Call = 2,
 }
 

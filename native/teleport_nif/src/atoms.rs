@@ -12,7 +12,7 @@ rustler::atoms! {
     teleport_pool,
     teleport_resume,
     teleport_event,
-    dollar_gen_call = "$gen_call",
+    dollar_teleport_call = "$teleport_call",
     pool_up,
     pool_down,
     inbound_up,

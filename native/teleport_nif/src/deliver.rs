@@ -49,17 +49,17 @@ fn decode_and_deliver(env: Env, kind: FrameKind, body: &[u8], relays: &[Atom]) -
             deliver(env, dest, msg)
         }
         FrameKind::Call => {
-            let (dest, tag, request): (Term, Term, Term) = term
+            let (dest, call, request): (Term, Term, Term) = term
                 .decode()
-                .map_err(|_| "call frame is not {Dest, Tag, Request}")?;
-            let relay_name = relays[tag.hash_phash2() as usize % relays.len().max(1)];
+                .map_err(|_| "call frame is not {Dest, Call, Request}")?;
+            // A relay makes the call: it monitors the server before the request reaches it,
+            // so the caller learns the server's exit reason, not a racing `noproc`.
+            let relay_name = relays[call.hash_phash2() as usize % relays.len().max(1)];
             let Some(relay) = whereis(relay_name.to_term(env)) else {
                 return Ok(Delivery::Undeliverable("no_reply_relay"));
             };
-            // gen_server:call's own message, with a From whose replies the relay forwards.
-            let from = (relay, tag).encode(env);
-            let msg = (atoms::dollar_gen_call(), from, request).encode(env);
-            deliver(env, dest, msg)
+            let msg = (atoms::dollar_teleport_call(), dest, call, request).encode(env);
+            Ok(send_to(env, relay, msg))
         }
     }
 }
@@ -76,13 +76,17 @@ fn deliver(env: Env, dest: Term, msg: Term) -> Result<Delivery, String> {
         },
         _ => return Err("destination is neither a pid nor an atom".to_string()),
     };
+    Ok(send_to(env, pid, msg))
+}
+
+fn send_to(env: Env, pid: LocalPid, msg: Term) -> Delivery {
     // NULL caller env: we are on one of our own threads, not a scheduler.
     let sent = unsafe { enif_send(ptr::null_mut(), pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
-    Ok(if sent == 0 {
+    if sent == 0 {
         Delivery::Undeliverable("dead_process")
     } else {
         Delivery::Delivered
-    })
+    }
 }
 
 /// `enif_whereis_pid` with a NULL env, as erl_nif asks of non-scheduler threads.

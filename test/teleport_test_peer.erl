@@ -1,0 +1,252 @@
+%%% @doc Test helpers shared by teleport's Common Test suites: start and stop
+%%% peer nodes (on 127.0.0.1, long names) with teleport running in them, make
+%%% the test runner's node distributed, and tiny processes that run on the
+%%% peers (a "sink" that forwards what it receives back to the origin over
+%%% distributed Erlang, and an "echo" that sends everything back with teleport).
+%%%
+%%% Peers see the same code as the origin: every code path directory that
+%%% contains "_build" (teleport's ebin, the compiled test modules) plus the
+%%% directory this module was loaded from.
+%%%
+%%% `start/1,2,3' link the peer to the caller (like `peer:start_link/1'): if the
+%%% caller dies, the peer node is halted. A caller that must outlive the peer's
+%%% starter (a CT `init_per_suite' process exits when it returns) should
+%%% `unlink(Peer)' and call `stop/1' itself.
+-module(teleport_test_peer).
+
+-export([start/1, start/2, start/3,
+         start_isolated/2, start_isolated/3,
+         stop/1,
+         ensure_distributed/0,
+         code_path_args/0,
+         unique_name/1,
+         connectable/1]).
+%% Processes that run on peers.
+-export([start_sink/3, sink_spawn/2, sink_loop/1,
+         start_echo/2, echo_spawn/1, echo_loop/1]).
+
+-define(BOOT_TIMEOUT, 60000).
+-define(RPC_TIMEOUT, 60000).
+
+-type app_env() :: #{atom() => term()}.
+-export_type([app_env/0]).
+
+%%--------------------------------------------------------------------
+%% Peers
+
+%% @equiv start(Name, [], #{})
+-spec start(atom() | string()) -> {ok, pid(), node()} | {error, term()}.
+start(Name) ->
+    start(Name, [], #{}).
+
+%% @equiv start(Name, ExtraArgs, #{})
+-spec start(atom() | string(), [string()]) -> {ok, pid(), node()} | {error, term()}.
+start(Name, ExtraArgs) ->
+    start(Name, ExtraArgs, #{}).
+
+%% @doc Starts a peer node `Name@127.0.0.1' (long names) linked to the caller,
+%% with our cookie and code paths, sets `AppEnv' in the `teleport' application
+%% environment and starts teleport in it. On any failure the peer is stopped
+%% and `{error, Reason}' returned.
+-spec start(atom() | string(), [string()], app_env()) ->
+    {ok, pid(), node()} | {error, term()}.
+start(Name, ExtraArgs, AppEnv) when is_list(ExtraArgs), is_map(AppEnv) ->
+    Args = ["-setcookie", atom_to_list(erlang:get_cookie()),
+            %% epmd must already run (the origin is distributed): never start one.
+            "-start_epmd", "false"]
+        ++ code_path_args() ++ ExtraArgs,
+    Opts = #{name => Name, host => "127.0.0.1", longnames => true,
+             args => Args, wait_boot => ?BOOT_TIMEOUT},
+    case catch peer:start_link(Opts) of
+        {ok, Peer, Node} ->
+            case setup_teleport(fun(M, F, A) -> erpc:call(Node, M, F, A, ?RPC_TIMEOUT) end,
+                                AppEnv) of
+                ok ->
+                    {ok, Peer, Node};
+                {error, Reason} ->
+                    ok = stop(Peer),
+                    {error, {teleport_start_failed, Node, Reason}}
+            end;
+        Other ->
+            {error, {peer_start_failed, Name, Other}}
+    end.
+
+%% @equiv start_isolated(Name, Cookie, #{})
+-spec start_isolated(atom() | string(), atom() | string()) ->
+    {ok, pid(), node()} | {error, term()}.
+start_isolated(Name, Cookie) ->
+    start_isolated(Name, Cookie, #{}).
+
+%% @doc Starts a peer whose cookie is `Cookie' (normally different from ours),
+%% controlled over its standard I/O instead of distributed Erlang, so that
+%% `peer:call/4,5' reaches it although distributed Erlang between us cannot.
+%% Starts teleport in it with `AppEnv'.
+-spec start_isolated(atom() | string(), atom() | string(), app_env()) ->
+    {ok, pid(), node()} | {error, term()}.
+start_isolated(Name, Cookie, AppEnv) when is_map(AppEnv) ->
+    Args = ["-setcookie", cookie_string(Cookie), "-start_epmd", "false"] ++ code_path_args(),
+    Opts = #{name => Name, host => "127.0.0.1", longnames => true,
+             connection => standard_io, args => Args, wait_boot => ?BOOT_TIMEOUT},
+    case catch peer:start_link(Opts) of
+        {ok, Peer, Node} ->
+            case setup_teleport(fun(M, F, A) -> peer:call(Peer, M, F, A, ?RPC_TIMEOUT) end,
+                                AppEnv) of
+                ok ->
+                    {ok, Peer, Node};
+                {error, Reason} ->
+                    ok = stop(Peer),
+                    {error, {teleport_start_failed, Node, Reason}}
+            end;
+        Other ->
+            {error, {peer_start_failed, Name, Other}}
+    end.
+
+%% @doc Stops the peer (halting its node). Never fails, even if it is gone.
+-spec stop(pid()) -> ok.
+stop(Peer) when is_pid(Peer) ->
+    try peer:stop(Peer) of
+        _ -> ok
+    catch
+        _:_ -> ok
+    end.
+
+%% @doc Makes this node distributed with long names if it is not already.
+%% Does not start epmd: whoever runs the tests provides it (scripts/with_epmd.sh).
+%% Returns `{skip, Reason}' when that is impossible, so that a suite's
+%% init_per_suite can return it as is.
+-spec ensure_distributed() -> ok | {skip, term()}.
+ensure_distributed() ->
+    case node() of
+        nonode@nohost ->
+            case net_kernel:start('teleport_ct@127.0.0.1', #{name_domain => longnames}) of
+                {ok, _} ->
+                    ok;
+                {error, {already_started, _}} ->
+                    ok;
+                {error, Reason} ->
+                    {skip, {not_distributed,
+                            "could not make this node distributed as teleport_ct@127.0.0.1 "
+                            "(is epmd running? scripts/with_epmd.sh starts one)",
+                            Reason}}
+            end;
+        Node ->
+            case net_kernel:longnames() of
+                true ->
+                    ok;
+                _ ->
+                    {skip, {not_longnames, Node,
+                            "peers run as name@127.0.0.1 with long names: start the test "
+                            "node with -name, or not distributed at all"}}
+            end
+    end.
+
+%% @doc `["-pa" | Dirs]': the code paths a peer needs to see our code.
+-spec code_path_args() -> [string()].
+code_path_args() ->
+    Build = [Dir || Dir <- code:get_path(), string:find(Dir, "_build") =/= nomatch],
+    Own = [filename:dirname(code:which(?MODULE))],
+    Teleport = case code:which(teleport) of
+                   Path when is_list(Path) -> [filename:dirname(Path)];
+                   _ -> []
+               end,
+    ["-pa" | dedup(Build ++ Teleport ++ Own)].
+
+%% @doc A node name (without host) that no other run or test uses.
+-spec unique_name(string()) -> string().
+unique_name(Prefix) ->
+    peer:random_name(Prefix).
+
+%% @doc A listen address something on this host can connect to: a listener
+%% bound to every interface is reached on the loopback address.
+-spec connectable({inet:ip_address(), inet:port_number()}) ->
+    {inet:ip_address(), inet:port_number()}.
+connectable({{0, 0, 0, 0}, Port}) -> {{127, 0, 0, 1}, Port};
+connectable({{0, 0, 0, 0, 0, 0, 0, 0}, Port}) -> {{0, 0, 0, 0, 0, 0, 0, 1}, Port};
+connectable({Ip, Port}) -> {Ip, Port}.
+
+%%--------------------------------------------------------------------
+%% Sink: a process registered as Name on Node that forwards every message M it
+%% receives as {from_sink, node(), M} to Forward (a pid or {Name, Node} on the
+%% origin) with a plain send, over distributed Erlang, never over teleport.
+
+%% @doc Starts a sink on `Node'. Returns its pid.
+-spec start_sink(node(), atom(), pid() | {atom(), node()}) -> {ok, pid()} | {error, term()}.
+start_sink(Node, Name, Forward) ->
+    erpc:call(Node, ?MODULE, sink_spawn, [Name, Forward], ?RPC_TIMEOUT).
+
+%% @private Runs on the peer, in an erpc process: the sink is not linked to it.
+sink_spawn(Name, Forward) ->
+    Pid = spawn(?MODULE, sink_loop, [Forward]),
+    try register(Name, Pid) of
+        true -> {ok, Pid}
+    catch
+        error:badarg ->
+            exit(Pid, kill),
+            {error, {already_registered, Name, whereis(Name)}}
+    end.
+
+%% @private
+sink_loop(Forward) ->
+    receive
+        Msg ->
+            erlang:send(Forward, {from_sink, node(), Msg}),
+            sink_loop(Forward)
+    end.
+
+%%--------------------------------------------------------------------
+%% Echo: a process on Node that sends every message M back to ReplyTo with
+%% teleport:send(ReplyTo, {teleport_ct_echo, self(), M}). If teleport refuses,
+%% it reports {teleport_ct_echo_error, self(), M, Error} over distributed Erlang.
+
+%% @doc Starts an echo on `Node' replying to `ReplyTo'. Returns its pid.
+-spec start_echo(node(), pid()) -> {ok, pid()}.
+start_echo(Node, ReplyTo) ->
+    erpc:call(Node, ?MODULE, echo_spawn, [ReplyTo], ?RPC_TIMEOUT).
+
+%% @private
+echo_spawn(ReplyTo) ->
+    {ok, spawn(?MODULE, echo_loop, [ReplyTo])}.
+
+%% @private
+echo_loop(ReplyTo) ->
+    receive
+        Msg ->
+            case catch teleport:send(ReplyTo, {teleport_ct_echo, self(), Msg}) of
+                ok -> ok;
+                Error -> ReplyTo ! {teleport_ct_echo_error, self(), Error}
+            end,
+            echo_loop(ReplyTo)
+    end.
+
+%%--------------------------------------------------------------------
+%% Internal
+
+%% Call is fun(M, F, A) running M:F(A) on the peer.
+setup_teleport(Call, AppEnv) ->
+    try
+        case Call(application, load, [teleport]) of
+            ok -> ok;
+            {error, {already_loaded, teleport}} -> ok
+        end,
+        _ = [ok = Call(application, set_env, [teleport, Key, Value, [{persistent, true}]])
+             || {Key, Value} <- maps:to_list(AppEnv)],
+        {ok, _} = Call(application, ensure_all_started, [teleport]),
+        ok
+    catch
+        Class:Reason ->
+            {error, {Class, Reason}}
+    end.
+
+cookie_string(Cookie) when is_atom(Cookie) -> atom_to_list(Cookie);
+cookie_string(Cookie) when is_list(Cookie) -> Cookie.
+
+dedup(List) ->
+    dedup(List, #{}).
+
+dedup([], _Seen) ->
+    [];
+dedup([X | Rest], Seen) ->
+    case Seen of
+        #{X := _} -> dedup(Rest, Seen);
+        #{} -> [X | dedup(Rest, Seen#{X => true})]
+    end.
