@@ -7,6 +7,7 @@
 -behaviour(gen_server).
 
 -export([start_link/0, ensure/2]).
+-export([open_worker/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -include_lib("kernel/include/logger.hrl").
@@ -34,7 +35,7 @@ handle_call({ensure, Node, Address}, From, #{pending := Pending, workers := Work
         #{Node := Waiting} ->
             {noreply, State#{pending := Pending#{Node := [From | Waiting]}}};
         #{} ->
-            {_Pid, Ref} = spawn_monitor(fun() -> exit({opened, open(Node, Address)}) end),
+            {_Pid, Ref} = spawn_monitor(?MODULE, open_worker, [Node, Address]),
             {noreply, State#{pending := Pending#{Node => [From]},
                              workers := Workers#{Ref => Node}}}
     end.
@@ -58,7 +59,11 @@ handle_info({'DOWN', Ref, process, _, Exit}, #{pending := Pending, workers := Wo
 handle_info(_Other, State) ->
     {noreply, State}.
 
-%% Runs in the worker.
+%% @doc The worker's body: its exit reason carries the outcome to the connector.
+-spec open_worker(node(), address()) -> no_return().
+open_worker(Node, Address) ->
+    exit({opened, open(Node, Address)}).
+
 open(Node, Address) ->
     case address(Node, Address) of
         {ok, {Ip, Port}} ->
