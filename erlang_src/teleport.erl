@@ -20,16 +20,17 @@
 %% </ul>
 -module(teleport).
 
--export([send/2, gs_call/2, gs_call/3, gs_cast/2]).
+-export([send/2, send/3, gs_call/2, gs_call/3, gs_cast/2]).
 -export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0]).
 
--export_type([dest/0, peer_stats/0]).
+-export_type([dest/0, send_option/0, peer_stats/0]).
 
 -ifdef(TEST).
 -export([route/1]).
 -endif.
 
 -type dest() :: pid() | atom() | {atom(), node()}.
+-type send_option() :: unordered | {key, term()} | nosuspend.
 -type peer_stats() :: #{messages_out := non_neg_integer(),
                         bytes_out := non_neg_integer(),
                         messages_in := non_neg_integer(),
@@ -50,14 +51,28 @@
 %% full the caller waits until it drains (like a busy distribution port).
 -spec send(dest(), term()) -> ok | {error, noconnection | too_large}.
 send(Dest, Msg) ->
+    send(Dest, Msg, []).
+
+%% @doc {@link send/2} with options:
+%% <ul>
+%% <li>`{key, Term}': pick the connection by `Term' instead of by the sender,
+%%     so order is kept per key.</li>
+%% <li>`unordered': any connection; one process pushing many large messages
+%%     uses the whole pool. No order between such messages.</li>
+%% <li>`nosuspend': never wait; return `{error, busy}' (nothing sent) if the
+%%     connection's queue is full.</li>
+%% </ul>
+-spec send(dest(), term(), [send_option()]) -> ok | {error, noconnection | too_large | busy}.
+send(Dest, Msg, Opts) ->
     case route(Dest) of
         local ->
             _ = erlang:send(Dest, Msg),
             ok;
         {remote, Node, Target} ->
-            remote_send(Node, send, {Target, Msg});
+            remote_send(Node, send, {Target, Msg}, connection_key(Opts),
+                        lists:member(nosuspend, Opts));
         badarg ->
-            erlang:error(badarg, [Dest, Msg])
+            erlang:error(badarg, [Dest, Msg, Opts])
     end.
 
 %% @equiv gs_call(Dest, Request, 5000)
@@ -153,15 +168,23 @@ route({Name, Node}) when is_atom(Name), is_atom(Node) ->
 route(_) ->
     badarg.
 
+connection_key([]) -> erlang:phash2(self());
+connection_key([{key, Key} | _]) -> erlang:phash2(Key);
+connection_key([unordered | _]) -> erlang:unique_integer([positive]);
+connection_key([nosuspend | Opts]) -> connection_key(Opts);
+connection_key([Other | _]) -> erlang:error({badarg, Other}).
+
 remote_send(Node, Kind, Envelope) ->
+    remote_send(Node, Kind, Envelope, erlang:phash2(self()), false).
+
+remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
     %% term_to_iovec yields and keeps large binaries by reference: no copy here.
     Iovec = erlang:term_to_iovec(Envelope),
-    Key = erlang:phash2(self()),
-    case enqueue(Node, Kind, Key, Iovec) of
+    case enqueue(Node, Kind, Key, NoSuspend, Iovec) of
         not_connected ->
             case teleport_connector:ensure(Node, discover) of
                 ok ->
-                    case enqueue(Node, Kind, Key, Iovec) of
+                    case enqueue(Node, Kind, Key, NoSuspend, Iovec) of
                         not_connected -> {error, noconnection};
                         Result -> Result
                     end;
@@ -172,15 +195,16 @@ remote_send(Node, Kind, Envelope) ->
             Result
     end.
 
-enqueue(Node, Kind, Key, Iovec) ->
-    case teleport_nif:send(Node, Kind, Key, Iovec) of
+enqueue(Node, Kind, Key, NoSuspend, Iovec) ->
+    case teleport_nif:send(Node, Kind, Key, NoSuspend, Iovec) of
         ok -> ok;
         suspend ->
             %% Queued, but the connection is over its byte limit: wait for it to
             %% drain (or close) before this process may send more.
             receive {teleport_resume, Node} -> ok end;
         not_connected -> not_connected;
-        too_large -> {error, too_large}
+        too_large -> {error, too_large};
+        busy -> {error, busy}
     end.
 
 remote_call(Node, Target, Dest, Request, Timeout) ->

@@ -2,7 +2,7 @@
 %% @doc The NIF stubs. The Rust side (native/teleport_nif) replaces them at load.
 -module(teleport_nif).
 
--export([start/1, stop/0, listen_address/0, open_pool/5, send/4, close_pool/1, peers/0, stats/0]).
+-export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
 
 -on_load(load/0).
 
@@ -33,9 +33,9 @@ listen_address() -> erlang:nif_error(nif_not_loaded).
     ok | opening | not_started.
 open_pool(_Node, _Ip, _Port, _Size, _Notify) -> erlang:nif_error(nif_not_loaded).
 
--spec send(node(), send | call, non_neg_integer(), [binary()]) ->
-    ok | suspend | not_connected | too_large.
-send(_Node, _Kind, _Key, _Iovec) -> erlang:nif_error(nif_not_loaded).
+-spec send(node(), send | call, non_neg_integer(), boolean(), [binary()]) ->
+    ok | suspend | not_connected | too_large | busy.
+send(_Node, _Kind, _Key, _NoSuspend, _Iovec) -> erlang:nif_error(nif_not_loaded).
 
 -spec close_pool(node()) -> ok.
 close_pool(_Node) -> erlang:nif_error(nif_not_loaded).

@@ -143,6 +143,10 @@ impl Connection {
         self.queued_bytes.load(SeqCst)
     }
 
+    pub fn is_over_limit(&self) -> bool {
+        self.queued_bytes.load(SeqCst) >= self.limit
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(SeqCst)
     }

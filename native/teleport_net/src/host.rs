@@ -2,6 +2,8 @@
 //! somewhere to deliver arriving frames and somewhere to report events.
 //! Keeping the VM behind this trait lets `cargo test` run real pools on loopback.
 
+use std::io::Read;
+
 use crate::framing::FrameKind;
 
 /// How one arriving frame ended.
@@ -14,8 +16,25 @@ pub enum Delivery {
 
 /// Delivers the frames of one inbound connection; owned by that connection's reader thread.
 pub trait FrameHandler: Send {
-    /// `Err` means the peer sent something malformed: the connection is closed.
+    /// Delivers one body. `Err` means the peer sent something malformed: the connection is closed.
     fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String>;
+
+    /// Reads exactly `len` body bytes from `body`, then delivers them. The default reads
+    /// into the reader's reused `scratch` buffer; a handler that wants the bytes in a
+    /// buffer of its own (to reference large binaries in place) reads them itself.
+    fn read_and_handle(
+        &mut self,
+        kind: FrameKind,
+        len: usize,
+        body: &mut dyn Read,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Delivery, String> {
+        scratch.clear();
+        scratch.resize(len, 0);
+        body.read_exact(scratch)
+            .map_err(|e| format!("read failed: {e}"))?;
+        self.handle(kind, scratch)
+    }
 }
 
 /// Things worth telling the VM (for logging, or to wake a waiting caller).

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::framing::read_frame;
+use crate::framing::read_header;
 use crate::handshake::{server_handshake, HandshakeConfig};
 use crate::host::{Delivery, Event};
 use crate::runtime::Shared;
@@ -49,17 +49,18 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
     let mut handler = shared.host.frame_handler(peer);
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
-    let mut body = Vec::new();
+    let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;
     loop {
-        let kind = match read_frame(&mut reader, shared.config.max_frame_bytes, &mut body) {
-            Ok(Some(kind)) => kind,
+        let header = match read_header(&mut reader, shared.config.max_frame_bytes) {
+            Ok(Some(header)) => header,
             Ok(None) => return "peer closed the connection".to_string(),
             Err(e) => return format!("bad frame: {e}"),
         };
+        let len = header.body_len as usize;
         PeerStats::add(&stats.messages_in, 1);
-        PeerStats::add(&stats.bytes_in, body.len() as u64);
-        match handler.handle(kind, &body) {
+        PeerStats::add(&stats.bytes_in, len as u64);
+        match handler.read_and_handle(header.kind, len, &mut reader, &mut scratch) {
             Ok(Delivery::Delivered) => {}
             Ok(Delivery::Undeliverable(reason)) => {
                 PeerStats::add(&stats.undeliverable_in, 1);
@@ -78,8 +79,8 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             Err(e) => return format!("malformed frame: {e}"),
         }
         // A large body's buffer is not kept between frames.
-        if body.capacity() > 1 << 20 {
-            body = Vec::new();
+        if scratch.capacity() > 1 << 20 {
+            scratch = Vec::new();
         }
     }
 }

@@ -55,6 +55,8 @@ pub enum SendError {
     NotConnected,
     /// Larger than `max_frame_bytes`.
     TooLarge,
+    /// The connection's queue is over its limit (only from `send_nosuspend`).
+    Busy,
 }
 
 /// A frame was queued; `OverLimit` carries the connection to wait on.
@@ -138,18 +140,34 @@ impl Runtime {
 
     /// Queues a frame on the connection `key` picks in `peer`'s pool.
     pub fn send(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
+        let conn = self.connection_for(peer, key, &frame)?;
+        match conn.enqueue(frame) {
+            Ok(Enqueued::Ok) => Ok(Sent::Queued),
+            Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn)),
+            Err(_) => Err(SendError::NotConnected),
+        }
+    }
+
+    /// Like `send`, but refuses (`SendError::Busy`) instead of queueing past the limit.
+    pub fn send_nosuspend(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
+        let conn = self.connection_for(peer, key, &frame)?;
+        if conn.is_over_limit() {
+            return Err(SendError::Busy);
+        }
+        match conn.enqueue(frame) {
+            Ok(_) => Ok(Sent::Queued),
+            Err(_) => Err(SendError::NotConnected),
+        }
+    }
+
+    fn connection_for(&self, peer: &str, key: u64, frame: &OutFrame) -> Result<Arc<Connection>, SendError> {
         if frame.body_len() > self.shared.config.max_frame_bytes as usize {
             return Err(SendError::TooLarge);
         }
         let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
-        let Some(PoolSlot::Up(pool)) = pools.get(peer) else {
-            return Err(SendError::NotConnected);
-        };
-        let conn = pool.connection(key);
-        match conn.enqueue(frame) {
-            Ok(Enqueued::Ok) => Ok(Sent::Queued),
-            Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn.clone())),
-            Err(_) => Err(SendError::NotConnected),
+        match pools.get(peer) {
+            Some(PoolSlot::Up(pool)) => Ok(pool.connection(key).clone()),
+            _ => Err(SendError::NotConnected),
         }
     }
 

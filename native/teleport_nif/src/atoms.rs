@@ -6,6 +6,7 @@ rustler::atoms! {
     not_connected,
     too_large,
     suspend,
+    busy,
     opening,
     send,
     call,

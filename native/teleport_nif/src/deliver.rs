@@ -1,48 +1,100 @@
-//! Receive side: turn a frame body back into terms and hand the message to the
-//! local process, from the reader thread (no Erlang process in the data path).
+//! Receive side: read a frame body, decode it (decode.rs), and hand the message
+//! to the local process from the reader thread (no Erlang process in the data path).
 
+use std::io::Read;
 use std::ptr;
+use std::sync::Arc;
 
 use rustler::env::OwnedEnv;
-use rustler::sys::{enif_send, enif_whereis_pid, ErlNifPid};
+use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifPid};
 use rustler::types::LocalPid;
-use rustler::{Atom, Encoder, Env, Term, TermType};
+use rustler::{Atom, Encoder, Env, OwnedBinary, Term, TermType};
 use teleport_net::{Delivery, FrameHandler, FrameKind};
 
 use crate::atoms;
+use crate::decode::{Source, TermDecoder};
+
+/// Bodies at least this large are read into a binary of their own, which their
+/// large binaries then reference; smaller ones go through a reused buffer.
+const OWN_BUFFER_MIN: usize = 64 * 1024;
 
 pub struct Deliverer {
     env: OwnedEnv,
-    /// Registered names of the processes that carry gs_call replies back.
-    relays: std::sync::Arc<Vec<Atom>>,
+    decoder: TermDecoder,
+    /// Registered names of the processes that make calls arriving over teleport.
+    relays: Arc<Vec<Atom>>,
 }
 
 impl Deliverer {
-    pub fn new(relays: std::sync::Arc<Vec<Atom>>) -> Deliverer {
+    pub fn new(relays: Arc<Vec<Atom>>) -> Deliverer {
         Deliverer {
             env: OwnedEnv::new(),
+            decoder: TermDecoder::default(),
             relays,
         }
+    }
+
+    fn deliver(
+        &mut self,
+        kind: FrameKind,
+        bytes: &[u8],
+        binary: Option<OwnedBinary>,
+    ) -> Result<Delivery, String> {
+        let Deliverer { env, decoder, relays } = self;
+        let outcome = env.run(|env| match binary {
+            Some(owned) => {
+                let binary = owned.release(env);
+                let source = Source {
+                    bytes: binary.as_slice(),
+                    binary: Some(binary.to_term(env).as_c_arg()),
+                };
+                decode_and_deliver(env, kind, decoder, &source, relays)
+            }
+            None => decode_and_deliver(env, kind, decoder, &Source { bytes, binary: None }, relays),
+        });
+        // enif_send invalidated the env's terms; clear it for the next frame either way.
+        env.clear();
+        outcome
     }
 }
 
 impl FrameHandler for Deliverer {
     fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String> {
-        let relays = &self.relays;
-        let outcome = self.env.run(|env| decode_and_deliver(env, kind, body, relays));
-        // enif_send invalidated the env's terms; clear it for the next frame either way.
-        self.env.clear();
-        outcome
+        self.deliver(kind, body, None)
+    }
+
+    fn read_and_handle(
+        &mut self,
+        kind: FrameKind,
+        len: usize,
+        body: &mut dyn Read,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Delivery, String> {
+        if len < OWN_BUFFER_MIN {
+            scratch.clear();
+            scratch.resize(len, 0);
+            body.read_exact(scratch)
+                .map_err(|e| format!("read failed: {e}"))?;
+            return self.deliver(kind, scratch, None);
+        }
+        // Uninitialised memory the socket fills directly: no zeroing, no second copy.
+        let mut owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
+        body.read_exact(owned.as_mut_slice())
+            .map_err(|e| format!("read failed: {e}"))?;
+        self.deliver(kind, &[], Some(owned))
     }
 }
 
-fn decode_and_deliver(env: Env, kind: FrameKind, body: &[u8], relays: &[Atom]) -> Result<Delivery, String> {
-    // Trusted decoding creates atoms: only authenticated peers get here.
-    let (term, used) =
-        unsafe { env.binary_to_term_trusted(body) }.ok_or_else(|| "not an external term".to_string())?;
-    if used != body.len() {
-        return Err("trailing bytes after the term".to_string());
-    }
+fn decode_and_deliver(
+    env: Env,
+    kind: FrameKind,
+    decoder: &mut TermDecoder,
+    source: &Source,
+    relays: &[Atom],
+) -> Result<Delivery, String> {
+    // Creates atoms as needed: only authenticated peers get here.
+    let raw = unsafe { decoder.decode(env.as_c_arg(), source)? };
+    let term = unsafe { Term::new(env, raw) };
     match kind {
         FrameKind::Send => {
             let (dest, msg): (Term, Term) = term.decode().map_err(|_| "send frame is not {Dest, Msg}")?;
@@ -86,6 +138,18 @@ fn send_to(env: Env, pid: LocalPid, msg: Term) -> Delivery {
         Delivery::Undeliverable("dead_process")
     } else {
         Delivery::Delivered
+    }
+}
+
+/// `OwnedBinary::new` aborts the VM when allocation fails; a frame that does not fit
+/// should only close its connection.
+fn try_alloc_binary(len: usize) -> Option<OwnedBinary> {
+    let mut binary = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    unsafe {
+        if enif_alloc_binary(len, binary.as_mut_ptr()) == 0 {
+            return None;
+        }
+        Some(OwnedBinary::from_raw(binary.assume_init()))
     }
 }
 

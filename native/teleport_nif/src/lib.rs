@@ -3,6 +3,7 @@
 //! Every entry here returns quickly; `stop` joins threads and so runs dirty.
 
 mod atoms;
+mod decode;
 mod deliver;
 mod encode;
 mod events;
@@ -175,9 +176,17 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
 
 /// Queues one message. `body` is the list of binaries from `erlang:term_to_iovec/1`;
 /// `key` picks the connection (the sender's pid hash keeps one sender on one socket).
-/// Returns ok | suspend (queued; wait for `{teleport_resume, Peer}`) | not_connected | too_large.
+/// Returns ok | suspend (queued; wait for `{teleport_resume, Peer}`) | not_connected | too_large,
+/// or busy (nothing queued) when `nosuspend` is true and the connection is over its limit.
 #[rustler::nif]
-fn send<'a>(env: Env<'a>, peer: Atom, kind: Atom, key: u64, body: Term<'a>) -> NifResult<Atom> {
+fn send<'a>(
+    env: Env<'a>,
+    peer: Atom,
+    kind: Atom,
+    key: u64,
+    nosuspend: bool,
+    body: Term<'a>,
+) -> NifResult<Atom> {
     let Some(node) = node() else {
         return Ok(atoms::not_connected());
     };
@@ -193,7 +202,12 @@ fn send<'a>(env: Env<'a>, peer: Atom, kind: Atom, key: u64, body: Term<'a>) -> N
         return Ok(atoms::too_large());
     };
     let name = atom_text(peer, env)?;
-    match node.runtime.send(&name, key, frame) {
+    let sent = if nosuspend {
+        node.runtime.send_nosuspend(&name, key, frame)
+    } else {
+        node.runtime.send(&name, key, frame)
+    };
+    match sent {
         Ok(Sent::Queued) => Ok(atoms::ok()),
         Ok(Sent::OverLimit(conn)) => {
             let (jobs, caller) = (node.jobs.clone(), env.pid());
@@ -210,6 +224,7 @@ fn send<'a>(env: Env<'a>, peer: Atom, kind: Atom, key: u64, body: Term<'a>) -> N
         }
         Err(SendError::NotConnected) => Ok(atoms::not_connected()),
         Err(SendError::TooLarge) => Ok(atoms::too_large()),
+        Err(SendError::Busy) => Ok(atoms::busy()),
     }
 }
 
