@@ -200,11 +200,10 @@ pub(crate) fn run_writer(
     mut stream: TcpStream,
     stats: &PeerStats,
 ) -> WriterExit {
-    let reason = write_until_closed(conn, &queue, &mut stream, stats);
+    let (reason, mut dropped) = write_until_closed(conn, &queue, &mut stream, stats);
     conn.closed.store(true, SeqCst);
     let _ = stream.shutdown(Shutdown::Both);
     // Whatever is still queued will never be sent: count it so it is not lost silently.
-    let mut dropped = 0;
     while let Ok(item) = queue.rx.try_recv() {
         if let Item::Frame(frame) = item {
             conn.queued_bytes.fetch_sub(frame.wire_len(), SeqCst);
@@ -221,13 +220,13 @@ fn write_until_closed(
     queue: &WriterQueue,
     stream: &mut TcpStream,
     stats: &PeerStats,
-) -> String {
+) -> (String, u64) {
     let mut batch: Vec<OutFrame> = Vec::new();
     loop {
         let mut close_after = false;
         match queue.rx.recv() {
             Ok(Item::Frame(frame)) => batch.push(frame),
-            Ok(Item::Close) | Err(_) => return "closed".to_string(),
+            Ok(Item::Close) | Err(_) => return ("closed".to_string(), 0),
         }
         // Take whatever else is already queued: many small frames become one write.
         let mut batch_bytes = batch[0].wire_len();
@@ -244,27 +243,44 @@ fn write_until_closed(
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        if let Err(e) = write_batch(stream, &batch) {
-            // The frames of this batch count as dropped: put them back in the tally.
-            let lost = batch.len() as u64;
-            conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
-            PeerStats::add(&stats.dropped_out, lost);
-            return format!("write failed: {e}");
-        }
-        let bodies: usize = batch.iter().map(OutFrame::body_len).sum();
-        PeerStats::add(&stats.messages_out, batch.len() as u64);
+        let outcome = write_batch(stream, &batch);
+        let written = match &outcome {
+            Ok(()) => batch.len(),
+            Err((bytes, _)) => frames_within(&batch, *bytes),
+        };
+        let total = batch.len();
+        let bodies: usize = batch[..written].iter().map(OutFrame::body_len).sum();
+        PeerStats::add(&stats.messages_out, written as u64);
         PeerStats::add(&stats.bytes_out, bodies as u64);
         // Dropping the frames releases their bodies (and the binaries they reference).
         batch.clear();
         conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
+        if let Err((_, e)) = outcome {
+            // Frames not wholly written are lost with the connection: count them.
+            let lost = (total - written) as u64;
+            return (format!("write failed: {e}"), lost);
+        }
         conn.wake_waiters(false);
         if close_after {
-            return "closed".to_string();
+            return ("closed".to_string(), 0);
         }
     }
 }
 
-fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> io::Result<()> {
+/// How many whole frames of `batch` fit in its first `bytes` bytes on the wire.
+fn frames_within(batch: &[OutFrame], bytes: usize) -> usize {
+    let mut end = 0;
+    batch
+        .iter()
+        .take_while(|frame| {
+            end += frame.wire_len();
+            end <= bytes
+        })
+        .count()
+}
+
+/// On failure, also says how many bytes did go out.
+fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> Result<(), (usize, io::Error)> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
     for frame in batch {
         slices.push(IoSlice::new(&frame.header));
@@ -274,14 +290,21 @@ fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> io::Result<()> {
 }
 
 /// `Write::write_all_vectored` is not stable yet.
-fn write_all_vectored(writer: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+fn write_all_vectored(
+    writer: &mut impl Write,
+    mut slices: &mut [IoSlice<'_>],
+) -> Result<(), (usize, io::Error)> {
+    let mut written = 0;
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         match writer.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut slices, n);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err((written, e)),
         }
     }
     Ok(())

@@ -2,12 +2,12 @@
 //! that parses frames and hands them to the host for delivery.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::framing::read_header;
-use crate::handshake::{server_handshake, HandshakeConfig};
+use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
 use crate::host::{Delivery, Event};
 use crate::runtime::Shared;
 use crate::stats::PeerStats;
@@ -21,12 +21,15 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         local_node: &shared.config.local_node,
         timeout: shared.config.handshake_timeout,
     };
-    let outcome = server_handshake(&stream, &handshake);
-    shared
-        .pending_handshakes
-        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    let tracked = shared.track_socket(&stream);
+    let outcome = match &tracked {
+        Some(_) => server_handshake(&stream, &handshake),
+        None => Err(HandshakeError::Io(std::io::ErrorKind::Interrupted.into())),
+    };
+    shared.pending_handshakes.fetch_sub(1, SeqCst);
     let peer = match outcome {
         Ok(peer) => peer,
+        Err(_) if tracked.is_none() => return, // stopping
         Err(e) => {
             shared.host.event(Event::HandshakeFailed {
                 remote: remote.to_string(),
@@ -36,13 +39,10 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         }
     };
     let _ = stream.set_nodelay(true);
-    let Some(registration) = shared.register_inbound(&stream) else {
-        return; // stopping
-    };
     let stats = shared.peer_stats(&peer);
     shared.host.event(Event::InboundUp { peer: peer.clone() });
     let reason = read_frames(shared, &stream, &peer, &stats);
-    shared.unregister_inbound(registration);
+    drop(tracked);
     shared.host.event(Event::InboundDown { peer, reason });
 }
 

@@ -6,9 +6,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use crate::config::Config;
 use crate::connection::{Connection, WriterQueue};
 use crate::handshake::{client_handshake, HandshakeConfig};
+use crate::runtime::Shared;
 use crate::stats::PeerStats;
 
 pub struct Pool {
@@ -28,7 +28,8 @@ pub(crate) struct Dialed {
 }
 
 /// Opens `size` connections to `addr` and authenticates each. Blocking: run on a core thread.
-pub(crate) fn dial(config: &Config, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, String> {
+pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, String> {
+    let config = &shared.config;
     let handshake = HandshakeConfig {
         cookie: &config.cookie,
         local_node: &config.local_node,
@@ -40,6 +41,8 @@ pub(crate) fn dial(config: &Config, peer: &str, addr: SocketAddr, size: usize) -
             .map_err(|e| format!("connect to {addr} failed: {e}"))?;
         // Small frames (calls, acks) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        // Reachable by `stop` while the handshake runs.
+        let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
         client_handshake(&stream, &handshake, peer)
             .map_err(|e| format!("handshake with {peer} failed: {e}"))?;
         streams.push(stream);

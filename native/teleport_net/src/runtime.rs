@@ -27,9 +27,10 @@ pub(crate) struct Shared {
     pub host: Arc<dyn Host>,
     pools: RwLock<HashMap<String, PoolSlot>>,
     stats: Mutex<HashMap<String, Arc<PeerStats>>>,
-    /// Inbound sockets by id, kept so `stop` can shut them down.
-    inbound: Mutex<HashMap<u64, TcpStream>>,
-    next_inbound_id: AtomicU64,
+    /// Sockets not yet owned by a pool (inbound ones, dials in progress), so
+    /// `stop` can shut them down instead of waiting out a handshake.
+    open_sockets: Mutex<HashMap<u64, TcpStream>>,
+    next_socket_id: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopping: AtomicBool,
     pub pending_handshakes: AtomicUsize,
@@ -74,8 +75,8 @@ impl Runtime {
             host,
             pools: RwLock::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
-            inbound: Mutex::new(HashMap::new()),
-            next_inbound_id: AtomicU64::new(0),
+            open_sockets: Mutex::new(HashMap::new()),
+            next_socket_id: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             pending_handshakes: AtomicUsize::new(0),
@@ -130,8 +131,7 @@ impl Runtime {
             let outcome = if dial_shared.is_stopping() {
                 Err("stopping".to_string())
             } else {
-                dial(&dial_shared.config, &peer, addr, size)
-                    .and_then(|dialed| dial_shared.start_pool(&peer, dialed))
+                dial(&dial_shared, &peer, addr, size).and_then(|dialed| dial_shared.start_pool(&peer, dialed))
             };
             dial_shared.finish_open(&peer, outcome);
         });
@@ -216,22 +216,17 @@ impl Runtime {
         let shared = &self.shared;
         shared.stopping.store(true, SeqCst);
         let _ = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both);
-        let pools: Vec<Arc<Pool>> = {
-            let pools = shared.pools.read().unwrap_or_else(|p| p.into_inner());
-            pools
-                .values()
-                .filter_map(|slot| match slot {
-                    PoolSlot::Up(pool) => Some(pool.clone()),
-                    PoolSlot::Opening(_) => None,
-                })
-                .collect()
-        };
-        for pool in pools {
-            shared.close_pool(&pool, "teleport stopping");
-        }
-        // Threads may still start more threads (a dial finishing): join until none are left.
+        // Threads may start more threads and pools (a dial finishing): repeat until none are left.
         loop {
-            for stream in shared.inbound.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            for pool in shared.up_pools() {
+                shared.close_pool(&pool, "teleport stopping");
+            }
+            for stream in shared
+                .open_sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+            {
                 let _ = stream.shutdown(Shutdown::Both);
             }
             let threads: Vec<JoinHandle<()>> =
@@ -253,6 +248,17 @@ impl Runtime {
 }
 
 impl Shared {
+    fn up_pools(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools
+            .values()
+            .filter_map(|slot| match slot {
+                PoolSlot::Up(pool) => Some(pool.clone()),
+                PoolSlot::Opening(_) => None,
+            })
+            .collect()
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(SeqCst)
     }
@@ -294,20 +300,18 @@ impl Shared {
         stats.entry(peer.to_string()).or_default().clone()
     }
 
-    pub fn register_inbound(&self, stream: &TcpStream) -> Option<u64> {
+    /// Keeps a clone of `stream` where `stop` will shut it down, until the guard drops.
+    /// `None` when stopping: the caller should give up on the socket.
+    pub fn track_socket(&self, stream: &TcpStream) -> Option<TrackedSocket<'_>> {
         let clone = stream.try_clone().ok()?;
-        let id = self.next_inbound_id.fetch_add(1, SeqCst);
-        let mut inbound = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.next_socket_id.fetch_add(1, SeqCst);
+        let mut sockets = self.open_sockets.lock().unwrap_or_else(|p| p.into_inner());
         // Checked under the lock `stop` takes, so no socket slips past it.
         if self.is_stopping() {
             return None;
         }
-        inbound.insert(id, clone);
-        Some(id)
-    }
-
-    pub fn unregister_inbound(&self, id: u64) {
-        self.inbound.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        sockets.insert(id, clone);
+        Some(TrackedSocket { shared: self, id })
     }
 
     /// Turns dialed sockets into a running pool and starts its threads.
@@ -381,5 +385,18 @@ impl Shared {
         if matches!(pools.get(&pool.peer), Some(PoolSlot::Up(current)) if Arc::ptr_eq(current, pool)) {
             pools.remove(&pool.peer);
         }
+    }
+}
+
+/// A socket `stop` can reach; unregistered on drop.
+pub(crate) struct TrackedSocket<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for TrackedSocket<'_> {
+    fn drop(&mut self) {
+        let mut sockets = self.shared.open_sockets.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.remove(&self.id);
     }
 }

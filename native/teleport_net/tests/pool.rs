@@ -1,0 +1,947 @@
+//! Real runtimes talking over loopback: pools, handshakes, ordering, back-pressure,
+//! failures and shutdown. Every wait is bounded and every runtime is stopped (on drop).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
+use teleport_net::{
+    Config, Delivery, Event, FrameHandler, FrameKind, Host, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime,
+    SendError, Sent,
+};
+
+const COOKIE: &[u8] = b"integration-cookie";
+const A: &str = "a@127.0.0.1";
+const B: &str = "b@127.0.0.1";
+/// Upper bound for anything that should happen "soon"; only reached when a test fails.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The test host: records frames and events, with knobs for slow or failing handlers.
+
+struct Frame {
+    peer: String,
+    kind: FrameKind,
+    body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Log {
+    frames: Vec<Frame>,
+    events: Vec<Event>,
+}
+
+#[derive(Default)]
+struct HostState {
+    log: Mutex<Log>,
+    changed: Condvar,
+    /// Each handler sleeps this long per frame (0: not at all); may change mid-test.
+    delay_ms: AtomicU64,
+}
+
+#[derive(Clone, Default)]
+struct TestHost(Arc<HostState>);
+
+impl TestHost {
+    fn log(&self) -> MutexGuard<'_, Log> {
+        self.0.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, update: impl FnOnce(&mut Log)) {
+        update(&mut self.log());
+        self.0.changed.notify_all();
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.0.delay_ms.store(delay.as_millis() as u64, SeqCst);
+    }
+
+    /// Waits until `done` holds for the log; false on timeout.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Log) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut log = self.log();
+        loop {
+            if done(&log) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            log = self
+                .0
+                .changed
+                .wait_timeout(log, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn count_events(&self, matches: impl Fn(&Event) -> bool) -> usize {
+        self.log().events.iter().filter(|e| matches(e)).count()
+    }
+
+    fn wait_for_event(&self, matches: impl Fn(&Event) -> bool) -> bool {
+        self.wait_for(WAIT, |log| log.events.iter().any(&matches))
+    }
+
+    fn frames_from(&self, peer: &str) -> usize {
+        self.log().frames.iter().filter(|f| f.peer == peer).count()
+    }
+
+    fn events_debug(&self) -> String {
+        format!("{:#?}", self.log().events)
+    }
+}
+
+impl Host for TestHost {
+    fn frame_handler(&self, peer: &str) -> Box<dyn FrameHandler> {
+        Box::new(TestHandler {
+            host: self.clone(),
+            peer: peer.to_string(),
+        })
+    }
+
+    fn event(&self, event: Event) {
+        self.record(|log| log.events.push(event));
+    }
+}
+
+struct TestHandler {
+    host: TestHost,
+    peer: String,
+}
+
+impl FrameHandler for TestHandler {
+    fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String> {
+        let delay = self.host.0.delay_ms.load(SeqCst);
+        if delay > 0 {
+            thread::sleep(Duration::from_millis(delay));
+        }
+        match body {
+            b"poison" => return Err("poisoned frame".to_string()),
+            b"nobody" => return Ok(Delivery::Undeliverable("no_process")),
+            _ => {}
+        }
+        let frame = Frame {
+            peer: self.peer.clone(),
+            kind,
+            body: body.to_vec(),
+        };
+        self.host.record(|log| log.frames.push(frame));
+        Ok(Delivery::Delivered)
+    }
+}
+
+fn is_pool_down(event: &Event, of: &str) -> bool {
+    matches!(event, Event::PoolDown { peer, .. } if peer == of)
+}
+
+fn is_handshake_failed(event: &Event, why: &str) -> bool {
+    matches!(event, Event::HandshakeFailed { reason, .. } if *reason == why)
+}
+
+fn is_inbound_up(event: &Event, of: &str) -> bool {
+    matches!(event, Event::InboundUp { peer } if peer == of)
+}
+
+fn is_inbound_down(event: &Event, of: &str) -> bool {
+    matches!(event, Event::InboundDown { peer, .. } if peer == of)
+}
+
+// ---------------------------------------------------------------------------
+// Nodes: a runtime and its host, stopped on drop.
+
+struct Node {
+    rt: Runtime,
+    host: TestHost,
+}
+
+impl Node {
+    fn start(name: &str) -> Node {
+        Node::start_with(name, |_| {})
+    }
+
+    fn start_with(name: &str, configure: impl FnOnce(&mut Config)) -> Node {
+        let mut config = Config::for_tests(name, COOKIE);
+        configure(&mut config);
+        let host = TestHost::default();
+        let rt = Runtime::start(config, Arc::new(host.clone())).expect("runtime starts");
+        Node { rt, host }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.rt.local_addr()
+    }
+
+    fn name(&self) -> &str {
+        &self.rt.config().local_node
+    }
+
+    /// Opens a pool to `peer` under the name `as_name` and waits for the outcome.
+    fn open_as(&self, as_name: &str, peer: &Node, size: usize) -> Result<(), String> {
+        open_to(&self.rt, as_name, peer.addr(), size)
+    }
+
+    fn open(&self, peer: &Node, size: usize) -> Result<(), String> {
+        self.open_as(peer.name(), peer, size)
+    }
+
+    fn send(&self, peer: &str, key: u64, body: Vec<u8>) -> Result<Sent, SendError> {
+        send_bytes(&self.rt, peer, key, body)
+    }
+
+    fn stats_for(&self, peer: &str) -> PeerStatsSnapshot {
+        stats_for(&self.rt, peer)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.rt.stop();
+    }
+}
+
+fn open_to(rt: &Runtime, peer: &str, addr: SocketAddr, size: usize) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    match rt.open_pool(peer, addr, size, Box::new(move |r| drop(tx.send(r)))) {
+        OpenStatus::AlreadyUp => Ok(()),
+        OpenStatus::Opening => rx.recv_timeout(WAIT).expect("open_pool callback runs"),
+    }
+}
+
+fn send_bytes(rt: &Runtime, peer: &str, key: u64, body: Vec<u8>) -> Result<Sent, SendError> {
+    let frame = OutFrame::new(FrameKind::Send, Box::new(body)).expect("body fits a frame");
+    rt.send(peer, key, frame)
+}
+
+fn stats_for(rt: &Runtime, peer: &str) -> PeerStatsSnapshot {
+    rt.stats()
+        .into_iter()
+        .find(|(p, _)| p == peer)
+        .map(|(_, s)| s)
+        .unwrap_or_default()
+}
+
+/// Polls `done` every few milliseconds; false on timeout.
+fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `count` has not changed for `quiet`, and returns it.
+fn settled_count(quiet: Duration, mut count: impl FnMut() -> usize) -> usize {
+    let deadline = Instant::now() + WAIT;
+    let mut last = count();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        let now = count();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            break;
+        }
+    }
+    last
+}
+
+/// An authenticated connection made by hand, as node `local_node`.
+fn raw_authenticated(addr: SocketAddr, local_node: &str, server_node: &str) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    let config = HandshakeConfig {
+        cookie: COOKIE,
+        local_node,
+        timeout: WAIT,
+    };
+    client_handshake(&stream, &config, server_node).expect("handshake by hand");
+    stream
+}
+
+/// True once the peer has closed `stream` (EOF or reset) within `timeout`.
+fn closed_by_peer_within(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).expect("set timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn keyed_body(key: u64, seq: u64) -> Vec<u8> {
+    let mut body = key.to_be_bytes().to_vec();
+    body.extend_from_slice(&seq.to_be_bytes());
+    body
+}
+
+fn decode_keyed(body: &[u8]) -> (u64, u64) {
+    let key = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+    let seq = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
+    (key, seq)
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn frames_arrive_in_order_per_key() {
+    const KEYS: u64 = 4;
+    const PER_KEY: u64 = 2_000;
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 4).expect("pool opens");
+
+    thread::scope(|s| {
+        for key in 0..KEYS {
+            let a = &a;
+            s.spawn(move || {
+                for seq in 0..PER_KEY {
+                    match a.send(B, key, keyed_body(key, seq)) {
+                        Ok(Sent::Queued) => {}
+                        Ok(Sent::OverLimit(conn)) => {
+                            let (tx, rx) = mpsc::channel();
+                            if conn.wait_for_drain(Box::new(move |()| {
+                                let _ = tx.send(());
+                            })) {
+                                rx.recv_timeout(WAIT).expect("queue drains");
+                            }
+                        }
+                        Err(e) => panic!("send {key}/{seq} failed: {e:?}"),
+                    }
+                }
+            });
+        }
+    });
+
+    let total = (KEYS * PER_KEY) as usize;
+    assert!(
+        b.host.wait_for(WAIT, |log| log.frames.len() >= total),
+        "B received {} of {total}",
+        b.host.log().frames.len()
+    );
+    let mut seqs: Vec<Vec<u64>> = vec![Vec::new(); KEYS as usize];
+    for frame in &b.host.log().frames {
+        assert_eq!(frame.peer, A);
+        assert_eq!(frame.kind, FrameKind::Send);
+        let (key, seq) = decode_keyed(&frame.body);
+        seqs[key as usize].push(seq);
+    }
+    for (key, got) in seqs.iter().enumerate() {
+        let expected: Vec<u64> = (0..PER_KEY).collect();
+        assert!(
+            got == &expected,
+            "key {key}: {} frames, out of order or incomplete",
+            got.len()
+        );
+    }
+
+    assert!(eventually(WAIT, || a.stats_for(B).messages_out == total as u64));
+    let out = a.stats_for(B);
+    assert_eq!(out.messages_out, total as u64);
+    assert_eq!(out.bytes_out, total as u64 * 16);
+    assert_eq!(out.connections, 4);
+    assert_eq!(out.connects, 1);
+    assert_eq!(out.dropped_out, 0);
+    let inbound = b.stats_for(A);
+    assert_eq!(inbound.messages_in, total as u64);
+    assert_eq!(inbound.bytes_in, total as u64 * 16);
+}
+
+#[test]
+fn concurrent_opens_make_one_pool() {
+    const CALLERS: usize = 32;
+    const SIZE: usize = 3;
+    let (a, b) = (Node::start(A), Node::start(B));
+    let oks: Arc<Vec<AtomicUsize>> = Arc::new((0..CALLERS).map(|_| AtomicUsize::new(0)).collect());
+    let errors = Arc::new(AtomicUsize::new(0));
+    let already_up = AtomicUsize::new(0);
+    let barrier = Barrier::new(CALLERS);
+
+    thread::scope(|s| {
+        for caller in 0..CALLERS {
+            let (a, b, barrier, already_up) = (&a, &b, &barrier, &already_up);
+            let (oks, errors) = (oks.clone(), errors.clone());
+            s.spawn(move || {
+                barrier.wait();
+                let done = Box::new(move |result: Result<(), String>| match result {
+                    Ok(()) => drop(oks[caller].fetch_add(1, SeqCst)),
+                    Err(_) => drop(errors.fetch_add(1, SeqCst)),
+                });
+                if a.rt.open_pool(B, b.addr(), SIZE, done) == OpenStatus::AlreadyUp {
+                    already_up.fetch_add(1, SeqCst);
+                }
+            });
+        }
+    });
+
+    let waited_for = CALLERS - already_up.load(SeqCst);
+    assert!(eventually(WAIT, || oks
+        .iter()
+        .map(|n| n.load(SeqCst))
+        .sum::<usize>()
+        >= waited_for));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(errors.load(SeqCst), 0);
+    let ran_once = oks.iter().filter(|n| n.load(SeqCst) == 1).count();
+    assert!(oks.iter().all(|n| n.load(SeqCst) <= 1), "a callback ran twice");
+    assert_eq!(ran_once, waited_for, "every caller told Opening hears Ok once");
+
+    let stats = a.stats_for(B);
+    assert_eq!(stats.connects, 1);
+    assert_eq!(stats.connections, SIZE as u64);
+    assert_eq!(a.rt.peers(), vec![B.to_string()]);
+    assert!(b.host.wait_for(WAIT, |log| log
+        .events
+        .iter()
+        .filter(|e| is_inbound_up(e, A))
+        .count()
+        >= SIZE));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(b.host.count_events(|e| is_inbound_up(e, A)), SIZE);
+}
+
+#[test]
+fn wrong_cookie_fails_open() {
+    let a = Node::start(A);
+    let b = Node::start_with(B, |c| c.cookie = b"another cookie".to_vec());
+
+    let err = a.open(&b, 2).expect_err("open must fail");
+    assert!(err.contains("handshake"), "{err}");
+    assert!(a.rt.peers().is_empty());
+    assert_eq!(a.send(B, 0, b"x".to_vec()).err(), Some(SendError::NotConnected));
+    assert!(
+        b.host.wait_for_event(|e| is_handshake_failed(e, "bad_cookie")),
+        "{}",
+        b.host.events_debug()
+    );
+}
+
+#[test]
+fn wrong_node_name_fails_open() {
+    let (a, b) = (Node::start(A), Node::start(B));
+
+    let err = a.open_as("c@127.0.0.1", &b, 1).expect_err("open must fail");
+    assert!(err.contains("handshake"), "{err}");
+    assert!(a.rt.peers().is_empty());
+    assert!(
+        b.host.wait_for_event(|e| is_handshake_failed(e, "wrong_node")),
+        "{}",
+        b.host.events_debug()
+    );
+}
+
+#[test]
+fn unreachable_peer_fails_open() {
+    let a = Node::start(A);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    let started = Instant::now();
+    let err = open_to(&a.rt, B, addr, 2).expect_err("nobody listens there");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("connect"), "{err}");
+    assert!(a.rt.peers().is_empty());
+}
+
+#[test]
+fn peer_stop_closes_pool() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    assert!(eventually(WAIT, || a.rt.live_threads() == 1));
+    let before = a.rt.live_threads();
+    a.open(&b, 3).expect("pool opens");
+    assert!(matches!(a.send(B, 1, b"hi".to_vec()), Ok(Sent::Queued)));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+
+    b.rt.stop();
+    assert!(eventually(Duration::from_secs(5), || a.rt.peers().is_empty()));
+    assert!(
+        a.host.wait_for(Duration::from_secs(5), |log| log
+            .events
+            .iter()
+            .any(|e| is_pool_down(e, B))),
+        "{}",
+        a.host.events_debug()
+    );
+    assert_eq!(
+        a.send(B, 1, b"late".to_vec()).err(),
+        Some(SendError::NotConnected)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || a.rt.live_threads() == before),
+        "threads left: {} (before: {before})",
+        a.rt.live_threads()
+    );
+}
+
+#[test]
+fn close_pool_counts_dropped() {
+    const FRAMES: u64 = 200;
+    let (a, b) = (Node::start(A), Node::start(B));
+    b.host.set_delay(Duration::from_millis(50));
+    a.open(&b, 1).expect("pool opens");
+
+    for seq in 0..FRAMES {
+        let mut body = vec![0u8; 64 << 10];
+        body[..8].copy_from_slice(&seq.to_be_bytes());
+        // Over the limit or not, the frame is accepted; this sender just does not wait.
+        assert!(a.send(B, 0, body).is_ok(), "frame {seq} refused");
+    }
+    assert!(a.rt.close_pool(B, "test closes"));
+    b.host.set_delay(Duration::ZERO);
+
+    assert!(
+        a.host.wait_for_event(|e| is_pool_down(e, B)),
+        "{}",
+        a.host.events_debug()
+    );
+    assert!(
+        b.host.wait_for_event(|e| is_inbound_down(e, A)),
+        "{}",
+        b.host.events_debug()
+    );
+    let received = settled_count(Duration::from_millis(300), || b.host.frames_from(A)) as u64;
+    let stats = a.stats_for(B);
+    let reported = a
+        .host
+        .log()
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::PoolDown { dropped_messages, .. } => Some(*dropped_messages),
+            _ => None,
+        })
+        .expect("PoolDown seen");
+    println!(
+        "close_pool_counts_dropped: received={received} messages_out={} dropped_out={} PoolDown.dropped={reported}",
+        stats.messages_out, stats.dropped_out
+    );
+
+    // What B received arrived in order, without gaps.
+    let seqs: Vec<u64> = b
+        .host
+        .log()
+        .frames
+        .iter()
+        .map(|f| decode_keyed(&f.body).0)
+        .collect();
+    assert!(
+        seqs.iter().enumerate().all(|(i, s)| *s == i as u64),
+        "gap or reordering"
+    );
+
+    // Check every part of the accounting, then report all that fail together.
+    let mut wrong = Vec::new();
+    if stats.messages_out + stats.dropped_out != FRAMES {
+        wrong.push(format!(
+            "messages_out {} + dropped_out {} != {FRAMES}",
+            stats.messages_out, stats.dropped_out
+        ));
+    }
+    if stats.dropped_out == 0 {
+        wrong.push("closing with a full queue dropped nothing".to_string());
+    }
+    if reported != stats.dropped_out {
+        wrong.push(format!(
+            "PoolDown.dropped_messages {reported} != stats dropped_out {}",
+            stats.dropped_out
+        ));
+    }
+    if received + stats.dropped_out != FRAMES {
+        wrong.push(format!(
+            "received by B {received} + dropped_out {} != {FRAMES} (frames counted as dropped were delivered)",
+            stats.dropped_out
+        ));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("; "));
+}
+
+#[test]
+fn over_limit_then_drain_wakes() {
+    const LIMIT: usize = 1 << 20;
+    const FRAME: usize = 256 << 10;
+    let a = Node::start_with(A, |c| c.send_queue_bytes = LIMIT);
+    let b = Node::start(B);
+    b.host.set_delay(Duration::from_millis(20));
+    a.open(&b, 1).expect("pool opens");
+
+    let sampling = AtomicBool::new(true);
+    let max_queued = AtomicU64::new(0);
+    thread::scope(|s| {
+        s.spawn(|| {
+            while sampling.load(SeqCst) {
+                max_queued.fetch_max(a.stats_for(B).queued_bytes, SeqCst);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+
+        let started = Instant::now();
+        let conn = loop {
+            assert!(started.elapsed() < WAIT, "never went over the limit");
+            match a.send(B, 7, vec![1u8; FRAME]) {
+                Ok(Sent::Queued) => {}
+                Ok(Sent::OverLimit(conn)) => break conn,
+                Err(e) => panic!("send failed: {e:?}"),
+            }
+        };
+        let (tx, rx) = mpsc::channel();
+        let watched = conn.clone();
+        let waiting = conn.wait_for_drain(Box::new(move |()| {
+            let _ = tx.send(watched.queued_bytes());
+        }));
+        assert!(waiting, "queue was already drained");
+        let queued_at_wake = rx.recv_timeout(WAIT).expect("woken once drained");
+        assert!(
+            queued_at_wake <= LIMIT / 2,
+            "woken with {queued_at_wake} bytes queued"
+        );
+        sampling.store(false, SeqCst);
+    });
+    b.host.set_delay(Duration::ZERO);
+
+    let max = max_queued.load(SeqCst) as usize;
+    // (The kernel's socket buffers may absorb the queue before the sampler looks,
+    // so only the bound is asserted, not that a sample caught a full queue.)
+    assert!(max <= LIMIT + FRAME + 5, "queued {max} bytes");
+}
+
+#[test]
+fn oversized_frame_rejected_by_sender() {
+    let a = Node::start_with(A, |c| c.max_frame_bytes = 1024);
+    let b = Node::start(B);
+    a.open(&b, 1).expect("pool opens");
+
+    assert_eq!(a.send(B, 0, vec![0u8; 2048]).err(), Some(SendError::TooLarge));
+    assert!(matches!(a.send(B, 0, vec![9u8; 1024]), Ok(Sent::Queued)));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+    assert_eq!(b.host.log().frames[0].body, vec![9u8; 1024]);
+    assert_eq!(a.stats_for(B).dropped_out, 0);
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_only_that_connection() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 2).expect("pool opens");
+    assert!(matches!(a.send(B, 0, b"before".to_vec()), Ok(Sent::Queued)));
+
+    let raw_name = "raw@127.0.0.1";
+    let mut raw = raw_authenticated(b.addr(), raw_name, B);
+    raw.write_all(&[0xFF, 0xFF, 0xFF, 0xFF, FrameKind::Send as u8])
+        .unwrap();
+    assert!(
+        b.host.wait_for_event(|e| is_inbound_down(e, raw_name)),
+        "{}",
+        b.host.events_debug()
+    );
+    let reason = b
+        .host
+        .log()
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::InboundDown { peer, reason } if peer == raw_name => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        reason.contains("4294967295") && reason.contains("over the cap"),
+        "{reason}"
+    );
+    assert!(
+        closed_by_peer_within(&mut raw, WAIT),
+        "B kept the bad connection open"
+    );
+
+    // Garbage instead of a handshake.
+    let mut junk = TcpStream::connect(b.addr()).unwrap();
+    let junk_addr = junk.local_addr().unwrap().to_string();
+    let garbage: Vec<u8> = (0u32..64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    junk.write_all(&garbage).unwrap();
+    junk.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        b.host
+            .wait_for_event(|e| matches!(e, Event::HandshakeFailed { remote, .. } if *remote == junk_addr)),
+        "{}",
+        b.host.events_debug()
+    );
+
+    assert!(matches!(a.send(B, 1, b"after".to_vec()), Ok(Sent::Queued)));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 2));
+    let bodies: Vec<Vec<u8>> = b.host.log().frames.iter().map(|f| f.body.clone()).collect();
+    assert_eq!(bodies, vec![b"before".to_vec(), b"after".to_vec()]);
+    assert_eq!(a.rt.peers(), vec![B.to_string()]);
+    assert_eq!(a.host.count_events(|e| is_pool_down(e, B)), 0);
+}
+
+#[test]
+fn handler_error_closes_connection() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 2).expect("pool opens");
+    assert!(matches!(a.send(B, 0, b"fine".to_vec()), Ok(Sent::Queued)));
+    assert!(matches!(a.send(B, 0, b"poison".to_vec()), Ok(Sent::Queued)));
+
+    assert!(
+        a.host.wait_for_event(|e| is_pool_down(e, B)),
+        "{}",
+        a.host.events_debug()
+    );
+    assert!(eventually(WAIT, || a.rt.peers().is_empty()));
+    let reason = b.host.log().events.iter().find_map(|e| match e {
+        Event::InboundDown { peer, reason } if peer == A && reason.contains("malformed") => {
+            Some(reason.clone())
+        }
+        _ => None,
+    });
+    assert!(reason.is_some(), "{}", b.host.events_debug());
+    assert_eq!(
+        a.send(B, 0, b"gone".to_vec()).err(),
+        Some(SendError::NotConnected)
+    );
+
+    a.open(&b, 2).expect("a fresh pool opens");
+    assert!(matches!(a.send(B, 0, b"again".to_vec()), Ok(Sent::Queued)));
+    assert!(b
+        .host
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"again")));
+    let bodies: Vec<Vec<u8>> = b.host.log().frames.iter().map(|f| f.body.clone()).collect();
+    assert_eq!(bodies, vec![b"fine".to_vec(), b"again".to_vec()]);
+    assert_eq!(a.stats_for(B).connects, 2);
+}
+
+#[test]
+fn undeliverable_frames_are_counted_not_fatal() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 1).expect("pool opens");
+    for _ in 0..3 {
+        assert!(matches!(a.send(B, 0, b"nobody".to_vec()), Ok(Sent::Queued)));
+    }
+    assert!(matches!(a.send(B, 0, b"somebody".to_vec()), Ok(Sent::Queued)));
+
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+    assert_eq!(b.stats_for(A).undeliverable_in, 3);
+    assert_eq!(b.stats_for(A).messages_in, 4);
+    // Rate limited: one event for the burst.
+    let events = b
+        .host
+        .count_events(|e| matches!(e, Event::Undeliverable { peer, .. } if peer == A));
+    assert_eq!(events, 1, "{}", b.host.events_debug());
+    assert_eq!(a.rt.peers(), vec![B.to_string()]);
+}
+
+#[test]
+fn stop_joins_every_thread() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 2).expect("pool A->B opens");
+    b.open(&a, 2).expect("pool B->A opens");
+    for i in 0..200u64 {
+        assert!(a.send(B, i, keyed_body(i, 0)).is_ok());
+        assert!(b.send(A, i, keyed_body(i, 1)).is_ok());
+    }
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 200));
+    assert!(a.host.wait_for(WAIT, |log| log.frames.len() == 200));
+
+    for node in [&a, &b] {
+        let (tx, rx) = mpsc::channel();
+        let started = Instant::now();
+        thread::scope(|s| {
+            s.spawn(|| {
+                node.rt.stop();
+                let _ = tx.send(());
+            });
+            let stopped = rx.recv_timeout(Duration::from_secs(5));
+            // If stop hangs, the scope waits for it anyway; fail with a message first.
+            assert!(stopped.is_ok(), "{} stop took over 5 s", node.name());
+        });
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(node.rt.live_threads(), 0, "{} left threads behind", node.name());
+    }
+    assert!(a.rt.peers().is_empty() && b.rt.peers().is_empty());
+}
+
+#[test]
+fn silent_connection_times_out() {
+    let b = Node::start_with(B, |c| c.handshake_timeout = Duration::from_millis(200));
+    let mut silent = TcpStream::connect(b.addr()).unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+
+    let started = Instant::now();
+    assert!(
+        closed_by_peer_within(&mut silent, Duration::from_secs(2)),
+        "B never closed it"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        b.host.wait_for(Duration::from_secs(2), |log| {
+            log.events.iter().any(
+            |e| matches!(e, Event::HandshakeFailed { remote, reason: "timeout" } if *remote == silent_addr)
+        )
+        }),
+        "{}",
+        b.host.events_debug()
+    );
+}
+
+#[test]
+fn max_pending_handshakes_bounds_threads() {
+    const SILENT: usize = 20;
+    const PENDING: usize = 4;
+    let b = Node::start_with(B, |c| {
+        c.max_pending_handshakes = PENDING;
+        c.handshake_timeout = Duration::from_secs(2);
+    });
+    let a = Node::start(A);
+
+    let mut silent: Vec<TcpStream> = (0..SILENT)
+        .map(|_| TcpStream::connect(b.addr()).unwrap())
+        .collect();
+    let mut max_threads = 0;
+    let sample_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < sample_until {
+        max_threads = max_threads.max(b.rt.live_threads());
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(max_threads <= 1 + PENDING + 1, "B ran {max_threads} threads");
+    assert!(
+        max_threads > PENDING,
+        "B should be holding {PENDING} handshakes, ran {max_threads}"
+    );
+
+    for stream in &mut silent {
+        assert!(
+            closed_by_peer_within(stream, Duration::from_secs(5)),
+            "a silent socket stayed open"
+        );
+    }
+    assert!(b.host.wait_for(WAIT, |log| {
+        log.events
+            .iter()
+            .filter(|e| is_handshake_failed(e, "timeout"))
+            .count()
+            == PENDING
+    }));
+    assert!(eventually(WAIT, || b.rt.live_threads() == 1));
+
+    a.open(&b, 2).expect("B still accepts a pool");
+    assert!(matches!(a.send(B, 0, b"ok".to_vec()), Ok(Sent::Queued)));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+}
+
+/// A peer that accepts one connection and answers its handshake only after `delay`,
+/// holding the socket open until the returned sender is dropped or sent to.
+fn slow_handshake_peer(name: &'static str, delay: Duration) -> (SocketAddr, mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        thread::sleep(delay);
+        let config = HandshakeConfig {
+            cookie: COOKIE,
+            local_node: name,
+            timeout: WAIT,
+        };
+        let _ = server_handshake(&stream, &config);
+        let _ = released.recv_timeout(Duration::from_secs(30));
+    });
+    (addr, release)
+}
+
+/// `stop` promises to close every connection and join every thread, so a dial that
+/// completes while it runs must not leave a pool whose writers nobody stops.
+#[test]
+fn stop_while_dialing_returns() {
+    let a = Node::start(A);
+    let (peer_addr, release_peer) = slow_handshake_peer("slow@127.0.0.1", Duration::from_millis(300));
+    let (opened, open_result) = mpsc::channel();
+    let status = a.rt.open_pool(
+        "slow@127.0.0.1",
+        peer_addr,
+        1,
+        Box::new(move |r| drop(opened.send(r))),
+    );
+    assert_eq!(status, OpenStatus::Opening);
+    thread::sleep(Duration::from_millis(50));
+
+    let (stopped, stop_done) = mpsc::channel();
+    let started = Instant::now();
+    let returned_in_time = thread::scope(|s| {
+        s.spawn(|| {
+            a.rt.stop();
+            let _ = stopped.send(());
+        });
+        let in_time = stop_done.recv_timeout(Duration::from_secs(3)).is_ok();
+        // Unblock a hung stop: the peer closing the socket ends the stray pool.
+        drop(release_peer);
+        in_time
+    });
+    let elapsed = started.elapsed();
+    let outcome = open_result.recv_timeout(Duration::from_secs(1));
+    assert!(
+        returned_in_time,
+        "stop hung for {elapsed:?} (until the peer hung up); open outcome: {outcome:?}; peers after stop: {:?}",
+        a.rt.peers()
+    );
+    assert!(
+        a.rt.peers().is_empty(),
+        "a pool is up after stop: {:?}",
+        a.rt.peers()
+    );
+    assert_eq!(a.rt.live_threads(), 0);
+}
+
+/// `stop` promises to close every connection; one still in its handshake is not
+/// tracked, so `stop` waits for the handshake to time out.
+#[test]
+fn stop_closes_pending_handshakes() {
+    let b = Node::start_with(B, |c| c.handshake_timeout = Duration::from_secs(3));
+    let mut silent = TcpStream::connect(b.addr()).unwrap();
+    assert!(
+        eventually(WAIT, || b.rt.live_threads() == 2),
+        "handshake thread never started"
+    );
+
+    let started = Instant::now();
+    b.rt.stop();
+    let elapsed = started.elapsed();
+    assert!(closed_by_peer_within(&mut silent, Duration::from_secs(1)));
+    assert_eq!(b.rt.live_threads(), 0);
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "stop waited {elapsed:?} for a pending handshake"
+    );
+}
