@@ -3,6 +3,11 @@
 %% once, one worker finds the peer's listener and opens one pool; every caller
 %% waits for that outcome. Opening runs in a worker so one slow or dead peer
 %% never delays pools to the others.
+%%
+%% After a failed open, further attempts to that node fail at once until a
+%% backoff has passed (100 ms, doubling up to 5 s), so senders to a dead node
+%% cannot cause a connect storm. A disterl nodeup for the node clears it: a
+%% node that comes back is reconnected to on the next send.
 -module(teleport_connector).
 -behaviour(gen_server).
 
@@ -27,14 +32,23 @@ ensure(Node, Address) ->
         exit:{noproc, _} -> {error, not_started}
     end.
 
-init([]) ->
-    {ok, #{pending => #{}, workers => #{}}}.
+-define(BACKOFF_MIN_MS, 100).
+-define(BACKOFF_MAX_MS, 5000).
 
-handle_call({ensure, Node, Address}, From, #{pending := Pending, workers := Workers} = State) ->
-    case Pending of
-        #{Node := Waiting} ->
+init([]) ->
+    ok = net_kernel:monitor_nodes(true),
+    %% failures: Node => {Delay, RetryAt, LastReason}
+    {ok, #{pending => #{}, workers => #{}, failures => #{}}}.
+
+handle_call({ensure, Node, Address}, From,
+            #{pending := Pending, workers := Workers, failures := Failures} = State) ->
+    Now = erlang:monotonic_time(millisecond),
+    case {Pending, Failures} of
+        {#{Node := Waiting}, _} ->
             {noreply, State#{pending := Pending#{Node := [From | Waiting]}}};
-        #{} ->
+        {_, #{Node := {_Delay, RetryAt, Reason}}} when Now < RetryAt ->
+            {reply, {error, {backoff, Reason}}, State};
+        _ ->
             {_Pid, Ref} = spawn_monitor(?MODULE, open_worker, [Node, Address]),
             {noreply, State#{pending := Pending#{Node => [From]},
                              workers := Workers#{Ref => Node}}}
@@ -52,12 +66,24 @@ handle_info({'DOWN', Ref, process, _, Exit}, #{pending := Pending, workers := Wo
                      end,
             {Waiting, Pending1} = maps:take(Node, Pending),
             _ = [gen_server:reply(From, Result) || From <- Waiting],
-            {noreply, State#{pending := Pending1, workers := Workers1}};
+            {noreply, State#{pending := Pending1, workers := Workers1,
+                             failures := record_outcome(Node, Result, maps:get(failures, State))}};
         error ->
             {noreply, State}
     end;
+handle_info({nodeup, Node}, #{failures := Failures} = State) ->
+    {noreply, State#{failures := maps:remove(Node, Failures)}};
 handle_info(_Other, State) ->
     {noreply, State}.
+
+record_outcome(Node, ok, Failures) ->
+    maps:remove(Node, Failures);
+record_outcome(Node, {error, Reason}, Failures) ->
+    Delay = case Failures of
+                #{Node := {Previous, _, _}} -> min(2 * Previous, ?BACKOFF_MAX_MS);
+                #{} -> ?BACKOFF_MIN_MS
+            end,
+    Failures#{Node => {Delay, erlang:monotonic_time(millisecond) + Delay, Reason}}.
 
 %% @doc The worker's body: its exit reason carries the outcome to the connector.
 -spec open_worker(node(), address()) -> no_return().

@@ -52,6 +52,8 @@
          gs_call_timeout/1, gs_call_noproc/1, gs_call_nodedown/1,
          gs_call_server_dies/1, gs_call_node_dies_during_call/1,
          ordering_per_sender/1, ordering_many_senders/1, concurrent_first_senders/1,
+         send_with_key_keeps_order/1, send_unordered_delivers_all/1, send_option_badarg/1,
+         backoff_after_failure/1,
          stats_counts/1, connect_disconnect/1,
          wrong_cookie_refused/1]).
 
@@ -93,8 +95,9 @@ groups() ->
      {call_errors, [], [gs_call_timeout, gs_call_noproc, gs_call_nodedown,
                         gs_call_server_dies, gs_call_node_dies_during_call]},
      {ordering, [], [ordering_per_sender, ordering_many_senders,
-                     concurrent_first_senders]},
-     {pools, [], [stats_counts, connect_disconnect]},
+                     concurrent_first_senders, send_with_key_keeps_order,
+                     send_unordered_delivers_all, send_option_badarg]},
+     {pools, [], [stats_counts, connect_disconnect, backoff_after_failure]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -261,6 +264,18 @@ send_unreachable_node(_Config) ->
     ?assertEqual({error, noconnection}, Again),
     ?assertMatch(T when T < 15000, Ms2),
     ?assertNot(lists:member(?NOBODY, teleport:nodes())).
+
+%% A failed open is not retried at once: no connect storm to a dead node.
+backoff_after_failure(_Config) ->
+    Ghost = 'ghost_backoff@127.0.0.1',
+    ?assertMatch({error, _}, teleport:connect(Ghost)),
+    ?assertMatch({error, {backoff, _}}, teleport:connect(Ghost)),
+    ?assertEqual({error, noconnection}, teleport:send({?SINK, Ghost}, x)),
+    %% Past the first backoff (100 ms) it tries again (and fails again).
+    timer:sleep(250),
+    Again = teleport:connect(Ghost),
+    ?assertMatch({error, _}, Again),
+    ?assertNotMatch({error, {backoff, _}}, Again).
 
 %%====================================================================
 %% terms
@@ -562,6 +577,50 @@ ordering_many_senders(Config) ->
     ct:pal("~p senders x ~p messages to ~p in ~p ms (~p msg/s)",
            [Senders, PerSender, A, Ms, Senders * PerSender * 1000 div Ms]),
     check_per_sender(Got, Senders, PerSender).
+
+%% Two processes share a key: together they form one ordered stream.
+send_with_key_keeps_order(Config) ->
+    A = ?config(node_a, Config),
+    Tag = make_ref(),
+    Count = 2000,
+    Key = {shared, make_ref()},
+    Self = self(),
+    Half = fun(Range) ->
+                   spawn_link(fun() ->
+                                      [ok = teleport:send({?SINK, A}, {Tag, {seq, I}}, [{key, Key}])
+                                       || I <- Range],
+                                      Self ! {half_done, self()}
+                              end)
+           end,
+    %% The second half starts only once the first has been queued: arrival
+    %% order must then be 1..Count even though two processes sent.
+    P1 = Half(lists:seq(1, Count div 2)),
+    receive {half_done, P1} -> ok after ?MSG_TIMEOUT -> ct:fail(first_half_stuck) end,
+    P2 = Half(lists:seq(Count div 2 + 1, Count)),
+    receive {half_done, P2} -> ok after ?MSG_TIMEOUT -> ct:fail(second_half_stuck) end,
+    Got = payloads(collect(Tag, Count, ?MSG_TIMEOUT)),
+    ?assertEqual(none, first_divergence([{seq, I} || I <- lists:seq(1, Count)], Got)).
+
+%% unordered spreads one sender over the pool: everything arrives, in some order.
+send_unordered_delivers_all(Config) ->
+    A = ?config(node_a, Config),
+    Tag = make_ref(),
+    Count = 2000,
+    Before = stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(), messages_in),
+    [?assertEqual(ok, teleport:send({?SINK, A}, {Tag, {seq, I}}, [unordered]))
+     || I <- lists:seq(1, Count)],
+    Got = payloads(collect(Tag, Count, ?MSG_TIMEOUT)),
+    ?assertEqual([{seq, I} || I <- lists:seq(1, Count)], lists:sort(Got)),
+    After = stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(), messages_in),
+    ?assert(After - Before >= Count).
+
+send_option_badarg(Config) ->
+    A = ?config(node_a, Config),
+    ?assertError({badarg, bogus}, teleport:send({?SINK, A}, x, [bogus])),
+    %% nosuspend with room in the queue just sends.
+    Tag = make_ref(),
+    ?assertEqual(ok, teleport:send({?SINK, A}, {Tag, quick}, [nosuspend])),
+    ?assertEqual([{A, quick}], collect(Tag, 1, ?MSG_TIMEOUT)).
 
 concurrent_first_senders(_Config) ->
     {_DPeer, D} = start_case_peer("teleport_ct_d"),
