@@ -21,7 +21,7 @@
 -module(teleport).
 
 -export([send/2, send/3, gs_call/2, gs_call/3, gs_cast/2]).
--export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0]).
+-export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1]).
 
 -export_type([dest/0, send_option/0, peer_stats/0]).
 
@@ -148,6 +148,16 @@ listen_address() ->
 -spec stats() -> #{node() => peer_stats()}.
 stats() ->
     teleport_nif:stats().
+
+%% @doc The counters for one peer; all zero if teleport never exchanged with it.
+-spec stats(node()) -> peer_stats().
+stats(Node) when is_atom(Node) ->
+    case teleport_nif:stats() of
+        #{Node := Stats} -> Stats;
+        #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
+                 connections => 0, queued_bytes => 0, dropped_out => 0,
+                 undeliverable_in => 0, connects => 0, disconnects => 0}
+    end.
 
 %%% Internal
 

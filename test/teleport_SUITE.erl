@@ -652,6 +652,7 @@ concurrent_first_senders(_Config) ->
 %%====================================================================
 
 stats_counts(Config) ->
+    ?assertMatch(#{messages_out := 0, connections := 0}, teleport:stats('never_seen@127.0.0.1')),
     A = ?config(node_a, Config),
     Me = node(),
     ?assertEqual(ok, teleport:connect(A)),
