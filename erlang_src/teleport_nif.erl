@@ -3,6 +3,7 @@
 -module(teleport_nif).
 
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
+-export([decode/1]).
 
 -on_load(load/0).
 
@@ -45,3 +46,7 @@ peers() -> erlang:nif_error(nif_not_loaded).
 
 -spec stats() -> #{node() => peer_stats()}.
 stats() -> erlang:nif_error(nif_not_loaded).
+
+%% @doc teleport's receive-side decoder on a binary from term_to_binary/1 (tests, benchmarks).
+-spec decode(binary()) -> term() | {error, binary()}.
+decode(_Bin) -> erlang:nif_error(nif_not_loaded).

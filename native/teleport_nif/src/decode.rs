@@ -61,24 +61,19 @@ const ATOM_CACHE_MAX: usize = 4096;
 
 pub type DecodeError = String;
 
-/// A container waiting for its elements.
-enum Pending {
-    Tuple {
-        items: Vec<ERL_NIF_TERM>,
-        arity: usize,
-    },
-    List {
-        items: Vec<ERL_NIF_TERM>,
-        len: usize,
-    },
-    /// Elements done; the next term is the list's tail.
-    ListTail {
-        items: Vec<ERL_NIF_TERM>,
-    },
-    Map {
-        flat: Vec<ERL_NIF_TERM>,
-        pairs: usize,
-    },
+/// A container waiting for its elements, which collect on the value stack from `start`.
+struct Pending {
+    shape: Shape,
+    start: usize,
+    /// Values it needs: a tuple's arity, a list's length plus its tail, a map's 2 x pairs.
+    needed: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Tuple,
+    List,
+    Map,
 }
 
 /// Per-connection decoding state.
@@ -89,6 +84,10 @@ pub struct TermDecoder {
     utf8_atoms: HashMap<Box<[u8]>, ERL_NIF_TERM>,
     /// `131` + a slice, for the types decoded by `enif_binary_to_term`.
     scratch: Vec<u8>,
+    /// Finished terms not yet in their container, and the open containers; kept between
+    /// frames so a decode allocates nothing per container.
+    values: Vec<ERL_NIF_TERM>,
+    open: Vec<Pending>,
 }
 
 // Atom terms are immediates, valid from any thread and in any env.
@@ -157,48 +156,28 @@ impl TermDecoder {
         if input.u8()? != VERSION {
             return Err("not an external term (no version byte 131)".into());
         }
-        let mut stack: Vec<Pending> = Vec::new();
+        self.values.clear();
+        self.open.clear();
         loop {
-            let mut value = match self.next(env, source, &mut input, &mut stack)? {
-                Some(value) => value,
+            match self.next(env, source, &mut input)? {
+                Some(value) => self.values.push(value),
                 None => continue, // opened a container: read its first element
-            };
-            // Hand the value to its container, closing every container it completes.
-            loop {
-                let Some(top) = stack.last_mut() else {
-                    if input.left() != 0 {
-                        return Err("trailing bytes after the term".into());
-                    }
-                    return Ok(value);
-                };
-                match top {
-                    Pending::Tuple { items, arity } => {
-                        items.push(value);
-                        if items.len() < *arity {
-                            break;
-                        }
-                        value = enif_make_tuple_from_array(env, items.as_ptr(), items.len() as c_uint);
-                    }
-                    Pending::List { items, len } => {
-                        items.push(value);
-                        if items.len() == *len {
-                            let items = std::mem::take(items);
-                            *top = Pending::ListTail { items };
-                        }
-                        break;
-                    }
-                    Pending::ListTail { items } => {
-                        value = make_list(env, items, value);
-                    }
-                    Pending::Map { flat, pairs } => {
-                        flat.push(value);
-                        if flat.len() < 2 * *pairs {
-                            break;
-                        }
-                        value = make_map(env, flat)?;
-                    }
+            }
+            // Close every container that value completed.
+            while let Some(top) = self.open.last() {
+                if self.values.len() - top.start < top.needed {
+                    break;
                 }
-                stack.pop();
+                let built = build(env, top.shape, &self.values[top.start..])?;
+                self.values.truncate(top.start);
+                self.values.push(built);
+                self.open.pop();
+            }
+            if self.open.is_empty() {
+                if input.left() != 0 {
+                    return Err("trailing bytes after the term".into());
+                }
+                return self.values.pop().ok_or_else(|| "no term".into());
             }
         }
     }
@@ -210,7 +189,6 @@ impl TermDecoder {
         env: *mut ErlNifEnv,
         source: &Source,
         input: &mut Input,
-        stack: &mut Vec<Pending>,
     ) -> Result<Option<ERL_NIF_TERM>, DecodeError> {
         let start = input.pos;
         let tag = input.u8()?;
@@ -260,25 +238,15 @@ impl TermDecoder {
                 if arity == 0 {
                     enif_make_tuple_from_array(env, ptr::null(), 0)
                 } else {
-                    stack.push(Pending::Tuple {
-                        items: Vec::with_capacity(arity),
-                        arity,
-                    });
+                    self.open_container(Shape::Tuple, arity);
                     return Ok(None);
                 }
             }
             LIST_EXT => {
                 let len = input.u32()?;
                 let len = input.count(len, 1)?;
-                // An empty LIST_EXT still has a tail term: treat it as one-element-less list.
-                stack.push(if len == 0 {
-                    Pending::ListTail { items: Vec::new() }
-                } else {
-                    Pending::List {
-                        items: Vec::with_capacity(len),
-                        len,
-                    }
-                });
+                // The elements, then the tail (NIL for a proper list).
+                self.open_container(Shape::List, len + 1);
                 return Ok(None);
             }
             MAP_EXT => {
@@ -287,10 +255,7 @@ impl TermDecoder {
                 if pairs == 0 {
                     make_map(env, &[])?
                 } else {
-                    stack.push(Pending::Map {
-                        flat: Vec::with_capacity(2 * pairs),
-                        pairs,
-                    });
+                    self.open_container(Shape::Map, 2 * pairs);
                     return Ok(None);
                 }
             }
@@ -301,6 +266,14 @@ impl TermDecoder {
             }
         };
         Ok(Some(term))
+    }
+
+    fn open_container(&mut self, shape: Shape, needed: usize) {
+        self.open.push(Pending {
+            shape,
+            start: self.values.len(),
+            needed,
+        });
     }
 
     unsafe fn atom(
@@ -439,6 +412,22 @@ unsafe fn make_binary(env: *mut ErlNifEnv, source: &Source, offset: usize, bytes
         ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len());
     }
     term
+}
+
+/// A finished container from its values (for a list: the elements, then the tail).
+unsafe fn build(
+    env: *mut ErlNifEnv,
+    shape: Shape,
+    values: &[ERL_NIF_TERM],
+) -> Result<ERL_NIF_TERM, DecodeError> {
+    Ok(match shape {
+        Shape::Tuple => enif_make_tuple_from_array(env, values.as_ptr(), values.len() as c_uint),
+        Shape::List => {
+            let (tail, items) = values.split_last().ok_or("list without a tail")?;
+            make_list(env, items, *tail)
+        }
+        Shape::Map => make_map(env, values)?,
+    })
 }
 
 unsafe fn make_list(env: *mut ErlNifEnv, items: &[ERL_NIF_TERM], tail: ERL_NIF_TERM) -> ERL_NIF_TERM {

@@ -284,4 +284,19 @@ fn stats(env: Env) -> NifResult<Term> {
     Ok(out)
 }
 
+/// Decodes an external term with teleport's receive-side decoder, as the reader
+/// threads do (large binaries become sub-binaries of `bin`). For tests and benchmarks
+/// against `binary_to_term/1`; dirty, as its input can be any size.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
+    let source = decode::Source {
+        bytes: bin.as_slice(),
+        binary: Some(bin.to_term(env).as_c_arg()),
+    };
+    match unsafe { decode::TermDecoder::default().decode(env.as_c_arg(), &source) } {
+        Ok(term) => Ok(unsafe { Term::new(env, term) }),
+        Err(reason) => Ok((atoms::error(), reason).encode(env)),
+    }
+}
+
 rustler::init!("teleport_nif");
