@@ -66,6 +66,11 @@ const BATCH_FRAMES: usize = 256;
 
 pub struct Connection {
     tx: Sender<Item>,
+    /// A frame can slip into the queue after the writer's final drain (its sender
+    /// passed the `closed` check just before); such frames are counted when the
+    /// connection is dropped.
+    leftovers: Receiver<Item>,
+    stats: Arc<PeerStats>,
     /// Kept to shut the socket down from any thread (wakes the writer and the watcher).
     socket: TcpStream,
     queued_bytes: AtomicUsize,
@@ -89,10 +94,16 @@ pub struct Closed;
 
 impl Connection {
     /// Returns the connection and the receiving end for its writer thread.
-    pub(crate) fn new(socket: TcpStream, limit: usize) -> (Arc<Connection>, WriterQueue) {
+    pub(crate) fn new(
+        socket: TcpStream,
+        limit: usize,
+        stats: Arc<PeerStats>,
+    ) -> (Arc<Connection>, WriterQueue) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let conn = Arc::new(Connection {
             tx,
+            leftovers: rx.clone(),
+            stats,
             socket,
             queued_bytes: AtomicUsize::new(0),
             limit,
@@ -179,6 +190,17 @@ impl Connection {
         let _ = self.tx.send(Item::Close);
         let _ = self.socket.shutdown(Shutdown::Both);
         self.wake_waiters(true);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let late = self
+            .leftovers
+            .try_iter()
+            .filter(|item| matches!(item, Item::Frame(_)))
+            .count();
+        PeerStats::add(&self.stats.dropped_out, late as u64);
     }
 }
 

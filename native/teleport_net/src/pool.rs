@@ -63,7 +63,7 @@ impl Pool {
         let mut connections = Vec::new();
         let mut started = Vec::new();
         for stream in dialed.streams {
-            let (conn, queue) = Connection::new(stream.try_clone()?, limit);
+            let (conn, queue) = Connection::new(stream.try_clone()?, limit, stats.clone());
             let watcher = stream.try_clone()?;
             connections.push(conn.clone());
             started.push((conn, queue, stream, watcher));
