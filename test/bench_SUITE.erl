@@ -1,0 +1,527 @@
+%% @doc Micro-benchmarks: disterl and teleport side by side, in the same run.
+%%
+%% Two peer nodes, A and B (started in init_per_suite, teleport running in
+%% both, disterl and teleport connections opened before the first case). All
+%% traffic goes from A to B (and back); it is driven by processes spawned on A
+%% through erpc, and every time is taken on the nodes themselves with
+%% `erlang:monotonic_time/0'. These are benchmarks, not tests: timings are
+%% printed, never asserted; the cases only check that the work completed
+%% (every message arrived, every call was answered).
+%%
+%% Cases (each prints `bench <case> <params>: disterl X, teleport Y, ratio Z'
+%% through ct:pal and to the `user' console; ratio is always teleport/disterl):
+%% <ul>
+%% <li>`small_messages': S senders on A each send TOTAL div S binaries of
+%%     BYTES bytes to one sink on B, which counts them and tells the driver
+%%     (over disterl) when it has the total. Messages per second, from the
+%%     senders' start to the driver hearing from the sink. One line per S.</li>
+%% <li>`latency': a process on A pings an echo on B with a small binary, one
+%%     round trip at a time; the echo answers over the transport the ping came
+%%     by. WARMUP round trips are not recorded. p50 and p99 round trip in
+%%     microseconds; ratio of the p50s.</li>
+%% <li>`head_of_line': small `gen_server:call's over disterl, one at a time,
+%%     from A to an echo gen_server on B (teleport_test_server), for
+%%     DURATION_MS in each of three conditions: (a) idle, (b) while STREAMERS
+%%     processes on A send PAYLOAD_BYTES binaries to a sink on B with
+%%     `teleport:send' without pause, (c) while the same streams go over
+%%     disterl (`erlang:send'). Calls start 200 ms after the streams. After
+%%     each condition the streamers are stopped and the sink (which drops what
+%%     it gets) is waited for until it has received every message sent and its
+%%     message queue is empty. Prints p50 and p99 of each condition, p99
+%%     ratios (b)/(a) and (c)/(a), and ratio = (b)/(c) of the p99s.</li>
+%% </ul>
+%% The pool size sweep is ring_SUITE's (RING_POOL_SIZES).
+%%
+%% Groups: `short' (in all/0, tiny sizes: keeps the suite from rotting) and
+%% `full' (the benchmark: `rebar3 ct --suite test/bench_SUITE --group full').
+%% Environment variables override the group's sizes:
+%% <ul>
+%% <li>BENCH_SMALL_TOTAL: messages per run of small_messages (full 600000,
+%%     short 2000), shared evenly by the senders.</li>
+%% <li>BENCH_SMALL_SENDERS: comma-separated sender counts (default "1,8").</li>
+%% <li>BENCH_SMALL_BYTES: size of each small binary (default 100).</li>
+%% <li>BENCH_LATENCY_ROUNDS: recorded round trips per transport (full 20000,
+%%     short 500).</li>
+%% <li>BENCH_LATENCY_WARMUP: unrecorded round trips first (full 1000,
+%%     short 50).</li>
+%% <li>BENCH_LATENCY_BYTES: ping payload (default 32).</li>
+%% <li>BENCH_HOL_DURATION_MS: calls per condition, in ms (full 10000,
+%%     short 1000).</li>
+%% <li>BENCH_HOL_STREAMERS: streaming processes (default 4).</li>
+%% <li>BENCH_HOL_PAYLOAD_BYTES: size of each streamed binary (full 10 MiB,
+%%     short 1 MiB).</li>
+%% <li>BENCH_POOL_SIZE: teleport `pool_size' on both peers (default:
+%%     teleport's own, schedulers online).</li>
+%% </ul>
+-module(bench_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([suite/0, all/0, groups/0, init_per_suite/1, end_per_suite/1,
+         init_per_group/2, end_per_group/2]).
+-export([small_messages/1, latency/1, head_of_line/1]).
+%% Run on the peers.
+-export([small_run/5, small_sender/5, counting_sink/2,
+         latency_run/5, latency_echo/1,
+         hol_run/5, streamer/4, dropping_sink/1]).
+
+-define(ECHO_SERVER, bench_echo_server).
+%% erpc timeout for one run on A, and how long to wait for any single step.
+-define(RUN_TIMEOUT, 600000).
+-define(STEP_TIMEOUT, 120000).
+-define(CALL_TIMEOUT, 60000).
+-define(STREAM_RAMP_MS, 200).
+
+suite() ->
+    [{timetrap, {minutes, 30}}].
+
+all() -> [{group, short}].
+
+groups() ->
+    Cases = [small_messages, latency, head_of_line],
+    [{short, [], Cases},
+     {full, [], Cases}].
+
+%%--------------------------------------------------------------------
+%% Setup
+
+init_per_suite(Config) ->
+    case teleport_test_peer:ensure_distributed() of
+        ok ->
+            AppEnv = case os:getenv("BENCH_POOL_SIZE") of
+                         false -> #{};
+                         Size -> #{pool_size => list_to_integer(Size)}
+                     end,
+            {PeerA, A} = start_peer("bench_a", AppEnv),
+            {PeerB, B} = try start_peer("bench_b", AppEnv)
+                         catch Class:Reason:Stack ->
+                                 teleport_test_peer:stop(PeerA),
+                                 erlang:raise(Class, Reason, Stack)
+                         end,
+            Config1 = [{peers, [PeerA, PeerB]}, {a, A}, {b, B} | Config],
+            try
+                %% Both transports open in both directions before any timing.
+                true = erpc:call(A, net_kernel, connect_node, [B]),
+                ok = erpc:call(A, teleport, connect, [B]),
+                ok = erpc:call(B, teleport, connect, [A]),
+                ct:pal("bench peers: A ~p, B ~p, teleport env ~p, schedulers ~p",
+                       [A, B, AppEnv, erpc:call(A, erlang, system_info, [schedulers_online])]),
+                Config1
+            catch
+                Class2:Reason2:Stack2 ->
+                    end_per_suite(Config1),
+                    erlang:raise(Class2, Reason2, Stack2)
+            end;
+        {skip, _} = Skip ->
+            Skip
+    end.
+
+end_per_suite(Config) ->
+    _ = [log_stats(Node) || Key <- [a, b], Node <- [proplists:get_value(Key, Config)],
+                            Node =/= undefined],
+    _ = [teleport_test_peer:stop(Peer) || Peer <- proplists:get_value(peers, Config, [])],
+    ok.
+
+%% teleport's counters at the end (dropped or undeliverable messages would show here).
+log_stats(Node) ->
+    try erpc:call(Node, teleport, stats, [], 5000) of
+        Stats -> ct:pal("teleport:stats() on ~p: ~p", [Node, Stats])
+    catch
+        Class:Reason -> ct:pal("teleport:stats() on ~p: ~p:~p", [Node, Class, Reason])
+    end.
+
+%% The peers must outlive init_per_suite's process: unlink, end_per_suite stops them.
+start_peer(Prefix, AppEnv) ->
+    case teleport_test_peer:start(teleport_test_peer:unique_name(Prefix), [], AppEnv) of
+        {ok, Peer, Node} ->
+            unlink(Peer),
+            {Peer, Node};
+        {error, Reason} ->
+            ct:fail({peer_start_failed, Prefix, Reason})
+    end.
+
+init_per_group(short, Config) ->
+    [{params, params(#{small_total => 2000, latency_rounds => 500, latency_warmup => 50,
+                       hol_duration_ms => 1000, hol_payload_bytes => 1 bsl 20})} | Config];
+init_per_group(full, Config) ->
+    [{params, params(#{small_total => 600000, latency_rounds => 20000, latency_warmup => 1000,
+                       hol_duration_ms => 10000, hol_payload_bytes => 10 bsl 20})} | Config].
+
+end_per_group(_Group, _Config) ->
+    ok.
+
+params(GroupDefaults) ->
+    Defaults = maps:merge(#{small_senders => [1, 8], small_bytes => 100, latency_bytes => 32,
+                            hol_streamers => 4},
+                          GroupDefaults),
+    Int = fun(Var, Key) ->
+                  case os:getenv(Var) of
+                      false -> maps:get(Key, Defaults);
+                      Value -> list_to_integer(Value)
+                  end
+          end,
+    Senders = case os:getenv("BENCH_SMALL_SENDERS") of
+                  false -> maps:get(small_senders, Defaults);
+                  List -> [list_to_integer(S) || S <- string:tokens(List, ", ")]
+              end,
+    #{small_total => Int("BENCH_SMALL_TOTAL", small_total),
+      small_senders => Senders,
+      small_bytes => Int("BENCH_SMALL_BYTES", small_bytes),
+      latency_rounds => Int("BENCH_LATENCY_ROUNDS", latency_rounds),
+      latency_warmup => Int("BENCH_LATENCY_WARMUP", latency_warmup),
+      latency_bytes => Int("BENCH_LATENCY_BYTES", latency_bytes),
+      hol_duration_ms => Int("BENCH_HOL_DURATION_MS", hol_duration_ms),
+      hol_streamers => Int("BENCH_HOL_STREAMERS", hol_streamers),
+      hol_payload_bytes => Int("BENCH_HOL_PAYLOAD_BYTES", hol_payload_bytes)}.
+
+%%--------------------------------------------------------------------
+%% small_messages
+
+small_messages(Config) ->
+    #{small_total := Total, small_senders := SenderCounts, small_bytes := Bytes} =
+        ?config(params, Config),
+    A = ?config(a, Config),
+    B = ?config(b, Config),
+    lists:foreach(
+      fun(Senders) ->
+              PerSender = max(1, Total div Senders),
+              Runs = [{Transport, on(A, small_run, [Transport, B, Senders, PerSender, Bytes])}
+                      || Transport <- [disterl, teleport]],
+              lists:foreach(
+                fun({Transport, #{sent := Sent, received := Received, micros := Micros}}) ->
+                        ?assertEqual(Senders * PerSender, Sent, {sent, Transport}),
+                        ?assertEqual(Sent, Received, {received, Transport}),
+                        ct:pal("small_messages ~p senders=~b: ~b messages in ~b us",
+                               [Transport, Senders, Received, Micros])
+                end, Runs),
+              Rate = fun(Transport) ->
+                             #{received := N, micros := Us} = proplists:get_value(Transport, Runs),
+                             N * 1.0e6 / max(1, Us)
+                     end,
+              RateD = Rate(disterl),
+              RateT = Rate(teleport),
+              summary("bench small_messages senders=~b msgs=~b bytes=~b: "
+                      "disterl ~b msg/s, teleport ~b msg/s, ratio ~.2f",
+                      [Senders, Senders * PerSender, Bytes, round(RateD), round(RateT),
+                       RateT / RateD])
+      end, SenderCounts).
+
+%% On A. A counting sink on B, Senders senders here; the clock runs from
+%% releasing the senders to the sink's report that it has them all.
+small_run(Transport, B, Senders, PerSender, Bytes) ->
+    Self = self(),
+    Total = Senders * PerSender,
+    Sink = spawn_link(B, ?MODULE, counting_sink, [Self, Total]),
+    Pids = [spawn_link(?MODULE, small_sender, [Self, Transport, Sink, PerSender, Bytes])
+            || _ <- lists:seq(1, Senders)],
+    try
+        await({sink_ready, Sink}),
+        _ = [await({sender_ready, Pid}) || Pid <- Pids],
+        T0 = erlang:monotonic_time(),
+        _ = [Pid ! go || Pid <- Pids],
+        {Sent, T1, Received} = small_wait(Sink, length(Pids), 0, [], undefined),
+        #{sent => Sent, received => Received, micros => micros(T1 - T0)}
+    after
+        kill([Sink | Pids])
+    end.
+
+%% Takes the sink's report as it arrives (its time is the end of the run) and
+%% every sender's count; fails at once if a send was refused.
+small_wait(_Sink, 0, Sent, [], {T1, Received}) ->
+    {Sent, T1, Received};
+small_wait(_Sink, 0, Sent, Errors, Done) when Errors =/= [] ->
+    error({send_errors, Errors, {sent, Sent}, {sink, Done}});
+small_wait(Sink, Pending, Sent, Errors, Done) ->
+    receive
+        {sink_done, Sink, Received} ->
+            small_wait(Sink, Pending, Sent, Errors, {erlang:monotonic_time(), Received});
+        {sender_done, _Pid, N, Errs} ->
+            small_wait(Sink, Pending - 1, Sent + N, Errs ++ Errors, Done)
+    after ?STEP_TIMEOUT ->
+            error({small_messages_timeout, {senders_pending, Pending}, {sent, Sent},
+                   {errors, Errors}})
+    end.
+
+small_sender(Driver, Transport, Sink, N, Bytes) ->
+    Payload = payload(Bytes),
+    Driver ! {sender_ready, self()},
+    receive go -> ok end,
+    {Sent, Errors} = small_send(Transport, Sink, Payload, N, 0, []),
+    Driver ! {sender_done, self(), Sent, lists:usort(Errors)}.
+
+small_send(_Transport, _Sink, _Payload, 0, Sent, Errors) ->
+    {Sent, Errors};
+small_send(Transport, Sink, Payload, N, Sent, Errors) ->
+    case transmit(Transport, Sink, Payload) of
+        ok -> small_send(Transport, Sink, Payload, N - 1, Sent + 1, Errors);
+        Error -> small_send(Transport, Sink, Payload, N - 1, Sent, [Error | Errors])
+    end.
+
+%% On B. Counts binaries; reports over disterl when it has Total of them.
+counting_sink(Driver, Total) ->
+    Driver ! {sink_ready, self()},
+    counting_loop(Driver, Total, 0).
+
+counting_loop(Driver, Total, Total) ->
+    erlang:send(Driver, {sink_done, self(), Total}),
+    counting_loop(Driver, Total, Total + 1);
+counting_loop(Driver, Total, N) ->
+    receive
+        Bin when is_binary(Bin) -> counting_loop(Driver, Total, N + 1)
+    end.
+
+%%--------------------------------------------------------------------
+%% latency
+
+latency(Config) ->
+    #{latency_rounds := Rounds, latency_warmup := Warmup, latency_bytes := Bytes} =
+        ?config(params, Config),
+    A = ?config(a, Config),
+    B = ?config(b, Config),
+    Stats = [begin
+                 Rtts = on(A, latency_run, [Transport, B, Rounds, Warmup, Bytes]),
+                 ?assertEqual(Rounds, length(Rtts), Transport),
+                 Sorted = lists:sort(Rtts),
+                 S = {percentile(Sorted, 50), percentile(Sorted, 99)},
+                 ct:pal("latency ~p: ~b round trips, min ~.1f us, p50 ~.1f us, p99 ~.1f us, "
+                        "max ~.1f us",
+                        [Transport, Rounds, hd(Sorted), element(1, S), element(2, S),
+                         lists:last(Sorted)]),
+                 S
+             end || Transport <- [disterl, teleport]],
+    [{P50D, P99D}, {P50T, P99T}] = Stats,
+    summary("bench latency round_trips=~b bytes=~b: disterl p50 ~.1f us p99 ~.1f us, "
+            "teleport p50 ~.1f us p99 ~.1f us, ratio ~.2f",
+            [Rounds, Bytes, P50D, P99D, P50T, P99T, P50T / P50D]).
+
+%% On A: round trips in microseconds (floats), warm-up excluded.
+latency_run(Transport, B, Rounds, Warmup, Bytes) ->
+    Echo = spawn_link(B, ?MODULE, latency_echo, [self()]),
+    try
+        await({echo_ready, Echo}),
+        Payload = payload(Bytes),
+        _ = ping(Transport, Echo, Payload, Warmup, []),
+        ping(Transport, Echo, Payload, Rounds, [])
+    after
+        kill([Echo])
+    end.
+
+ping(_Transport, _Echo, _Payload, 0, Acc) ->
+    lists:reverse(Acc);
+ping(Transport, Echo, Payload, N, Acc) ->
+    T0 = erlang:monotonic_time(),
+    ok = transmit(Transport, Echo, {ping, Transport, self(), Payload}),
+    receive
+        {pong, Payload} -> ok
+    after ?STEP_TIMEOUT ->
+            error({pong_timeout, Transport, N})
+    end,
+    T1 = erlang:monotonic_time(),
+    ping(Transport, Echo, Payload, N - 1, [micros_float(T1 - T0) | Acc]).
+
+%% On B. Answers each ping over the transport it came by.
+latency_echo(Driver) ->
+    Driver ! {echo_ready, self()},
+    latency_echo_loop().
+
+latency_echo_loop() ->
+    receive
+        {ping, Transport, From, Payload} ->
+            ok = transmit(Transport, From, {pong, Payload}),
+            latency_echo_loop()
+    end.
+
+%%--------------------------------------------------------------------
+%% head_of_line
+
+head_of_line(Config) ->
+    #{hol_duration_ms := Duration, hol_streamers := Streamers, hol_payload_bytes := Bytes} =
+        ?config(params, Config),
+    A = ?config(a, Config),
+    B = ?config(b, Config),
+    {ok, Server} = erpc:call(B, teleport_test_server, start, [?ECHO_SERVER]),
+    try
+        Stats = maps:from_list(
+                  [begin
+                       #{latencies := Lats, streamed := Streamed} = R =
+                           on(A, hol_run, [Condition, B, Streamers, Bytes, Duration]),
+                       ?assert(Lats =/= [], {no_calls, Condition}),
+                       Sorted = lists:sort(Lats),
+                       S = {percentile(Sorted, 50), percentile(Sorted, 99)},
+                       ct:pal("head_of_line ~p: ~b calls, p50 ~.1f us, p99 ~.1f us, max ~.1f us; "
+                              "streamed ~b messages (~.1f MiB/s) in ~b ms",
+                              [Condition, length(Lats), element(1, S), element(2, S),
+                               lists:last(Sorted), Streamed,
+                               Streamed * Bytes / 1048576 / max(1, maps:get(stream_ms, R)) * 1000,
+                               maps:get(stream_ms, R)]),
+                       {Condition, S}
+                   end || Condition <- [idle, teleport, disterl]]),
+        #{idle := {P50I, P99I}, teleport := {P50T, P99T}, disterl := {P50D, P99D}} = Stats,
+        summary("bench head_of_line streamers=~b payload=~b duration_ms=~b "
+                "idle p50 ~.1f us p99 ~.1f us: "
+                "disterl p50 ~.1f us p99 ~.1f us (p99/idle ~.1f), "
+                "teleport p50 ~.1f us p99 ~.1f us (p99/idle ~.1f), ratio ~.3f",
+                [Streamers, Bytes, Duration, P50I, P99I,
+                 P50D, P99D, P99D / P99I, P50T, P99T, P99T / P99I, P99T / P99D])
+    after
+        exit(Server, kill)
+    end.
+
+%% On A. Condition is idle, or the transport the streams use. Returns the
+%% call latencies (us) and how many messages were streamed (all of them
+%% received and dropped by the sink before this returns).
+hol_run(Condition, B, Streamers, Bytes, Duration) ->
+    Self = self(),
+    Server = {?ECHO_SERVER, B},
+    %% One call first: the server answers, the connection is up.
+    ok = gen_server:call(Server, {echo, ok}, ?CALL_TIMEOUT),
+    {Sink, Pids} =
+        case Condition of
+            idle ->
+                {undefined, []};
+            Transport ->
+                S = spawn_link(B, ?MODULE, dropping_sink, [Self]),
+                {S, [spawn_link(?MODULE, streamer, [Self, Transport, S, Bytes])
+                     || _ <- lists:seq(1, Streamers)]}
+        end,
+    try
+        _ = [await({sink_ready, Sink}) || Sink =/= undefined],
+        _ = [await({streamer_ready, Pid}) || Pid <- Pids],
+        S0 = erlang:monotonic_time(),
+        _ = [Pid ! go || Pid <- Pids],
+        _ = [timer:sleep(?STREAM_RAMP_MS) || Pids =/= []],
+        Deadline = erlang:monotonic_time() + erlang:convert_time_unit(Duration, millisecond, native),
+        Lats = calls(Server, Deadline, []),
+        _ = [Pid ! stop || Pid <- Pids],
+        Streamed = lists:sum([stream_count(Pid) || Pid <- Pids]),
+        S1 = erlang:monotonic_time(),
+        drain(Sink, Streamed, B),
+        #{latencies => Lats, streamed => Streamed, stream_ms => micros(S1 - S0) div 1000}
+    after
+        kill([Sink || Sink =/= undefined] ++ Pids)
+    end.
+
+calls(Server, Deadline, Acc) ->
+    T0 = erlang:monotonic_time(),
+    case T0 >= Deadline of
+        true ->
+            Acc;
+        false ->
+            Ref = make_ref(),
+            Ref = gen_server:call(Server, {echo, Ref}, ?CALL_TIMEOUT),
+            T1 = erlang:monotonic_time(),
+            calls(Server, Deadline, [micros_float(T1 - T0) | Acc])
+    end.
+
+stream_count(Pid) ->
+    receive
+        {streamed, Pid, N, []} -> N;
+        {streamed, Pid, N, Errors} -> error({stream_send_errors, Pid, {sent, N}, Errors})
+    after ?STEP_TIMEOUT ->
+            error({streamer_did_not_stop, Pid})
+    end.
+
+%% Every streamed message has reached the sink and its queue is empty.
+drain(undefined, 0, _B) ->
+    ok;
+drain(Sink, Expected, B) ->
+    erlang:send(Sink, {expect, Expected, self()}),
+    receive
+        {drained, Sink, Expected} -> ok;
+        {drained, Sink, Other} -> error({sink_count, {expected, Expected}, {received, Other}})
+    after ?STEP_TIMEOUT ->
+            error({sink_not_drained, Expected})
+    end,
+    wait_empty(Sink, B, ?STEP_TIMEOUT div 10).
+
+wait_empty(Sink, _B, 0) ->
+    error({sink_queue_not_empty, Sink});
+wait_empty(Sink, B, Tries) ->
+    case erpc:call(B, erlang, process_info, [Sink, message_queue_len]) of
+        {message_queue_len, 0} ->
+            ok;
+        {message_queue_len, _} ->
+            timer:sleep(10),
+            wait_empty(Sink, B, Tries - 1)
+    end.
+
+streamer(Driver, Transport, Sink, Bytes) ->
+    Payload = payload(Bytes),
+    Driver ! {streamer_ready, self()},
+    receive go -> ok end,
+    stream(Driver, Transport, Sink, Payload, 0, []).
+
+stream(Driver, Transport, Sink, Payload, Sent, Errors) ->
+    receive
+        stop ->
+            Driver ! {streamed, self(), Sent, lists:usort(Errors)}
+    after 0 ->
+            case transmit(Transport, Sink, Payload) of
+                ok -> stream(Driver, Transport, Sink, Payload, Sent + 1, Errors);
+                Error -> stream(Driver, Transport, Sink, Payload, Sent, [Error | Errors])
+            end
+    end.
+
+%% On B. Drops binaries; answers {expect, N, From} (sent over disterl, so it
+%% can overtake teleport's traffic) once it has received N of them.
+dropping_sink(Driver) ->
+    Driver ! {sink_ready, self()},
+    drop_loop(0, none).
+
+drop_loop(N, {Expected, From}) when N >= Expected ->
+    erlang:send(From, {drained, self(), N}),
+    drop_loop(N, none);
+drop_loop(N, Expect) ->
+    receive
+        Bin when is_binary(Bin) -> drop_loop(N + 1, Expect);
+        {expect, Expected, From} -> drop_loop(N, {Expected, From})
+    end.
+
+%%--------------------------------------------------------------------
+%% Helpers
+
+on(Node, Function, Args) ->
+    erpc:call(Node, ?MODULE, Function, Args, ?RUN_TIMEOUT).
+
+transmit(disterl, Dest, Msg) ->
+    erlang:send(Dest, Msg),
+    ok;
+transmit(teleport, Dest, Msg) ->
+    teleport:send(Dest, Msg).
+
+await(Msg) ->
+    receive
+        Msg -> ok
+    after ?STEP_TIMEOUT ->
+            error({timeout_waiting_for, Msg})
+    end.
+
+%% The driver is linked to what it spawned (so they die with it if it is
+%% killed); on the way out it unlinks and kills them.
+kill(Pids) ->
+    lists:foreach(fun(Pid) ->
+                          unlink(Pid),
+                          exit(Pid, kill)
+                  end, Pids).
+
+payload(Bytes) ->
+    binary:copy(<<16#5a>>, Bytes).
+
+micros(Native) ->
+    erlang:convert_time_unit(Native, native, microsecond).
+
+micros_float(Native) ->
+    erlang:convert_time_unit(Native, native, nanosecond) / 1000.
+
+%% The nearest-rank percentile of a sorted, non-empty list: the element at
+%% ceil(Pct/100 * N), 1-based.
+percentile(Sorted, Pct) ->
+    N = length(Sorted),
+    Rank = max(1, (Pct * N + 99) div 100),
+    lists:nth(Rank, Sorted).
+
+summary(Format, Args) ->
+    Line = lists:flatten(io_lib:format(Format, Args)),
+    ct:pal("~s", [Line]),
+    io:format(user, "~s~n", [Line]).
