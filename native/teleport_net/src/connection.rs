@@ -57,8 +57,13 @@ impl OutFrame {
 
 enum Item {
     Frame(OutFrame),
+    /// A direct write left a remainder in `Connection::socket`: the writer must finish it.
+    Wake,
     Close,
 }
+
+/// Frames up to this size may be written by the sending thread itself (see `enqueue`).
+const DIRECT_WRITE_MAX: usize = 64 * 1024;
 
 /// A batch is flushed with one writev once it holds this much, or the queue is empty.
 const BATCH_BYTES: usize = 4 << 20;
@@ -73,6 +78,10 @@ pub struct Connection {
     stats: Arc<PeerStats>,
     /// Kept to shut the socket down from any thread (wakes the writer and the watcher).
     socket: TcpStream,
+    /// Whoever writes to the socket holds this: the writer thread for each batch, or a
+    /// sender writing directly. It holds the rest of a frame a direct write left
+    /// half-sent, which the writer must put on the wire before anything else.
+    writing: Mutex<Option<(OutFrame, usize)>>,
     queued_bytes: AtomicUsize,
     limit: usize,
     closed: AtomicBool,
@@ -105,6 +114,7 @@ impl Connection {
             leftovers: rx.clone(),
             stats,
             socket,
+            writing: Mutex::new(None),
             queued_bytes: AtomicUsize::new(0),
             limit,
             closed: AtomicBool::new(false),
@@ -120,6 +130,10 @@ impl Connection {
         if self.closed.load(SeqCst) {
             return Err(Closed);
         }
+        let frame = match self.try_direct_write(frame) {
+            None => return Ok(Enqueued::Ok),
+            Some(frame) => frame,
+        };
         let wire_len = frame.wire_len();
         let queued = self.queued_bytes.fetch_add(wire_len, SeqCst) + wire_len;
         if self.tx.send(Item::Frame(frame)).is_err() {
@@ -131,6 +145,48 @@ impl Connection {
         } else {
             Enqueued::Ok
         })
+    }
+
+    /// With nothing queued and nobody writing, a small frame goes straight to the socket
+    /// from the caller's thread, without waking the writer: that hand-off is most of a
+    /// small message's latency. Never blocks: on a full socket buffer the rest of the frame
+    /// is left to the writer. Returns the frame if it must be queued instead.
+    fn try_direct_write(&self, frame: OutFrame) -> Option<OutFrame> {
+        if frame.wire_len() > DIRECT_WRITE_MAX || self.queued_bytes.load(SeqCst) != 0 {
+            return Some(frame);
+        }
+        let Ok(mut writing) = self.writing.try_lock() else {
+            return Some(frame);
+        };
+        // Re-checked under the lock: an empty queue now means none of this sender's
+        // earlier frames is still waiting, so writing this one first keeps its order.
+        if writing.is_some() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
+            return Some(frame);
+        }
+        let mut slices = Vec::with_capacity(4);
+        slices.push(IoSlice::new(&frame.header));
+        frame.body.push_chunks(&mut slices);
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // An error (full buffer, or a failure the writer will meet and report) sends nothing.
+        let sent: usize = socket2::SockRef::from(&self.socket)
+            .send_vectored_with_flags(&slices, flags)
+            .unwrap_or_default();
+        drop(slices);
+        if sent == 0 {
+            return Some(frame);
+        }
+        let wire_len = frame.wire_len();
+        if sent < wire_len {
+            // The rest must follow before any other frame: the writer finishes it.
+            self.queued_bytes.fetch_add(wire_len - sent, SeqCst);
+            *writing = Some((frame, sent));
+            drop(writing);
+            let _ = self.tx.send(Item::Wake);
+            return None;
+        }
+        PeerStats::add(&self.stats.messages_out, 1);
+        PeerStats::add(&self.stats.bytes_out, frame.body_len() as u64);
+        None
     }
 
     /// Registers `wake` to run once the queue has drained to half its limit or the
@@ -248,7 +304,23 @@ fn write_until_closed(
         let mut close_after = false;
         match queue.rx.recv() {
             Ok(Item::Frame(frame)) => batch.push(frame),
+            Ok(Item::Wake) => {}
             Ok(Item::Close) | Err(_) => return ("closed".to_string(), 0),
+        }
+        let mut writing = conn.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((frame, offset)) = writing.take() {
+            let rest = frame.wire_len() - offset;
+            if let Err((_, e)) = write_frame_from(stream, &frame, offset) {
+                conn.queued_bytes.fetch_sub(rest, SeqCst);
+                return (format!("write failed: {e}"), 1 + batch.len() as u64);
+            }
+            PeerStats::add(&stats.messages_out, 1);
+            PeerStats::add(&stats.bytes_out, frame.body_len() as u64);
+            conn.queued_bytes.fetch_sub(rest, SeqCst);
+        }
+        if batch.is_empty() {
+            conn.wake_waiters(false);
+            continue;
         }
         // Take whatever else is already queued: many small frames become one write.
         let mut batch_bytes = batch[0].wire_len();
@@ -258,6 +330,7 @@ fn write_until_closed(
                     batch_bytes += frame.wire_len();
                     batch.push(frame);
                 }
+                Ok(Item::Wake) => {}
                 Ok(Item::Close) => {
                     close_after = true;
                     break;
@@ -277,6 +350,7 @@ fn write_until_closed(
         // Dropping the frames releases their bodies (and the binaries they reference).
         batch.clear();
         conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
+        drop(writing);
         if let Err((_, e)) = outcome {
             // Frames not wholly written are lost with the connection: count them.
             let lost = (total - written) as u64;
@@ -299,6 +373,20 @@ fn frames_within(batch: &[OutFrame], bytes: usize) -> usize {
             end <= bytes
         })
         .count()
+}
+
+/// The part of one frame from `offset` on (the rest of a direct write).
+fn write_frame_from(
+    stream: &mut TcpStream,
+    frame: &OutFrame,
+    offset: usize,
+) -> Result<(), (usize, io::Error)> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
+    slices.push(IoSlice::new(&frame.header));
+    frame.body.push_chunks(&mut slices);
+    let mut slices = &mut slices[..];
+    IoSlice::advance_slices(&mut slices, offset);
+    write_all_vectored(stream, slices)
 }
 
 /// On failure, also says how many bytes did go out.
