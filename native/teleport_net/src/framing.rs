@@ -17,6 +17,9 @@ pub enum FrameKind {
     /// `{Dest, Call, Request}`: a gen_server call, made on the caller's behalf by a local relay
     /// whose reply (or the server's exit reason) goes back over teleport.
     Call = 2,
+    /// `[u64 incarnation][u64 epoch]`, the first frame on every connection: which pool
+    /// of the sending runtime it belongs to. Handled by the reader, never delivered.
+    PoolEpoch = 3,
 }
 
 impl FrameKind {
@@ -24,6 +27,7 @@ impl FrameKind {
         match byte {
             1 => Some(FrameKind::Send),
             2 => Some(FrameKind::Call),
+            3 => Some(FrameKind::PoolEpoch),
             _ => None,
         }
     }

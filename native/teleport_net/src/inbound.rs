@@ -6,11 +6,13 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::framing::read_header;
+use crate::framing::{read_header, FrameKind};
 use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
 use crate::host::{Delivery, Event};
 use crate::runtime::Shared;
+use crate::runtime::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::PeerStats;
+use std::io::Read;
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,8 +49,15 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let mut handler = shared.host.frame_handler(peer);
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let token = match read_pool_token(&mut reader) {
+        Ok(token) => token,
+        Err(reason) => return reason,
+    };
+    let Some(membership) = shared.join_inbound_pool(peer, token, stream) else {
+        return "superseded by a newer pool from the same node".to_string();
+    };
+    let mut handler = shared.host.frame_handler(peer);
     let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;
     loop {
@@ -57,6 +66,14 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             Ok(None) => return "peer closed the connection".to_string(),
             Err(e) => return format!("bad frame: {e}"),
         };
+        // A newer pool from this node exists: anything still arriving here was sent
+        // before it (bytes a partition held back) and must not overtake its frames.
+        if membership.is_stale() {
+            return "superseded by a newer pool from the same node".to_string();
+        }
+        if header.kind == FrameKind::PoolEpoch {
+            return "a second pool epoch frame".to_string();
+        }
         let len = header.body_len as usize;
         PeerStats::add(&stats.messages_in, 1);
         PeerStats::add(&stats.bytes_in, len as u64);
@@ -83,4 +100,20 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             scratch = Vec::new();
         }
     }
+}
+
+/// The first frame of a connection names the sender's pool.
+fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, String> {
+    match read_header(reader, POOL_TOKEN_LEN as u32) {
+        Ok(Some(header))
+            if header.kind == FrameKind::PoolEpoch && header.body_len as usize == POOL_TOKEN_LEN => {}
+        Ok(Some(_)) => return Err("first frame is not the pool epoch".to_string()),
+        Ok(None) => return Err("peer closed the connection".to_string()),
+        Err(e) => return Err(format!("bad frame: {e}")),
+    }
+    let mut token = [0u8; POOL_TOKEN_LEN];
+    reader
+        .read_exact(&mut token)
+        .map_err(|e| format!("read failed: {e}"))?;
+    Ok(token)
 }

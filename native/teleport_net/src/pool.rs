@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use crate::connection::{Connection, WriterQueue};
+use crate::framing::{FrameHeader, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
-use crate::runtime::Shared;
+use crate::runtime::{Shared, POOL_TOKEN_LEN};
 use crate::stats::PeerStats;
+use std::io::Write;
 
 pub struct Pool {
     pub peer: String,
@@ -35,6 +37,14 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
         local_node: &config.local_node,
         timeout: config.handshake_timeout,
     };
+    let token = shared.new_pool_token();
+    let mut announce = FrameHeader {
+        kind: FrameKind::PoolEpoch,
+        body_len: POOL_TOKEN_LEN as u32,
+    }
+    .encode()
+    .to_vec();
+    announce.extend_from_slice(&token);
     let mut streams = Vec::with_capacity(size);
     for _ in 0..size {
         let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
@@ -45,6 +55,9 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
         let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
         client_handshake(&stream, &handshake, peer)
             .map_err(|e| format!("handshake with {peer} failed: {e}"))?;
+        (&stream)
+            .write_all(&announce)
+            .map_err(|e| format!("writing to {peer} failed: {e}"))?;
         streams.push(stream);
     }
     Ok(Dialed { streams })

@@ -22,7 +22,22 @@ enum PoolSlot {
     Up(Arc<Pool>),
 }
 
+/// Which pool of which runtime a connection belongs to: the runtime's random
+/// incarnation and a per-runtime pool counter.
+pub type PoolToken = [u8; POOL_TOKEN_LEN];
+pub const POOL_TOKEN_LEN: usize = 16;
+
+/// The inbound connections of one peer, all from its latest pool.
+struct InboundPool {
+    token: PoolToken,
+    members: HashMap<u64, (Arc<AtomicBool>, TcpStream)>,
+}
+
 pub(crate) struct Shared {
+    /// Random per runtime, so a restarted node's pools are told from the old ones.
+    incarnation: u64,
+    next_pool_epoch: AtomicU64,
+    inbound_pools: Mutex<HashMap<String, InboundPool>>,
     pub config: Config,
     pub host: Arc<dyn Host>,
     pools: RwLock<HashMap<String, PoolSlot>>,
@@ -70,7 +85,12 @@ impl Runtime {
     pub fn start(config: Config, host: Arc<dyn Host>) -> io::Result<Runtime> {
         let listener = bind(config.listen)?;
         let local_addr = listener.local_addr()?;
+        let mut incarnation = [0u8; 8];
+        getrandom::getrandom(&mut incarnation).map_err(|e| io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
+            incarnation: u64::from_ne_bytes(incarnation),
+            next_pool_epoch: AtomicU64::new(1),
+            inbound_pools: Mutex::new(HashMap::new()),
             config,
             host,
             pools: RwLock::new(HashMap::new()),
@@ -300,6 +320,55 @@ impl Shared {
         stats.entry(peer.to_string()).or_default().clone()
     }
 
+    /// The token every connection of a new pool announces first.
+    pub fn new_pool_token(&self) -> PoolToken {
+        let epoch = self.next_pool_epoch.fetch_add(1, SeqCst);
+        let mut token = [0u8; POOL_TOKEN_LEN];
+        token[..8].copy_from_slice(&self.incarnation.to_be_bytes());
+        token[8..].copy_from_slice(&epoch.to_be_bytes());
+        token
+    }
+
+    /// Registers an inbound connection under its pool's token. A token other than the
+    /// peer's current one is a newer pool (a sender opens a pool only once its previous
+    /// one is closed): every connection of the older pool is marked stale and shut down,
+    /// so bytes it still holds (a partition, a slow close) are never delivered after the
+    /// new pool's. `None` if this connection's own pool was already superseded.
+    pub fn join_inbound_pool(
+        &self,
+        peer: &str,
+        token: PoolToken,
+        stream: &TcpStream,
+    ) -> Option<InboundMembership<'_>> {
+        let clone = stream.try_clone().ok()?;
+        let stale = Arc::new(AtomicBool::new(false));
+        let id = self.next_socket_id.fetch_add(1, SeqCst);
+        let mut pools = self.inbound_pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = pools.entry(peer.to_string()).or_insert_with(|| InboundPool {
+            token,
+            members: HashMap::new(),
+        });
+        if pool.token != token {
+            if pool.members.is_empty() || token > pool.token || token[..8] != pool.token[..8] {
+                for (old, socket) in pool.members.values() {
+                    old.store(true, SeqCst);
+                    let _ = socket.shutdown(Shutdown::Both);
+                }
+                pool.members.clear();
+                pool.token = token;
+            } else {
+                return None; // an older pool of the same runtime, arriving late
+            }
+        }
+        pool.members.insert(id, (stale.clone(), clone));
+        Some(InboundMembership {
+            shared: self,
+            peer: peer.to_string(),
+            id,
+            stale,
+        })
+    }
+
     /// Keeps a clone of `stream` where `stop` will shut it down, until the guard drops.
     /// `None` when stopping: the caller should give up on the socket.
     pub fn track_socket(&self, stream: &TcpStream) -> Option<TrackedSocket<'_>> {
@@ -398,5 +467,32 @@ impl Drop for TrackedSocket<'_> {
     fn drop(&mut self) {
         let mut sockets = self.shared.open_sockets.lock().unwrap_or_else(|p| p.into_inner());
         sockets.remove(&self.id);
+    }
+}
+
+/// An inbound connection's place in its peer's current pool; leaves it on drop.
+pub(crate) struct InboundMembership<'a> {
+    shared: &'a Shared,
+    peer: String,
+    id: u64,
+    stale: Arc<AtomicBool>,
+}
+
+impl InboundMembership<'_> {
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(SeqCst)
+    }
+}
+
+impl Drop for InboundMembership<'_> {
+    fn drop(&mut self) {
+        let mut pools = self
+            .shared
+            .inbound_pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get_mut(&self.peer) {
+            pool.members.remove(&self.id);
+        }
     }
 }

@@ -96,6 +96,8 @@ fn decode_and_deliver(
     let raw = unsafe { decoder.decode(env.as_c_arg(), source)? };
     let term = unsafe { Term::new(env, raw) };
     match kind {
+        // The reader consumes it; one reaching delivery is a protocol error.
+        FrameKind::PoolEpoch => Err("unexpected pool epoch frame".to_string()),
         FrameKind::Send => {
             let (dest, msg): (Term, Term) = term.decode().map_err(|_| "send frame is not {Dest, Msg}")?;
             deliver(env, dest, msg)
