@@ -41,6 +41,7 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         }
     };
     let _ = stream.set_nodelay(true);
+    crate::listener::keep_alive(&stream);
     let stats = shared.peer_stats(&peer);
     shared.host.event(Event::InboundUp { peer: peer.clone() });
     let reason = read_frames(shared, &stream, &peer, &stats);

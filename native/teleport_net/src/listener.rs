@@ -2,7 +2,7 @@
 //! thread, bounded by the number of handshakes allowed in flight.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::inbound::run_inbound;
 use crate::runtime::Shared;
+
+/// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
+/// reader blocked forever: TCP keepalive finds it in about a minute.
+pub(crate) fn keep_alive(stream: &TcpStream) {
+    let probe = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&probe);
+}
 
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

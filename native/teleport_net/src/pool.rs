@@ -51,6 +51,7 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
             .map_err(|e| format!("connect to {addr} failed: {e}"))?;
         // Small frames (calls, acks) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        crate::listener::keep_alive(&stream);
         // Reachable by `stop` while the handshake runs.
         let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
         client_handshake(&stream, &handshake, peer)
