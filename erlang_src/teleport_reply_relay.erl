@@ -43,7 +43,9 @@ handle_cast(_Request, State) ->
     {noreply, State}.
 
 -spec handle_info(term(), state()) -> {noreply, state()}.
-handle_info({'$teleport_call', Dest, {Caller, CallerRef, Timeout}, Request}, State) ->
+handle_info({'$teleport_call', Dest, {Caller, CallerRef, Timeout}, Request}, State)
+  when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(CallerRef),
+       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
     Mon = erlang:monitor(process, Dest),
     %% An unregistered name raises here; the monitor already says noproc.
     catch erlang:send(Dest, {'$gen_call', {self(), Mon}, Request}),
@@ -54,6 +56,11 @@ handle_info({'$teleport_call', Dest, {Caller, CallerRef, Timeout}, Request}, Sta
                 _ -> erlang:start_timer(Timeout, self(), {expired, Mon})
             end,
     {noreply, State#{Mon => {Caller, CallerRef, Timer}}};
+handle_info({'$teleport_call', _Dest, _Call, _Request} = Bad, State) ->
+    %% A peer that passed the cookie check but sent a malformed call: drop it
+    %% rather than crash (a crash would restart teleport's runtime).
+    ?LOG_NOTICE(#{what => malformed_call, call => Bad}, #{domain => [teleport]}),
+    {noreply, State};
 handle_info({Mon, Reply}, State) when is_map_key(Mon, State) ->
     erlang:demonitor(Mon, [flush]),
     {{Caller, CallerRef, Timer}, State1} = maps:take(Mon, State),
