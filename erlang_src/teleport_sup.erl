@@ -11,13 +11,13 @@ start_link() ->
     supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
 init([]) ->
-    Relays = [#{id => Name,
-                start => {teleport_reply_relay, start_link, [Name]}}
-              || Name <- teleport_reply_relay:names()],
+    Relays = #{id => teleport_relay_sup,
+               start => {teleport_relay_sup, start_link, []},
+               type => supervisor},
     Runtime = #{id => teleport_runtime,
                 start => {teleport_runtime, start_link, []},
                 shutdown => 30000},
     Connector = #{id => teleport_connector,
                   start => {teleport_connector, start_link, []}},
     {ok, {#{strategy => rest_for_one, intensity => 5, period => 10},
-          Relays ++ [Runtime, Connector]}}.
+          [Relays, Runtime, Connector]}}.
