@@ -29,12 +29,16 @@ pub trait FrameHandler: Send {
         body: &mut dyn Read,
         scratch: &mut Vec<u8>,
     ) -> Result<Delivery, String> {
-        scratch.clear();
-        scratch.resize(len, 0);
-        body.read_exact(scratch)
-            .map_err(|e| format!("read failed: {e}"))?;
+        read_body(body, len, scratch)?;
         self.handle(kind, scratch)
     }
+}
+
+/// Reads exactly `len` bytes of a body into `scratch` (reused between frames).
+pub fn read_body(body: &mut dyn Read, len: usize, scratch: &mut Vec<u8>) -> Result<(), String> {
+    scratch.clear();
+    scratch.resize(len, 0);
+    body.read_exact(scratch).map_err(|e| format!("read failed: {e}"))
 }
 
 /// Things worth telling the VM (for logging, or to wake a waiting caller).

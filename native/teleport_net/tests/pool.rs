@@ -297,6 +297,22 @@ fn keyed_body(key: u64, seq: u64) -> Vec<u8> {
     body
 }
 
+/// Sends to B as a well-behaved sender does: past the queue limit, waits for it to drain.
+fn send_or_wait(a: &Node, key: u64, body: Vec<u8>) {
+    match a.send(B, key, body) {
+        Ok(Sent::Queued) => {}
+        Ok(Sent::OverLimit(conn)) => {
+            let (tx, rx) = mpsc::channel();
+            if conn.wait_for_drain(Box::new(move |()| {
+                let _ = tx.send(());
+            })) {
+                rx.recv_timeout(WAIT).expect("queue drains");
+            }
+        }
+        Err(e) => panic!("send with key {key} failed: {e:?}"),
+    }
+}
+
 fn decode_keyed(body: &[u8]) -> (u64, u64) {
     let key = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
     let seq = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
@@ -318,18 +334,7 @@ fn frames_arrive_in_order_per_key() {
             let a = &a;
             s.spawn(move || {
                 for seq in 0..PER_KEY {
-                    match a.send(B, key, keyed_body(key, seq)) {
-                        Ok(Sent::Queued) => {}
-                        Ok(Sent::OverLimit(conn)) => {
-                            let (tx, rx) = mpsc::channel();
-                            if conn.wait_for_drain(Box::new(move |()| {
-                                let _ = tx.send(());
-                            })) {
-                                rx.recv_timeout(WAIT).expect("queue drains");
-                            }
-                        }
-                        Err(e) => panic!("send {key}/{seq} failed: {e:?}"),
-                    }
+                    send_or_wait(a, key, keyed_body(key, seq));
                 }
             });
         }
@@ -971,18 +976,7 @@ fn direct_writes_cut_short_keep_frames_whole_and_ordered() {
                 for seq in 0..PER_KEY {
                     let mut body = keyed_body(key, seq);
                     body.resize(FRAME, (key * 31 + seq) as u8);
-                    match a.send(B, key, body) {
-                        Ok(Sent::Queued) => {}
-                        Ok(Sent::OverLimit(conn)) => {
-                            let (tx, rx) = mpsc::channel();
-                            if conn.wait_for_drain(Box::new(move |()| {
-                                let _ = tx.send(());
-                            })) {
-                                rx.recv_timeout(WAIT).expect("queue drains");
-                            }
-                        }
-                        Err(e) => panic!("send {key}/{seq} failed: {e:?}"),
-                    }
+                    send_or_wait(a, key, body);
                 }
             });
         }

@@ -9,6 +9,7 @@ use rustler::env::OwnedEnv;
 use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifPid};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, OwnedBinary, Term, TermType};
+use teleport_net::host::read_body;
 use teleport_net::{Delivery, FrameHandler, FrameKind};
 
 use crate::atoms;
@@ -71,10 +72,7 @@ impl FrameHandler for Deliverer {
         scratch: &mut Vec<u8>,
     ) -> Result<Delivery, String> {
         if len < OWN_BUFFER_MIN {
-            scratch.clear();
-            scratch.resize(len, 0);
-            body.read_exact(scratch)
-                .map_err(|e| format!("read failed: {e}"))?;
+            read_body(body, len, scratch)?;
             return self.deliver(kind, scratch, None);
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
