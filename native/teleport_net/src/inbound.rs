@@ -76,9 +76,13 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             return "a second pool epoch frame".to_string();
         }
         let len = header.body_len as usize;
-        PeerStats::add(&stats.messages_in, 1);
-        PeerStats::add(&stats.bytes_in, len as u64);
-        match handler.read_and_handle(header.kind, len, &mut reader, &mut scratch) {
+        let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
+        // Counted once the body is in: a peer announcing a huge frame and hanging up adds nothing.
+        if outcome.is_ok() {
+            PeerStats::add(&stats.messages_in, 1);
+            PeerStats::add(&stats.bytes_in, len as u64);
+        }
+        match outcome {
             Ok(Delivery::Delivered) => {}
             Ok(Delivery::Undeliverable(reason)) => {
                 PeerStats::add(&stats.undeliverable_in, 1);

@@ -19,9 +19,8 @@ use std::ptr;
 
 use rustler::sys::{
     enif_binary_to_term, enif_get_map_size, enif_make_atom_len, enif_make_double, enif_make_int64,
-    enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays, enif_make_map_put,
-    enif_make_new_binary, enif_make_new_map, enif_make_sub_binary, enif_make_tuple_from_array, ErlNifEnv,
-    ErlNifTerm as ERL_NIF_TERM,
+    enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays, enif_make_new_binary,
+    enif_make_sub_binary, enif_make_tuple_from_array, ErlNifEnv, ErlNifTerm as ERL_NIF_TERM,
 };
 
 const VERSION: u8 = 131;
@@ -442,31 +441,16 @@ unsafe fn make_list(env: *mut ErlNifEnv, items: &[ERL_NIF_TERM], tail: ERL_NIF_T
         .fold(tail, |acc, &item| enif_make_list_cell(env, item, acc))
 }
 
-/// Maps up to this many pairs are flat in the VM; enif_make_map_from_arrays refuses
-/// duplicate keys only for those. Larger ones are built pair by pair and their size checked.
-const FLAT_MAP_MAX: usize = 32;
-
 unsafe fn make_map(env: *mut ErlNifEnv, flat: &[ERL_NIF_TERM]) -> Result<ERL_NIF_TERM, DecodeError> {
     let pairs = flat.len() / 2;
+    let (keys, values): (Vec<ERL_NIF_TERM>, Vec<ERL_NIF_TERM>) =
+        flat.chunks_exact(2).map(|kv| (kv[0], kv[1])).unzip();
     let mut map: ERL_NIF_TERM = ERL_NIF_TERM::default();
-    if pairs <= FLAT_MAP_MAX {
-        let (keys, values): (Vec<ERL_NIF_TERM>, Vec<ERL_NIF_TERM>) =
-            flat.chunks_exact(2).map(|kv| (kv[0], kv[1])).unzip();
-        if enif_make_map_from_arrays(env, keys.as_ptr(), values.as_ptr(), pairs, &mut map) == 0 {
-            return Err("map with duplicate keys".into());
-        }
-        return Ok(map);
+    if enif_make_map_from_arrays(env, keys.as_ptr(), values.as_ptr(), pairs, &mut map) == 0 {
+        return Err("map with duplicate keys".into());
     }
-    // With duplicate keys a hash map built from arrays comes out corrupt (OTP 25):
-    // put pairs one by one (a duplicate replaces) and compare the size.
-    map = enif_make_new_map(env);
-    for kv in flat.chunks_exact(2) {
-        let mut next: ERL_NIF_TERM = ERL_NIF_TERM::default();
-        if enif_make_map_put(env, map, kv[0], kv[1], &mut next) == 0 {
-            return Err("map could not be built".into());
-        }
-        map = next;
-    }
+    // OTP 25 refuses duplicate keys only in flat maps (up to 32 pairs); a larger one comes
+    // out short (and malformed). It is never delivered: the env is cleared on error.
     let mut size = 0usize;
     if enif_get_map_size(env, map, &mut size) == 0 || size != pairs {
         return Err("map with duplicate keys".into());
