@@ -125,6 +125,7 @@ impl FrameHandler for TestHandler {
         match body {
             b"poison" => return Err("poisoned frame".to_string()),
             b"nobody" => return Ok(Delivery::Undeliverable("no_process")),
+            b"panic!" => panic!("handler panicked on purpose"),
             _ => {}
         }
         let frame = Frame {
@@ -1056,4 +1057,22 @@ fn newer_pool_supersedes_older_connections() {
     announce_and_send(&mut restarted, 8, 1, b"restarted");
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 4));
     assert!(closed_by_peer_within(&mut new, WAIT));
+}
+
+/// A panic on a reader thread is caught: reported as an event, that connection closes
+/// (so the sender's pool goes down), the process survives and a new pool works.
+#[test]
+fn panic_in_a_thread_closes_only_its_connection() {
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, 1).expect("pool opens");
+    assert!(matches!(a.send(B, 0, b"panic!".to_vec()), Ok(Sent::Queued)));
+    assert!(b
+        .host
+        .wait_for_event(|e| matches!(e, Event::Panic { message, .. } if message.contains("on purpose"))));
+    assert!(a.host.wait_for_event(|e| is_pool_down(e, B)));
+    a.open(&b, 1).expect("a new pool opens");
+    assert!(matches!(a.send(B, 0, b"after".to_vec()), Ok(Sent::Queued)));
+    assert!(b
+        .host
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"after")));
 }
