@@ -21,7 +21,8 @@
 -module(teleport).
 
 -export([send/2, send/3, gs_call/2, gs_call/3, gs_cast/2]).
--export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1]).
+-export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1,
+         listener_stats/0]).
 
 -export_type([dest/0, send_option/0, peer_stats/0]).
 
@@ -40,7 +41,8 @@
                         dropped_out := non_neg_integer(),
                         undeliverable_in := non_neg_integer(),
                         connects := non_neg_integer(),
-                        disconnects := non_neg_integer()}.
+                        disconnects := non_neg_integer(),
+                        handshake_failures := non_neg_integer()}.
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
 
@@ -144,7 +146,8 @@ listen_address() ->
 %% @doc Counters per peer node: messages and bytes out (this node's pool to it)
 %% and in (its pool to us), open connections and queued bytes of our pool,
 %% messages dropped because a pool closed, arrivals with no live destination,
-%% and how often the pool opened and closed.
+%% how often the pool opened and closed, and how many of our handshakes with
+%% the peer failed.
 -spec stats() -> #{node() => peer_stats()}.
 stats() ->
     teleport_nif:stats().
@@ -156,8 +159,19 @@ stats(Node) when is_atom(Node) ->
         #{Node := Stats} -> Stats;
         #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
                  connections => 0, queued_bytes => 0, dropped_out => 0,
-                 undeliverable_in => 0, connects => 0, disconnects => 0}
+                 undeliverable_in => 0, connects => 0, disconnects => 0,
+                 handshake_failures => 0}
     end.
+
+%% @doc The listener's counters: inbound `handshake_failures' (wrong cookie,
+%% garbage, timeouts: nothing is attributed to a node before it authenticates),
+%% `pending_handshakes' now, and `inbound_connections' open now. Empty if
+%% teleport is not running.
+-spec listener_stats() -> #{handshake_failures => non_neg_integer(),
+                            pending_handshakes => non_neg_integer(),
+                            inbound_connections => non_neg_integer()}.
+listener_stats() ->
+    teleport_nif:listener_stats().
 
 %%% Internal
 

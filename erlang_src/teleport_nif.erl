@@ -3,7 +3,7 @@
 -module(teleport_nif).
 
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
--export([decode/1]).
+-export([decode/1, listener_stats/0]).
 
 -on_load(load/0).
 
@@ -50,3 +50,6 @@ stats() -> erlang:nif_error(nif_not_loaded).
 %% @doc teleport's receive-side decoder on a binary from term_to_binary/1 (tests, benchmarks).
 -spec decode(binary()) -> term() | {error, binary()}.
 decode(_Bin) -> erlang:nif_error(nif_not_loaded).
+
+-spec listener_stats() -> #{atom() => non_neg_integer()}.
+listener_stats() -> erlang:nif_error(nif_not_loaded).

@@ -740,12 +740,18 @@ wrong_cookie_refused(_Config) ->
     ?assertMatch({error, _}, Out),
     ?assertNot(lists:member(WNode, teleport:nodes())),
     ?assertEqual(0, stat(teleport:stats(), WNode, connections)),
+    ?assert(maps:get(handshake_failures, teleport:stats(WNode)) >= 1),
+    #{handshake_failures := InFailuresBefore} = teleport:listener_stats(),
     %% ...nor W to us...
     OriginAddr = teleport_test_peer:connectable(teleport:listen_address()),
     In = peer:call(W, teleport, connect, [node(), OriginAddr], ?RPC_TIMEOUT),
     ct:pal("~p connecting to us at ~p: ~p", [WNode, OriginAddr, In]),
     ?assertMatch({error, _}, In),
     ?assertNot(lists:member(node(), peer:call(W, teleport, nodes, [], ?RPC_TIMEOUT))),
+    %% Our listener counted W's failed handshake (it cannot be put under W's name).
+    ?assert(wait_until(fun() ->
+                               maps:get(handshake_failures, teleport:listener_stats()) > InFailuresBefore
+                       end, 10000)),
     %% ...and nothing W sends reaches our registered process.
     Tag = make_ref(),
     ?assertEqual(self(), whereis(?COLLECTOR)),

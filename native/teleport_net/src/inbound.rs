@@ -33,6 +33,7 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         Ok(peer) => peer,
         Err(_) if tracked.is_none() => return, // stopping
         Err(e) => {
+            shared.handshake_failures_in.fetch_add(1, SeqCst);
             shared.host.event(Event::HandshakeFailed {
                 remote: remote.to_string(),
                 reason: e.reason(),

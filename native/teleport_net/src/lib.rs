@@ -21,5 +21,5 @@ pub use config::Config;
 pub use connection::{FrameBody, OutFrame};
 pub use framing::FrameKind;
 pub use host::{Callback, Delivery, Event, FrameHandler, Host};
-pub use runtime::{OpenStatus, Runtime, SendError, Sent};
+pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
 pub use stats::PeerStatsSnapshot;

@@ -54,8 +54,10 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
         crate::listener::keep_alive(&stream);
         // Reachable by `stop` while the handshake runs.
         let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
-        client_handshake(&stream, &handshake, peer)
-            .map_err(|e| format!("handshake with {peer} failed: {e}"))?;
+        if let Err(e) = client_handshake(&stream, &handshake, peer) {
+            PeerStats::add(&shared.peer_stats(peer).handshake_failures, 1);
+            return Err(format!("handshake with {peer} failed: {e}"));
+        }
         (&stream)
             .write_all(&announce)
             .map_err(|e| format!("writing to {peer} failed: {e}"))?;

@@ -33,7 +33,20 @@ struct InboundPool {
     members: HashMap<u64, (Arc<AtomicBool>, TcpStream)>,
 }
 
+/// The listener's side: what arrives before anyone is authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Inbound handshakes that failed (bad cookie, garbage, timeout, ...).
+    pub handshake_failures: u64,
+    /// Handshakes in progress now.
+    pub pending_handshakes: u64,
+    /// Sockets accepted and not closed (in a handshake or authenticated), plus our own
+    /// dials while their handshake runs.
+    pub inbound_connections: u64,
+}
+
 pub(crate) struct Shared {
+    pub handshake_failures_in: AtomicU64,
     /// Random per runtime, so a restarted node's pools are told from the old ones.
     incarnation: u64,
     next_pool_epoch: AtomicU64,
@@ -89,6 +102,7 @@ impl Runtime {
         getrandom::getrandom(&mut incarnation).map_err(|e| io::Error::other(e.to_string()))?;
         let shared = Arc::new(Shared {
             incarnation: u64::from_ne_bytes(incarnation),
+            handshake_failures_in: AtomicU64::new(0),
             next_pool_epoch: AtomicU64::new(1),
             inbound_pools: Mutex::new(HashMap::new()),
             config,
@@ -229,6 +243,19 @@ impl Runtime {
                 (peer.clone(), snapshot)
             })
             .collect()
+    }
+
+    pub fn listener_stats(&self) -> ListenerStats {
+        let shared = &self.shared;
+        ListenerStats {
+            handshake_failures: shared.handshake_failures_in.load(SeqCst),
+            pending_handshakes: shared.pending_handshakes.load(SeqCst) as u64,
+            inbound_connections: shared
+                .open_sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len() as u64,
+        }
     }
 
     /// Closes the listener and every connection and joins every thread.

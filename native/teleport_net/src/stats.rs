@@ -15,6 +15,8 @@ pub struct PeerStats {
     pub undeliverable_in: AtomicU64,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
+    /// Our pools' handshakes with this peer that failed (wrong cookie, wrong node, timeout).
+    pub handshake_failures: AtomicU64,
 }
 
 /// A plain copy of the counters plus the live pool's gauges.
@@ -28,6 +30,7 @@ pub struct PeerStatsSnapshot {
     pub undeliverable_in: u64,
     pub connects: u64,
     pub disconnects: u64,
+    pub handshake_failures: u64,
     pub connections: u64,
     pub queued_bytes: u64,
 }
@@ -47,6 +50,7 @@ impl PeerStats {
             undeliverable_in: self.undeliverable_in.load(Relaxed),
             connects: self.connects.load(Relaxed),
             disconnects: self.disconnects.load(Relaxed),
+            handshake_failures: self.handshake_failures.load(Relaxed),
             connections: 0,
             queued_bytes: 0,
         }

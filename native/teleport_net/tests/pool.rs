@@ -442,6 +442,8 @@ fn wrong_cookie_fails_open() {
         "{}",
         b.host.events_debug()
     );
+    assert_eq!(a.stats_for(B).handshake_failures, 1);
+    assert!(eventually(WAIT, || b.rt.listener_stats().handshake_failures >= 1));
 }
 
 #[test]

@@ -31,4 +31,7 @@ rustler::atoms! {
     undeliverable_in,
     connects,
     disconnects,
+    handshake_failures,
+    pending_handshakes,
+    inbound_connections,
 }

@@ -263,6 +263,7 @@ fn stats(env: Env) -> NifResult<Term> {
             atoms::undeliverable_in(),
             atoms::connects(),
             atoms::disconnects(),
+            atoms::handshake_failures(),
         ];
         let values = [
             s.messages_out,
@@ -275,6 +276,7 @@ fn stats(env: Env) -> NifResult<Term> {
             s.undeliverable_in,
             s.connects,
             s.disconnects,
+            s.handshake_failures,
         ];
         let keys: Vec<Term> = keys.iter().map(|k| k.encode(env)).collect();
         let values: Vec<Term> = values.iter().map(|v| v.encode(env)).collect();
@@ -282,6 +284,26 @@ fn stats(env: Env) -> NifResult<Term> {
         out = out.map_put(node_atom(env, &peer), peer_map)?;
     }
     Ok(out)
+}
+
+/// The listener's counters: `#{handshake_failures, pending_handshakes, inbound_connections}`.
+#[rustler::nif]
+fn listener_stats(env: Env) -> NifResult<Term> {
+    let Some(node) = node() else {
+        return Ok(Term::map_new(env));
+    };
+    let s = node.runtime.listener_stats();
+    let keys = [
+        atoms::handshake_failures(),
+        atoms::pending_handshakes(),
+        atoms::inbound_connections(),
+    ];
+    let keys: Vec<Term> = keys.iter().map(|k| k.encode(env)).collect();
+    let values: Vec<Term> = [s.handshake_failures, s.pending_handshakes, s.inbound_connections]
+        .iter()
+        .map(|v| v.encode(env))
+        .collect();
+    Term::map_from_arrays(env, &keys, &values)
 }
 
 /// Decodes an external term with teleport's receive-side decoder, as the reader
