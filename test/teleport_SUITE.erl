@@ -611,8 +611,11 @@ send_unordered_delivers_all(Config) ->
      || I <- lists:seq(1, Count)],
     Got = payloads(collect(Tag, Count, ?MSG_TIMEOUT)),
     ?assertEqual([{seq, I} || I <- lists:seq(1, Count)], lists:sort(Got)),
-    After = stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(), messages_in),
-    ?assert(After - Before >= Count).
+    %% Counted by A's reader right after each delivery.
+    ?assert(wait_until(fun() ->
+                               stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(),
+                                    messages_in) - Before >= Count
+                       end, 10000)).
 
 send_option_badarg(Config) ->
     A = ?config(node_a, Config),

@@ -370,9 +370,11 @@ fn frames_arrive_in_order_per_key() {
     assert_eq!(out.connections, 4);
     assert_eq!(out.connects, 1);
     assert_eq!(out.dropped_out, 0);
-    let inbound = b.stats_for(A);
-    assert_eq!(inbound.messages_in, total as u64);
-    assert_eq!(inbound.bytes_in, total as u64 * 16);
+    // Counted right after delivery, on the reader thread: may trail the host's log briefly.
+    assert!(eventually(WAIT, || {
+        let inbound = b.stats_for(A);
+        inbound.messages_in == total as u64 && inbound.bytes_in == total as u64 * 16
+    }));
 }
 
 #[test]
@@ -764,7 +766,8 @@ fn undeliverable_frames_are_counted_not_fatal() {
 
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
     assert_eq!(b.stats_for(A).undeliverable_in, 3);
-    assert_eq!(b.stats_for(A).messages_in, 4);
+    // Counted right after delivery, on the reader thread: may trail the host's log briefly.
+    assert!(eventually(WAIT, || b.stats_for(A).messages_in == 4));
     // Rate limited: one event for the burst.
     let events = b
         .host
