@@ -179,7 +179,7 @@ peer_killed_mid_transfer(_Config) ->
     %% The call opens the pool; it must still be in flight at the kill.
     Req = {sleep, 30000},
     Caller = spawn_caller(Srv, Req, 60000),
-    ?assert(wait_until(fun() -> sleeping(P, Srv) end, ?RPC_TIMEOUT)),
+    ?assert(teleport_test_peer:wait_until(fun() -> sleeping(P, Srv) end, ?RPC_TIMEOUT)),
     ThreadsOpen = os_threads(),
     Tag = make_ref(),
     Big = crypto:strong_rand_bytes(?BIG),
@@ -195,8 +195,8 @@ peer_killed_mid_transfer(_Config) ->
                  after remaining(Deadline) ->
                          {still_waiting, erlang:process_info(Caller, [current_function, status])}
                  end,
-    PoolGone = wait_until(fun() -> not lists:member(P, teleport:nodes()) end, remaining(Deadline)),
-    ThreadsBack = wait_until(fun() -> os_threads() =< ThreadsBefore end, 10000),
+    PoolGone = teleport_test_peer:wait_until(fun() -> not lists:member(P, teleport:nodes()) end, remaining(Deadline)),
+    ThreadsBack = teleport_test_peer:wait_until(fun() -> os_threads() =< ThreadsBefore end, 10000),
     ThreadsAfter = os_threads(),
     %% Every message send accepted (the streamers' oks and the call) was
     %% either written or counted as dropped: none vanished uncounted.
@@ -205,7 +205,7 @@ peer_killed_mid_transfer(_Config) ->
                         #{messages_out := Out, dropped_out := Dropped} = teleport:stats(P),
                         Out + Dropped
                 end,
-    _ = wait_until(fun() -> Accounted() =:= Accepted end, 10000),
+    _ = teleport_test_peer:wait_until(fun() -> Accounted() =:= Accepted end, 10000),
     ct:pal("streamers {streamed, messages ok, then, ms after the kill}: ~p~ncall: ~p~n"
            "pool gone: ~p, ~p ms after the kill~n"
            "OS threads: ~p before the pool, ~p with it, ~p after~n"
@@ -276,7 +276,7 @@ same_name_comes_back(_Config) ->
     ?assertEqual(ok, teleport:send({?SINK, Node}, {Tag, first, 1, <<"one">>})),
     ?assertEqual([{Node, first, 1, 3}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ok = teleport_test_peer:stop(Peer1),
-    ?assert(wait_until(fun() -> not lists:member(Node, teleport:nodes()) end, 10000)),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(Node, teleport:nodes()) end, 10000)),
     %% While it is gone: refused, and a failure the connector remembers.
     ?assertEqual({error, noconnection}, teleport:send({?SINK, Node}, {Tag, down, 1, <<"lost">>})),
     {ok, Peer2, Node2} = teleport_test_peer:start(Name, [], #{}),
@@ -318,7 +318,7 @@ stalled_receiver_bounds_memory(_Config) ->
     signal("STOP", SOs),
     Tag = make_ref(),
     Pids = [spawn_batch_sender({?SINK, S}, Tag, I, PerSender) || I <- lists:seq(1, Senders)],
-    ?assert(wait_until(fun() -> blocked_in_teleport(Pids) =/= [] end, ?RPC_TIMEOUT)),
+    ?assert(teleport_test_peer:wait_until(fun() -> blocked_in_teleport(Pids) =/= [] end, ?RPC_TIMEOUT)),
     Peak = peak_binary_memory(3000),
     Blocked = blocked_in_teleport(Pids),
     %% What the origin may hold while S is stopped, per sender: bytes under its
@@ -476,7 +476,7 @@ hostile_listener(_Config) ->
     Burst = connect_burst(Addr, 10, 50),
     ct:pal("burst of 500 connect/close: ~p", [Burst]),
     %% Every handshake thread is gone, and nothing else was kept.
-    ThreadsBack = wait_until(fun() -> peer_os_threads(H, HOs) =< ThreadsBefore end, 15000),
+    ThreadsBack = teleport_test_peer:wait_until(fun() -> peer_os_threads(H, HOs) =< ThreadsBefore end, 15000),
     AtomsAfter = rpc(H, erlang, system_info, [atom_count]),
     Created = [R || R <- NewReasons, atom_exists(H, R)],
     MemAfter = rpc(H, erlang, memory, [total]),
@@ -497,7 +497,7 @@ hostile_listener(_Config) ->
     ?assertEqual(ok, teleport:send({?SINK, H}, {Tag, old_pool, 1, <<"y">>})),
     ?assertEqual([{H, old_pool, 1, 1}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ?assertEqual(ok, teleport:disconnect(H)),
-    ?assert(wait_until(fun() -> not lists:member(H, teleport:nodes()) end, 10000)),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(H, teleport:nodes()) end, 10000)),
     ?assertEqual(ok, teleport:send({?SINK, H}, {Tag, new_pool, 1, <<"z">>})),
     ?assertEqual([{H, new_pool, 1, 1}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ?assertEqual({Tag, call}, teleport:gs_call(Srv, {echo, {Tag, call}}, 10000)).
@@ -636,8 +636,8 @@ app_restart(_Config) ->
     {OldIp, OldPort} = teleport_test_peer:connectable(rpc(R, teleport, listen_address, [])),
     ok = rpc(R, application, stop, [teleport]),
     Refused = gen_tcp:connect(OldIp, OldPort, [binary, {active, false}], 5000),
-    PoolGone = wait_until(fun() -> not lists:member(R, teleport:nodes()) end, 10000),
-    ThreadsBack = wait_until(fun() -> peer_os_threads(R, ROs) =< ThreadsBare end, 10000),
+    PoolGone = teleport_test_peer:wait_until(fun() -> not lists:member(R, teleport:nodes()) end, 10000),
+    ThreadsBack = teleport_test_peer:wait_until(fun() -> peer_os_threads(R, ROs) =< ThreadsBare end, 10000),
     ct:pal("~p's OS threads: ~p before teleport, ~p started, ~p with pools both ways, ~p stopped~n"
            "connect to the old port ~p: ~p",
            [R, ThreadsBare, ThreadsStarted, ThreadsRunning, peer_os_threads(R, ROs),
@@ -755,7 +755,7 @@ veth_transfer(Config) ->
     ?assertMatch({Count, max_reached, _},
                  pcall(PA, teleport_rel_remote, flood, [{?SINK, B}, Tag, ?MiB, [], Count])),
     Collected = fun() -> pcall(PA, teleport_rel_remote, collected, [?COLLECTOR, Tag]) end,
-    ?assert(wait_until(fun() -> length(Collected()) >= Count end, ?MSG_TIMEOUT)),
+    ?assert(teleport_test_peer:wait_until(fun() -> length(Collected()) >= Count end, ?MSG_TIMEOUT)),
     ?assertEqual([{Tag, flood, Seq, ?MiB} || Seq <- lists:seq(1, Count)], Collected()),
     TxAfter = tx_bytes(IpExe, NsA, VethA),
     {ok, Srv} = pcall(PB, teleport_test_server, start_anon, []),
@@ -786,26 +786,26 @@ partition_heal(Config) ->
               end,
     Collected = fun() -> pcall(PA, teleport_rel_remote, collected, [?COLLECTOR, Tag]) end,
     ?assertEqual(ok, Ordered(0)),
-    ?assert(wait_until(fun() -> length(Collected()) >= 1 end, ?MSG_TIMEOUT)),
+    ?assert(teleport_test_peer:wait_until(fun() -> length(Collected()) >= 1 end, ?MSG_TIMEOUT)),
     ?assertEqual(?NS_POOL_SIZE, pcall(PB, teleport_rel_remote, inbound_threads, [])),
     ip(IpExe, ["-n", NsA, "link", "set", VethA, "down"]),
     Cut = now_ms(),
     %% Accepted: it sits in A's socket buffer, or in teleport's queue.
     ?assertEqual(ok, Ordered(1)),
     Flood = spawn_flood(PA, {Sink, B}, Tag, [{key, KeyFlood}]),
-    FloodBlocked = wait_until(fun() -> pcall(PA, teleport_rel_remote, blocked_senders, []) =/= [] end,
+    FloodBlocked = teleport_test_peer:wait_until(fun() -> pcall(PA, teleport_rel_remote, blocked_senders, []) =/= [] end,
                               ?RPC_TIMEOUT),
     FloodResult = receive {flood, Flood, R} -> R after 60000 -> flood_still_blocked end,
-    PoolGone = wait_until(fun() -> not lists:member(B, pcall(PA, teleport, nodes, [])) end, 30000),
+    PoolGone = teleport_test_peer:wait_until(fun() -> not lists:member(B, pcall(PA, teleport, nodes, [])) end, 30000),
     DownAfter = now_ms() - Cut,
     ip(IpExe, ["-n", NsA, "link", "set", VethA, "up"]),
-    Reconnected = wait_until(fun() -> pcall(PA, net_kernel, connect_node, [B]) =:= true end, 30000),
+    Reconnected = teleport_test_peer:wait_until(fun() -> pcall(PA, net_kernel, connect_node, [B]) =:= true end, 30000),
     Healed = now_ms(),
     ?assertEqual(ok, Ordered(2)),
-    GotM2 = wait_until(fun() -> lists:keymember(2, 3, Collected()) end, ?MSG_TIMEOUT),
+    GotM2 = teleport_test_peer:wait_until(fun() -> lists:keymember(2, 3, Collected()) end, ?MSG_TIMEOUT),
     %% Give the old connections time to deliver what they still hold (TCP
     %% retransmits, now the link is back) and to close.
-    InboundSettled = wait_until(fun() ->
+    InboundSettled = teleport_test_peer:wait_until(fun() ->
                                         pcall(PB, teleport_rel_remote, inbound_threads, [])
                                             =< ?NS_POOL_SIZE
                                 end, 60000),
@@ -923,7 +923,7 @@ cleanup(Scope) ->
     ok.
 
 kill_leftover(OsPid, Node) ->
-    case wait_until(fun() -> not os_process_is(OsPid, Node) end, 5000) of
+    case teleport_test_peer:wait_until(fun() -> not os_process_is(OsPid, Node) end, 5000) of
         true ->
             ok;
         false ->
@@ -1005,22 +1005,6 @@ catch_exit(Fun) ->
 count(List) ->
     lists:foldl(fun(X, Acc) -> maps:update_with(X, fun(C) -> C + 1 end, 1, Acc) end, #{}, List).
 
-wait_until(Fun, Timeout) ->
-    wait_until_loop(Fun, deadline(Timeout)).
-
-wait_until_loop(Fun, Deadline) ->
-    case Fun() of
-        true ->
-            true;
-        false ->
-            case remaining(Deadline) of
-                0 ->
-                    false;
-                _ ->
-                    timer:sleep(50),
-                    wait_until_loop(Fun, Deadline)
-            end
-    end.
 
 flush() ->
     receive

@@ -528,7 +528,7 @@ gs_call_node_dies_during_call(_Config) ->
                                                      end)}
                         end),
     %% Wait until the server is inside the call, then kill its node.
-    ?assert(wait_until(fun() -> sleeping(C, Srv) end, ?RPC_TIMEOUT)),
+    ?assert(teleport_test_peer:wait_until(fun() -> sleeping(C, Srv) end, ?RPC_TIMEOUT)),
     T0 = now_ms(),
     ok = teleport_test_peer:stop(CPeer),
     Result = receive
@@ -543,7 +543,7 @@ gs_call_node_dies_during_call(_Config) ->
                  Result),
     ?assertMatch(T when T < 8000, Ms),
     %% The pool to the dead node does not linger.
-    ?assert(wait_until(fun() -> not lists:member(C, teleport:nodes()) end, 10000)).
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(C, teleport:nodes()) end, 10000)).
 
 %%====================================================================
 %% ordering
@@ -612,7 +612,7 @@ send_unordered_delivers_all(Config) ->
     Got = payloads(collect(Tag, Count, ?MSG_TIMEOUT)),
     ?assertEqual([{seq, I} || I <- lists:seq(1, Count)], lists:sort(Got)),
     %% Counted by A's reader right after each delivery.
-    ?assert(wait_until(fun() ->
+    ?assert(teleport_test_peer:wait_until(fun() ->
                                stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(),
                                     messages_in) - Before >= Count
                        end, 10000)).
@@ -644,7 +644,7 @@ concurrent_first_senders(_Config) ->
     %% One pool, not one per racer.
     ?assertEqual([D], [N || N <- teleport:nodes(), N =:= D]),
     ?assertEqual({ok, ?POOL_SIZE}, application:get_env(teleport, pool_size)),
-    ?assert(wait_until(fun() -> stat(teleport:stats(), D, connections) =:= ?POOL_SIZE end,
+    ?assert(teleport_test_peer:wait_until(fun() -> stat(teleport:stats(), D, connections) =:= ?POOL_SIZE end,
                        10000)),
     ?assertEqual(?POOL_SIZE, stat(teleport:stats(), D, connections)),
     ?assertMatch(Out when Out >= Senders * PerSender,
@@ -676,8 +676,8 @@ stats_counts(Config) ->
                    stat(S, Me, messages_in) >= stat(BeforeA, Me, messages_in) + Count
                        andalso stat(S, Me, bytes_in) >= stat(BeforeA, Me, bytes_in) + Count * 100
            end,
-    _ = wait_until(fun() -> OutOk(teleport:stats()) end, 10000),
-    _ = wait_until(fun() -> InOk(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT)) end, 10000),
+    _ = teleport_test_peer:wait_until(fun() -> OutOk(teleport:stats()) end, 10000),
+    _ = teleport_test_peer:wait_until(fun() -> InOk(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT)) end, 10000),
     After = teleport:stats(),
     AfterA = erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT),
     ct:pal("origin -> ~p: before ~p~nafter ~p~n~p's view of origin: before ~p~nafter ~p",
@@ -704,7 +704,7 @@ connect_disconnect(Config) ->
     ?assertEqual(ok, teleport:connect(A)),  % already open: still ok
     ?assertEqual([A], [N || N <- teleport:nodes(), N =:= A]),
     ?assertEqual(ok, teleport:disconnect(A)),
-    ?assert(wait_until(fun() -> not lists:member(A, teleport:nodes()) end, 10000)),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(A, teleport:nodes()) end, 10000)),
     ?assertEqual(0, stat(teleport:stats(), A, connections)),
     %% The next send reopens the pool.
     Tag = make_ref(),
@@ -714,7 +714,7 @@ connect_disconnect(Config) ->
     ?assertEqual({Tag, call}, teleport:gs_call({?SERVER, A}, {echo, {Tag, call}})),
     %% connect/2 with an explicit address, no lookup.
     ?assertEqual(ok, teleport:disconnect(B)),
-    ?assert(wait_until(fun() -> not lists:member(B, teleport:nodes()) end, 10000)),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(B, teleport:nodes()) end, 10000)),
     AddrB = teleport_test_peer:connectable(erpc:call(B, teleport, listen_address, [],
                                                      ?RPC_TIMEOUT)),
     ?assertMatch({Ip, Port} when is_tuple(Ip) andalso is_integer(Port) andalso Port > 0, AddrB),
@@ -752,7 +752,7 @@ wrong_cookie_refused(_Config) ->
     ?assertMatch({error, _}, In),
     ?assertNot(lists:member(node(), peer:call(W, teleport, nodes, [], ?RPC_TIMEOUT))),
     %% Our listener counted W's failed handshake (it cannot be put under W's name).
-    ?assert(wait_until(fun() ->
+    ?assert(teleport_test_peer:wait_until(fun() ->
                                maps:get(handshake_failures, teleport:listener_stats()) > InFailuresBefore
                        end, 10000)),
     %% ...and nothing W sends reaches our registered process.
@@ -997,24 +997,6 @@ timed(Fun) ->
     T0 = now_ms(),
     Result = Fun(),
     {Result, now_ms() - T0}.
-
-wait_until(Fun, Timeout) ->
-    Deadline = deadline(Timeout),
-    wait_until_loop(Fun, Deadline).
-
-wait_until_loop(Fun, Deadline) ->
-    case Fun() of
-        true ->
-            true;
-        false ->
-            case remaining(Deadline) of
-                0 ->
-                    false;
-                _ ->
-                    timer:sleep(50),
-                    wait_until_loop(Fun, Deadline)
-            end
-    end.
 
 now_ms() ->
     erlang:monotonic_time(millisecond).

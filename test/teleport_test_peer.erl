@@ -22,6 +22,7 @@
          unique_name/1,
          connectable/1]).
 %% Processes that run on peers.
+-export([wait_until/2]).
 -export([start_sink/3, sink_spawn/2, sink_loop/1,
          start_echo/2, echo_spawn/1, echo_loop/1]).
 
@@ -249,4 +250,20 @@ dedup([X | Rest], Seen) ->
     case Seen of
         #{X := _} -> dedup(Rest, Seen);
         #{} -> [X | dedup(Rest, Seen#{X => true})]
+    end.
+
+%% @doc Polls `Fun' every 50 ms until it returns true (true) or `Timeout' ms pass (false).
+-spec wait_until(fun(() -> boolean()), non_neg_integer()) -> boolean().
+wait_until(Fun, Timeout) ->
+    wait_until_loop(Fun, erlang:monotonic_time(millisecond) + Timeout).
+
+wait_until_loop(Fun, Deadline) ->
+    case Fun() of
+        true ->
+            true;
+        false ->
+            case Deadline - erlang:monotonic_time(millisecond) of
+                Left when Left =< 0 -> false;
+                _ -> timer:sleep(50), wait_until_loop(Fun, Deadline)
+            end
     end.
