@@ -148,7 +148,11 @@ impl Runtime {
         {
             let mut pools = shared.pools.write().unwrap_or_else(|p| p.into_inner());
             match pools.get_mut(peer) {
-                Some(PoolSlot::Up(_)) => return OpenStatus::AlreadyUp,
+                // A pool still closing (its threads finishing) is as good as gone: replace it.
+                Some(PoolSlot::Up(pool)) if !pool.is_closing() => return OpenStatus::AlreadyUp,
+                Some(PoolSlot::Up(_)) => {
+                    pools.insert(peer.to_string(), PoolSlot::Opening(vec![done]));
+                }
                 Some(PoolSlot::Opening(waiting)) => {
                     waiting.push(done);
                     return OpenStatus::Opening;
@@ -223,7 +227,7 @@ impl Runtime {
         let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
         pools
             .iter()
-            .filter(|(_, slot)| matches!(slot, PoolSlot::Up(_)))
+            .filter(|(_, slot)| matches!(slot, PoolSlot::Up(pool) if !pool.is_closing()))
             .map(|(peer, _)| peer.clone())
             .collect()
     }

@@ -1076,7 +1076,15 @@ fn panic_in_a_thread_closes_only_its_connection() {
         .wait_for_event(|e| matches!(e, Event::Panic { message, .. } if message.contains("on purpose"))));
     assert!(a.host.wait_for_event(|e| is_pool_down(e, B)));
     a.open(&b, 1).expect("a new pool opens");
-    assert!(matches!(a.send(B, 0, b"after".to_vec()), Ok(Sent::Queued)));
+    let after = a.send(B, 0, b"after".to_vec());
+    assert!(
+        matches!(after, Ok(Sent::Queued)),
+        "send after reopening: {:?}, peers {:?}, A: {}, B: {}",
+        after.as_ref().err(),
+        a.rt.peers(),
+        a.host.events_debug(),
+        b.host.events_debug()
+    );
     assert!(b
         .host
         .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"after")));
