@@ -58,19 +58,10 @@ start(Name, ExtraArgs, AppEnv) when is_list(ExtraArgs), is_map(AppEnv) ->
         ++ code_path_args() ++ ExtraArgs,
     Opts = #{name => Name, host => "127.0.0.1", longnames => true,
              args => Args, wait_boot => ?BOOT_TIMEOUT},
-    case catch peer:start_link(Opts) of
-        {ok, Peer, Node} ->
-            case setup_teleport(fun(M, F, A) -> erpc:call(Node, M, F, A, ?RPC_TIMEOUT) end,
-                                AppEnv) of
-                ok ->
-                    {ok, Peer, Node};
-                {error, Reason} ->
-                    ok = stop(Peer),
-                    {error, {teleport_start_failed, Node, Reason}}
-            end;
-        Other ->
-            {error, {peer_start_failed, Name, Other}}
-    end.
+    start_with_teleport(Name, Opts, AppEnv,
+                        fun(_Peer, Node) ->
+                                fun(M, F, A) -> erpc:call(Node, M, F, A, ?RPC_TIMEOUT) end
+                        end).
 
 %% @equiv start_isolated(Name, Cookie, #{})
 -spec start_isolated(atom() | string(), atom() | string()) ->
@@ -88,10 +79,17 @@ start_isolated(Name, Cookie, AppEnv) when is_map(AppEnv) ->
     Args = ["-setcookie", cookie_string(Cookie), "-start_epmd", "false"] ++ code_path_args(),
     Opts = #{name => Name, host => "127.0.0.1", longnames => true,
              connection => standard_io, args => Args, wait_boot => ?BOOT_TIMEOUT},
+    start_with_teleport(Name, Opts, AppEnv,
+                        fun(Peer, _Node) ->
+                                fun(M, F, A) -> peer:call(Peer, M, F, A, ?RPC_TIMEOUT) end
+                        end).
+
+%% Starts the peer, then teleport in it through the call function `Caller'
+%% makes for it; stops the peer again if teleport does not start.
+start_with_teleport(Name, Opts, AppEnv, Caller) ->
     case catch peer:start_link(Opts) of
         {ok, Peer, Node} ->
-            case setup_teleport(fun(M, F, A) -> peer:call(Peer, M, F, A, ?RPC_TIMEOUT) end,
-                                AppEnv) of
+            case setup_teleport(Caller(Peer, Node), AppEnv) of
                 ok ->
                     {ok, Peer, Node};
                 {error, Reason} ->

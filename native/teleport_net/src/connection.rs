@@ -214,10 +214,6 @@ impl Connection {
         self.queued_bytes.load(SeqCst) >= self.limit
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(SeqCst)
-    }
-
     fn drained(&self) -> bool {
         self.queued_bytes.load(SeqCst) <= self.limit / 2
     }

@@ -110,24 +110,25 @@ pub fn read_header<R: Read>(reader: &mut R, max_body: u32) -> Result<Option<Fram
     FrameHeader::decode(&bytes, max_body).map(Some)
 }
 
-/// Reads a header and its body into `body` (reused between frames).
-pub fn read_frame<R: Read>(
-    reader: &mut R,
-    max_body: u32,
-    body: &mut Vec<u8>,
-) -> Result<Option<FrameKind>, FrameError> {
-    let Some(header) = read_header(reader, max_body)? else {
-        return Ok(None);
-    };
-    body.clear();
-    body.resize(header.body_len as usize, 0);
-    reader.read_exact(body).map_err(FrameError::Io)?;
-    Ok(Some(header.kind))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads a header and its body into `body` (reused between frames).
+    fn read_frame<R: Read>(
+        reader: &mut R,
+        max_body: u32,
+        body: &mut Vec<u8>,
+    ) -> Result<Option<FrameKind>, FrameError> {
+        let Some(header) = read_header(reader, max_body)? else {
+            return Ok(None);
+        };
+        body.clear();
+        body.resize(header.body_len as usize, 0);
+        reader.read_exact(body).map_err(FrameError::Io)?;
+        Ok(Some(header.kind))
+    }
+
     use std::io::Cursor;
 
     fn frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {

@@ -4,7 +4,7 @@
 //!
 //! Data path, in the order a message travels: `Runtime::send` -> `Connection::enqueue`
 //! -> writer thread (`connection.rs`) -> socket -> reader thread (`inbound.rs`) ->
-//! `framing::read_frame` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
+//! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
 pub mod connection;
