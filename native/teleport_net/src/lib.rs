@@ -7,6 +7,7 @@
 //! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
+pub mod etf;
 pub mod connection;
 pub mod framing;
 pub mod handshake;

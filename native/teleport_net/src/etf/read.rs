@@ -1,0 +1,1 @@
+//! Parser of the external term format (to be filled: see etf/mod.rs).
