@@ -24,14 +24,16 @@
 -export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1,
          listener_stats/0]).
 
--export_type([dest/0, send_option/0, peer_stats/0]).
+-export_type([dest/0, send_option/0, peer_stats/0, connection_stats/0, address/0]).
 
 -ifdef(TEST).
 -export([route/1]).
 -endif.
 
 -type dest() :: pid() | atom() | {atom(), node()}.
+%% A pid, a locally registered name, or `{Name, Node}'.
 -type send_option() :: unordered | {key, term()} | nosuspend.
+%% See {@link send/3}.
 -type peer_stats() :: #{messages_out := non_neg_integer(),
                         bytes_out := non_neg_integer(),
                         messages_in := non_neg_integer(),
@@ -42,7 +44,28 @@
                         undeliverable_in := non_neg_integer(),
                         connects := non_neg_integer(),
                         disconnects := non_neg_integer(),
-                        handshake_failures := non_neg_integer()}.
+                        handshake_failures := non_neg_integer(),
+                        per_connection := [connection_stats()]}.
+%% A peer's counters; see {@link stats/0} for every key.
+-type connection_stats() ::
+        #{direction := outbound,
+          index := non_neg_integer(),
+          local := address(),
+          remote := address(),
+          connected_ms := non_neg_integer(),
+          messages_out := non_neg_integer(),
+          bytes_out := non_neg_integer(),
+          queued_bytes := non_neg_integer()}
+      | #{direction := inbound,
+          local := address(),
+          remote := address(),
+          connected_ms := non_neg_integer(),
+          messages_in := non_neg_integer(),
+          bytes_in := non_neg_integer(),
+          undeliverable_in := non_neg_integer()}.
+%% One live connection's counters; see {@link stats/0} for every key.
+-type address() :: {inet:ip_address(), inet:port_number()}.
+%% `{Ip, Port}' of one end of a connection.
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
 
@@ -143,16 +166,53 @@ listen_address() ->
         {error, _} = Error -> Error
     end.
 
-%% @doc Counters per peer node: messages and bytes out (this node's pool to it)
-%% and in (its pool to us), open connections and queued bytes of our pool,
-%% messages dropped because a pool closed, arrivals with no live destination,
-%% how often the pool opened and closed, and how many of our handshakes with
-%% the peer failed.
+%% @doc Counters for every peer node teleport exchanged with since it started,
+%% read from Rust atomics in one NIF call (cheap enough to poll every second).
+%% "Out" is this node's pool to the peer, "in" is the peer's pool into us.
+%% Message counts are frames (a `gs_call' is one out and its reply one in);
+%% bytes are frame bodies (the encoded message and its destination), without
+%% the 5-byte frame header.
+%%
+%% Per peer (totals since start, surviving reconnects):
+%% <ul>
+%% <li>`messages_out', `bytes_out': written to the peer's sockets.</li>
+%% <li>`messages_in', `bytes_in': read whole from the peer.</li>
+%% <li>`connections': connections of our pool to the peer now (0 without one).</li>
+%% <li>`queued_bytes': bytes accepted by `send' and not yet written, now.</li>
+%% <li>`dropped_out': messages accepted by `send' but never written because
+%%     the pool closed first.</li>
+%% <li>`undeliverable_in': arrivals from the peer with no live destination
+%%     (no such process or registered name).</li>
+%% <li>`connects', `disconnects': how often our pool to the peer opened and
+%%     closed.</li>
+%% <li>`handshake_failures': our pool's handshakes with the peer that failed
+%%     (wrong cookie, wrong node name, timeout). Failures of connections
+%%     coming in are in {@link listener_stats/0}: nothing is attributed to a
+%%     node before it authenticates.</li>
+%% <li>`per_connection': one map per live connection with the peer: first our
+%%     pool's, by slot, then the peer's pool into us. Empty when none is up.</li>
+%% </ul>
+%% Per connection (counted since that connection came up):
+%% <ul>
+%% <li>`direction': `outbound' (our pool) or `inbound' (the peer's).</li>
+%% <li>`index' (outbound only): the connection's slot in our pool, from 0;
+%%     a sender's pid (or its `{key, Term}') picks the slot.</li>
+%% <li>`local', `remote': `{Ip, Port}' of this end and of the other.</li>
+%% <li>`connected_ms': milliseconds since it was authenticated.</li>
+%% <li>`messages_out', `bytes_out', `queued_bytes' (outbound only): as the
+%%     peer's, for this connection.</li>
+%% <li>`messages_in', `bytes_in', `undeliverable_in' (inbound only): as the
+%%     peer's, for this connection.</li>
+%% </ul>
+%% The per-connection counts of live connections add up to the peer's totals
+%% while no pool has closed since start; afterwards the totals also hold what
+%% earlier connections carried.
 -spec stats() -> #{node() => peer_stats()}.
 stats() ->
     teleport_nif:stats().
 
-%% @doc The counters for one peer; all zero if teleport never exchanged with it.
+%% @doc The counters for one peer, as in {@link stats/0}; all zero (and no
+%% connections) if teleport never exchanged with it.
 -spec stats(node()) -> peer_stats().
 stats(Node) when is_atom(Node) ->
     case teleport_nif:stats() of
@@ -160,7 +220,7 @@ stats(Node) when is_atom(Node) ->
         #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
                  connections => 0, queued_bytes => 0, dropped_out => 0,
                  undeliverable_in => 0, connects => 0, disconnects => 0,
-                 handshake_failures => 0}
+                 handshake_failures => 0, per_connection => []}
     end.
 
 %% @doc The listener's counters: inbound `handshake_failures' (wrong cookie,

@@ -9,6 +9,7 @@
 %% <tr><td>`send_queue_bytes'</td><td>64 MiB</td><td>per connection; past it senders wait</td></tr>
 %% <tr><td>`connect_timeout'</td><td>5000 ms</td><td>TCP connect to a peer</td></tr>
 %% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
+%% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes at once; connections past it are closed unanswered</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -31,6 +32,7 @@ get() ->
 get(Key) ->
     validate(Key, application:get_env(teleport, Key, maps:get(Key, defaults()))).
 
+%% @doc Every setting's default, as in the table above.
 -spec defaults() -> #{key() => term()}.
 defaults() ->
     #{pool_size => erlang:system_info(schedulers_online),

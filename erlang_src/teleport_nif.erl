@@ -7,8 +7,6 @@
 
 -on_load(load/0).
 
--type peer_stats() :: #{atom() => non_neg_integer()}.
-
 load() ->
     erlang:load_nif(filename:join(priv_dir(), "libteleport_nif"), 0).
 
@@ -44,7 +42,7 @@ close_pool(_Node) -> erlang:nif_error(nif_not_loaded).
 -spec peers() -> [node()].
 peers() -> erlang:nif_error(nif_not_loaded).
 
--spec stats() -> #{node() => peer_stats()}.
+-spec stats() -> #{node() => teleport:peer_stats()}.
 stats() -> erlang:nif_error(nif_not_loaded).
 
 %% @doc teleport's receive-side decoder on a binary from term_to_binary/1 (tests, benchmarks).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test and check: Rust format/lint/unit and loopback tests, EUnit, xref,
-# dialyzer, and the Common Test suites (peer nodes on loopback; the ring suite
+# dialyzer, EDoc, and the Common Test suites (peer nodes on loopback; the ring suite
 # runs its short variant here, the full one is scripts/bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,15 @@ echo "== rebar3 xref"
 rebar3 xref
 echo "== rebar3 dialyzer"
 rebar3 dialyzer
+
+echo "== rebar3 edoc"
+# EDoc reports bad markup as warnings and still exits 0: fail on any.
+edoc_out=$(rebar3 edoc 2>&1) || { echo "$edoc_out"; exit 1; }
+echo "$edoc_out"
+if grep -Eqi "warning|error" <<<"$edoc_out"; then
+    echo "rebar3 edoc printed warnings or errors" >&2
+    exit 1
+fi
 
 echo "== rebar3 ct"
 scripts/with_epmd.sh rebar3 ct

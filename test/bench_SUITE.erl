@@ -29,6 +29,12 @@
 %%     it gets) is waited for until it has received every message sent and its
 %%     message queue is empty. Prints p50 and p99 of each condition, p99
 %%     ratios (b)/(a) and (c)/(a), and ratio = (b)/(c) of the p99s.</li>
+%% <li>`stats_cost': not a comparison. Starts a hub node and STATS_PEERS
+%%     peers, all with `pool_size' 4, opens pools both ways between the hub
+%%     and each peer and sends a few messages each way, then times
+%%     STATS_CALLS calls of `teleport:stats()' on the hub with `timer:tc'.
+%%     Prints the mean time per call and how many connection entries each
+%%     call returned (8 per peer: 4 out, 4 in).</li>
 %% </ul>
 %% The pool size sweep is ring_SUITE's (RING_POOL_SIZES).
 %%
@@ -52,6 +58,8 @@
 %%     short 1 MiB).</li>
 %% <li>BENCH_POOL_SIZE: teleport `pool_size' on both peers (default:
 %%     teleport's own, schedulers online).</li>
+%% <li>BENCH_STATS_PEERS: peers of the hub in stats_cost (full 5, short 1).</li>
+%% <li>BENCH_STATS_CALLS: timed calls in stats_cost (full 1000, short 100).</li>
 %% </ul>
 -module(bench_SUITE).
 
@@ -60,11 +68,12 @@
 
 -export([suite/0, all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([small_messages/1, latency/1, head_of_line/1]).
+-export([small_messages/1, latency/1, head_of_line/1, stats_cost/1]).
 %% Run on the peers.
 -export([small_run/5, small_sender/5, counting_sink/2,
          latency_run/5, latency_echo/1,
-         hol_run/5, streamer/4, dropping_sink/1]).
+         hol_run/5, streamer/4, dropping_sink/1,
+         stats_run/1]).
 
 -define(ECHO_SERVER, bench_echo_server).
 %% erpc timeout for one run on A, and how long to wait for any single step.
@@ -79,7 +88,7 @@ suite() ->
 all() -> [{group, short}].
 
 groups() ->
-    Cases = [small_messages, latency, head_of_line],
+    Cases = [small_messages, latency, head_of_line, stats_cost],
     [{short, [], Cases},
      {full, [], Cases}].
 
@@ -143,10 +152,12 @@ start_peer(Prefix, AppEnv) ->
 
 init_per_group(short, Config) ->
     [{params, params(#{small_total => 2000, latency_rounds => 500, latency_warmup => 50,
-                       hol_duration_ms => 1000, hol_payload_bytes => 1 bsl 20})} | Config];
+                       hol_duration_ms => 1000, hol_payload_bytes => 1 bsl 20,
+                       stats_peers => 1, stats_calls => 100})} | Config];
 init_per_group(full, Config) ->
     [{params, params(#{small_total => 600000, latency_rounds => 20000, latency_warmup => 1000,
-                       hol_duration_ms => 10000, hol_payload_bytes => 10 bsl 20})} | Config].
+                       hol_duration_ms => 10000, hol_payload_bytes => 10 bsl 20,
+                       stats_peers => 5, stats_calls => 1000})} | Config].
 
 end_per_group(_Group, _Config) ->
     ok.
@@ -173,7 +184,9 @@ params(GroupDefaults) ->
       latency_bytes => Int("BENCH_LATENCY_BYTES", latency_bytes),
       hol_duration_ms => Int("BENCH_HOL_DURATION_MS", hol_duration_ms),
       hol_streamers => Int("BENCH_HOL_STREAMERS", hol_streamers),
-      hol_payload_bytes => Int("BENCH_HOL_PAYLOAD_BYTES", hol_payload_bytes)}.
+      hol_payload_bytes => Int("BENCH_HOL_PAYLOAD_BYTES", hol_payload_bytes),
+      stats_peers => Int("BENCH_STATS_PEERS", stats_peers),
+      stats_calls => Int("BENCH_STATS_CALLS", stats_calls)}.
 
 %%--------------------------------------------------------------------
 %% small_messages
@@ -496,6 +509,57 @@ await(Msg) ->
     after ?STEP_TIMEOUT ->
             error({timeout_waiting_for, Msg})
     end.
+
+%%--------------------------------------------------------------------
+%% stats_cost
+
+-define(STATS_POOL_SIZE, 4).
+
+stats_cost(Config) ->
+    #{stats_peers := PeerCount, stats_calls := Calls} = ?config(params, Config),
+    Env = #{pool_size => ?STATS_POOL_SIZE},
+    %% Linked to this case's process: they go when it ends, pass or fail.
+    Started = [start_linked_peer(Prefix, Env)
+               || Prefix <- ["bench_hub" | ["bench_s" ++ integer_to_list(I)
+                                            || I <- lists:seq(1, PeerCount)]]],
+    try
+        [{_, Hub} | Peers] = Started,
+        lists:foreach(fun({_, Node}) ->
+                              ok = erpc:call(Hub, teleport, connect, [Node], ?CALL_TIMEOUT),
+                              ok = erpc:call(Node, teleport, connect, [Hub], ?CALL_TIMEOUT),
+                              ok = erpc:call(Hub, teleport, send, [{nobody, Node}, x], ?CALL_TIMEOUT),
+                              ok = erpc:call(Node, teleport, send, [{nobody, Hub}, x], ?CALL_TIMEOUT)
+                      end, Peers),
+        Expected = PeerCount * 2 * ?STATS_POOL_SIZE,
+        Entries = fun() ->
+                          Stats = erpc:call(Hub, teleport, stats, [], ?CALL_TIMEOUT),
+                          lists:sum([length(Conns) || #{per_connection := Conns} <- maps:values(Stats)])
+                  end,
+        %% Inbound connections register once their first frame is read.
+        ?assert(teleport_test_peer:wait_until(fun() -> Entries() =:= Expected end, 10000)),
+        #{micros := Micros, entries := Got} = on(Hub, stats_run, [Calls]),
+        ?assertEqual(Expected, Got),
+        summary("bench stats_cost peers=~b pool_size=~b calls=~b: ~.1f us per teleport:stats() "
+                "(~b connection entries)", [PeerCount, ?STATS_POOL_SIZE, Calls, Micros / Calls, Got])
+    after
+        lists:foreach(fun({Peer, _}) -> teleport_test_peer:stop(Peer) end, Started)
+    end.
+
+start_linked_peer(Prefix, Env) ->
+    case teleport_test_peer:start(teleport_test_peer:unique_name(Prefix), [], Env) of
+        {ok, Peer, Node} -> {Peer, Node};
+        {error, Reason} -> ct:fail({peer_start_failed, Prefix, Reason})
+    end.
+
+%% On the hub: a few untimed calls, then Calls timed back to back.
+stats_run(Calls) ->
+    _ = [teleport:stats() || _ <- lists:seq(1, 10)],
+    {Micros, Last} = timer:tc(fun() -> stats_loop(Calls, undefined) end),
+    #{micros => Micros,
+      entries => lists:sum([length(Conns) || #{per_connection := Conns} <- maps:values(Last)])}.
+
+stats_loop(0, Last) -> Last;
+stats_loop(N, _) -> stats_loop(N - 1, teleport:stats()).
 
 %% The driver is linked to what it spawned (so they die with it if it is
 %% killed); on the way out it unlinks and kills them.

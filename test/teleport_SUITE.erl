@@ -21,7 +21,8 @@
 %%% <li>Ordering per sender and per node holds for one sender, for many, and
 %%%     for 100 processes racing to be the first to send to a fresh node,
 %%%     which must end with exactly one pool of `pool_size' connections.</li>
-%%% <li>`stats/0' counts traffic on both ends; `connect/1,2' and
+%%% <li>`stats/0' counts traffic on both ends, per peer and per connection
+%%%     (outbound by pool slot, inbound on the receiver); `connect/1,2' and
 %%%     `disconnect/1' open and close pools, and a closed pool reopens on the
 %%%     next send.</li>
 %%% <li>A node with another cookie can neither open a pool to us nor accept
@@ -54,7 +55,7 @@
          ordering_per_sender/1, ordering_many_senders/1, concurrent_first_senders/1,
          send_with_key_keeps_order/1, send_unordered_delivers_all/1, send_option_badarg/1,
          backoff_after_failure/1,
-         stats_counts/1, connect_disconnect/1,
+         stats_counts/1, stats_per_connection/1, connect_disconnect/1,
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
@@ -97,7 +98,7 @@ groups() ->
      {ordering, [], [ordering_per_sender, ordering_many_senders,
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
-     {pools, [], [stats_counts, connect_disconnect, backoff_after_failure]},
+     {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -695,6 +696,81 @@ stats_counts(Config) ->
                         stat(AfterA, Me, bytes_in) - stat(BeforeA, Me, bytes_in)),
     ?assertEqual(?POOL_SIZE, stat(After, A, connections)),
     ?assertMatch(Q when is_integer(Q) andalso Q >= 0, stat(After, A, queued_bytes)).
+
+%% Every documented key of every connection entry, one outbound entry per slot
+%% of our pool and one inbound entry per connection on the receiver, with counts
+%% that match the traffic (one key: one connection) and add up to the peer's
+%% totals.
+stats_per_connection(Config) ->
+    A = ?config(node_a, Config),
+    Me = node(),
+    %% A fresh pool: its connections carry only this case's traffic.
+    ?assertEqual(ok, teleport:disconnect(A)),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(A, teleport:nodes()) end, 10000)),
+    ?assertEqual(ok, teleport:connect(A)),
+    Before = teleport:stats(A),
+    StatsOfA = fun() -> erpc:call(A, teleport, stats, [Me], ?RPC_TIMEOUT) end,
+    BeforeA = StatsOfA(),
+    {Keyed, Spread, Nobody, Size} = {300, 700, 5, 100},
+    Payload = det_bytes(Size),
+    Tag = make_ref(),
+    _ = [ok = teleport:send({?SINK, A}, {Tag, {I, Payload}}, [{key, one_key}])
+         || I <- lists:seq(1, Keyed)],
+    ?assertEqual(Keyed, length(collect(Tag, Keyed, ?MSG_TIMEOUT))),
+    %% One key, one connection.
+    KeyedOk = fun() -> lists:sort([Out || #{messages_out := Out} <- outbound(teleport:stats(A))])
+                           =:= lists:duplicate(?POOL_SIZE - 1, 0) ++ [Keyed] end,
+    ?assert(teleport_test_peer:wait_until(KeyedOk, 10000), teleport:stats(A)),
+    _ = [ok = teleport:send({?SINK, A}, {Tag, {I, Payload}}, [unordered])
+         || I <- lists:seq(1, Spread)],
+    _ = [ok = teleport:send({teleport_ct_nobody, A}, {Tag, I}, [unordered])
+         || I <- lists:seq(1, Nobody)],
+    ?assertEqual(Spread, length(collect(Tag, Spread, ?MSG_TIMEOUT))),
+    Total = Keyed + Spread + Nobody,
+    Sum = fun(Key, Conns) -> lists:sum([maps:get(Key, C) || C <- Conns]) end,
+    Settled = fun() ->
+                      Out = outbound(teleport:stats(A)),
+                      In = inbound(StatsOfA()),
+                      Sum(messages_out, Out) =:= Total andalso Sum(queued_bytes, Out) =:= 0
+                          andalso length(In) =:= ?POOL_SIZE
+                          andalso Sum(messages_in, In) =:= Total
+                          andalso Sum(undeliverable_in, In) =:= Nobody
+              end,
+    ?assert(teleport_test_peer:wait_until(Settled, 10000), {teleport:stats(A), StatsOfA()}),
+    After = teleport:stats(A),
+    AfterA = StatsOfA(),
+    ct:pal("origin's stats for ~p: ~p~n~p's stats for origin: ~p", [A, After, A, AfterA]),
+    Out = outbound(After),
+    In = inbound(AfterA),
+    OutKeys = [bytes_out, connected_ms, direction, index, local, messages_out, queued_bytes, remote],
+    InKeys = [bytes_in, connected_ms, direction, local, messages_in, remote, undeliverable_in],
+    ?assertEqual(lists:duplicate(?POOL_SIZE, OutKeys), [lists:sort(maps:keys(C)) || C <- Out]),
+    ?assertEqual(lists:duplicate(?POOL_SIZE, InKeys), [lists:sort(maps:keys(C)) || C <- In]),
+    ?assertEqual(lists:seq(0, ?POOL_SIZE - 1), [I || #{index := I} <- Out]),
+    %% The connections add up to the peer's totals over this case.
+    Delta = fun(Key, S0, S1) -> maps:get(Key, S1) - maps:get(Key, S0) end,
+    ?assertEqual(Delta(messages_out, Before, After), Sum(messages_out, Out)),
+    ?assertEqual(Delta(bytes_out, Before, After), Sum(bytes_out, Out)),
+    ?assertEqual(Delta(messages_in, BeforeA, AfterA), Sum(messages_in, In)),
+    ?assertEqual(Delta(bytes_in, BeforeA, AfterA), Sum(bytes_in, In)),
+    ?assertEqual(Delta(undeliverable_in, BeforeA, AfterA), Nobody),
+    ?assert(Sum(bytes_out, Out) >= (Keyed + Spread) * Size),
+    %% Every outbound connection goes to A's listener, and A sees each of them,
+    %% from the other end, with the same counts.
+    {_, APort} = erpc:call(A, teleport, listen_address, [], ?RPC_TIMEOUT),
+    _ = [begin
+             ?assertMatch({{_, _, _, _}, APort}, Remote),
+             ?assertMatch({{_, _, _, _}, P} when is_integer(P) andalso P > 0, Local),
+             ?assert(is_integer(Ms) andalso Ms >= 0),
+             ?assertMatch([#{messages_in := MsgOut, bytes_in := BytesOut, connected_ms := InMs}]
+                            when is_integer(InMs) andalso InMs >= 0,
+                          [C || #{local := L, remote := R} = C <- In, L =:= Remote, R =:= Local])
+         end || #{local := Local, remote := Remote, connected_ms := Ms,
+                  messages_out := MsgOut, bytes_out := BytesOut} <- Out].
+
+outbound(#{per_connection := Conns}) -> [C || #{direction := outbound} = C <- Conns].
+
+inbound(#{per_connection := Conns}) -> [C || #{direction := inbound} = C <- Conns].
 
 connect_disconnect(Config) ->
     A = ?config(node_a, Config),

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::Callback;
-use crate::stats::PeerStats;
+use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
 /// The bytes of one frame body, possibly scattered (e.g. an Erlang iovec whose
 /// large binaries are referenced in place). They must stay valid while `self` lives;
@@ -76,6 +76,7 @@ pub struct Connection {
     /// connection is dropped.
     leftovers: Receiver<Item>,
     stats: Arc<PeerStats>,
+    counters: ConnStats,
     /// Kept to shut the socket down from any thread (wakes the writer and the watcher).
     socket: TcpStream,
     /// Whoever writes to the socket holds this: the writer thread for each batch, or a
@@ -107,12 +108,14 @@ impl Connection {
         socket: TcpStream,
         limit: usize,
         stats: Arc<PeerStats>,
+        counters: ConnStats,
     ) -> (Arc<Connection>, WriterQueue) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let conn = Arc::new(Connection {
             tx,
             leftovers: rx.clone(),
             stats,
+            counters,
             socket,
             writing: Mutex::new(None),
             queued_bytes: AtomicUsize::new(0),
@@ -184,8 +187,7 @@ impl Connection {
             let _ = self.tx.send(Item::Wake);
             return None;
         }
-        PeerStats::add(&self.stats.messages_out, 1);
-        PeerStats::add(&self.stats.bytes_out, frame.body_len() as u64);
+        self.stats.count_out(&self.counters, 1, frame.body_len() as u64);
         None
     }
 
@@ -208,6 +210,11 @@ impl Connection {
 
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(SeqCst)
+    }
+
+    /// This connection's counters, as slot `index` of its pool.
+    pub(crate) fn snapshot(&self, index: usize) -> ConnStatsSnapshot {
+        self.counters.snapshot_outbound(index, self.queued_bytes())
     }
 
     pub fn is_over_limit(&self) -> bool {
@@ -310,8 +317,7 @@ fn write_until_closed(
                 conn.queued_bytes.fetch_sub(rest, SeqCst);
                 return (format!("write failed: {e}"), 1 + batch.len() as u64);
             }
-            PeerStats::add(&stats.messages_out, 1);
-            PeerStats::add(&stats.bytes_out, frame.body_len() as u64);
+            stats.count_out(&conn.counters, 1, frame.body_len() as u64);
             conn.queued_bytes.fetch_sub(rest, SeqCst);
         }
         if batch.is_empty() {
@@ -341,8 +347,7 @@ fn write_until_closed(
         };
         let total = batch.len();
         let bodies: usize = batch[..written].iter().map(OutFrame::body_len).sum();
-        PeerStats::add(&stats.messages_out, written as u64);
-        PeerStats::add(&stats.bytes_out, bodies as u64);
+        stats.count_out(&conn.counters, written as u64, bodies as u64);
         // Dropping the frames releases their bodies (and the binaries they reference).
         batch.clear();
         conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);

@@ -2,7 +2,7 @@
 //! that parses frames and hands them to the host for delivery.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
 use crate::host::{Delivery, Event};
 use crate::runtime::Shared;
 use crate::runtime::{PoolToken, POOL_TOKEN_LEN};
-use crate::stats::PeerStats;
+use crate::stats::{ConnStats, PeerStats};
 use std::io::Read;
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
@@ -56,7 +56,11 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
         Ok(token) => token,
         Err(reason) => return reason,
     };
-    let Some(membership) = shared.join_inbound_pool(peer, token, stream) else {
+    let counters = match ConnStats::new(stream) {
+        Ok(counters) => Arc::new(counters),
+        Err(e) => return format!("socket address unavailable: {e}"),
+    };
+    let Some(membership) = shared.join_inbound_pool(peer, token, stream, counters.clone()) else {
         return "superseded by a newer pool from the same node".to_string();
     };
     let mut handler = shared.host.frame_handler(peer);
@@ -80,18 +84,16 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
         let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
         // Counted once the body is in: a peer announcing a huge frame and hanging up adds nothing.
         if outcome.is_ok() {
-            PeerStats::add(&stats.messages_in, 1);
-            PeerStats::add(&stats.bytes_in, len as u64);
+            stats.count_in(&counters, len as u64);
         }
         match outcome {
             Ok(Delivery::Delivered) => {}
             Ok(Delivery::Undeliverable(reason)) => {
-                PeerStats::add(&stats.undeliverable_in, 1);
+                let total = stats.count_undeliverable(&counters);
                 let due =
                     last_undeliverable_event.is_none_or(|t| t.elapsed() >= UNDELIVERABLE_EVENT_INTERVAL);
                 if due {
                     last_undeliverable_event = Some(Instant::now());
-                    let total = stats.undeliverable_in.load(Relaxed);
                     shared.host.event(Event::Undeliverable {
                         peer: peer.to_string(),
                         reason,

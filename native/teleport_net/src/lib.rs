@@ -7,8 +7,8 @@
 //! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
-pub mod etf;
 pub mod connection;
+pub mod etf;
 pub mod framing;
 pub mod handshake;
 pub mod host;
@@ -23,4 +23,4 @@ pub use connection::{FrameBody, OutFrame};
 pub use framing::FrameKind;
 pub use host::{Callback, Delivery, Event, FrameHandler, Host};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
-pub use stats::PeerStatsSnapshot;
+pub use stats::{ConnDirection, ConnStatsSnapshot, PeerStatsSnapshot};

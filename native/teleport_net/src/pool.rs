@@ -10,7 +10,7 @@ use crate::connection::{Connection, WriterQueue};
 use crate::framing::{FrameHeader, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
 use crate::runtime::{Shared, POOL_TOKEN_LEN};
-use crate::stats::PeerStats;
+use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 use std::io::Write;
 
 pub struct Pool {
@@ -79,7 +79,8 @@ impl Pool {
         let mut connections = Vec::new();
         let mut started = Vec::new();
         for stream in dialed.streams {
-            let (conn, queue) = Connection::new(stream.try_clone()?, limit, stats.clone());
+            let counters = ConnStats::new(&stream)?;
+            let (conn, queue) = Connection::new(stream.try_clone()?, limit, stats.clone(), counters);
             let watcher = stream.try_clone()?;
             connections.push(conn.clone());
             started.push((conn, queue, stream, watcher));
@@ -107,6 +108,15 @@ impl Pool {
 
     pub fn queued_bytes(&self) -> usize {
         self.connections.iter().map(|c| c.queued_bytes()).sum()
+    }
+
+    /// Every connection's counters, in slot order.
+    pub fn connection_stats(&self) -> Vec<ConnStatsSnapshot> {
+        self.connections
+            .iter()
+            .enumerate()
+            .map(|(index, conn)| conn.snapshot(index))
+            .collect()
     }
 
     pub fn is_closing(&self) -> bool {

@@ -14,7 +14,7 @@ use crate::connection::{run_watcher, run_writer, Connection, Enqueued, OutFrame}
 use crate::host::{Callback, Event, Host};
 use crate::listener::{bind, run_acceptor};
 use crate::pool::{dial, Pool};
-use crate::stats::{PeerStats, PeerStatsSnapshot};
+use crate::stats::{ConnStats, PeerStats, PeerStatsSnapshot};
 
 enum PoolSlot {
     /// Dialing; these callers hear how it ends.
@@ -30,7 +30,9 @@ pub const POOL_TOKEN_LEN: usize = 16;
 /// The inbound connections of one peer, all from its latest pool.
 struct InboundPool {
     token: PoolToken,
-    members: HashMap<u64, (Arc<AtomicBool>, TcpStream)>,
+    /// By id (they grow in join order): the stale flag, a handle to shut the socket down,
+    /// the counters.
+    members: HashMap<u64, (Arc<AtomicBool>, TcpStream, Arc<ConnStats>)>,
 }
 
 /// The listener's side: what arrives before anyone is authenticated.
@@ -232,17 +234,31 @@ impl Runtime {
             .collect()
     }
 
-    /// Every peer we ever exchanged with, with its counters and its pool's gauges.
+    /// Every peer we ever exchanged with, with its counters, its pool's gauges and
+    /// every live connection's counters. Takes each lock once, whatever the number of peers.
     pub fn stats(&self) -> Vec<(String, PeerStatsSnapshot)> {
-        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
-        let stats = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = &self.shared;
+        let pools = shared.pools.read().unwrap_or_else(|p| p.into_inner());
+        let stats = shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let inbound = shared.inbound_pools.lock().unwrap_or_else(|p| p.into_inner());
         stats
             .iter()
             .map(|(peer, counters)| {
                 let mut snapshot = counters.snapshot();
+                // A closing pool's connections are shut down already: not live.
                 if let Some(PoolSlot::Up(pool)) = pools.get(peer) {
-                    snapshot.connections = pool.size() as u64;
-                    snapshot.queued_bytes = pool.queued_bytes() as u64;
+                    if !pool.is_closing() {
+                        snapshot.connections = pool.size() as u64;
+                        snapshot.queued_bytes = pool.queued_bytes() as u64;
+                        snapshot.per_connection = pool.connection_stats();
+                    }
+                }
+                if let Some(pool) = inbound.get(peer) {
+                    let mut members: Vec<_> = pool.members.iter().collect();
+                    members.sort_unstable_by_key(|(id, _)| **id);
+                    snapshot
+                        .per_connection
+                        .extend(members.iter().map(|(_, (_, _, conn))| conn.snapshot_inbound()));
                 }
                 (peer.clone(), snapshot)
             })
@@ -370,6 +386,7 @@ impl Shared {
         peer: &str,
         token: PoolToken,
         stream: &TcpStream,
+        counters: Arc<ConnStats>,
     ) -> Option<InboundMembership<'_>> {
         let clone = stream.try_clone().ok()?;
         let stale = Arc::new(AtomicBool::new(false));
@@ -381,7 +398,7 @@ impl Shared {
         });
         if pool.token != token {
             if pool.members.is_empty() || token > pool.token || token[..8] != pool.token[..8] {
-                for (old, socket) in pool.members.values() {
+                for (old, socket, _) in pool.members.values() {
                     old.store(true, SeqCst);
                     let _ = socket.shutdown(Shutdown::Both);
                 }
@@ -391,7 +408,7 @@ impl Shared {
                 return None; // an older pool of the same runtime, arriving late
             }
         }
-        pool.members.insert(id, (stale.clone(), clone));
+        pool.members.insert(id, (stale.clone(), clone, counters));
         Some(InboundMembership {
             shared: self,
             peer: peer.to_string(),

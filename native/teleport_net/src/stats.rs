@@ -1,7 +1,11 @@
-//! Per-peer counters, shared by the outbound pool and the inbound readers of one peer.
-//! They outlive any one pool so `stats()` keeps its totals across reconnects.
+//! Counters. Per peer: shared by the outbound pool and the inbound readers of one peer,
+//! they outlive any one pool so `stats()` keeps its totals across reconnects. Per
+//! connection: live only as long as their connection, bumped beside the peer's totals.
 
+use std::io;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 #[derive(Default, Debug)]
 pub struct PeerStats {
@@ -33,11 +37,35 @@ pub struct PeerStatsSnapshot {
     pub handshake_failures: u64,
     pub connections: u64,
     pub queued_bytes: u64,
+    /// Every live connection with the peer: our pool's (by slot), then the peer's into us.
+    pub per_connection: Vec<ConnStatsSnapshot>,
 }
 
 impl PeerStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Frames written to the peer on `conn`.
+    pub fn count_out(&self, conn: &ConnStats, messages: u64, bytes: u64) {
+        Self::add(&self.messages_out, messages);
+        Self::add(&self.bytes_out, bytes);
+        Self::add(&conn.messages, messages);
+        Self::add(&conn.bytes, bytes);
+    }
+
+    /// One frame read whole from the peer on `conn`.
+    pub fn count_in(&self, conn: &ConnStats, bytes: u64) {
+        Self::add(&self.messages_in, 1);
+        Self::add(&self.bytes_in, bytes);
+        Self::add(&conn.messages, 1);
+        Self::add(&conn.bytes, bytes);
+    }
+
+    /// One arrival on `conn` with no live destination; returns the peer's new total.
+    pub fn count_undeliverable(&self, conn: &ConnStats) -> u64 {
+        Self::add(&conn.undeliverable, 1);
+        self.undeliverable_in.fetch_add(1, Relaxed) + 1
     }
 
     pub fn snapshot(&self) -> PeerStatsSnapshot {
@@ -53,6 +81,80 @@ impl PeerStats {
             handshake_failures: self.handshake_failures.load(Relaxed),
             connections: 0,
             queued_bytes: 0,
+            per_connection: Vec::new(),
+        }
+    }
+}
+
+/// One connection's own counters. Which way they count (out or in) is the connection's
+/// direction; the peer's `PeerStats` has the totals.
+#[derive(Debug)]
+pub struct ConnStats {
+    local: SocketAddr,
+    remote: SocketAddr,
+    since: Instant,
+    messages: AtomicU64,
+    /// Frame bodies, as in `PeerStats`.
+    bytes: AtomicU64,
+    /// Inbound only.
+    undeliverable: AtomicU64,
+}
+
+/// Which side opened a connection, and what only that side has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnDirection {
+    /// Ours, in slot `index` of our pool to the peer.
+    Outbound { index: usize, queued_bytes: u64 },
+    /// The peer's pool into us.
+    Inbound { undeliverable: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnStatsSnapshot {
+    pub direction: ConnDirection,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Since the connection was authenticated.
+    pub age: Duration,
+    /// Written (outbound) or read (inbound).
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl ConnStats {
+    /// Counters for a connected stream, starting now.
+    pub fn new(stream: &TcpStream) -> io::Result<ConnStats> {
+        Ok(ConnStats {
+            local: stream.local_addr()?,
+            remote: stream.peer_addr()?,
+            since: Instant::now(),
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            undeliverable: AtomicU64::new(0),
+        })
+    }
+
+    pub fn snapshot_outbound(&self, index: usize, queued_bytes: usize) -> ConnStatsSnapshot {
+        self.snapshot(ConnDirection::Outbound {
+            index,
+            queued_bytes: queued_bytes as u64,
+        })
+    }
+
+    pub fn snapshot_inbound(&self) -> ConnStatsSnapshot {
+        self.snapshot(ConnDirection::Inbound {
+            undeliverable: self.undeliverable.load(Relaxed),
+        })
+    }
+
+    fn snapshot(&self, direction: ConnDirection) -> ConnStatsSnapshot {
+        ConnStatsSnapshot {
+            direction,
+            local: self.local,
+            remote: self.remote,
+            age: self.since.elapsed(),
+            messages: self.messages.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
         }
     }
 }

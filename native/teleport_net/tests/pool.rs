@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
-    Config, Delivery, Event, FrameHandler, FrameKind, Host, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime,
-    SendError, Sent,
+    Config, ConnDirection, ConnStatsSnapshot, Delivery, Event, FrameHandler, FrameKind, Host, OpenStatus,
+    OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
 const COOKIE: &[u8] = b"integration-cookie";
@@ -774,6 +774,130 @@ fn undeliverable_frames_are_counted_not_fatal() {
         .count_events(|e| matches!(e, Event::Undeliverable { peer, .. } if peer == A));
     assert_eq!(events, 1, "{}", b.host.events_debug());
     assert_eq!(a.rt.peers(), vec![B.to_string()]);
+}
+
+/// The outbound entries of a peer's `per_connection`, by slot, and its inbound ones.
+fn split_connections(stats: &PeerStatsSnapshot) -> (Vec<&ConnStatsSnapshot>, Vec<&ConnStatsSnapshot>) {
+    stats
+        .per_connection
+        .iter()
+        .partition(|c| matches!(c.direction, ConnDirection::Outbound { .. }))
+}
+
+fn sums(conns: &[&ConnStatsSnapshot]) -> (u64, u64) {
+    conns
+        .iter()
+        .fold((0, 0), |(m, b), c| (m + c.messages, b + c.bytes))
+}
+
+/// Keyed sends, sends spread over the pool (a new key each) and undeliverable frames, small
+/// (direct writes) and large (the writer): each connection counts what went over it, and
+/// the connections add up to the peer's totals on both ends. After a reconnect the peer's
+/// totals go on while the new connections start from zero.
+#[test]
+fn per_connection_counters_add_up_to_the_peer() {
+    const SIZE: usize = 4;
+    let (a, b) = (Node::start(A), Node::start(B));
+    a.open(&b, SIZE).expect("pool opens");
+
+    let mut expected = [(0u64, 0u64); SIZE];
+    let mut expected_undeliverable = [0u64; SIZE];
+    let mut send = |key: u64, body: Vec<u8>| {
+        let slot = (key % SIZE as u64) as usize;
+        expected[slot].0 += 1;
+        expected[slot].1 += body.len() as u64;
+        if body == b"nobody" {
+            expected_undeliverable[slot] += 1;
+        }
+        send_or_wait(&a, key, body);
+    };
+    for seq in 0..600u64 {
+        let key = seq % 7; // keyed: order kept per key
+        let len = if seq % 50 == 0 {
+            200 * 1024
+        } else {
+            16 + (seq as usize % 300)
+        };
+        let mut body = keyed_body(key, seq);
+        body.resize(len, 1);
+        send(key, body);
+    }
+    for seq in 0..400u64 {
+        let key = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15); // a fresh key each: unordered
+        send(key, keyed_body(key, seq));
+    }
+    for key in [1u64, 2, 2, 6] {
+        send(key, b"nobody".to_vec());
+    }
+    let frames: u64 = expected.iter().map(|e| e.0).sum();
+    let undeliverable: u64 = expected_undeliverable.iter().sum();
+    assert!(eventually(WAIT, || a.stats_for(B).messages_out == frames));
+    assert!(eventually(WAIT, || b.stats_for(A).messages_in == frames));
+
+    let out = a.stats_for(B);
+    let (outbound, none_in) = split_connections(&out);
+    assert!(none_in.is_empty(), "B never opened a pool to A: {none_in:?}");
+    assert_eq!(outbound.len(), SIZE);
+    for (slot, conn) in outbound.iter().enumerate() {
+        assert_eq!(
+            conn.direction,
+            ConnDirection::Outbound {
+                index: slot,
+                queued_bytes: 0
+            }
+        );
+        assert_eq!((conn.messages, conn.bytes), expected[slot], "slot {slot}");
+        assert_eq!(conn.remote, b.addr());
+        assert_eq!(conn.local.ip(), b.addr().ip());
+    }
+    assert_eq!(sums(&outbound), (out.messages_out, out.bytes_out));
+
+    let inc = b.stats_for(A);
+    let (none_out, inbound) = split_connections(&inc);
+    assert!(none_out.is_empty(), "B has no pool to A: {none_out:?}");
+    assert_eq!(inbound.len(), SIZE);
+    assert_eq!(sums(&inbound), (inc.messages_in, inc.bytes_in));
+    assert_eq!(inc.undeliverable_in, undeliverable);
+    // Each inbound connection is one of A's, seen from the other end: same counts.
+    for conn in &inbound {
+        let slot = outbound
+            .iter()
+            .position(|o| o.local == conn.remote && o.remote == conn.local)
+            .unwrap_or_else(|| panic!("inbound {conn:?} matches no outbound connection"));
+        assert_eq!(
+            (conn.messages, conn.bytes),
+            expected[slot],
+            "inbound of slot {slot}"
+        );
+        assert_eq!(
+            conn.direction,
+            ConnDirection::Inbound {
+                undeliverable: expected_undeliverable[slot]
+            }
+        );
+    }
+
+    // A new pool: the peer's totals go on, its connections start afresh.
+    assert!(a.rt.close_pool(B, "test reconnects"));
+    assert!(a.host.wait_for_event(|e| is_pool_down(e, B)));
+    assert!(a.stats_for(B).per_connection.is_empty());
+    a.open(&b, SIZE).expect("pool reopens");
+    send_or_wait(&a, 3, b"after".to_vec());
+    assert!(eventually(WAIT, || b.stats_for(A).messages_in == frames + 1));
+    let out = a.stats_for(B);
+    assert_eq!(
+        (out.messages_out, out.connects, out.disconnects),
+        (frames + 1, 2, 1)
+    );
+    let (outbound, _) = split_connections(&out);
+    let fresh: Vec<(u64, u64)> = outbound.iter().map(|c| (c.messages, c.bytes)).collect();
+    assert_eq!(fresh, vec![(0, 0), (0, 0), (0, 0), (1, 5)]);
+    // B drops the old pool's connections once the new one announces itself.
+    assert!(eventually(WAIT, || split_connections(&b.stats_for(A)).1.len() == SIZE));
+    assert!(eventually(WAIT, || {
+        let inc = b.stats_for(A);
+        sums(&split_connections(&inc).1) == (1, 5) && inc.messages_in == frames + 1
+    }));
 }
 
 #[test]

@@ -34,4 +34,12 @@ rustler::atoms! {
     handshake_failures,
     pending_handshakes,
     inbound_connections,
+    per_connection,
+    direction,
+    outbound,
+    inbound,
+    index,
+    local,
+    remote,
+    connected_ms,
 }

@@ -15,7 +15,10 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
-use teleport_net::{Config, FrameKind, OpenStatus, OutFrame, Runtime, SendError, Sent};
+use teleport_net::{
+    Config, ConnDirection, ConnStatsSnapshot, FrameKind, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime,
+    SendError, Sent,
+};
 
 use crate::encode::IoVecBody;
 use crate::events::{node_atom, post, EventPump, Job, NifHost};
@@ -247,43 +250,94 @@ fn peers(env: Env) -> Vec<Term> {
     }
 }
 
-#[rustler::nif]
+/// Every peer's counters in one call: `#{Node => #{Counter => N, per_connection => [Conn]}}`
+/// (the keys are documented in teleport.erl). Dirty: about a microsecond per connection,
+/// so a large cluster could pass the 1 ms a normal scheduler allows.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn stats(env: Env) -> NifResult<Term> {
     let mut out = Term::map_new(env);
     let Some(node) = node() else { return Ok(out) };
     for (peer, s) in node.runtime.stats() {
-        let keys = [
-            atoms::messages_out(),
-            atoms::bytes_out(),
-            atoms::messages_in(),
-            atoms::bytes_in(),
-            atoms::connections(),
-            atoms::queued_bytes(),
-            atoms::dropped_out(),
-            atoms::undeliverable_in(),
-            atoms::connects(),
-            atoms::disconnects(),
-            atoms::handshake_failures(),
-        ];
-        let values = [
-            s.messages_out,
-            s.bytes_out,
-            s.messages_in,
-            s.bytes_in,
-            s.connections,
-            s.queued_bytes,
-            s.dropped_out,
-            s.undeliverable_in,
-            s.connects,
-            s.disconnects,
-            s.handshake_failures,
-        ];
-        let keys: Vec<Term> = keys.iter().map(|k| k.encode(env)).collect();
-        let values: Vec<Term> = values.iter().map(|v| v.encode(env)).collect();
-        let peer_map = Term::map_from_arrays(env, &keys, &values)?;
-        out = out.map_put(node_atom(env, &peer), peer_map)?;
+        out = out.map_put(node_atom(env, &peer), peer_stats_term(env, &s)?)?;
     }
     Ok(out)
+}
+
+fn peer_stats_term<'a>(env: Env<'a>, s: &PeerStatsSnapshot) -> NifResult<Term<'a>> {
+    let connections = s
+        .per_connection
+        .iter()
+        .map(|conn| conn_stats_term(env, conn))
+        .collect::<NifResult<Vec<Term>>>()?;
+    let mut pairs = counter_pairs(
+        env,
+        &[
+            (atoms::messages_out(), s.messages_out),
+            (atoms::bytes_out(), s.bytes_out),
+            (atoms::messages_in(), s.messages_in),
+            (atoms::bytes_in(), s.bytes_in),
+            (atoms::connections(), s.connections),
+            (atoms::queued_bytes(), s.queued_bytes),
+            (atoms::dropped_out(), s.dropped_out),
+            (atoms::undeliverable_in(), s.undeliverable_in),
+            (atoms::connects(), s.connects),
+            (atoms::disconnects(), s.disconnects),
+            (atoms::handshake_failures(), s.handshake_failures),
+        ],
+    );
+    pairs.push((atoms::per_connection().encode(env), connections.encode(env)));
+    map_from_pairs(env, &pairs)
+}
+
+fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a>> {
+    let connected_ms = u64::try_from(c.age.as_millis()).unwrap_or(u64::MAX);
+    let (direction, counters, index) = match c.direction {
+        ConnDirection::Outbound { index, queued_bytes } => (
+            atoms::outbound(),
+            [
+                (atoms::messages_out(), c.messages),
+                (atoms::bytes_out(), c.bytes),
+                (atoms::queued_bytes(), queued_bytes),
+            ],
+            Some(index),
+        ),
+        ConnDirection::Inbound { undeliverable } => (
+            atoms::inbound(),
+            [
+                (atoms::messages_in(), c.messages),
+                (atoms::bytes_in(), c.bytes),
+                (atoms::undeliverable_in(), undeliverable),
+            ],
+            None,
+        ),
+    };
+    let mut pairs = counter_pairs(env, &counters);
+    pairs.push((atoms::direction().encode(env), direction.encode(env)));
+    if let Some(index) = index {
+        pairs.push((atoms::index().encode(env), index.encode(env)));
+    }
+    pairs.extend([
+        (atoms::local().encode(env), encode_addr(env, c.local)),
+        (atoms::remote().encode(env), encode_addr(env, c.remote)),
+        (atoms::connected_ms().encode(env), connected_ms.encode(env)),
+    ]);
+    map_from_pairs(env, &pairs)
+}
+
+fn counter_pairs<'a>(env: Env<'a>, counters: &[(Atom, u64)]) -> Vec<(Term<'a>, Term<'a>)> {
+    counters
+        .iter()
+        .map(|(key, value)| (key.encode(env), value.encode(env)))
+        .collect()
+}
+
+fn map_from_pairs<'a>(env: Env<'a>, pairs: &[(Term<'a>, Term<'a>)]) -> NifResult<Term<'a>> {
+    let (keys, values): (Vec<Term>, Vec<Term>) = pairs.iter().copied().unzip();
+    Term::map_from_arrays(env, &keys, &values)
+}
+
+fn encode_addr(env: Env, addr: SocketAddr) -> Term {
+    (encode_ip(env, addr.ip()), addr.port()).encode(env)
 }
 
 /// The listener's counters: `#{handshake_failures, pending_handshakes, inbound_connections}`.
