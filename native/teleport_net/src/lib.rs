@@ -7,8 +7,8 @@
 //! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
-pub mod etf;
 pub mod connection;
+pub mod etf;
 pub mod framing;
 pub mod handshake;
 pub mod host;
