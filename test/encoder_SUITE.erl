@@ -183,6 +183,10 @@ scheduling(_Config) ->
                  ?assert(identical(Io, T)),
                  {N, W, How}
              end || N <- [10, 100, 1000, 100000]],
+    %% Over the budget in the middle of a map (its iterator open): started over, dirty.
+    Maps = [#{I => [I], {k, I} => #{x => I}} || I <- lists:seq(1, 20000)],
+    {MapsIo, _, dirty} = teleport_nif:encode_measured(Maps),
+    ?assert(identical(MapsIo, Maps)),
     ct:pal("work for lists of N small tuples: ~p", [Works]),
     [{10, W10, inline}, {100, W100, inline}, {1000, W1000, inline}, {100000, _, dirty}] = Works,
     ?assert(W10 < W100 andalso W100 < W1000).

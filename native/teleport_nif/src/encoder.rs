@@ -106,15 +106,23 @@ enum Frame {
         len_at: usize,
         count: u32,
     },
-    /// Map keys and values, interleaved, in `pairs[from..to]`, which began at `base`.
-    Pairs { from: usize, to: usize, base: usize },
+    /// The pairs left in the map whose iterator is the last in `Scratch::iters`, and a
+    /// value to write first if `pending` (its key has just been written). `forward`:
+    /// the iterator goes from head to tail.
+    MapPairs {
+        value: ErlNifTerm,
+        pending: bool,
+        forward: bool,
+    },
 }
 
 /// The explicit stacks, kept per scheduler thread between encodes so a small message
 /// allocates nothing for them, and the atom cache.
 struct Scratch {
     frames: Vec<Frame>,
-    pairs: Vec<ErlNifTerm>,
+    /// One iterator per `Frame::MapPairs`, in the same order. An iterator may move: it
+    /// points to nothing inside itself.
+    iters: Vec<ErlNifMapIterator>,
     atoms: [AtomSlot; ATOM_SLOTS],
 }
 
@@ -158,7 +166,7 @@ pub unsafe fn encode(
     let scratch = SCRATCH.with(|s| s.take()).unwrap_or_else(|| {
         Box::new(Scratch {
             frames: Vec::new(),
-            pairs: Vec::new(),
+            iters: Vec::new(),
             atoms: [AtomSlot::default(); ATOM_SLOTS],
         })
     });
@@ -186,8 +194,12 @@ pub unsafe fn encode(
         ..
     } = enc;
     scratch.frames.clear();
-    scratch.pairs.clear();
-    if scratch.frames.capacity() <= SCRATCH_KEEP && scratch.pairs.capacity() <= SCRATCH_KEEP {
+    // Left by an encode that stopped early.
+    for iter in scratch.iters.iter_mut() {
+        enif_map_iterator_destroy(env, iter);
+    }
+    scratch.iters.clear();
+    if scratch.frames.capacity() <= SCRATCH_KEEP && scratch.iters.capacity() <= SCRATCH_KEEP {
         SCRATCH.with(|s| s.set(Some(scratch)));
     }
     outcome.map(|()| Encoded {
@@ -268,20 +280,45 @@ impl Walker {
                 }
                 self.scratch.frames.pop();
             }
-            Frame::Pairs { from, to, base } => {
-                // By index: a child map may grow (and move) `pairs`.
-                for at in from..to {
-                    if !self.child(self.scratch.pairs[at])? {
-                        self.scratch.frames[top] = Frame::Pairs {
-                            from: at + 1,
-                            to,
-                            base,
-                        };
+            Frame::MapPairs {
+                value,
+                pending,
+                forward,
+            } => {
+                let resume = |value, pending| Frame::MapPairs {
+                    value,
+                    pending,
+                    forward,
+                };
+                if pending && !self.child(value)? {
+                    self.scratch.frames[top] = resume(value, false);
+                    return Ok(());
+                }
+                let (mut key, mut value) = (ErlNifTerm::default(), ErlNifTerm::default());
+                // A child map's iterator comes and goes above this one: ours is the last
+                // whenever this frame is the innermost, so it is looked up each time.
+                while let Some(iter) = self.scratch.iters.last_mut() {
+                    if enif_map_iterator_get_pair(self.env, iter, &mut key, &mut value) == 0 {
+                        break;
+                    }
+                    if forward {
+                        enif_map_iterator_next(self.env, iter);
+                    } else {
+                        enif_map_iterator_prev(self.env, iter);
+                    }
+                    if !self.child(key)? {
+                        self.scratch.frames[top] = resume(value, true);
+                        return Ok(());
+                    }
+                    if !self.child(value)? {
+                        self.scratch.frames[top] = resume(value, false);
                         return Ok(());
                     }
                 }
+                if let Some(mut iter) = self.scratch.iters.pop() {
+                    enif_map_iterator_destroy(self.env, &mut iter);
+                }
                 self.scratch.frames.pop();
-                self.scratch.pairs.truncate(base);
             }
             Frame::ListRest {
                 mut tail,
@@ -469,21 +506,19 @@ impl Walker {
         Ok(false)
     }
 
-    /// Writes a map's header and its leading scalar keys and values; pushes the rest in `term_to_binary/1`'s order: for a
-    /// map of up to 32 keys (a flatmap) the iterator's, which is key order; for a larger
-    /// one (a hash trie, which the VM walks depth-first from its last branch) the
-    /// iterator's reversed.
+    /// Writes a map's header and pushes a frame for its pairs, which come in
+    /// `term_to_binary/1`'s order: for a map of up to 32 keys (a flatmap) the
+    /// iterator's, which is key order; for a larger one (a hash trie, which the VM
+    /// walks depth-first from its last branch) the iterator's reversed.
     unsafe fn map(&mut self, term: ErlNifTerm) -> Result<bool, Stop> {
-        let env = self.env;
         let mut size = 0usize;
-        enif_get_map_size(env, term, &mut size);
+        enif_get_map_size(self.env, term, &mut size);
         w::map_header(self.body.buf(), u32::try_from(size).map_err(|_| Stop::TooLarge)?);
         if size == 0 {
             return Ok(true);
         }
+        // Iterating costs about as much again as the keys and values.
         self.charge(size as u64)?;
-        let base = self.scratch.pairs.len();
-        self.scratch.pairs.reserve(2 * size);
         let forward = size <= FLATMAP_MAX;
         let start = if forward {
             ErlNifMapIteratorEntry::ERL_NIF_MAP_ITERATOR_HEAD
@@ -491,34 +526,17 @@ impl Walker {
             ErlNifMapIteratorEntry::ERL_NIF_MAP_ITERATOR_TAIL
         };
         let mut iter = MaybeUninit::<ErlNifMapIterator>::uninit();
-        if enif_map_iterator_create(env, term, iter.as_mut_ptr(), start) == 0 {
+        if enif_map_iterator_create(self.env, term, iter.as_mut_ptr(), start) == 0 {
             // Not reachable for a term whose type is map; refuse rather than guess.
             return Err(Stop::TooLarge);
         }
-        let (mut key, mut value) = (ErlNifTerm::default(), ErlNifTerm::default());
-        while enif_map_iterator_get_pair(env, iter.as_mut_ptr(), &mut key, &mut value) != 0 {
-            self.scratch.pairs.push(key);
-            self.scratch.pairs.push(value);
-            if forward {
-                enif_map_iterator_next(env, iter.as_mut_ptr());
-            } else {
-                enif_map_iterator_prev(env, iter.as_mut_ptr());
-            }
-        }
-        enif_map_iterator_destroy(env, iter.as_mut_ptr());
-        let to = self.scratch.pairs.len();
-        if to - base != 2 * size {
-            self.scratch.pairs.truncate(base);
-            return Err(Stop::TooLarge);
-        }
-        for at in base..to {
-            if let Visit::Compound(_) = self.scalar(self.scratch.pairs[at])? {
-                self.scratch.frames.push(Frame::Pairs { from: at, to, base });
-                return Ok(false);
-            }
-        }
-        self.scratch.pairs.truncate(base);
-        Ok(true)
+        self.scratch.iters.push(iter.assume_init());
+        self.scratch.frames.push(Frame::MapPairs {
+            value: self.nil,
+            pending: false,
+            forward,
+        });
+        Ok(false)
     }
 
     /// Atoms are immediates that never change meaning while the VM runs: the same term
