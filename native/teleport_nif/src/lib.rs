@@ -1,6 +1,8 @@
 //! NIF entry points of teleport (module `teleport_nif`). Thin: each decodes its
 //! arguments, calls into `teleport_net::Runtime`, and encodes the answer.
-//! Every entry here returns quickly; `stop` joins threads and so runs dirty.
+//! Every entry here returns quickly: `stop` joins threads and so runs dirty, and
+//! `send` and `encode` continue on a dirty scheduler when the term is too large to
+//! encode within the inline budget (encode.rs).
 
 mod atoms;
 mod decode;
