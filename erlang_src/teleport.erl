@@ -262,13 +262,13 @@ remote_send(Node, Kind, Envelope) ->
     remote_send(Node, Kind, Envelope, erlang:phash2(self()), false).
 
 remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
-    %% term_to_iovec yields and keeps large binaries by reference: no copy here.
-    Iovec = erlang:term_to_iovec(Envelope),
-    case enqueue(Node, Kind, Key, NoSuspend, Iovec) of
+    %% The NIF encodes the envelope (large binaries by reference, big terms on a
+    %% dirty scheduler), after checking that the node is connected.
+    case enqueue(Node, Kind, Key, NoSuspend, Envelope) of
         not_connected ->
             case teleport_connector:ensure(Node, discover) of
                 ok ->
-                    case enqueue(Node, Kind, Key, NoSuspend, Iovec) of
+                    case enqueue(Node, Kind, Key, NoSuspend, Envelope) of
                         not_connected -> {error, noconnection};
                         Result -> Result
                     end;
@@ -279,8 +279,8 @@ remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
             Result
     end.
 
-enqueue(Node, Kind, Key, NoSuspend, Iovec) ->
-    case teleport_nif:send(Node, Kind, Key, NoSuspend, Iovec) of
+enqueue(Node, Kind, Key, NoSuspend, Envelope) ->
+    case teleport_nif:send(Node, Kind, Key, NoSuspend, Envelope) of
         ok -> ok;
         suspend ->
             %% Queued, but the connection is over its byte limit: wait for it to

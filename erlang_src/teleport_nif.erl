@@ -3,7 +3,7 @@
 -module(teleport_nif).
 
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
--export([decode/1, listener_stats/0]).
+-export([encode/1, encode_measured/1, decode/1, listener_stats/0]).
 
 -on_load(load/0).
 
@@ -32,9 +32,11 @@ listen_address() -> erlang:nif_error(nif_not_loaded).
     ok | opening | not_started.
 open_pool(_Node, _Ip, _Port, _Size, _Notify) -> erlang:nif_error(nif_not_loaded).
 
--spec send(node(), send | call, non_neg_integer(), boolean(), [binary()]) ->
+%% @doc Encodes `Msg' (in Rust, byte-identical to term_to_binary/1 where that is
+%% deterministic; large binaries by reference) and queues it to `Node'.
+-spec send(node(), send | call, non_neg_integer(), boolean(), term()) ->
     ok | suspend | not_connected | too_large | busy.
-send(_Node, _Kind, _Key, _NoSuspend, _Iovec) -> erlang:nif_error(nif_not_loaded).
+send(_Node, _Kind, _Key, _NoSuspend, _Msg) -> erlang:nif_error(nif_not_loaded).
 
 -spec close_pool(node()) -> ok.
 close_pool(_Node) -> erlang:nif_error(nif_not_loaded).
@@ -44,6 +46,17 @@ peers() -> erlang:nif_error(nif_not_loaded).
 
 -spec stats() -> #{node() => teleport:peer_stats()}.
 stats() -> erlang:nif_error(nif_not_loaded).
+
+%% @doc teleport's send-side encoder (tests, benchmarks): an iolist whose
+%% iolist_to_binary/1 is the external term; binaries over 64 bytes appear as
+%% the original binaries, not copies.
+-spec encode(term()) -> [binary()].
+encode(_Term) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc encode/1, and how: the work units counted and whether it ran inline (on
+%% the calling scheduler) or on a dirty scheduler (tests, budget calibration).
+-spec encode_measured(term()) -> {[binary()], non_neg_integer(), inline | dirty}.
+encode_measured(_Term) -> erlang:nif_error(nif_not_loaded).
 
 %% @doc teleport's receive-side decoder on a binary from term_to_binary/1 (tests, benchmarks).
 -spec decode(binary()) -> term() | {error, binary()}.

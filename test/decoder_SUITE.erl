@@ -53,6 +53,9 @@
          large_binary_is_referenced_not_copied/1, decoder_fuzz_after_auth/1,
          duplicate_map_keys_rejected/1, malformed_call_frames/1]).
 
+%% The term generator, also used by encoder_SUITE.
+-export([gen_top/1, fixed_terms/1]).
+
 %% Run on peers.
 -export([size_reporter/1, map_checker/1, peer_vitals/0, fuzz_sink/2, peer_context/0,
          teleport_state/0]).
@@ -87,43 +90,25 @@ all() ->
      malformed_call_frames].
 
 init_per_suite(Config) ->
-    %% A name of our own if this node is not distributed yet: another test run
-    %% on the same machine may hold teleport_test_peer's fixed one.
-    _ = case node() of
-            nonode@nohost ->
-                Name = list_to_atom(teleport_test_peer:unique_name("decoder_ct") ++ "@127.0.0.1"),
-                net_kernel:start(Name, #{name_domain => longnames});
-            _ ->
-                ok
-        end,
-    case teleport_test_peer:ensure_distributed() of
+    case teleport_test_peer:start_local_teleport("decoder_ct") of
         ok -> start_suite(Config);
         {skip, _} = Skip -> Skip
     end.
 
 start_suite(Config) ->
-    _ = application:stop(teleport),
-    case application:load(teleport) of
-        ok -> ok;
-        {error, {already_loaded, teleport}} -> ok
-    end,
-    ok = application:set_env(teleport, listen_ip, {127, 0, 0, 1}, [{persistent, true}]),
-    {ok, _} = application:ensure_all_started(teleport),
     %% Linked to this process until both are up: a crash halts them.
     {ok, PeerA, A} = start_peer("decoder_a"),
     {ok, PeerB, B} = start_peer("decoder_b"),
     true = unlink(PeerA),
     true = unlink(PeerB),
-    Seed = seed(),
+    Seed = teleport_test_peer:seed("DECODER_SUITE_SEED"),
     ct:pal("decoder_SUITE seed ~p (replay: DECODER_SUITE_SEED=\"~b,~b,~b\"); peers ~p, ~p",
            [Seed | tuple_to_list(Seed)] ++ [A, B]),
     [{seed, Seed}, {peer_a, PeerA}, {node_a, A}, {peer_b, PeerB}, {node_b, B} | Config].
 
 end_per_suite(Config) ->
     _ = [teleport_test_peer:stop(?config(Key, Config)) || Key <- [peer_a, peer_b]],
-    _ = application:stop(teleport),
-    _ = application:unset_env(teleport, listen_ip, [{persistent, true}]),
-    ok.
+    teleport_test_peer:stop_local_teleport().
 
 init_per_testcase(Case, Config) ->
     flush(),
@@ -1258,16 +1243,6 @@ big_bin(Ctx, Len) ->
 %%====================================================================
 %% Helpers
 %%====================================================================
-
-seed() ->
-    case os:getenv("DECODER_SUITE_SEED") of
-        false ->
-            {erlang:phash2(make_ref()), erlang:unique_integer([positive]),
-             erlang:system_time(microsecond) rem 1000000007};
-        Text ->
-            [S1, S2, S3] = [list_to_integer(string:trim(S)) || S <- string:lexemes(Text, ",")],
-            {S1, S2, S3}
-    end.
 
 start_peer(Prefix) ->
     teleport_test_peer:start(teleport_test_peer:unique_name(Prefix)).

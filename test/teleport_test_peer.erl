@@ -18,6 +18,7 @@
          start_isolated/2, start_isolated/3,
          stop/1,
          ensure_distributed/0,
+         start_local_teleport/1, stop_local_teleport/0, seed/1,
          code_path_args/0,
          unique_name/1,
          connectable/1]).
@@ -137,6 +138,52 @@ ensure_distributed() ->
                             "peers run as name@127.0.0.1 with long names: start the test "
                             "node with -name, or not distributed at all"}}
             end
+    end.
+
+%% @doc Makes this node distributed (as `Prefix<unique>@127.0.0.1' if it is not
+%% yet: another test run on the machine may hold ensure_distributed/0's fixed name)
+%% and (re)starts teleport in it, listening on 127.0.0.1.
+-spec start_local_teleport(string()) -> ok | {skip, term()}.
+start_local_teleport(Prefix) ->
+    _ = case node() of
+            nonode@nohost ->
+                Name = list_to_atom(unique_name(Prefix) ++ "@127.0.0.1"),
+                net_kernel:start(Name, #{name_domain => longnames});
+            _ ->
+                ok
+        end,
+    case ensure_distributed() of
+        ok ->
+            _ = application:stop(teleport),
+            case application:load(teleport) of
+                ok -> ok;
+                {error, {already_loaded, teleport}} -> ok
+            end,
+            ok = application:set_env(teleport, listen_ip, {127, 0, 0, 1}, [{persistent, true}]),
+            {ok, _} = application:ensure_all_started(teleport),
+            ok;
+        {skip, _} = Skip ->
+            Skip
+    end.
+
+%% @doc Undoes start_local_teleport/1 (the node stays distributed).
+-spec stop_local_teleport() -> ok.
+stop_local_teleport() ->
+    _ = application:stop(teleport),
+    _ = application:unset_env(teleport, listen_ip, [{persistent, true}]),
+    ok.
+
+%% @doc A seed for `rand:seed/2': from the environment variable `Var' ("A,B,C") to
+%% replay a run, else a fresh one.
+-spec seed(string()) -> {integer(), integer(), integer()}.
+seed(Var) ->
+    case os:getenv(Var) of
+        false ->
+            {erlang:phash2(make_ref()), erlang:unique_integer([positive]),
+             erlang:system_time(microsecond) rem 1000000007};
+        Text ->
+            [S1, S2, S3] = [list_to_integer(string:trim(S)) || S <- string:lexemes(Text, ",")],
+            {S1, S2, S3}
     end.
 
 %% @doc `["-pa" | Dirs]': the code paths a peer needs to see our code.

@@ -7,9 +7,14 @@
 %%     every report is printed.</li>
 %% <li>`burst_memory': the same 10 MiB binary sent 100 times in a burst: the
 %%     sender's `erlang:memory(binary)' peak over its baseline, and after.</li>
-%% <li>`codec_micro': `term_to_iovec/1' (what teleport sends with) and
-%%     `term_to_binary/1', and teleport's Rust decoder (`teleport_nif:decode/1')
-%%     against `binary_to_term/1', on four terms.</li>
+%% <li>`codec_micro': teleport's Rust encoder (`teleport_nif:encode/1', which
+%%     also copies its buffer into binaries for the result: the send path does
+%%     not) against `term_to_iovec/1' and `term_to_binary/1', and its Rust
+%%     decoder (`teleport_nif:decode/1') against `binary_to_term/1', on four
+%%     terms.</li>
+%% <li>`inline_budget': for eleven kinds of terms, the largest the encoder
+%%     still does inline, its work count and encode time: the measurement
+%%     behind the inline budget (encoder.rs).</li>
 %% </ul>
 %% Group `short' (in the test command) runs each at a small scale; `full' is
 %% the benchmark: `rebar3 ct --suite test/wire_SUITE --group full'.
@@ -19,13 +24,14 @@
 -include_lib("stdlib/include/assert.hrl").
 
 -export([all/0, groups/0, init_per_suite/1, end_per_suite/1, init_per_group/2, end_per_group/2]).
--export([long_schedule/1, burst_memory/1, codec_micro/1, decoder_matches_binary_to_term/1]).
+-export([long_schedule/1, burst_memory/1, codec_micro/1, inline_budget/1,
+         decoder_matches_binary_to_term/1]).
 -export([sink/1, monitor_loop/1]).
 
 all() -> [{group, short}].
 
 groups() ->
-    Cases = [long_schedule, burst_memory, codec_micro, decoder_matches_binary_to_term],
+    Cases = [long_schedule, burst_memory, codec_micro, inline_budget, decoder_matches_binary_to_term],
     [{short, [], Cases}, {full, [], Cases}].
 
 init_per_suite(Config) ->
@@ -174,20 +180,63 @@ codec_terms(#{micro_tuples := N, micro_map := M, micro_bin := B}) ->
 codec_micro(Config) ->
     Scale = ?config(scale, Config),
     Reps = maps:get(reps, Scale),
-    report("~-28s ~14s ~14s ~14s ~16s", ["term", "term_to_iovec", "term_to_binary",
-                                         "binary_to_term", "teleport decode"]),
+    report("~-28s ~13s ~14s ~16s ~14s ~16s", ["term", "term_to_iovec", "term_to_binary",
+                                              "teleport encode", "binary_to_term",
+                                              "teleport decode"]),
     [begin
          Encoded = term_to_binary(Term),
+         ?assert(iolist_to_binary(teleport_nif:encode(Term)) =:= Encoded),
          Decoded = teleport_nif:decode(Encoded),
          ?assert(Decoded =:= Term),
          Iov = time_us(fun() -> erlang:term_to_iovec(Term) end, Reps),
          Bin = time_us(fun() -> term_to_binary(Term) end, Reps),
+         Enc = time_us(fun() -> teleport_nif:encode(Term) end, Reps),
          B2T = time_us(fun() -> binary_to_term(Encoded) end, Reps),
          Dec = time_us(fun() -> teleport_nif:decode(Encoded) end, Reps),
-         report("~-28s ~12.1fus ~12.1fus ~12.1fus ~14.1fus (~.2fx)",
-                [Label, Iov, Bin, B2T, Dec, Dec / max(B2T, 0.001)])
+         report("~-28s ~11.1fus ~12.1fus ~9.1fus (~.2fx) ~12.1fus ~9.1fus (~.2fx)",
+                [Label, Iov, Bin, Enc, Enc / max(Bin, 0.001), B2T, Dec, Dec / max(B2T, 0.001)])
      end || {Label, Term} <- codec_terms(Scale)],
     ok.
+
+%% For kinds of terms, the largest that the encoder still does inline (on the
+%% caller's scheduler), its work count and how long encode/1 takes on it: the
+%% figures behind encoder.rs's INLINE_BUDGET. Only reported.
+inline_budget(Config) ->
+    Reps = maps:get(reps, ?config(scale, Config)),
+    Pid = self(),
+    Ref = binary:copy(<<1>>, 1000),
+    Kinds = [{"small tuples {I, I}", fun(N) -> [{I, I} || I <- lists:seq(1, N)] end},
+             {"integers", fun(N) -> lists:seq(1000, 1000 + N) end},
+             {"floats", fun(N) -> [float(I) || I <- lists:seq(1, N)] end},
+             {"atoms (cache misses)",
+              fun(N) -> [list_to_atom("wire_budget_" ++ integer_to_list(I)) || I <- lists:seq(1, N)] end},
+             {"64-byte binaries", fun(N) -> [binary:copy(<<I:512>>) || I <- lists:seq(1, N)] end},
+             {"referenced binaries", fun(N) -> lists:duplicate(N, Ref) end},
+             {"pids", fun(N) -> lists:duplicate(N, Pid) end},
+             {"refs", fun(N) -> [make_ref() || _ <- lists:seq(1, N)] end},
+             {"string", fun(N) -> lists:duplicate(N, $a) end},
+             {"map, atom keys",
+              fun(N) -> maps:from_list([{list_to_atom("k" ++ integer_to_list(I)), I}
+                                        || I <- lists:seq(1, N)]) end},
+             {"nested [[...]]", fun(N) -> lists:foldl(fun(_, A) -> [A] end, [], lists:seq(1, N)) end}],
+    report("~-24s ~7s ~7s ~10s ~9s", ["largest inline term", "n", "work", "encode/1", "per unit"]),
+    [begin
+         N = largest_inline(Make, 1, 100000),
+         Term = Make(N),
+         {_, Work, inline} = teleport_nif:encode_measured(Term),
+         Us = time_us(fun() -> teleport_nif:encode(Term) end, Reps),
+         report("~-24s ~7b ~7b ~8.1fus ~7.1fns", [Label, N, Work, Us, Us * 1000 / Work])
+     end || {Label, Make} <- Kinds],
+    ok.
+
+largest_inline(_Make, Lo, Hi) when Lo >= Hi - 1 ->
+    Lo;
+largest_inline(Make, Lo, Hi) ->
+    Mid = (Lo + Hi) div 2,
+    case teleport_nif:encode_measured(Make(Mid)) of
+        {_, _, inline} -> largest_inline(Make, Mid, Hi);
+        {_, _, dirty} -> largest_inline(Make, Lo, Mid)
+    end.
 
 %% Median of Reps runs, each in a fresh process so garbage does not pile up.
 time_us(Fun, Reps) ->

@@ -14,14 +14,25 @@ use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
-/// The bytes of one frame body, possibly scattered (e.g. an Erlang iovec whose
+/// The bytes of one frame body, possibly scattered (e.g. an encoded term whose
 /// large binaries are referenced in place). They must stay valid while `self` lives;
 /// dropping `self` is what releases them, after they are on the wire.
 pub trait FrameBody: Send {
     fn len(&self) -> usize;
+    /// The body's pieces in order; after `embed_header` returned true, the header first.
     fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>);
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// A body with `HEADER_LEN` spare bytes in front of its first piece can take the
+    /// frame header there, so a small frame is one slice (one `send`, no vector to
+    /// build). Returns false if it cannot.
+    fn embed_header(&mut self, _header: &[u8; HEADER_LEN]) -> bool {
+        false
+    }
+    /// All of it (with the header, once embedded) if it is one slice.
+    fn contiguous(&self) -> Option<&[u8]> {
+        None
     }
 }
 
@@ -36,15 +47,39 @@ impl FrameBody for Vec<u8> {
 
 pub struct OutFrame {
     header: [u8; HEADER_LEN],
+    /// The body holds the header in front of its own bytes.
+    header_in_body: bool,
     body: Box<dyn FrameBody>,
 }
 
 impl OutFrame {
     /// `None` when the body does not fit a frame's 32-bit length.
-    pub fn new(kind: FrameKind, body: Box<dyn FrameBody>) -> Option<OutFrame> {
+    pub fn new(kind: FrameKind, mut body: Box<dyn FrameBody>) -> Option<OutFrame> {
         let body_len = u32::try_from(body.len()).ok()?;
         let header = FrameHeader { kind, body_len }.encode();
-        Some(OutFrame { header, body })
+        let header_in_body = body.embed_header(&header);
+        Some(OutFrame {
+            header,
+            header_in_body,
+            body,
+        })
+    }
+
+    /// The header and the body's pieces, in order.
+    fn push_slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        if !self.header_in_body {
+            out.push(IoSlice::new(&self.header));
+        }
+        self.body.push_chunks(out);
+    }
+
+    /// The whole frame, if it is one slice.
+    fn contiguous(&self) -> Option<&[u8]> {
+        if self.header_in_body {
+            self.body.contiguous()
+        } else {
+            None
+        }
     }
 
     pub fn body_len(&self) -> usize {
@@ -183,15 +218,18 @@ impl Connection {
         if writing.is_some() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
             return Some(frame);
         }
-        let mut slices = Vec::with_capacity(4);
-        slices.push(IoSlice::new(&frame.header));
-        frame.body.push_chunks(&mut slices);
         let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        let socket = socket2::SockRef::from(&self.socket);
         // An error (full buffer, or a failure the writer will meet and report) sends nothing.
-        let sent: usize = socket2::SockRef::from(&self.socket)
-            .send_vectored_with_flags(&slices, flags)
-            .unwrap_or_default();
-        drop(slices);
+        let sent: usize = match frame.contiguous() {
+            Some(bytes) => socket.send_with_flags(bytes, flags),
+            None => {
+                let mut slices = Vec::with_capacity(4);
+                frame.push_slices(&mut slices);
+                socket.send_vectored_with_flags(&slices, flags)
+            }
+        }
+        .unwrap_or_default();
         if sent == 0 {
             return Some(frame);
         }
@@ -400,8 +438,7 @@ fn write_frame_from(
     offset: usize,
 ) -> Result<(), (usize, io::Error)> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
-    slices.push(IoSlice::new(&frame.header));
-    frame.body.push_chunks(&mut slices);
+    frame.push_slices(&mut slices);
     let mut slices = &mut slices[..];
     IoSlice::advance_slices(&mut slices, offset);
     write_all_vectored(stream, slices)
@@ -411,8 +448,7 @@ fn write_frame_from(
 fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> Result<(), (usize, io::Error)> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
     for frame in batch {
-        slices.push(IoSlice::new(&frame.header));
-        frame.body.push_chunks(&mut slices);
+        frame.push_slices(&mut slices);
     }
     write_all_vectored(stream, &mut slices)
 }
@@ -479,11 +515,27 @@ mod tests {
         let mut out = Vec::new();
         let mut slices = Vec::new();
         for frame in &frames {
-            slices.push(IoSlice::new(&frame.header));
-            frame.body.push_chunks(&mut slices);
+            frame.push_slices(&mut slices);
         }
         write_all_vectored(&mut out, &mut slices).unwrap();
         assert_eq!(out, b"\0\0\0\x04\x01abcd\0\0\0\x03\x02xyz");
+    }
+
+    #[test]
+    fn a_body_with_the_header_in_front_is_one_slice() {
+        use crate::etf::write::{self, Body};
+        let mut body = Body::new(8, true);
+        write::version(body.buf());
+        write::atom(body.buf(), "ok");
+        let frame = OutFrame::new(FrameKind::Send, Box::new(body)).unwrap();
+        let expected = b"\0\0\0\x06\x01\x83d\0\x02ok";
+        assert_eq!(frame.contiguous(), Some(&expected[..]));
+        let mut slices = Vec::new();
+        frame.push_slices(&mut slices);
+        assert_eq!(slices.len(), 1);
+        let mut out = Vec::new();
+        write_all_vectored(&mut out, &mut slices).unwrap();
+        assert_eq!(out, expected);
     }
 
     /// A writer that takes at most 3 bytes per call, to exercise partial writes.

@@ -180,34 +180,45 @@ impl Runtime {
 
     /// Queues a frame on the connection `key` picks in `peer`'s pool.
     pub fn send(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
-        let conn = self.connection_for(peer, key, &frame)?;
-        match conn.enqueue(frame) {
-            Ok(Enqueued::Ok) => Ok(Sent::Queued),
-            Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn)),
-            Err(_) => Err(SendError::NotConnected),
-        }
+        let conn = self.connection(peer, key).ok_or(SendError::NotConnected)?;
+        self.send_on(conn, frame, false)
     }
 
     /// Like `send`, but refuses (`SendError::Busy`) instead of queueing past the limit.
     pub fn send_nosuspend(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
-        let conn = self.connection_for(peer, key, &frame)?;
-        if conn.is_over_limit() {
-            return Err(SendError::Busy);
-        }
-        match conn.enqueue(frame) {
-            Ok(_) => Ok(Sent::Queued),
-            Err(_) => Err(SendError::NotConnected),
+        let conn = self.connection(peer, key).ok_or(SendError::NotConnected)?;
+        self.send_on(conn, frame, true)
+    }
+
+    /// The connection `key` picks in `peer`'s pool, if it is up: looked up before a
+    /// message is encoded, so a message for a node not connected yet is not encoded twice.
+    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
+        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
+        match pools.get(peer) {
+            Some(PoolSlot::Up(pool)) => Some(pool.connection(key).clone()),
+            _ => None,
         }
     }
 
-    fn connection_for(&self, peer: &str, key: u64, frame: &OutFrame) -> Result<Arc<Connection>, SendError> {
+    /// Queues a frame on `conn` (from `connection`); with `nosuspend`, refuses
+    /// (`SendError::Busy`) instead of queueing past the limit.
+    pub fn send_on(
+        &self,
+        conn: Arc<Connection>,
+        frame: OutFrame,
+        nosuspend: bool,
+    ) -> Result<Sent, SendError> {
         if frame.body_len() > self.shared.config.max_frame_bytes as usize {
             return Err(SendError::TooLarge);
         }
-        let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
-        match pools.get(peer) {
-            Some(PoolSlot::Up(pool)) => Ok(pool.connection(key).clone()),
-            _ => Err(SendError::NotConnected),
+        if nosuspend && conn.is_over_limit() {
+            return Err(SendError::Busy);
+        }
+        match conn.enqueue(frame) {
+            Ok(Enqueued::Ok) => Ok(Sent::Queued),
+            Ok(Enqueued::OverLimit) if nosuspend => Ok(Sent::Queued),
+            Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn)),
+            Err(_) => Err(SendError::NotConnected),
         }
     }
 

@@ -1,14 +1,18 @@
 //! NIF entry points of teleport (module `teleport_nif`). Thin: each decodes its
 //! arguments, calls into `teleport_net::Runtime`, and encodes the answer.
-//! Every entry here returns quickly; `stop` joins threads and so runs dirty.
+//! Every entry here returns quickly: `stop` joins threads and so runs dirty, and
+//! `send` and `encode` continue on a dirty scheduler when the term is too large to
+//! encode within the inline budget (encode.rs).
 
 mod atoms;
 mod decode;
 mod deliver;
 mod encode;
+mod encoder;
 mod events;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::raw::c_char;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -20,7 +24,7 @@ use teleport_net::{
     SendError, Sent,
 };
 
-use crate::encode::IoVecBody;
+use crate::encoder::{Limit, Stop};
 use crate::events::{node_atom, post, EventPump, Job, NifHost};
 
 /// The running node: at most one per VM, between `start` and `stop`.
@@ -72,6 +76,27 @@ fn encode_ip<'a>(env: Env<'a>, ip: IpAddr) -> Term<'a> {
 
 fn atom_text(atom: Atom, env: Env) -> NifResult<String> {
     atom.to_term(env).atom_to_string()
+}
+
+/// Calls `f` with an atom's text; without allocating when it is ASCII, as node names are.
+fn with_atom_text<R>(atom: Term, f: impl FnOnce(&str) -> R) -> NifResult<R> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer holds the longest atom (255 characters) and its NUL.
+    let n = unsafe {
+        rustler::sys::enif_get_atom(
+            atom.get_env().as_c_arg(),
+            atom.as_c_arg(),
+            buf.as_mut_ptr() as *mut c_char,
+            buf.len() as _,
+            rustler::sys::ErlNifCharEncoding::ERL_NIF_LATIN1,
+        )
+    };
+    match n {
+        n if n > 0 && buf[..n as usize - 1].is_ascii() => Ok(f(
+            std::str::from_utf8(&buf[..n as usize - 1]).map_err(|_| Error::BadArg)?
+        )),
+        _ => Ok(f(&atom.atom_to_string()?)),
+    }
 }
 
 /// Starts the listener. `Opts` is a map built and validated by teleport_config.
@@ -177,58 +202,75 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
     })
 }
 
-/// Queues one message. `body` is the list of binaries from `erlang:term_to_iovec/1`;
+/// Queues one message: encodes `msg` (the envelope teleport.erl builds) into a frame.
 /// `key` picks the connection (the sender's pid hash keeps one sender on one socket).
 /// Returns ok | suspend (queued; wait for `{teleport_resume, Peer}`) | not_connected | too_large,
 /// or busy (nothing queued) when `nosuspend` is true and the connection is over its limit.
+/// Encodes inline, or continues on a dirty scheduler when the message is large (encode.rs).
 #[rustler::nif]
 fn send<'a>(
     env: Env<'a>,
-    peer: Atom,
-    kind: Atom,
-    key: u64,
-    nosuspend: bool,
-    body: Term<'a>,
-) -> NifResult<Atom> {
-    let Some(node) = node() else {
-        return Ok(atoms::not_connected());
+    peer: Term<'a>,
+    kind: Term<'a>,
+    key: Term<'a>,
+    nosuspend: Term<'a>,
+    msg: Term<'a>,
+) -> NifResult<Term<'a>> {
+    send_with(env, &[peer, kind, key, nosuspend, msg], Limit::Inline)
+}
+
+encode::continuation!(send_dirty, send_with);
+
+fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
+    let &[peer, kind, key, nosuspend, msg] = args else {
+        return Err(Error::BadArg);
     };
-    let kind = if kind == atoms::send() {
+    let kind = if kind == atoms::send().to_term(env) {
         FrameKind::Send
-    } else if kind == atoms::call() {
+    } else if kind == atoms::call().to_term(env) {
         FrameKind::Call
     } else {
         return Err(Error::BadArg);
     };
-    let body = IoVecBody::from_term(env, body).ok_or(Error::BadArg)?;
-    let Some(frame) = OutFrame::new(kind, Box::new(body)) else {
-        return Ok(atoms::too_large());
+    let (key, nosuspend): (u64, bool) = (key.decode()?, nosuspend.decode()?);
+    let Some(node) = node() else {
+        return Ok(atoms::not_connected().encode(env));
     };
-    let name = atom_text(peer, env)?;
-    let sent = if nosuspend {
-        node.runtime.send_nosuspend(&name, key, frame)
-    } else {
-        node.runtime.send(&name, key, frame)
+    // Before encoding: a message for a node not connected yet comes back after the
+    // connector has opened the pool, and is encoded once.
+    let Some(conn) = with_atom_text(peer, |name| node.runtime.connection(name, key))? else {
+        return Ok(atoms::not_connected().encode(env));
     };
-    match sent {
-        Ok(Sent::Queued) => Ok(atoms::ok()),
+    let encoded = match unsafe { encoder::encode(env.as_c_arg(), msg.as_c_arg(), limit, true) } {
+        Ok(encoded) => encoded,
+        Err(Stop::OverBudget) => return Ok(encode::reschedule(env, c"send", send_dirty, args)),
+        Err(Stop::TooLarge) => return Ok(atoms::too_large().encode(env)),
+    };
+    encode::account(env, &encoded, limit);
+    let Some(frame) = OutFrame::new(kind, Box::new(encoded.body)) else {
+        return Ok(atoms::too_large().encode(env));
+    };
+    let outcome = match node.runtime.send_on(conn, frame, nosuspend) {
+        Ok(Sent::Queued) => atoms::ok(),
         Ok(Sent::OverLimit(conn)) => {
             let (jobs, caller) = (node.jobs.clone(), env.pid());
+            let peer = Atom::from_term(peer)?;
             let wake = Box::new(move |()| {
                 post(&jobs, caller, move |env| {
                     (atoms::teleport_resume(), peer).encode(env)
                 })
             });
-            Ok(if conn.wait_for_drain(wake) {
+            if conn.wait_for_drain(wake) {
                 atoms::suspend()
             } else {
                 atoms::ok()
-            })
+            }
         }
-        Err(SendError::NotConnected) => Ok(atoms::not_connected()),
-        Err(SendError::TooLarge) => Ok(atoms::too_large()),
-        Err(SendError::Busy) => Ok(atoms::busy()),
-    }
+        Err(SendError::NotConnected) => atoms::not_connected(),
+        Err(SendError::TooLarge) => atoms::too_large(),
+        Err(SendError::Busy) => atoms::busy(),
+    };
+    Ok(outcome.encode(env))
 }
 
 #[rustler::nif]
@@ -236,8 +278,9 @@ fn close_pool(env: Env, peer: Atom) -> NifResult<Atom> {
     let Some(node) = node() else {
         return Ok(atoms::ok());
     };
-    node.runtime
-        .close_pool(&atom_text(peer, env)?, "closed by request");
+    with_atom_text(peer.to_term(env), |name| {
+        node.runtime.close_pool(name, "closed by request")
+    })?;
     Ok(atoms::ok())
 }
 
@@ -372,6 +415,59 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
     match unsafe { decode::TermDecoder::default().decode(env.as_c_arg(), &source) } {
         Ok(term) => Ok(unsafe { Term::new(env, term) }),
         Err(reason) => Ok((atoms::error(), reason).encode(env)),
+    }
+}
+
+/// Encodes a term as teleport sends it: an iolist whose `iolist_to_binary/1` is the
+/// external term (binaries over 64 bytes appear as the original binaries, not copies).
+/// For tests and benchmarks against `term_to_binary/1`; inline or dirty, like `send`.
+#[rustler::nif]
+fn encode<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
+    encode_with(env, &[term], Limit::Inline)
+}
+
+/// `encode/1`, and how: `{Iolist, Work, inline | dirty}` (tests and the budget's calibration).
+#[rustler::nif]
+fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
+    encode_measured_with(env, &[term], Limit::Inline)
+}
+
+encode::continuation!(encode_dirty, encode_with);
+
+encode::continuation!(encode_measured_dirty, encode_measured_with);
+
+fn encode_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
+    encode_to_iolist(env, args, limit, false)
+}
+
+fn encode_measured_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
+    encode_to_iolist(env, args, limit, true)
+}
+
+fn encode_to_iolist<'a>(
+    env: Env<'a>,
+    args: &[Term<'a>],
+    limit: Limit,
+    measured: bool,
+) -> NifResult<Term<'a>> {
+    let &[term] = args else {
+        return Err(Error::BadArg);
+    };
+    match unsafe { encoder::encode(env.as_c_arg(), term.as_c_arg(), limit, false) } {
+        Ok(encoded) => {
+            encode::account(env, &encoded, limit);
+            let iolist = encode::iolist(env, &encoded);
+            if !measured {
+                return Ok(iolist);
+            }
+            let how = Atom::from_str(env, if limit == Limit::Inline { "inline" } else { "dirty" })?;
+            Ok((iolist, encoded.work, how).encode(env))
+        }
+        Err(Stop::OverBudget) => Ok(match measured {
+            false => encode::reschedule(env, c"encode", encode_dirty, args),
+            true => encode::reschedule(env, c"encode_measured", encode_measured_dirty, args),
+        }),
+        Err(Stop::TooLarge) => Err(Error::RaiseAtom("system_limit")),
     }
 }
 

@@ -1,0 +1,716 @@
+//! The send side's term encoder: walks a VM term and writes the standard external
+//! term format (version 131), byte-identical to `term_to_binary/1` (maps included: the
+//! order of a map over 32 keys is not specified, but it is the VM's, see `map`).
+//!
+//! - The walk is iterative (an explicit stack on the heap): a list nested a million
+//!   deep does not touch the small stack of a dirty scheduler.
+//! - Binaries over 64 bytes (refc binaries and sub-binaries of them) are not copied:
+//!   the body references their bytes in place. Each is copied (`enif_make_copy`) into
+//!   one process-independent env per message, which bumps a reference count and makes
+//!   a writable binary read-only, so the bytes cannot move or be freed until that env
+//!   goes, with the body, after the frame is on the wire.
+//! - Work is counted (`Limit::Inline`): on a normal scheduler the encoder gives up past
+//!   a budget and the caller starts over on a dirty scheduler (see encode.rs).
+//! - What the NIF API cannot take apart (pids, ports, refs, funs, integers over 64
+//!   bits, bitstrings, atoms outside Latin-1) is encoded by `enif_term_to_binary` and
+//!   spliced in without its version byte.
+
+use std::cell::Cell;
+use std::mem::MaybeUninit;
+use std::os::raw::{c_char, c_int, c_uint};
+use std::ptr;
+
+use rustler::sys::{
+    enif_alloc_env, enif_free_env, enif_get_atom, enif_get_double, enif_get_int64, enif_get_list_cell,
+    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_make_copy,
+    enif_make_list_from_array, enif_map_iterator_create, enif_map_iterator_destroy,
+    enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev, enif_release_binary,
+    enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator,
+    ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
+};
+use teleport_net::etf::write::{self as w, Body};
+
+/// Binaries over this size are referenced, not copied (the VM's own limit for
+/// binaries on the process heap: anything larger is a refc binary or a sub-binary).
+pub const COPY_MAX: usize = 64;
+
+/// The work an inline encode may do, in units of about one term visited. Measured on
+/// this project's 2-core machine (see BENCHMARKS.md, "inline budget"): the costliest
+/// units take ~25 ns, so a full budget is ~0.5 ms, under the 1 ms a NIF may hold a
+/// normal scheduler.
+pub const INLINE_BUDGET: u64 = 25_000;
+
+/// Maps of up to this many keys are flatmaps (MAP_SMALL_MAP_LIMIT in the VM).
+const FLATMAP_MAX: usize = 32;
+
+/// Extra units for a term encoded through `enif_term_to_binary` (an allocation and a
+/// copy), for a binary referenced through the keep-alive env, and for an atom's text
+/// fetched from the VM (not in the cache).
+const PIECE_COST: u64 = 16;
+const REFERENCE_COST: u64 = 12;
+const ATOM_MISS_COST: u64 = 1;
+
+/// Bytes written into the buffer (copied binaries, strings, pieces) count as one unit
+/// per this many.
+const BYTES_PER_UNIT: usize = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Limit {
+    /// On a normal scheduler: stop at `INLINE_BUDGET`.
+    Inline,
+    /// On a dirty scheduler: no limit.
+    Unbounded,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The inline budget ran out, or the term holds something of unknown cost
+    /// (a fun, a bitstring, a bignum): start again with `Limit::Unbounded`.
+    OverBudget,
+    /// A length the format cannot express (a binary or list of 2^32 or more).
+    TooLarge,
+}
+
+/// An encoded term.
+pub struct Encoded {
+    pub body: Body,
+    /// The referenced binaries (terms in the body's keep-alive env), in the order of
+    /// the body's external pieces.
+    pub referenced: Vec<ErlNifTerm>,
+    /// Work units spent, for `enif_consume_timeslice`.
+    pub work: u64,
+}
+
+/// A process-independent env holding the copies of the referenced binaries.
+struct KeepEnv(*mut ErlNifEnv);
+
+// SAFETY: a process-independent env may be used and freed from any thread, by one at a time;
+// this one is only freed (with the body that owns it).
+unsafe impl Send for KeepEnv {}
+
+impl Drop for KeepEnv {
+    fn drop(&mut self) {
+        // SAFETY: allocated by enif_alloc_env, freed once.
+        unsafe { enif_free_env(self.0) }
+    }
+}
+
+/// What is left to do, innermost last.
+#[derive(Clone, Copy)]
+enum Frame {
+    /// `left` more tuple elements from `next` on.
+    Elems { next: *const ErlNifTerm, left: usize },
+    /// The list cells from `tail` on, after `count` elements; the count goes at `len_at`.
+    ListRest {
+        tail: ErlNifTerm,
+        len_at: usize,
+        count: u32,
+    },
+    /// The pairs left in the map whose iterator is the last in `Scratch::iters`, and a
+    /// value to write first if `pending` (its key has just been written). `forward`:
+    /// the iterator goes from head to tail.
+    MapPairs {
+        value: ErlNifTerm,
+        pending: bool,
+        forward: bool,
+    },
+}
+
+/// The explicit stacks, kept per scheduler thread between encodes so a small message
+/// allocates nothing for them, and the atom cache.
+struct Scratch {
+    frames: Vec<Frame>,
+    /// One iterator per `Frame::MapPairs`, in the same order. An iterator may move: it
+    /// points to nothing inside itself.
+    iters: Vec<ErlNifMapIterator>,
+    atoms: [AtomSlot; ATOM_SLOTS],
+}
+
+const ATOM_SLOTS: usize = 256;
+
+/// One atom's encoding (ATOM_EXT, for names of up to 29 bytes).
+#[derive(Clone, Copy, Default)]
+struct AtomSlot {
+    term: ErlNifTerm,
+    /// 0: empty.
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl AtomSlot {
+    fn index(term: ErlNifTerm) -> usize {
+        // SAFETY: ErlNifTerm is a transparent wrapper of a machine word.
+        let word: usize = unsafe { std::mem::transmute(term) };
+        (word as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) as usize >> (usize::BITS - 8)
+    }
+}
+
+/// Beyond this many entries a stack is not kept for the next encode.
+const SCRATCH_KEEP: usize = 1 << 14;
+
+thread_local! {
+    static SCRATCH: Cell<Option<Box<Scratch>>> = const { Cell::new(None) };
+}
+
+/// Encodes `term` (a term of `env`). `header_room` leaves space for the frame header in
+/// front of the body (see `FrameBody::embed_header`).
+///
+/// # Safety
+/// `env` must be the env `term` lives in, valid for the whole call.
+pub unsafe fn encode(
+    env: *mut ErlNifEnv,
+    term: ErlNifTerm,
+    limit: Limit,
+    header_room: bool,
+) -> Result<Encoded, Stop> {
+    let scratch = SCRATCH.with(|s| s.take()).unwrap_or_else(|| {
+        Box::new(Scratch {
+            frames: Vec::new(),
+            iters: Vec::new(),
+            atoms: [AtomSlot::default(); ATOM_SLOTS],
+        })
+    });
+    let mut enc = Walker {
+        env,
+        nil: enif_make_list_from_array(env, ptr::null(), 0),
+        body: Body::new(256, header_room),
+        keep: ptr::null_mut(),
+        referenced: Vec::new(),
+        scratch,
+        work: 0,
+        limit: match limit {
+            Limit::Inline => INLINE_BUDGET,
+            Limit::Unbounded => u64::MAX,
+        },
+        tagged: tags::usable(),
+    };
+    w::version(enc.body.buf());
+    let outcome = enc.run(term);
+    let work = enc.total_work();
+    let Walker {
+        body,
+        referenced,
+        mut scratch,
+        ..
+    } = enc;
+    scratch.frames.clear();
+    // Left by an encode that stopped early.
+    for iter in scratch.iters.iter_mut() {
+        enif_map_iterator_destroy(env, iter);
+    }
+    scratch.iters.clear();
+    if scratch.frames.capacity() <= SCRATCH_KEEP && scratch.iters.capacity() <= SCRATCH_KEEP {
+        SCRATCH.with(|s| s.set(Some(scratch)));
+    }
+    outcome.map(|()| Encoded {
+        body,
+        referenced,
+        work,
+    })
+}
+
+struct Walker {
+    env: *mut ErlNifEnv,
+    nil: ErlNifTerm,
+    body: Body,
+    /// The keep-alive env, once a binary has been referenced (owned by `body`).
+    keep: *mut ErlNifEnv,
+    referenced: Vec<ErlNifTerm>,
+    scratch: Box<Scratch>,
+    work: u64,
+    limit: u64,
+    /// `tags::usable()`: small integers and atoms are recognised without a call.
+    tagged: bool,
+}
+
+/// What `scalar` did with a term.
+enum Visit {
+    Written,
+    /// A non-empty list, a tuple or a map, of this type: `open` it.
+    Compound(ErlNifTermType),
+}
+
+impl Walker {
+    /// Scalars are written where they are met. A compound child is opened where it is
+    /// met too (its header and leading scalars written), and gets a frame only if it
+    /// has a compound child of its own: a list of small tuples is one frame, and no
+    /// function here calls itself, directly or not.
+    unsafe fn run(&mut self, root: ErlNifTerm) -> Result<(), Stop> {
+        self.child(root)?;
+        while !self.scratch.frames.is_empty() {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// Counts `units` of work, and every `BYTES_PER_UNIT` bytes written so far as one
+    /// more; fails past the limit.
+    #[inline]
+    fn charge(&mut self, units: u64) -> Result<(), Stop> {
+        self.work += units;
+        if self.total_work() > self.limit {
+            return Err(Stop::OverBudget);
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn total_work(&self) -> u64 {
+        self.work + (self.body.position() / BYTES_PER_UNIT) as u64
+    }
+
+    fn inline(&self) -> bool {
+        self.limit != u64::MAX
+    }
+
+    /// Works through the innermost frame until it is done (and dropped), or until a
+    /// child needs a frame of its own (pushed above it; this one is updated).
+    unsafe fn step(&mut self) -> Result<(), Stop> {
+        let top = self.scratch.frames.len() - 1;
+        match self.scratch.frames[top] {
+            Frame::Elems { next, left } => {
+                for i in 0..left {
+                    if !self.child(*next.add(i))? {
+                        self.scratch.frames[top] = Frame::Elems {
+                            next: next.wrapping_add(i + 1),
+                            left: left - i - 1,
+                        };
+                        return Ok(());
+                    }
+                }
+                self.scratch.frames.pop();
+            }
+            Frame::MapPairs {
+                value,
+                pending,
+                forward,
+            } => {
+                let resume = |value, pending| Frame::MapPairs {
+                    value,
+                    pending,
+                    forward,
+                };
+                if pending && !self.child(value)? {
+                    self.scratch.frames[top] = resume(value, false);
+                    return Ok(());
+                }
+                let (mut key, mut value) = (ErlNifTerm::default(), ErlNifTerm::default());
+                // A child map's iterator comes and goes above this one: ours is the last
+                // whenever this frame is the innermost, so it is looked up each time.
+                while let Some(iter) = self.scratch.iters.last_mut() {
+                    if enif_map_iterator_get_pair(self.env, iter, &mut key, &mut value) == 0 {
+                        break;
+                    }
+                    if forward {
+                        enif_map_iterator_next(self.env, iter);
+                    } else {
+                        enif_map_iterator_prev(self.env, iter);
+                    }
+                    if !self.child(key)? {
+                        self.scratch.frames[top] = resume(value, true);
+                        return Ok(());
+                    }
+                    if !self.child(value)? {
+                        self.scratch.frames[top] = resume(value, false);
+                        return Ok(());
+                    }
+                }
+                if let Some(mut iter) = self.scratch.iters.pop() {
+                    enif_map_iterator_destroy(self.env, &mut iter);
+                }
+                self.scratch.frames.pop();
+            }
+            Frame::ListRest {
+                mut tail,
+                len_at,
+                mut count,
+            } => {
+                let (mut head, mut rest) = (ErlNifTerm::default(), ErlNifTerm::default());
+                while enif_get_list_cell(self.env, tail, &mut head, &mut rest) != 0 {
+                    count = count.checked_add(1).ok_or(Stop::TooLarge)?;
+                    tail = rest;
+                    if !self.child(head)? {
+                        self.scratch.frames[top] = Frame::ListRest { tail, len_at, count };
+                        return Ok(());
+                    }
+                }
+                self.scratch.frames.pop();
+                w::patch_u32(self.body.buf(), len_at, count);
+                // The tail: [] for a proper list, any other term for an improper one.
+                self.child(tail)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `term`, or opens it; false if that pushed a frame for the rest of it.
+    #[inline(always)]
+    unsafe fn child(&mut self, term: ErlNifTerm) -> Result<bool, Stop> {
+        match self.scalar(term)? {
+            Visit::Written => Ok(true),
+            Visit::Compound(ty) => self.open(term, ty),
+        }
+    }
+
+    /// Writes `term` if it is not a non-empty list, a tuple or a map.
+    #[inline(always)]
+    unsafe fn scalar(&mut self, term: ErlNifTerm) -> Result<Visit, Stop> {
+        self.charge(1)?;
+        if let Some(i) = self.small(term) {
+            w::int(self.body.buf(), i);
+            return Ok(Visit::Written);
+        }
+        if self.tagged {
+            if tags::is_atom(term) {
+                self.atom(term)?;
+                return Ok(Visit::Written);
+            }
+            if tags::is_list_cell(term) {
+                return Ok(Visit::Compound(ErlNifTermType::ERL_NIF_TERM_TYPE_LIST));
+            }
+        }
+        self.other(term)
+    }
+
+    /// `term` if it is a small integer (60 bits, no bignum).
+    #[inline(always)]
+    unsafe fn small(&self, term: ErlNifTerm) -> Option<i64> {
+        if self.tagged {
+            return tags::small(term);
+        }
+        let mut i = 0i64;
+        (enif_get_int64(self.env, term, &mut i) != 0).then_some(i)
+    }
+
+    #[inline(never)]
+    unsafe fn other(&mut self, term: ErlNifTerm) -> Result<Visit, Stop> {
+        let env = self.env;
+        match enif_term_type(env, term) {
+            ErlNifTermType::ERL_NIF_TERM_TYPE_LIST if term == self.nil => w::nil(self.body.buf()),
+            ty @ (ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE
+            | ErlNifTermType::ERL_NIF_TERM_TYPE_LIST
+            | ErlNifTermType::ERL_NIF_TERM_TYPE_MAP) => return Ok(Visit::Compound(ty)),
+            ErlNifTermType::ERL_NIF_TERM_TYPE_ATOM => self.atom(term)?,
+            ErlNifTermType::ERL_NIF_TERM_TYPE_BITSTRING => self.binary(term)?,
+            ErlNifTermType::ERL_NIF_TERM_TYPE_FLOAT => {
+                let mut f = 0.0;
+                enif_get_double(env, term, &mut f);
+                w::float(self.body.buf(), f);
+            }
+            ErlNifTermType::ERL_NIF_TERM_TYPE_INTEGER => {
+                let (mut i, mut u) = (0i64, 0u64);
+                if enif_get_int64(env, term, &mut i) != 0 {
+                    w::int(self.body.buf(), i);
+                } else if enif_get_uint64(env, term, &mut u) != 0 {
+                    w::uint(self.body.buf(), u);
+                } else {
+                    // A bignum: its size is not known before it is encoded.
+                    self.piece(term, true)?;
+                }
+            }
+            // A fun's size is that of what it captured, unknown before it is encoded.
+            ErlNifTermType::ERL_NIF_TERM_TYPE_FUN => self.piece(term, true)?,
+            // Pids, ports and references: small.
+            _ => self.piece(term, false)?,
+        }
+        Ok(Visit::Written)
+    }
+
+    /// Writes a compound term's header and its leading scalar children. At its first
+    /// compound child it pushes a frame for the rest, from that child on, and returns
+    /// false; true if it wrote all of it.
+    unsafe fn open(&mut self, term: ErlNifTerm, ty: ErlNifTermType) -> Result<bool, Stop> {
+        match ty {
+            ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE => {
+                let (mut arity, mut elems): (c_int, *const ErlNifTerm) = (0, ptr::null());
+                enif_get_tuple(self.env, term, &mut arity, &mut elems);
+                let arity = arity.max(0) as usize;
+                w::tuple_header(self.body.buf(), arity as u32);
+                for at in 0..arity {
+                    if let Visit::Compound(_) = self.scalar(*elems.add(at))? {
+                        self.scratch.frames.push(Frame::Elems {
+                            next: elems.add(at),
+                            left: arity - at,
+                        });
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            ErlNifTermType::ERL_NIF_TERM_TYPE_LIST => self.list(term),
+            _ => self.map(term),
+        }
+    }
+
+    /// A non-empty list: STRING_EXT if `term_to_binary/1` would write one, else LIST_EXT,
+    /// its length patched in at the last cell.
+    unsafe fn list(&mut self, list: ErlNifTerm) -> Result<bool, Stop> {
+        let (mut head, mut rest) = (ErlNifTerm::default(), ErlNifTerm::default());
+        enif_get_list_cell(self.env, list, &mut head, &mut rest);
+        if matches!(self.small(head), Some(0..=255)) && self.string(list)? {
+            return Ok(true);
+        }
+        let len_at = w::list_header(self.body.buf(), 0);
+        let (mut cell, mut count, mut at_compound) = (list, 0u32, false);
+        while enif_get_list_cell(self.env, cell, &mut head, &mut rest) != 0 {
+            if let Visit::Compound(_) = self.scalar(head)? {
+                at_compound = true;
+                break;
+            }
+            count = count.checked_add(1).ok_or(Stop::TooLarge)?;
+            cell = rest;
+        }
+        if !at_compound {
+            // `cell` is the tail: [] or, for an improper list, any other term.
+            w::patch_u32(self.body.buf(), len_at, count);
+            if let Visit::Written = self.scalar(cell)? {
+                return Ok(true);
+            }
+        }
+        // From the cell whose head is compound, or from a compound tail.
+        self.scratch.frames.push(Frame::ListRest {
+            tail: cell,
+            len_at,
+            count,
+        });
+        Ok(false)
+    }
+
+    /// Writes `list` as STRING_EXT if it is a proper list of fewer than 65536 integers
+    /// 0..=255 (scanning at most that many cells); else writes nothing and returns false.
+    unsafe fn string(&mut self, list: ErlNifTerm) -> Result<bool, Stop> {
+        let start = self.body.position();
+        self.body
+            .buf()
+            .extend_from_slice(&[teleport_net::etf::STRING_EXT, 0, 0]);
+        let (mut cell, mut n) = (list, 0usize);
+        let (mut head, mut tail) = (ErlNifTerm::default(), ErlNifTerm::default());
+        while enif_get_list_cell(self.env, cell, &mut head, &mut tail) != 0 {
+            let Some(b) = self.small(head).and_then(|i| u8::try_from(i).ok()) else {
+                break;
+            };
+            n += 1;
+            if n > w::STRING_MAX {
+                break;
+            }
+            self.body.buf().push(b);
+            cell = tail;
+        }
+        self.charge(n as u64)?;
+        if cell == self.nil && n <= w::STRING_MAX {
+            let len = (n as u16).to_be_bytes();
+            self.body.buf()[start + 1..start + 3].copy_from_slice(&len);
+            return Ok(true);
+        }
+        self.body.truncate(start);
+        Ok(false)
+    }
+
+    /// Writes a map's header and pushes a frame for its pairs, which come in
+    /// `term_to_binary/1`'s order: for a map of up to 32 keys (a flatmap) the
+    /// iterator's, which is key order; for a larger one (a hash trie, which the VM
+    /// walks depth-first from its last branch) the iterator's reversed.
+    unsafe fn map(&mut self, term: ErlNifTerm) -> Result<bool, Stop> {
+        let mut size = 0usize;
+        enif_get_map_size(self.env, term, &mut size);
+        w::map_header(self.body.buf(), u32::try_from(size).map_err(|_| Stop::TooLarge)?);
+        if size == 0 {
+            return Ok(true);
+        }
+        // Iterating costs about as much again as the keys and values.
+        self.charge(size as u64)?;
+        let forward = size <= FLATMAP_MAX;
+        let start = if forward {
+            ErlNifMapIteratorEntry::ERL_NIF_MAP_ITERATOR_HEAD
+        } else {
+            ErlNifMapIteratorEntry::ERL_NIF_MAP_ITERATOR_TAIL
+        };
+        let mut iter = MaybeUninit::<ErlNifMapIterator>::uninit();
+        if enif_map_iterator_create(self.env, term, iter.as_mut_ptr(), start) == 0 {
+            // Not reachable for a term whose type is map; refuse rather than guess.
+            return Err(Stop::TooLarge);
+        }
+        self.scratch.iters.push(iter.assume_init());
+        self.scratch.frames.push(Frame::MapPairs {
+            value: self.nil,
+            pending: false,
+            forward,
+        });
+        Ok(false)
+    }
+
+    /// Atoms are immediates that never change meaning while the VM runs: the same term
+    /// is the same atom, so its encoding is cached per scheduler thread.
+    unsafe fn atom(&mut self, term: ErlNifTerm) -> Result<(), Stop> {
+        let slot = &mut self.scratch.atoms[AtomSlot::index(term)];
+        if slot.term == term && slot.len > 0 {
+            self.body
+                .buf()
+                .extend_from_slice(&slot.bytes[..slot.len as usize]);
+            return Ok(());
+        }
+        let mut name = MaybeUninit::<[u8; 256]>::uninit();
+        let n = enif_get_atom(
+            self.env,
+            term,
+            name.as_mut_ptr() as *mut c_char,
+            256 as c_uint,
+            ErlNifCharEncoding::ERL_NIF_LATIN1,
+        );
+        if n <= 0 {
+            // A character over 255: OTP 25's NIF API gives no UTF-8 text, the VM does.
+            return self.piece(term, false);
+        }
+        self.charge(ATOM_MISS_COST)?;
+        // SAFETY: the VM wrote n bytes, the last the terminating NUL.
+        let name = std::slice::from_raw_parts(name.as_ptr() as *const u8, n as usize - 1);
+        let at = self.body.position();
+        w::atom_latin1(self.body.buf(), name);
+        let encoded = &self.body.buf()[at..];
+        let slot = &mut self.scratch.atoms[AtomSlot::index(term)];
+        if encoded.len() <= slot.bytes.len() {
+            slot.bytes[..encoded.len()].copy_from_slice(encoded);
+            slot.len = encoded.len() as u8;
+            slot.term = term;
+        }
+        Ok(())
+    }
+
+    #[inline(never)]
+    unsafe fn binary(&mut self, term: ErlNifTerm) -> Result<(), Stop> {
+        let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
+        if enif_inspect_binary(self.env, term, bin.as_mut_ptr()) == 0 {
+            // A bitstring (not a whole number of bytes): rare, and of unknown size.
+            return self.piece(term, true);
+        }
+        let bin = bin.assume_init();
+        let len = u32::try_from(bin.size).map_err(|_| Stop::TooLarge)?;
+        w::binary_header(self.body.buf(), len);
+        if bin.size <= COPY_MAX {
+            self.body.buf().extend_from_slice(slice(&bin));
+            return Ok(());
+        }
+        self.charge(REFERENCE_COST)?;
+        if self.keep.is_null() {
+            let keep = enif_alloc_env();
+            self.body.keep_alive(Box::new(KeepEnv(keep)));
+            self.keep = keep;
+        }
+        let copy = enif_make_copy(self.keep, term);
+        let mut kept = MaybeUninit::<ErlNifBinary>::uninit();
+        if enif_inspect_binary(self.keep, copy, kept.as_mut_ptr()) == 0 {
+            return Err(Stop::TooLarge);
+        }
+        let kept = kept.assume_init();
+        // SAFETY: `copy` lives in the keep env, which the body owns and drops last;
+        // the copy made the binary read-only, so its bytes do not move.
+        self.body.push_external(slice(&kept));
+        self.referenced.push(copy);
+        Ok(())
+    }
+
+    /// Splices in the VM's own encoding of `term`. `unknown_size`: on a normal
+    /// scheduler, leave it to a dirty one, as it may be large.
+    #[inline(never)]
+    unsafe fn piece(&mut self, term: ErlNifTerm, unknown_size: bool) -> Result<(), Stop> {
+        if unknown_size && self.inline() {
+            return Err(Stop::OverBudget);
+        }
+        self.charge(PIECE_COST)?;
+        let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
+        if enif_term_to_binary(self.env, term, bin.as_mut_ptr()) == 0 {
+            return Err(Stop::TooLarge);
+        }
+        let mut bin = bin.assume_init();
+        // Without the version byte.
+        self.body
+            .buf()
+            .extend_from_slice(slice(&bin).get(1..).unwrap_or_default());
+        enif_release_binary(&mut bin);
+        Ok(())
+    }
+}
+
+unsafe fn slice(bin: &ErlNifBinary) -> &[u8] {
+    if bin.size == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(bin.data, bin.size)
+    }
+}
+
+/// The VM's tagging of immediate terms on 64-bit machines (erl_term.h): a small integer
+/// is `value << 4 | 0xF`, an atom `index << 6 | 0x0B`, a list cell pointer has `01` in
+/// its low bits. Reading the tags saves a call into the VM per integer and atom, about a
+/// third of the encoder's time on structure-heavy terms. Not part of the NIF API, so
+/// used only once `usable` has checked them against what the API itself makes.
+mod tags {
+    use std::sync::OnceLock;
+
+    use rustler::sys::{
+        enif_alloc_env, enif_free_env, enif_make_atom, enif_make_double, enif_make_int64,
+        enif_make_list_cell, enif_make_list_from_array, enif_make_ref, enif_make_tuple_from_array,
+        ErlNifTerm,
+    };
+
+    #[inline(always)]
+    fn word(term: ErlNifTerm) -> usize {
+        // SAFETY: ErlNifTerm is a transparent wrapper of a machine word.
+        unsafe { std::mem::transmute(term) }
+    }
+
+    #[inline(always)]
+    pub fn small(term: ErlNifTerm) -> Option<i64> {
+        let w = word(term);
+        (w & 0xF == 0xF).then_some((w as i64) >> 4)
+    }
+
+    #[inline(always)]
+    pub fn is_atom(term: ErlNifTerm) -> bool {
+        word(term) & 0x3F == 0x0B
+    }
+
+    #[inline(always)]
+    pub fn is_list_cell(term: ErlNifTerm) -> bool {
+        word(term) & 0x3 == 0x1
+    }
+
+    /// Whether the tags above hold in this VM, probed once with terms the API makes.
+    /// `TELEPORT_ENCODER_TAGS=off` in the VM's environment turns them off (tests use
+    /// it to run the API-only path).
+    pub fn usable() -> bool {
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| {
+            let off = std::env::var_os("TELEPORT_ENCODER_TAGS").is_some_and(|v| v == "off");
+            !off && usize::BITS == 64 && unsafe { probe() }
+        })
+    }
+
+    unsafe fn probe() -> bool {
+        let env = enif_alloc_env();
+        let smalls = [0, 1, -1, 255, 256, -256, 123_456_789, (1 << 59) - 1, -(1 << 59)];
+        let bigs = [1 << 59, -(1 << 59) - 1, i64::MAX, i64::MIN];
+        let nil = enif_make_list_from_array(env, std::ptr::null(), 0);
+        let atoms = [c"ok", c"", c"teleport_tag_probe"].map(|name| enif_make_atom(env, name.as_ptr()));
+        let one = enif_make_int64(env, 1);
+        let cell = enif_make_list_cell(env, one, nil);
+        let others = [
+            nil,
+            cell,
+            enif_make_tuple_from_array(env, [one].as_ptr(), 1),
+            enif_make_double(env, 1.5),
+            enif_make_ref(env),
+        ];
+        let ok = smalls.iter().all(|&v| small(enif_make_int64(env, v)) == Some(v))
+            && bigs.iter().all(|&v| small(enif_make_int64(env, v)).is_none())
+            && atoms
+                .iter()
+                .all(|&a| is_atom(a) && small(a).is_none() && !is_list_cell(a))
+            && word(atoms[0]) != word(atoms[2])
+            && is_list_cell(cell)
+            && others.iter().all(|&t| small(t).is_none() && !is_atom(t))
+            && others[..1].iter().chain(&others[2..]).all(|&t| !is_list_cell(t));
+        enif_free_env(env);
+        ok
+    }
+}
