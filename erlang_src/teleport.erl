@@ -254,7 +254,8 @@ route(_) ->
 
 connection_key([]) -> erlang:phash2(self());
 connection_key([{key, Key} | _]) -> erlang:phash2(Key);
-connection_key([unordered | _]) -> erlang:unique_integer([positive]);
+%% unique_integer counts in steps that share factors with pool sizes: hash it.
+connection_key([unordered | _]) -> erlang:phash2(erlang:unique_integer());
 connection_key([nosuspend | Opts]) -> connection_key(Opts);
 connection_key([Other | _]) -> erlang:error({badarg, Other}).
 

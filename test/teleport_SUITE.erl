@@ -608,10 +608,16 @@ send_unordered_delivers_all(Config) ->
     Tag = make_ref(),
     Count = 2000,
     Before = stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(), messages_in),
+    SlotsBefore = messages_out_by_slot(teleport:stats(A)),
     [?assertEqual(ok, teleport:send({?SINK, A}, {Tag, {seq, I}}, [unordered]))
      || I <- lists:seq(1, Count)],
     Got = payloads(collect(Tag, Count, ?MSG_TIMEOUT)),
     ?assertEqual([{seq, I} || I <- lists:seq(1, Count)], lists:sort(Got)),
+    %% Spread over the pool: every slot carried a share (a key stepping by the pool
+    %% size once sent all of them down one connection).
+    SlotsAfter = messages_out_by_slot(teleport:stats(A)),
+    Used = [Slot || {Slot, N} <- maps:to_list(SlotsAfter), N - maps:get(Slot, SlotsBefore, 0) > 0],
+    ?assertEqual(?POOL_SIZE, length(Used)),
     %% Counted by A's reader right after each delivery.
     ?assert(teleport_test_peer:wait_until(fun() ->
                                stat(erpc:call(A, teleport, stats, [], ?RPC_TIMEOUT), node(),
@@ -767,6 +773,9 @@ stats_per_connection(Config) ->
                           [C || #{local := L, remote := R} = C <- In, L =:= Remote, R =:= Local])
          end || #{local := Local, remote := Remote, connected_ms := Ms,
                   messages_out := MsgOut, bytes_out := BytesOut} <- Out].
+
+messages_out_by_slot(Stats) ->
+    maps:from_list([{I, N} || #{index := I, messages_out := N} <- outbound(Stats)]).
 
 outbound(#{per_connection := Conns}) -> [C || #{direction := outbound} = C <- Conns].
 
