@@ -224,7 +224,8 @@ stats(Node) when is_atom(Node) ->
     end.
 
 %% @doc The listener's counters: inbound `handshake_failures' (wrong cookie,
-%% garbage, timeouts: nothing is attributed to a node before it authenticates),
+%% garbage, timeouts, connections closed at accept over the pending-handshake
+%% caps: nothing is attributed to a node before it authenticates),
 %% `pending_handshakes' now, and `inbound_connections' open now. Empty if
 %% teleport is not running.
 -spec listener_stats() -> #{handshake_failures => non_neg_integer(),

@@ -9,7 +9,8 @@
 %% <tr><td>`send_queue_bytes'</td><td>64 MiB</td><td>per connection; past it senders wait</td></tr>
 %% <tr><td>`connect_timeout'</td><td>5000 ms</td><td>TCP connect to a peer</td></tr>
 %% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
-%% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes at once; connections past it are closed unanswered</td></tr>
+%% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
+%% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -17,7 +18,8 @@
 -export([get/0, get/1, validate/2, defaults/0]).
 
 -type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
-             | connect_timeout | handshake_timeout | max_pending_handshakes | peer_addresses.
+             | connect_timeout | handshake_timeout | max_pending_handshakes
+             | max_pending_handshakes_per_ip | peer_addresses.
 -export_type([key/0]).
 
 %% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
@@ -43,6 +45,7 @@ defaults() ->
       connect_timeout => 5000,
       handshake_timeout => 5000,
       max_pending_handshakes => 64,
+      max_pending_handshakes_per_ip => 8,
       peer_addresses => #{}}.
 
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
@@ -55,6 +58,7 @@ validate(send_queue_bytes, N) when is_integer(N), N >= 1024 -> N;
 validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
 validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
 validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
+validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

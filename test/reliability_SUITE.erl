@@ -22,12 +22,17 @@
 %%%     still serves teleport.</li>
 %%% <li>`app_restart': stopping teleport on a node closes its listener and its
 %%%     connections and ends its threads; starting it again works.</li>
+%%% <li>`listen_ip_loopback': a node with `listen_ip' 127.0.0.2 is reached
+%%%     there, and its port on 127.0.0.3 refuses connections.</li>
 %%% <li>group `netns' (root only, needs `ip netns'): two nodes in two network
 %%%     namespaces joined by a veth pair. teleport works across it, and a silent
 %%%     partition (the link goes down: no FIN, no RST) unblocks senders once
 %%%     distributed Erlang declares the node down; after the link comes back,
 %%%     one sender's messages still arrive in order and no stale inbound
-%%%     connection is left behind.</li>
+%%%     connection is left behind. `listen_ip_in_namespace': a node whose
+%%%     `listen_ip' is its veth address is reached there (from its own and the
+%%%     other namespace, by teleport too) and refuses on 127.0.0.1 of its
+%%%     namespace.</li>
 %%% </ul>
 %%% Sinks on the peers forward a summary of what they receive (never the
 %%% 10 MiB payloads) back over distributed Erlang; see teleport_rel_remote.
@@ -43,8 +48,8 @@
 
 -export([peer_killed_mid_transfer/1, same_name_comes_back/1,
          stalled_receiver_bounds_memory/1, nosuspend_returns_busy/1,
-         hostile_listener/1, app_restart/1,
-         veth_transfer/1, partition_heal/1]).
+         hostile_listener/1, app_restart/1, listen_ip_loopback/1,
+         veth_transfer/1, partition_heal/1, listen_ip_in_namespace/1]).
 
 -define(MiB, (1024 * 1024)).
 -define(BIG, (10 * ?MiB)).
@@ -88,10 +93,11 @@ all() ->
      nosuspend_returns_busy,
      hostile_listener,
      app_restart,
+     listen_ip_loopback,
      {group, netns}].
 
 groups() ->
-    [{netns, [], [veth_transfer, partition_heal]}].
+    [{netns, [], [veth_transfer, partition_heal, listen_ip_in_namespace]}].
 
 init_per_suite(Config) ->
     %% Our own node name: another suite run on this host may hold teleport_ct.
@@ -671,6 +677,27 @@ start_bare_peer(Prefix) ->
     {Node, track_peer(testcase, Peer, Node)}.
 
 %%====================================================================
+%% listen_ip_loopback
+%%====================================================================
+
+%% Without root: loopback has many addresses, and the listener takes only its own.
+listen_ip_loopback(_Config) ->
+    Bound = {127, 0, 0, 2},
+    {P, _} = start_peer("rel_bind", #{listen_ip => Bound}),
+    {Ip, Port} = rpc(P, teleport, listen_address, []),
+    Refused = teleport_rel_remote:tcp_probe({127, 0, 0, 3}, Port),
+    Accepted = teleport_rel_remote:tcp_probe(Bound, Port),
+    ct:pal("listening on ~p:~p; 127.0.0.3: ~p; ~p: ~p", [Ip, Port, Refused, Bound, Accepted]),
+    ?assertEqual(Bound, Ip),
+    ?assertEqual({error, econnrefused}, Refused),
+    ?assertEqual(ok, Accepted),
+    %% teleport finds it there (the lookup returns the bound address).
+    {ok, _} = teleport_rel_remote:start_sink(P, ?SINK, self()),
+    Tag = make_ref(),
+    ?assertEqual(ok, teleport:send({?SINK, P}, {Tag, bound, 1, <<"here">>})),
+    ?assertEqual([{P, bound, 1, 4}], collect(Tag, 1, ?MSG_TIMEOUT)).
+
+%%====================================================================
 %% netns
 %%====================================================================
 
@@ -828,6 +855,47 @@ partition_heal(Config) ->
     ?assertMatch(InOrder when InOrder =:= [0, 2] orelse InOrder =:= [0, 1, 2], Arrived),
     %% Nothing is left reading connections from before the partition.
     ?assert(InboundSettled).
+
+%% Node A listens on its veth address only: reachable there, from inside its
+%% namespace and from B's, and refused on its namespace's 127.0.0.1.
+listen_ip_in_namespace(Config) ->
+    #{a := {PA, A}, b := {PB, _B}} = ?config(netns, Config),
+    {ok, VethA} = inet:parse_address(?NS_A_IP),
+    restart_remote_teleport(PA, [{listen_ip, VethA}]),
+    try
+        {Ip, Port} = pcall(PA, teleport, listen_address, []),
+        Loopback = pcall(PA, teleport_rel_remote, tcp_probe, [{127, 0, 0, 1}, Port]),
+        FromA = pcall(PA, teleport_rel_remote, tcp_probe, [VethA, Port]),
+        FromB = pcall(PB, teleport_rel_remote, tcp_probe, [VethA, Port]),
+        ct:pal("A listens on ~p:~p; inside A's namespace 127.0.0.1: ~p, ~s: ~p; from B: ~p",
+               [Ip, Port, Loopback, ?NS_A_IP, FromA, FromB]),
+        ?assertEqual(VethA, Ip),
+        ?assertEqual({error, econnrefused}, Loopback),
+        ?assertEqual(ok, FromA),
+        ?assertEqual(ok, FromB),
+        %% B's teleport reaches A at that address.
+        {ok, Coll} = pcall(PB, teleport_rel_remote, start_collector, [?COLLECTOR]),
+        {ok, _} = pcall(PB, teleport_rel_remote, start_sink, [A, ?SINK, Coll]),
+        Tag = make_ref(),
+        ?assertEqual(ok, pcall(PB, teleport, send, [{?SINK, A}, {Tag, bound, 1, <<"veth">>}])),
+        Collected = fun() -> pcall(PB, teleport_rel_remote, collected, [?COLLECTOR, Tag]) end,
+        ?assert(teleport_test_peer:wait_until(fun() -> Collected() =/= [] end, ?MSG_TIMEOUT)),
+        ?assertEqual([{Tag, bound, 1, 4}], Collected()),
+        ?assert(lists:member(A, pcall(PB, teleport, nodes, [])))
+    after
+        %% Later cases in the group expect A as setup_netns left it.
+        restart_remote_teleport(PA, [{listen_ip, undefined}])
+    end.
+
+%% Restarts teleport on a namespace node with `Env' (`undefined' unsets a key).
+restart_remote_teleport(Peer, Env) ->
+    ok = pcall(Peer, application, stop, [teleport]),
+    _ = [ok = case V of
+                  undefined -> pcall(Peer, application, unset_env, [teleport, K]);
+                  _ -> pcall(Peer, application, set_env, [teleport, K, V])
+              end || {K, V} <- Env],
+    {ok, _} = pcall(Peer, application, ensure_all_started, [teleport]),
+    ok.
 
 spawn_flood(Peer, Dest, Tag, Opts) ->
     Parent = self(),

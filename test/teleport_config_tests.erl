@@ -21,6 +21,14 @@ defaults_are_valid_test() ->
     ?assert(maps:get(max_frame_bytes, Config) >= 1024),
     ?assertEqual(lists:sort(maps:keys(teleport_config:defaults())), lists:sort(maps:keys(Config))).
 
+per_ip_handshake_cap_test() ->
+    ?assertEqual(8, maps:get(max_pending_handshakes_per_ip, teleport_config:get())),
+    with_env(max_pending_handshakes_per_ip, 2,
+             fun() -> ?assertEqual(2, teleport_config:get(max_pending_handshakes_per_ip)) end),
+    with_env(max_pending_handshakes_per_ip, 0,
+             fun() -> ?assertError({invalid_config, max_pending_handshakes_per_ip, 0},
+                                   teleport_config:get()) end).
+
 env_overrides_default_test() ->
     with_env(pool_size, 7, fun() -> ?assertEqual(7, teleport_config:get(pool_size)) end),
     with_env(listen_ip, {127, 0, 0, 2},
@@ -30,11 +38,15 @@ invalid_values_raise_test_() ->
     Bad = [{pool_size, 0}, {pool_size, many}, {listen_ip, {300, 0, 0, 1}}, {listen_ip, "127.0.0.1"},
            {listen_port, 70000}, {max_frame_bytes, 10}, {max_frame_bytes, 1 bsl 33},
            {send_queue_bytes, -1}, {connect_timeout, infinity}, {handshake_timeout, 0},
-           {peer_addresses, #{a@b => {{127, 0, 0, 1}, 0}}}, {peer_addresses, [x]}],
+           {peer_addresses, #{a@b => {{127, 0, 0, 1}, 0}}}, {peer_addresses, [x]},
+           {max_pending_handshakes, 0}, {max_pending_handshakes_per_ip, 0},
+           {max_pending_handshakes_per_ip, -1}, {max_pending_handshakes_per_ip, 2.0},
+           {max_pending_handshakes_per_ip, infinity}],
     [?_assertError({invalid_config, Key, _}, teleport_config:validate(Key, Value))
      || {Key, Value} <- Bad].
 
 valid_values_pass_test_() ->
     Good = [{pool_size, 1}, {listen_ip, {0, 0, 0, 0, 0, 0, 0, 1}}, {listen_port, 65535},
-            {max_frame_bytes, 16#FFFFFFFF}, {peer_addresses, #{'a@h' => {{127, 0, 0, 1}, 4000}}}],
+            {max_frame_bytes, 16#FFFFFFFF}, {peer_addresses, #{'a@h' => {{127, 0, 0, 1}, 4000}}},
+            {max_pending_handshakes_per_ip, 1}, {max_pending_handshakes_per_ip, 1000}],
     [?_assertEqual(Value, teleport_config:validate(Key, Value)) || {Key, Value} <- Good].

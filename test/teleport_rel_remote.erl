@@ -10,6 +10,8 @@
 %%% <li>A long-lived sender, so that messages sent minutes apart through
 %%%     separate `peer:call/5's still come from one process.</li>
 %%% <li>A flood: one process sending until teleport refuses.</li>
+%%% <li>A TCP probe: does anything accept connections at an address, seen
+%%%     from this node's network namespace.</li>
 %%% </ul>
 -module(teleport_rel_remote).
 
@@ -19,6 +21,7 @@
 -export([flood/5]).
 -export([inbound_threads/0, thread_names/0]).
 -export([blocked_senders/0]).
+-export([tcp_probe/2]).
 
 -define(RPC_TIMEOUT, 30000).
 
@@ -158,3 +161,12 @@ blocked_senders() ->
     [Pid || Pid <- erlang:processes(),
             erlang:process_info(Pid, [current_function, status])
                 =:= [{current_function, {teleport, enqueue, 5}}, {status, waiting}]].
+
+%% @doc Connects to `Ip':`Port' from this node and closes again: `ok', or why not
+%% (`{error, econnrefused}' when nothing listens there).
+-spec tcp_probe(inet:ip_address(), inet:port_number()) -> ok | {error, term()}.
+tcp_probe(Ip, Port) ->
+    case gen_tcp:connect(Ip, Port, [binary, {active, false}], 5000) of
+        {ok, Socket} -> gen_tcp:close(Socket);
+        {error, _} = Error -> Error
+    end.

@@ -17,6 +17,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; further connections are closed at accept.
     pub max_pending_handshakes: usize,
+    /// Of those, how many one source (IPv4 address, IPv6 /64) may hold.
+    pub max_pending_handshakes_per_ip: usize,
 }
 
 impl Config {
@@ -30,6 +32,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
+            max_pending_handshakes_per_ip: 8,
         }
     }
 }

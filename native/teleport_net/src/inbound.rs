@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::framing::{read_header, FrameKind};
+use crate::framing::{read_header, FrameHeader, FrameKind};
 use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
 use crate::host::{Delivery, Event};
+use crate::listener::HandshakeSlot;
 use crate::runtime::Shared;
 use crate::runtime::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
@@ -17,7 +18,7 @@ use std::io::Read;
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
-pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
+pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr, slot: HandshakeSlot) {
     let handshake = HandshakeConfig {
         cookie: &shared.config.cookie,
         local_node: &shared.config.local_node,
@@ -28,7 +29,7 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         Some(_) => server_handshake(&stream, &handshake),
         None => Err(HandshakeError::Io(std::io::ErrorKind::Interrupted.into())),
     };
-    shared.pending_handshakes.fetch_sub(1, SeqCst);
+    drop(slot);
     let peer = match outcome {
         Ok(peer) => peer,
         Err(_) if tracked.is_none() => return, // stopping
@@ -67,18 +68,15 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;
     loop {
-        let header = match read_header(&mut reader, shared.config.max_frame_bytes) {
+        let header = match next_data_header(&mut reader, shared.config.max_frame_bytes) {
             Ok(Some(header)) => header,
             Ok(None) => return "peer closed the connection".to_string(),
-            Err(e) => return format!("bad frame: {e}"),
+            Err(reason) => return reason,
         };
         // A newer pool from this node exists: anything still arriving here was sent
         // before it (bytes a partition held back) and must not overtake its frames.
         if membership.is_stale() {
             return "superseded by a newer pool from the same node".to_string();
-        }
-        if header.kind == FrameKind::PoolEpoch {
-            return "a second pool epoch frame".to_string();
         }
         let len = header.body_len as usize;
         let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
@@ -110,8 +108,19 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     }
 }
 
+/// The header of the next frame to deliver; `Ok(None)` at a clean end of stream.
+pub(crate) fn next_data_header(reader: &mut impl Read, max_body: u32) -> Result<Option<FrameHeader>, String> {
+    match read_header(reader, max_body) {
+        Ok(Some(header)) if header.kind == FrameKind::PoolEpoch => {
+            Err("a second pool epoch frame".to_string())
+        }
+        Ok(header) => Ok(header),
+        Err(e) => Err(format!("bad frame: {e}")),
+    }
+}
+
 /// The first frame of a connection names the sender's pool.
-fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, String> {
+pub(crate) fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, String> {
     match read_header(reader, POOL_TOKEN_LEN as u32) {
         Ok(Some(header))
             if header.kind == FrameKind::PoolEpoch && header.body_len as usize == POOL_TOKEN_LEN => {}

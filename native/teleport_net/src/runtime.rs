@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +38,8 @@ struct InboundPool {
 /// The listener's side: what arrives before anyone is authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerStats {
-    /// Inbound handshakes that failed (bad cookie, garbage, timeout, ...).
+    /// Inbound handshakes that failed (bad cookie, garbage, timeout, ...), and connections
+    /// closed at accept because the pending-handshake caps were reached.
     pub handshake_failures: u64,
     /// Handshakes in progress now.
     pub pending_handshakes: u64,
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopping: AtomicBool,
     pub pending_handshakes: AtomicUsize,
+    /// Handshakes in progress by source (see `listener::HandshakeSlot`).
+    pub pending_by_source: Mutex<HashMap<IpAddr, usize>>,
 }
 
 pub struct Runtime {
@@ -116,6 +119,7 @@ impl Runtime {
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             pending_handshakes: AtomicUsize::new(0),
+            pending_by_source: Mutex::new(HashMap::new()),
         });
         let acceptor_shared = shared.clone();
         let acceptor_listener = listener.try_clone()?;

@@ -1002,6 +1002,84 @@ fn max_pending_handshakes_bounds_threads() {
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
 }
 
+/// A TCP connection from the loopback address `source` (bound before connecting).
+fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from = SocketAddr::from((source, 0));
+    socket
+        .bind(&from.into())
+        .expect("bind to a loopback source address");
+    socket.connect_timeout(&to.into(), WAIT).expect("connect");
+    socket.into()
+}
+
+/// Silent connections from one address hold only that address's share of the pending
+/// handshakes: another address still authenticates, the address's next connection is
+/// closed at accept (and counted), and a slot given back is taken again.
+#[test]
+fn one_source_cannot_take_every_handshake_slot() {
+    const PER_IP: u64 = 3;
+    let b = Node::start_with(B, |c| {
+        c.max_pending_handshakes = 2 * PER_IP as usize;
+        c.max_pending_handshakes_per_ip = PER_IP as usize;
+        // Far longer than any wait below: a slot held here is held by the silent socket.
+        c.handshake_timeout = Duration::from_secs(120);
+    });
+    let pending = || b.rt.listener_stats().pending_handshakes;
+    let failures_before = b.rt.listener_stats().handshake_failures;
+    let failures = || b.rt.listener_stats().handshake_failures - failures_before;
+    let mut silent: Vec<TcpStream> = (0..PER_IP)
+        .map(|_| connect_from([127, 0, 0, 2], b.addr()))
+        .collect();
+    assert!(
+        eventually(WAIT, || pending() == PER_IP),
+        "{:?}",
+        b.rt.listener_stats()
+    );
+
+    // One more from the same address: closed at once, long before its handshake could time out.
+    let mut extra = connect_from([127, 0, 0, 2], b.addr());
+    assert!(
+        closed_by_peer_within(&mut extra, WAIT),
+        "over the per-address cap, yet kept open"
+    );
+    assert!(eventually(WAIT, || failures() == 1));
+    assert_eq!(pending(), PER_IP);
+
+    // Other addresses are not locked out: a handshake by hand from 127.0.0.3, and a pool from A.
+    let other = connect_from([127, 0, 0, 3], b.addr());
+    let config = HandshakeConfig {
+        cookie: COOKIE,
+        local_node: "c@127.0.0.3",
+        timeout: WAIT,
+    };
+    client_handshake(&other, &config, B).expect("a handshake from another address");
+    let a = Node::start(A);
+    a.open(&b, 2).expect("a pool from 127.0.0.1");
+    assert!(matches!(a.send(B, 0, b"through".to_vec()), Ok(Sent::Queued)));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+
+    // A silent socket leaves (its handshake fails: end of stream): its address may start
+    // one handshake again, and only one.
+    drop(silent.pop());
+    assert!(eventually(WAIT, || pending() == PER_IP - 1 && failures() == 2));
+    let again = connect_from([127, 0, 0, 2], b.addr());
+    let config = HandshakeConfig {
+        local_node: "d@127.0.0.2",
+        ..config
+    };
+    client_handshake(&again, &config, B).expect("the address's slot was given back");
+    silent.push(connect_from([127, 0, 0, 2], b.addr()));
+    assert!(eventually(WAIT, || pending() == PER_IP));
+    let mut over = connect_from([127, 0, 0, 2], b.addr());
+    assert!(
+        closed_by_peer_within(&mut over, WAIT),
+        "over the cap again, yet kept open"
+    );
+    assert!(eventually(WAIT, || failures() == 3));
+    assert_eq!(b.host.count_events(|e| is_handshake_failed(e, "timeout")), 0);
+}
+
 /// A peer that accepts one connection and answers its handshake only after `delay`,
 /// holding the socket open until the returned sender is dropped or sent to.
 fn slow_handshake_peer(name: &'static str, delay: Duration) -> (SocketAddr, mpsc::Sender<()>) {

@@ -118,6 +118,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         connect_timeout: Duration::from_millis(map_get(opts, "connect_timeout")?),
         handshake_timeout: Duration::from_millis(map_get(opts, "handshake_timeout")?),
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
+        max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let relays: Vec<Atom> = map_get(opts, "reply_relays")?;

@@ -2,8 +2,10 @@
 //! (`read`) and the byte-level writer (`write`). The NIF crate walks and builds
 //! VM terms on top of these, so the parts that face the network and the parts
 //! that produce the wire bytes can be fuzzed and property-tested without a VM.
+//! `value` builds plain Rust terms with the parser, for those tests.
 
 pub mod read;
+pub mod value;
 pub mod write;
 
 pub const VERSION: u8 = 131;
