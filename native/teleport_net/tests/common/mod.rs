@@ -6,7 +6,9 @@
 use teleport_net::etf::value::{read_value, Value};
 use teleport_net::etf::*;
 
-/// A term read back from its own encoding is the same term.
+/// A term read back from its own encoding is the same term. (Each test binary that
+/// includes this module uses only some of it.)
+#[allow(dead_code)]
 pub fn assert_round_trip(value: &Value, what: &str) {
     let bytes = write(value);
     assert_eq!(read_value(&bytes).as_ref(), Ok(value), "{what}: re-read differs");
