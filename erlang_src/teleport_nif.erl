@@ -48,7 +48,7 @@ peers() -> erlang:nif_error(nif_not_loaded).
 stats() -> erlang:nif_error(nif_not_loaded).
 
 %% @doc teleport's send-side encoder (tests, benchmarks): an iolist whose
-%% iolist_to_binary/1 is the external term; binaries over 64 bytes appear as
+%% iolist_to_binary/1 is the external term; binaries over 2 KiB appear as
 %% the original binaries, not copies.
 -spec encode(term()) -> [binary()].
 encode(_Term) -> erlang:nif_error(nif_not_loaded).

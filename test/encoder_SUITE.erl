@@ -16,7 +16,7 @@
 %%% <li>`long_lists': 1,000,000 small tuples, integers, atoms.</li>
 %%% <li>`improper_lists_and_strings': improper lists (gen_server's
 %%%     `[alias | Ref]' tag among them) and the STRING_EXT boundaries.</li>
-%%% <li>`large_binaries_are_referenced': binaries over 64 bytes come back as the
+%%% <li>`large_binaries_are_referenced': binaries over 2 KiB come back as the
 %%%     original binaries (refc or sub-binary, `binary:referenced_byte_size/1'
 %%%     unchanged), a binary being appended to is safe, and encoding the same
 %%%     10 MiB binary 100 times does not grow `erlang:memory(binary)' by
@@ -138,8 +138,9 @@ improper_lists_and_strings(_Config) ->
 large_binaries_are_referenced(_Config) ->
     Bin = crypto:strong_rand_bytes(?MiB),
     Sub = binary:part(Bin, 1000, 100000),
-    Small = binary:copy(<<7>>, 65),
-    Heap = binary:copy(<<8>>, 64),
+    %% Just over the copy limit (teleport_nif's encoder.rs COPY_MAX), and at it.
+    Small = binary:copy(<<7>>, 2049),
+    Heap = binary:copy(<<8>>, 2048),
     <<_:3, Unaligned:100/binary, _/bits>> = Bin,
     Terms = [{Bin}, {a, Sub, b}, [Small, Heap], Unaligned, #{k => Bin, s => Sub}],
     [?assert(identical(teleport_nif:encode(T), T)) || T <- Terms],
@@ -148,12 +149,12 @@ large_binaries_are_referenced(_Config) ->
     ?assert(lists:all(fun is_binary/1, Io)),
     ?assertEqual(?MiB, referenced_size(Io, Bin)),
     ?assertEqual(?MiB, referenced_size(Io, Sub)),
-    ?assertEqual(65, referenced_size(Io, Small)),
+    ?assertEqual(2049, referenced_size(Io, Small)),
     ?assertEqual(not_an_element, referenced_size(Io, Heap)),
     %% A binary being appended to (writable) is encoded as it is now; the appends
     %% that follow leave the encoding alone.
-    Growing0 = <<(crypto:strong_rand_bytes(100))/binary, "x">>,
-    Growing1 = <<Growing0/binary, (crypto:strong_rand_bytes(1000))/binary>>,
+    Growing0 = <<(crypto:strong_rand_bytes(3000))/binary, "x">>,
+    Growing1 = <<Growing0/binary, (crypto:strong_rand_bytes(3000))/binary>>,
     Encoded = teleport_nif:encode({Growing1}),
     Growing2 = <<Growing1/binary, (crypto:strong_rand_bytes(100000))/binary>>,
     ?assert(identical(Encoded, {Growing1})),

@@ -4,7 +4,7 @@
 //!
 //! - The walk is iterative (an explicit stack on the heap): a list nested a million
 //!   deep does not touch the small stack of a dirty scheduler.
-//! - Binaries over 64 bytes (refc binaries and sub-binaries of them) are not copied:
+//! - Binaries over 2 KiB (`COPY_MAX`) (refc binaries and sub-binaries of them) are not copied:
 //!   the body references their bytes in place. Each is copied (`enif_make_copy`) into
 //!   one process-independent env per message, which bumps a reference count and makes
 //!   a writable binary read-only, so the bytes cannot move or be freed until that env
@@ -30,9 +30,11 @@ use rustler::sys::{
 };
 use teleport_net::etf::write::{self as w, Body};
 
-/// Binaries over this size are referenced, not copied (the VM's own limit for
-/// binaries on the process heap: anything larger is a refc binary or a sub-binary).
-pub const COPY_MAX: usize = 64;
+/// Binaries over this size are referenced, not copied. Referencing pins the binary in
+/// an env of its own per message (allocated, copied into, freed by the writer), which
+/// costs more than copying a few hundred bytes: at the VM's heap-binary limit (64) the
+/// 100-byte-message benchmark ran at 0.6-0.8x disterl, at 2 KiB 1.3-1.6x (BENCHMARKS.md).
+pub const COPY_MAX: usize = 2048;
 
 /// The work an inline encode may do, in units of about one term visited. Measured on
 /// this project's 2-core machine (see BENCHMARKS.md, "inline budget"): the costliest

@@ -420,7 +420,7 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
 }
 
 /// Encodes a term as teleport sends it: an iolist whose `iolist_to_binary/1` is the
-/// external term (binaries over 64 bytes appear as the original binaries, not copies).
+/// external term (binaries over 2 KiB appear as the original binaries, not copies).
 /// For tests and benchmarks against `term_to_binary/1`; inline or dirty, like `send`.
 #[rustler::nif]
 fn encode<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
