@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::framing::{FrameHeader, FrameKind, HEADER_LEN, IO_CHUNK};
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -461,7 +461,7 @@ fn write_all_vectored(
     let mut written = 0;
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        match writer.write_vectored(slices) {
+        match write_some(writer, slices) {
             Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 written += n;
@@ -472,6 +472,24 @@ fn write_all_vectored(
         }
     }
     Ok(())
+}
+
+/// At most `IO_CHUNK` bytes per system call. A kernel that does not preempt inside a
+/// system call would otherwise copy megabytes in one go while a woken scheduler thread
+/// waits for the CPU; the other VM's messages (and disterl's) pay for it in latency.
+fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    if slices[0].len() >= IO_CHUNK {
+        return writer.write(&slices[0][..IO_CHUNK]);
+    }
+    let mut total = 0;
+    let count = slices
+        .iter()
+        .take_while(|slice| {
+            total += slice.len();
+            total <= IO_CHUNK
+        })
+        .count();
+    writer.write_vectored(&slices[..count.max(1)])
 }
 
 /// The watcher thread's body: the peer never writes after the handshake, so any

@@ -8,6 +8,11 @@ use std::io::{self, Read};
 /// `[u32 big-endian body length][u8 kind]`.
 pub const HEADER_LEN: usize = 5;
 
+/// The most bytes one read or write system call moves on a connection: large frames
+/// go in several calls, so no thread holds a CPU inside the kernel for long (see
+/// `connection::write_some`).
+pub const IO_CHUNK: usize = 256 * 1024;
+
 /// What a frame's body holds. Both bodies are one external-format term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

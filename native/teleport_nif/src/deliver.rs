@@ -9,6 +9,7 @@ use rustler::env::OwnedEnv;
 use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifPid};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, OwnedBinary, Term, TermType};
+use teleport_net::framing::IO_CHUNK;
 use teleport_net::host::read_body;
 use teleport_net::{Delivery, FrameHandler, FrameKind};
 
@@ -77,8 +78,10 @@ impl FrameHandler for Deliverer {
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
         let mut owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
-        body.read_exact(owned.as_mut_slice())
-            .map_err(|e| format!("read failed: {e}"))?;
+        // In chunks: one read of many megabytes holds a CPU in the kernel (see IO_CHUNK).
+        for chunk in owned.as_mut_slice().chunks_mut(IO_CHUNK) {
+            body.read_exact(chunk).map_err(|e| format!("read failed: {e}"))?;
+        }
         self.deliver(kind, &[], Some(owned))
     }
 }
