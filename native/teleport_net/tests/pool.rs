@@ -1069,6 +1069,9 @@ fn one_source_cannot_take_every_handshake_slot() {
         ..config
     };
     client_handshake(&again, &config, B).expect("the address's slot was given back");
+    // The server gives the slot back just after its last handshake message: wait for it,
+    // or the next connection could be refused while that slot is still counted.
+    assert!(eventually(WAIT, || pending() == PER_IP - 1));
     silent.push(connect_from([127, 0, 0, 2], b.addr()));
     assert!(eventually(WAIT, || pending() == PER_IP));
     let mut over = connect_from([127, 0, 0, 2], b.addr());
