@@ -7,9 +7,11 @@
 //! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
-pub mod etf;
 pub mod connection;
+pub mod etf;
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod host;
 mod inbound;
