@@ -29,10 +29,10 @@ pub const NONCE_LEN: usize = 32;
 pub const MAX_HANDSHAKE_MESSAGE: usize = 600;
 pub const MAX_NODE_NAME: usize = 255;
 
-const TAG_HELLO: u8 = 1;
-const TAG_CHALLENGE: u8 = 2;
-const TAG_CLIENT_PROOF: u8 = 3;
-const TAG_SERVER_PROOF: u8 = 4;
+pub(crate) const TAG_HELLO: u8 = 1;
+pub(crate) const TAG_CHALLENGE: u8 = 2;
+pub(crate) const TAG_CLIENT_PROOF: u8 = 3;
+pub(crate) const TAG_SERVER_PROOF: u8 = 4;
 
 const MAC_LEN: usize = 32;
 const TRANSCRIPT_PREFIX: &[u8] = b"teleport-v1 ";
@@ -40,8 +40,8 @@ const ROLE_CLIENT: &str = "client";
 const ROLE_SERVER: &str = "server";
 
 type HmacSha256 = Hmac<Sha256>;
-type Nonce = [u8; NONCE_LEN];
-type MacBytes = [u8; MAC_LEN];
+pub(crate) type Nonce = [u8; NONCE_LEN];
+pub(crate) type MacBytes = [u8; MAC_LEN];
 
 pub struct HandshakeConfig<'a> {
     pub cookie: &'a [u8],
@@ -137,23 +137,19 @@ pub fn client_handshake(
     let hello = encode_hello(&nonce_c, cfg.local_node, server_node);
     write_message(stream, &deadline, TAG_HELLO, &hello)?;
 
-    let nonce_s = parse_challenge(&read_message(stream, &deadline)?)?;
-    // A server echoing our nonce back could be replaying our own messages at us.
-    if nonce_s == nonce_c {
-        return Err(HandshakeError::Malformed("challenge reflects our nonce"));
-    }
+    let nonce_s = accept_challenge(&read_message(stream, &deadline)?, &nonce_c)?;
+    let proof = client_proof(cfg.cookie, &nonce_c, &nonce_s, cfg.local_node, server_node);
+    write_message(stream, &deadline, TAG_CLIENT_PROOF, &proof)?;
 
-    let client_transcript = transcript(ROLE_CLIENT, &nonce_c, &nonce_s, cfg.local_node, server_node);
-    write_message(
-        stream,
-        &deadline,
-        TAG_CLIENT_PROOF,
-        &prove(cfg.cookie, &client_transcript),
+    let server_proof = read_message(stream, &deadline)?;
+    check_server_proof(
+        cfg.cookie,
+        &nonce_c,
+        &nonce_s,
+        cfg.local_node,
+        server_node,
+        &server_proof,
     )?;
-
-    let server_mac = parse_proof(&read_message(stream, &deadline)?, TAG_SERVER_PROOF)?;
-    let server_transcript = transcript(ROLE_SERVER, &nonce_c, &nonce_s, cfg.local_node, server_node);
-    verify(cfg.cookie, &server_transcript, &server_mac)?;
 
     clear_timeouts(stream)
 }
@@ -162,45 +158,94 @@ pub fn client_handshake(
 pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<String, HandshakeError> {
     let deadline = Deadline::after(cfg.timeout);
 
-    let hello = parse_hello(&read_message(stream, &deadline)?)?;
-    if hello.server_node != cfg.local_node {
-        return Err(HandshakeError::WrongNode);
-    }
+    let hello = accept_hello(&read_message(stream, &deadline)?, cfg.local_node)?;
 
     let nonce_s = random_nonce()?;
-    let mut challenge = Vec::with_capacity(1 + NONCE_LEN);
-    challenge.push(PROTOCOL_VERSION);
-    challenge.extend_from_slice(&nonce_s);
-    write_message(stream, &deadline, TAG_CHALLENGE, &challenge)?;
+    write_message(stream, &deadline, TAG_CHALLENGE, &challenge_body(&nonce_s))?;
 
-    let client_mac = parse_proof(&read_message(stream, &deadline)?, TAG_CLIENT_PROOF)?;
-    let client_transcript = transcript(
-        ROLE_CLIENT,
-        &hello.nonce_c,
-        &nonce_s,
-        &hello.client_node,
-        &hello.server_node,
-    );
-    // On mismatch send nothing: the caller closes the socket, and the client
+    // On a bad proof send nothing: the caller closes the socket, and the client
     // learns no more than that it failed.
-    verify(cfg.cookie, &client_transcript, &client_mac)?;
-
-    let server_transcript = transcript(
-        ROLE_SERVER,
-        &hello.nonce_c,
-        &nonce_s,
-        &hello.client_node,
-        &hello.server_node,
-    );
-    write_message(
-        stream,
-        &deadline,
-        TAG_SERVER_PROOF,
-        &prove(cfg.cookie, &server_transcript),
-    )?;
+    let proof = check_client_proof(cfg.cookie, &hello, &nonce_s, &read_message(stream, &deadline)?)?;
+    write_message(stream, &deadline, TAG_SERVER_PROOF, &proof)?;
 
     clear_timeouts(stream)?;
     Ok(hello.client_node)
+}
+
+// ---------------------------------------------------------------------------
+// Each step on received bytes, without the socket (the fuzz targets drive these too)
+
+/// Server: a HELLO (tag + body) that names us.
+pub(crate) fn accept_hello(msg: &[u8], local_node: &str) -> Result<Hello, HandshakeError> {
+    let hello = parse_hello(msg)?;
+    if hello.server_node != local_node {
+        return Err(HandshakeError::WrongNode);
+    }
+    Ok(hello)
+}
+
+pub(crate) fn challenge_body(nonce_s: &Nonce) -> Vec<u8> {
+    let mut challenge = Vec::with_capacity(1 + NONCE_LEN);
+    challenge.push(PROTOCOL_VERSION);
+    challenge.extend_from_slice(nonce_s);
+    challenge
+}
+
+/// Server: checks the CLIENT_PROOF (tag + body) and returns the server's proof.
+pub(crate) fn check_client_proof(
+    cookie: &[u8],
+    hello: &Hello,
+    nonce_s: &Nonce,
+    msg: &[u8],
+) -> Result<MacBytes, HandshakeError> {
+    let client_mac = parse_proof(msg, TAG_CLIENT_PROOF)?;
+    let (nonce_c, client, server) = (&hello.nonce_c, &hello.client_node, &hello.server_node);
+    verify(
+        cookie,
+        &transcript(ROLE_CLIENT, nonce_c, nonce_s, client, server),
+        &client_mac,
+    )?;
+    Ok(prove(
+        cookie,
+        &transcript(ROLE_SERVER, nonce_c, nonce_s, client, server),
+    ))
+}
+
+/// Client: the server's nonce from a CHALLENGE (tag + body).
+pub(crate) fn accept_challenge(msg: &[u8], nonce_c: &Nonce) -> Result<Nonce, HandshakeError> {
+    let nonce_s = parse_challenge(msg)?;
+    // A server echoing our nonce back could be replaying our own messages at us.
+    if nonce_s == *nonce_c {
+        return Err(HandshakeError::Malformed("challenge reflects our nonce"));
+    }
+    Ok(nonce_s)
+}
+
+pub(crate) fn client_proof(
+    cookie: &[u8],
+    nonce_c: &Nonce,
+    nonce_s: &Nonce,
+    client_node: &str,
+    server_node: &str,
+) -> MacBytes {
+    prove(
+        cookie,
+        &transcript(ROLE_CLIENT, nonce_c, nonce_s, client_node, server_node),
+    )
+}
+
+/// Client: checks the SERVER_PROOF (tag + body).
+pub(crate) fn check_server_proof(
+    cookie: &[u8],
+    nonce_c: &Nonce,
+    nonce_s: &Nonce,
+    client_node: &str,
+    server_node: &str,
+    msg: &[u8],
+) -> Result<(), HandshakeError> {
+    let server_mac = parse_proof(msg, TAG_SERVER_PROOF)?;
+    let server_transcript = transcript(ROLE_SERVER, nonce_c, nonce_s, client_node, server_node);
+    verify(cookie, &server_transcript, &server_mac)
 }
 
 // ---------------------------------------------------------------------------
@@ -265,17 +310,22 @@ fn read_full(stream: &TcpStream, deadline: &Deadline, buf: &mut [u8]) -> Result<
 fn read_message(stream: &TcpStream, deadline: &Deadline) -> Result<Vec<u8>, HandshakeError> {
     let mut len_bytes = [0u8; 2];
     read_full(stream, deadline, &mut len_bytes)?;
-    let len = usize::from(u16::from_be_bytes(len_bytes));
-    if len == 0 || len > MAX_HANDSHAKE_MESSAGE {
-        return Err(HandshakeError::Oversized(len));
-    }
-    let mut msg = vec![0u8; len];
+    let mut msg = vec![0u8; message_len(len_bytes)?];
     read_full(stream, deadline, &mut msg)?;
     Ok(msg)
 }
 
+/// A message's length field, refused when 0 or over `MAX_HANDSHAKE_MESSAGE`.
+pub(crate) fn message_len(len_bytes: [u8; 2]) -> Result<usize, HandshakeError> {
+    let len = usize::from(u16::from_be_bytes(len_bytes));
+    if len == 0 || len > MAX_HANDSHAKE_MESSAGE {
+        return Err(HandshakeError::Oversized(len));
+    }
+    Ok(len)
+}
+
 /// `[u16 length][tag][body]` in one buffer, so it goes out in a single write.
-fn encode_message(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_message(tag: u8, body: &[u8]) -> Vec<u8> {
     // Bodies are built here from validated parts and stay far below u16::MAX.
     let len = (1 + body.len()) as u16;
     let mut out = Vec::with_capacity(2 + 1 + body.len());
@@ -360,9 +410,9 @@ impl<'a> Cursor<'a> {
 }
 
 #[derive(Debug)]
-struct Hello {
+pub(crate) struct Hello {
     nonce_c: Nonce,
-    client_node: String,
+    pub client_node: String,
     server_node: String,
 }
 
@@ -372,7 +422,7 @@ fn push_name(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
-fn encode_hello(nonce_c: &Nonce, client_node: &str, server_node: &str) -> Vec<u8> {
+pub(crate) fn encode_hello(nonce_c: &Nonce, client_node: &str, server_node: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(1 + NONCE_LEN + 2 + client_node.len() + server_node.len());
     body.push(PROTOCOL_VERSION);
     body.extend_from_slice(nonce_c);

@@ -10,6 +10,8 @@ pub mod config;
 pub mod connection;
 pub mod etf;
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod host;
 mod inbound;
