@@ -11,6 +11,7 @@
 %% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
+%% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write; e.g. 262144 keeps bulk transfers from holding a core for long (lower latency for everything else on the node, ~15% less bulk throughput, see BENCHMARKS.md)</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -19,7 +20,7 @@
 
 -type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | connect_timeout | handshake_timeout | max_pending_handshakes
-             | max_pending_handshakes_per_ip | peer_addresses.
+             | max_pending_handshakes_per_ip | io_chunk_bytes | peer_addresses.
 -export_type([key/0]).
 
 %% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
@@ -46,6 +47,7 @@ defaults() ->
       handshake_timeout => 5000,
       max_pending_handshakes => 64,
       max_pending_handshakes_per_ip => 8,
+      io_chunk_bytes => infinity,
       peer_addresses => #{}}.
 
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
@@ -59,6 +61,8 @@ validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
 validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
 validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
 validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
+validate(io_chunk_bytes, infinity) -> infinity;
+validate(io_chunk_bytes, N) when is_integer(N), N >= 4096 -> N;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

@@ -25,7 +25,13 @@ init([]) ->
     Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes,
                       connect_timeout, handshake_timeout, max_pending_handshakes,
                       max_pending_handshakes_per_ip], Config),
-    case teleport_nif:start(Opts#{local_node => atom_to_binary(node()),
+    %% The NIF takes 0 for no limit.
+    IoChunk = case maps:get(io_chunk_bytes, Config) of
+                  infinity -> 0;
+                  Bytes -> Bytes
+              end,
+    case teleport_nif:start(Opts#{io_chunk_bytes => IoChunk,
+                                  local_node => atom_to_binary(node()),
                                   cookie => atom_to_binary(erlang:get_cookie()),
                                   event_pid => self(),
                                   reply_relays => teleport_reply_relay:names()}) of

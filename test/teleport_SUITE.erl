@@ -59,6 +59,7 @@
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
+-export([io_chunk_round_trip/1]).
 -export([collect/2, collect/3]).
 
 -define(POOL_SIZE, 4).
@@ -98,7 +99,8 @@ groups() ->
      {ordering, [], [ordering_per_sender, ordering_many_senders,
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
-     {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure]},
+     {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
+                 io_chunk_round_trip]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -1017,6 +1019,23 @@ first_divergence([], [G | Gs], I) ->
     {unexpected_from, I, G, extra_count, length(Gs) + 1};
 first_divergence([E | _], [G | _], I) ->
     {at, I, expected, E, got, G}.
+
+%% A peer that reads and writes at most 4 KiB per system call: large messages cross both
+%% ways intact (its reader fills a body in many reads, its writer splits slices).
+io_chunk_round_trip(_Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("chunk"), [],
+                                             #{io_chunk_bytes => 4096}),
+    put(teleport_ct_peers, [Peer | get_list(teleport_ct_peers)]),
+    ?assertEqual({ok, 4096}, erpc:call(B, application, get_env, [teleport, io_chunk_bytes])),
+    {ok, Echo} = teleport_test_peer:start_echo(B, self()),
+    track_proc(Echo),
+    Msgs = [crypto:strong_rand_bytes(3 * 1024 * 1024 + 7), small,
+            {crypto:strong_rand_bytes(100000), [crypto:strong_rand_bytes(5000)]}],
+    [?assertEqual(ok, teleport:send(Echo, M)) || M <- Msgs],
+    Back = [receive {teleport_ct_echo, Echo, Got} -> Got
+            after ?MSG_TIMEOUT -> ct:fail({no_echo, I})
+            end || I <- lists:seq(1, length(Msgs))],
+    ?assert(Back =:= Msgs).
 
 %% A peer for one test case, stopped in end_per_testcase.
 start_case_peer(Prefix) ->

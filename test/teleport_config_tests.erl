@@ -29,6 +29,14 @@ per_ip_handshake_cap_test() ->
              fun() -> ?assertError({invalid_config, max_pending_handshakes_per_ip, 0},
                                    teleport_config:get()) end).
 
+io_chunk_test() ->
+    ?assertEqual(infinity, maps:get(io_chunk_bytes, teleport_config:get())),
+    with_env(io_chunk_bytes, 262144,
+             fun() -> ?assertEqual(262144, teleport_config:get(io_chunk_bytes)) end),
+    with_env(io_chunk_bytes, 100,
+             fun() -> ?assertError({invalid_config, io_chunk_bytes, 100},
+                                   teleport_config:get()) end).
+
 env_overrides_default_test() ->
     with_env(pool_size, 7, fun() -> ?assertEqual(7, teleport_config:get(pool_size)) end),
     with_env(listen_ip, {127, 0, 0, 2},

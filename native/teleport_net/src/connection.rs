@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use crate::framing::{FrameHeader, FrameKind, HEADER_LEN, IO_CHUNK};
+use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -133,6 +133,8 @@ pub struct Connection {
     /// Callers told to wait for the queue to drain; run once it falls to half the limit.
     waiters: Mutex<Vec<Callback<()>>>,
     has_waiters: AtomicBool,
+    /// Most bytes per write system call (`Config::io_chunk_bytes`).
+    io_chunk: usize,
     /// When the last frame was offered, in nanoseconds since `created` (see `STREAM_GAP_NS`).
     last_frame_ns: AtomicU64,
     created: Instant,
@@ -154,6 +156,7 @@ impl Connection {
     pub(crate) fn new(
         socket: TcpStream,
         limit: usize,
+        io_chunk: usize,
         stats: Arc<PeerStats>,
         counters: ConnStats,
     ) -> (Arc<Connection>, WriterQueue) {
@@ -167,6 +170,7 @@ impl Connection {
             writing: Mutex::new(None),
             queued_bytes: AtomicUsize::new(0),
             limit,
+            io_chunk,
             closed: AtomicBool::new(false),
             waiters: Mutex::new(Vec::new()),
             has_waiters: AtomicBool::new(false),
@@ -368,7 +372,7 @@ fn write_until_closed(
         let mut writing = conn.writing.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((frame, offset)) = writing.take() {
             let rest = frame.wire_len() - offset;
-            if let Err((_, e)) = write_frame_from(stream, &frame, offset) {
+            if let Err((_, e)) = write_frame_from(stream, &frame, offset, conn.io_chunk) {
                 conn.queued_bytes.fetch_sub(rest, SeqCst);
                 return (format!("write failed: {e}"), 1 + batch.len() as u64);
             }
@@ -395,7 +399,7 @@ fn write_until_closed(
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        let outcome = write_batch(stream, &batch);
+        let outcome = write_batch(stream, &batch, conn.io_chunk);
         let written = match &outcome {
             Ok(()) => batch.len(),
             Err((bytes, _)) => frames_within(&batch, *bytes),
@@ -436,32 +440,34 @@ fn write_frame_from(
     stream: &mut TcpStream,
     frame: &OutFrame,
     offset: usize,
+    chunk: usize,
 ) -> Result<(), (usize, io::Error)> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
     frame.push_slices(&mut slices);
     let mut slices = &mut slices[..];
     IoSlice::advance_slices(&mut slices, offset);
-    write_all_vectored(stream, slices)
+    write_all_vectored(stream, slices, chunk)
 }
 
 /// On failure, also says how many bytes did go out.
-fn write_batch(stream: &mut TcpStream, batch: &[OutFrame]) -> Result<(), (usize, io::Error)> {
+fn write_batch(stream: &mut TcpStream, batch: &[OutFrame], chunk: usize) -> Result<(), (usize, io::Error)> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
     for frame in batch {
         frame.push_slices(&mut slices);
     }
-    write_all_vectored(stream, &mut slices)
+    write_all_vectored(stream, &mut slices, chunk)
 }
 
 /// `Write::write_all_vectored` is not stable yet.
 fn write_all_vectored(
     writer: &mut impl Write,
     mut slices: &mut [IoSlice<'_>],
+    chunk: usize,
 ) -> Result<(), (usize, io::Error)> {
     let mut written = 0;
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        match write_some(writer, slices) {
+        match write_some(writer, slices, chunk) {
             Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 written += n;
@@ -474,19 +480,17 @@ fn write_all_vectored(
     Ok(())
 }
 
-/// At most `IO_CHUNK` bytes per system call. A kernel that does not preempt inside a
-/// system call would otherwise copy megabytes in one go while a woken scheduler thread
-/// waits for the CPU; the other VM's messages (and disterl's) pay for it in latency.
-fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    if slices[0].len() >= IO_CHUNK {
-        return writer.write(&slices[0][..IO_CHUNK]);
+/// At most `chunk` bytes per system call (see `Config::io_chunk_bytes`).
+fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>], chunk: usize) -> io::Result<usize> {
+    if slices[0].len() >= chunk {
+        return writer.write(&slices[0][..chunk]);
     }
     let mut total = 0;
     let count = slices
         .iter()
         .take_while(|slice| {
             total += slice.len();
-            total <= IO_CHUNK
+            total <= chunk
         })
         .count();
     writer.write_vectored(&slices[..count.max(1)])
@@ -535,7 +539,7 @@ mod tests {
         for frame in &frames {
             frame.push_slices(&mut slices);
         }
-        write_all_vectored(&mut out, &mut slices).unwrap();
+        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
         assert_eq!(out, b"\0\0\0\x04\x01abcd\0\0\0\x03\x02xyz");
     }
 
@@ -552,7 +556,7 @@ mod tests {
         frame.push_slices(&mut slices);
         assert_eq!(slices.len(), 1);
         let mut out = Vec::new();
-        write_all_vectored(&mut out, &mut slices).unwrap();
+        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
         assert_eq!(out, expected);
     }
 
@@ -575,7 +579,42 @@ mod tests {
         let expected: Vec<u8> = parts.concat();
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let mut out = Dribble(Vec::new());
-        write_all_vectored(&mut out, &mut slices).unwrap();
+        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
         assert_eq!(out.0, expected);
+    }
+
+    /// Records the size of every write call.
+    struct Calls(Vec<u8>, Vec<usize>);
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.1.push(buf.len());
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.write(&all)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_write_call_moves_more_than_the_chunk() {
+        let parts: Vec<Vec<u8>> = vec![
+            vec![1; 10],
+            vec![2; 2500],
+            vec![3; 7],
+            vec![4; 999],
+            vec![5; 1000],
+        ];
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut out = Calls(Vec::new(), Vec::new());
+        write_all_vectored(&mut out, &mut slices, 1000).unwrap();
+        assert_eq!(out.0, parts.concat());
+        assert!(out.1.iter().all(|&n| n <= 1000), "{:?}", out.1);
+        // The big slice is split, small neighbours are still gathered into one call.
+        assert_eq!(out.1, vec![10, 1000, 1000, 500, 7 + 999, 1000]);
     }
 }

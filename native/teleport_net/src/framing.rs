@@ -8,10 +8,14 @@ use std::io::{self, Read};
 /// `[u32 big-endian body length][u8 kind]`.
 pub const HEADER_LEN: usize = 5;
 
-/// The most bytes one read or write system call moves on a connection: large frames
-/// go in several calls, so no thread holds a CPU inside the kernel for long (see
-/// `connection::write_some`).
-pub const IO_CHUNK: usize = 256 * 1024;
+/// `Config::io_chunk_bytes` as a size: 0 (the default) is no limit.
+pub fn io_chunk(configured: usize) -> usize {
+    if configured == 0 {
+        usize::MAX
+    } else {
+        configured
+    }
+}
 
 /// What a frame's body holds. Both bodies are one external-format term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -74,13 +74,15 @@ impl Pool {
         peer: &str,
         dialed: Dialed,
         limit: usize,
+        io_chunk: usize,
         stats: Arc<PeerStats>,
     ) -> std::io::Result<(Arc<Pool>, Started)> {
         let mut connections = Vec::new();
         let mut started = Vec::new();
         for stream in dialed.streams {
             let counters = ConnStats::new(&stream)?;
-            let (conn, queue) = Connection::new(stream.try_clone()?, limit, stats.clone(), counters);
+            let (conn, queue) =
+                Connection::new(stream.try_clone()?, limit, io_chunk, stats.clone(), counters);
             let watcher = stream.try_clone()?;
             connections.push(conn.clone());
             started.push((conn, queue, stream, watcher));

@@ -449,8 +449,14 @@ impl Shared {
     /// Turns dialed sockets into a running pool and starts its threads.
     fn start_pool(self: &Arc<Self>, peer: &str, dialed: crate::pool::Dialed) -> Result<(), String> {
         let stats = self.peer_stats(peer);
-        let (pool, started) = Pool::new(peer, dialed, self.config.send_queue_bytes, stats.clone())
-            .map_err(|e| e.to_string())?;
+        let (pool, started) = Pool::new(
+            peer,
+            dialed,
+            self.config.send_queue_bytes,
+            crate::framing::io_chunk(self.config.io_chunk_bytes),
+            stats.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         PeerStats::add(&stats.connects, 1);
         {
             let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());

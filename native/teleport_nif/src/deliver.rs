@@ -9,7 +9,6 @@ use rustler::env::OwnedEnv;
 use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifPid};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, OwnedBinary, Term, TermType};
-use teleport_net::framing::IO_CHUNK;
 use teleport_net::host::read_body;
 use teleport_net::{Delivery, FrameHandler, FrameKind};
 
@@ -25,14 +24,17 @@ pub struct Deliverer {
     decoder: TermDecoder,
     /// Registered names of the processes that make calls arriving over teleport.
     relays: Arc<Vec<Atom>>,
+    /// Most bytes per read system call for a large body (`Config::io_chunk_bytes`).
+    io_chunk: usize,
 }
 
 impl Deliverer {
-    pub fn new(relays: Arc<Vec<Atom>>) -> Deliverer {
+    pub fn new(relays: Arc<Vec<Atom>>, io_chunk: usize) -> Deliverer {
         Deliverer {
             env: OwnedEnv::new(),
             decoder: TermDecoder::default(),
             relays,
+            io_chunk,
         }
     }
 
@@ -42,7 +44,9 @@ impl Deliverer {
         bytes: &[u8],
         binary: Option<OwnedBinary>,
     ) -> Result<Delivery, String> {
-        let Deliverer { env, decoder, relays } = self;
+        let Deliverer {
+            env, decoder, relays, ..
+        } = self;
         let outcome = env.run(|env| match binary {
             Some(owned) => {
                 let binary = owned.release(env);
@@ -78,8 +82,8 @@ impl FrameHandler for Deliverer {
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
         let mut owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
-        // In chunks: one read of many megabytes holds a CPU in the kernel (see IO_CHUNK).
-        for chunk in owned.as_mut_slice().chunks_mut(IO_CHUNK) {
+        // In chunks, if configured: one read of many megabytes holds a CPU in the kernel.
+        for chunk in owned.as_mut_slice().chunks_mut(self.io_chunk) {
             body.read_exact(chunk).map_err(|e| format!("read failed: {e}"))?;
         }
         self.deliver(kind, &[], Some(owned))

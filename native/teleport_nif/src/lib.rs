@@ -119,6 +119,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         handshake_timeout: Duration::from_millis(map_get(opts, "handshake_timeout")?),
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
         max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
+        io_chunk_bytes: map_get(opts, "io_chunk_bytes")?,
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let relays: Vec<Atom> = map_get(opts, "reply_relays")?;
@@ -129,7 +130,12 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         Ok(started) => started,
         Err(e) => return Ok((atoms::error(), e.to_string()).encode(env)),
     };
-    let host = Arc::new(NifHost::new(jobs.clone(), event_pid, Arc::new(relays)));
+    let host = Arc::new(NifHost::new(
+        jobs.clone(),
+        event_pid,
+        Arc::new(relays),
+        teleport_net::framing::io_chunk(config.io_chunk_bytes),
+    ));
     match Runtime::start(config, host) {
         Ok(runtime) => {
             let addr = runtime.local_addr();
