@@ -615,6 +615,6 @@ mod tests {
         assert_eq!(out.0, parts.concat());
         assert!(out.1.iter().all(|&n| n <= 1000), "{:?}", out.1);
         // The big slice is split, small neighbours are still gathered into one call.
-        assert_eq!(out.1, vec![10, 1000, 1000, 500, 7 + 999, 1000]);
+        assert_eq!(out.1, vec![10, 1000, 1000, 500 + 7, 999, 1000]);
     }
 }
