@@ -74,10 +74,6 @@ fn encode_ip<'a>(env: Env<'a>, ip: IpAddr) -> Term<'a> {
     }
 }
 
-fn atom_text(atom: Atom, env: Env) -> NifResult<String> {
-    atom.to_term(env).atom_to_string()
-}
-
 /// Calls `f` with an atom's text; without allocating when it is ASCII, as node names are.
 fn with_atom_text<R>(atom: Term, f: impl FnOnce(&str) -> R) -> NifResult<R> {
     let mut buf = [0u8; 256];
@@ -192,7 +188,6 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
         return Ok(atoms::not_started());
     };
     let addr = SocketAddr::new(decode_ip(ip)?, port);
-    let name = atom_text(peer, env)?;
     let jobs = node.jobs.clone();
     let done = Box::new(move |outcome: Result<(), String>| {
         post(&jobs, notify, move |env| {
@@ -203,7 +198,10 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
             (atoms::teleport_pool(), peer, status).encode(env)
         })
     });
-    Ok(match node.runtime.open_pool(&name, addr, size, done) {
+    let status = with_atom_text(peer.to_term(env), |name| {
+        node.runtime.open_pool(name, addr, size, done)
+    })?;
+    Ok(match status {
         OpenStatus::Opening => atoms::opening(),
         OpenStatus::AlreadyUp => atoms::ok(),
     })
