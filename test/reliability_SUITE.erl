@@ -101,25 +101,10 @@ groups() ->
 
 init_per_suite(Config) ->
     %% Our own node name: another suite run on this host may hold teleport_ct.
-    Started = case node() of
-                  nonode@nohost ->
-                      Name = list_to_atom(teleport_test_peer:unique_name("teleport_rel")
-                                          ++ "@127.0.0.1"),
-                      _ = net_kernel:start(Name, #{name_domain => longnames}),
-                      node() =/= nonode@nohost;
-                  _ ->
-                      false
-              end,
-    case teleport_test_peer:ensure_distributed() of
+    WasDistributed = node() =/= nonode@nohost,
+    case teleport_test_peer:start_local_teleport("teleport_rel", #{pool_size => ?POOL_SIZE}) of
         ok ->
-            _ = application:stop(teleport),
-            case application:load(teleport) of
-                ok -> ok;
-                {error, {already_loaded, teleport}} -> ok
-            end,
-            ok = application:set_env(teleport, pool_size, ?POOL_SIZE, [{persistent, true}]),
-            ok = application:set_env(teleport, listen_ip, {127, 0, 0, 1}, [{persistent, true}]),
-            {ok, _} = application:ensure_all_started(teleport),
+            Started = not WasDistributed andalso node() =/= nonode@nohost,
             [{tracker, start_tracker()}, {started_distribution, Started} | Config];
         {skip, _} = Skip ->
             Skip

@@ -18,7 +18,7 @@
          start_isolated/2, start_isolated/3,
          stop/1,
          ensure_distributed/0,
-         start_local_teleport/1, stop_local_teleport/0, seed/1,
+         start_local_teleport/1, start_local_teleport/2, stop_local_teleport/0, seed/1,
          code_path_args/0,
          unique_name/1,
          connectable/1]).
@@ -145,6 +145,11 @@ ensure_distributed() ->
 %% and (re)starts teleport in it, listening on 127.0.0.1.
 -spec start_local_teleport(string()) -> ok | {skip, term()}.
 start_local_teleport(Prefix) ->
+    start_local_teleport(Prefix, #{}).
+
+%% @doc As start_local_teleport/1, with `AppEnv' set (persistently) before the start.
+-spec start_local_teleport(string(), app_env()) -> ok | {skip, term()}.
+start_local_teleport(Prefix, AppEnv) ->
     _ = case node() of
             nonode@nohost ->
                 Name = list_to_atom(unique_name(Prefix) ++ "@127.0.0.1"),
@@ -159,7 +164,8 @@ start_local_teleport(Prefix) ->
                 ok -> ok;
                 {error, {already_loaded, teleport}} -> ok
             end,
-            ok = application:set_env(teleport, listen_ip, {127, 0, 0, 1}, [{persistent, true}]),
+            [ok = application:set_env(teleport, Key, Value, [{persistent, true}])
+             || {Key, Value} <- maps:to_list(AppEnv#{listen_ip => {127, 0, 0, 1}})],
             {ok, _} = application:ensure_all_started(teleport),
             ok;
         {skip, _} = Skip ->
