@@ -12,6 +12,7 @@
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
 %% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write; e.g. 262144 keeps bulk transfers from holding a core for long (lower latency for everything else on the node, ~15% less bulk throughput, see BENCHMARKS.md)</td></tr>
+%% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the threads that write and read teleport's sockets run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 262144 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stays within 3x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -20,7 +21,8 @@
 
 -type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | connect_timeout | handshake_timeout | max_pending_handshakes
-             | max_pending_handshakes_per_ip | io_chunk_bytes | peer_addresses.
+             | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
+             | peer_addresses.
 -export_type([key/0]).
 
 %% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
@@ -48,6 +50,7 @@ defaults() ->
       max_pending_handshakes => 64,
       max_pending_handshakes_per_ip => 8,
       io_chunk_bytes => infinity,
+      io_thread_priority => normal,
       peer_addresses => #{}}.
 
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
@@ -63,6 +66,13 @@ validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
 validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
 validate(io_chunk_bytes, infinity) -> infinity;
 validate(io_chunk_bytes, N) when is_integer(N), N >= 4096 -> N;
+validate(io_thread_priority, normal) -> normal;
+validate(io_thread_priority, idle) ->
+    %% SCHED_IDLE is Linux's; refused here rather than when the listener starts.
+    case os:type() of
+        {unix, linux} -> idle;
+        _ -> erlang:error({invalid_config, io_thread_priority, idle})
+    end;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

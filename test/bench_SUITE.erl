@@ -60,6 +60,8 @@
 %%     teleport's own, schedulers online).</li>
 %% <li>BENCH_IO_CHUNK_BYTES: teleport `io_chunk_bytes' on both peers
 %%     (default: teleport's own, no limit).</li>
+%% <li>BENCH_IO_THREAD_PRIORITY: teleport `io_thread_priority' on both peers
+%%     (default: teleport's own, normal).</li>
 %% <li>BENCH_STATS_PEERS: peers of the hub in stats_cost (full 5, short 1).</li>
 %% <li>BENCH_STATS_CALLS: timed calls in stats_cost (full 1000, short 100).</li>
 %% </ul>
@@ -100,11 +102,8 @@ groups() ->
 init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok ->
-            AppEnv = maps:from_list(
-                       [{Key, list_to_integer(Value)}
-                        || {Var, Key} <- [{"BENCH_POOL_SIZE", pool_size},
-                                          {"BENCH_IO_CHUNK_BYTES", io_chunk_bytes}],
-                           Value <- [os:getenv(Var)], Value =/= false]),
+            AppEnv = teleport_test_peer:app_env_from_os(
+                       "BENCH", [pool_size, io_chunk_bytes, io_thread_priority]),
             {PeerA, A} = start_peer("bench_a", AppEnv),
             {PeerB, B} = try start_peer("bench_b", AppEnv)
                          catch Class:Reason:Stack ->

@@ -11,7 +11,8 @@
 %% checks every trip completes with its payload intact) and `full' (the
 %% benchmark: 6 nodes x 6 workers x 10 MiB). Override with the environment
 %% variables RING_NODES, RING_WORKERS, RING_PAYLOAD_BYTES, RING_ROUNDS,
-%% RING_POOL_SIZE, RING_POOL_SIZES (comma-separated; a sweep).
+%% RING_POOL_SIZE, RING_POOL_SIZES (comma-separated; a sweep), RING_IO_CHUNK_BYTES and
+%% RING_IO_THREAD_PRIORITY (teleport's `io_chunk_bytes', `io_thread_priority' on every node).
 -module(ring_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -67,6 +68,7 @@ params(Defaults) ->
     #{nodes => Int("RING_NODES", nodes), workers => Int("RING_WORKERS", workers),
       payload_bytes => Int("RING_PAYLOAD_BYTES", payload_bytes),
       rounds => Int("RING_ROUNDS", rounds), pool_sizes => PoolSizes,
+      app_env => teleport_test_peer:app_env_from_os("RING", [io_chunk_bytes, io_thread_priority]),
       verify => maps:get(verify, Defaults)}.
 
 ring(Config) ->
@@ -75,11 +77,8 @@ ring(Config) ->
     ok.
 
 run_pool_size(#{nodes := N, workers := W, payload_bytes := Bytes, rounds := Rounds,
-                verify := Verify}, PoolSize) ->
-    AppEnv = case PoolSize of
-                 default -> #{};
-                 Size -> #{pool_size => Size}
-             end,
+                verify := Verify, app_env := Settings}, PoolSize) ->
+    AppEnv = maps:merge(Settings, maps:from_list([{pool_size, PoolSize} || PoolSize =/= default])),
     Peers = [begin
                  {ok, Peer, Node} = teleport_test_peer:start(ring_name(I), [], AppEnv),
                  {Peer, Node}
@@ -87,8 +86,8 @@ run_pool_size(#{nodes := N, workers := W, payload_bytes := Bytes, rounds := Roun
     Nodes = [Node || {_, Node} <- Peers],
     try
         start_workers(Nodes, W, Bytes, Verify),
-        ct:pal("ring: ~b nodes x ~b workers x ~b bytes, pool_size ~p, ~b rounds",
-               [N, W, Bytes, PoolSize, Rounds]),
+        ct:pal("ring: ~b nodes x ~b workers x ~b bytes, pool_size ~p, ~b rounds, settings ~p",
+               [N, W, Bytes, PoolSize, Rounds, Settings]),
         prime(Nodes, W),
         Results = [round(R, Nodes, W) || R <- lists:seq(1, Rounds)],
         report(N, W, Bytes, PoolSize, Results)

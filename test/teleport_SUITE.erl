@@ -59,7 +59,7 @@
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
--export([io_chunk_round_trip/1]).
+-export([io_chunk_round_trip/1, io_thread_priority_idle/1]).
 -export([collect/2, collect/3]).
 
 -define(POOL_SIZE, 4).
@@ -100,7 +100,7 @@ groups() ->
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
-                 io_chunk_round_trip]},
+                 io_chunk_round_trip, io_thread_priority_idle]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -1036,6 +1036,31 @@ io_chunk_round_trip(_Config) ->
             after ?MSG_TIMEOUT -> ct:fail({no_echo, I})
             end || I <- lists:seq(1, length(Msgs))],
     ?assert(Back =:= Msgs).
+
+%% A peer with `io_thread_priority' idle: once traffic has gone both ways, its writer
+%% threads (its pool to us) and inbound readers (our pool to it) are SCHED_IDLE, its
+%% schedulers are not, and neither are this node's teleport threads (priority normal).
+io_thread_priority_idle(_Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("idle"), [],
+                                             #{io_thread_priority => idle}),
+    put(teleport_ct_peers, [Peer | get_list(teleport_ct_peers)]),
+    {ok, Echo} = teleport_test_peer:start_echo(B, self()),
+    track_proc(Echo),
+    Big = crypto:strong_rand_bytes(1024 * 1024),
+    [?assertEqual(ok, teleport:send(Echo, M)) || M <- [small, Big]],
+    [receive {teleport_ct_echo, Echo, M} -> ok
+     after ?MSG_TIMEOUT -> ct:fail({no_echo, M})
+     end || M <- [small, Big]],
+    Policies = fun(Threads, Prefix) ->
+                       lists:usort([P || {Name, P} <- Threads, lists:prefix(Prefix, Name)])
+               end,
+    Theirs = erpc:call(B, teleport_test_peer, thread_policies, []),
+    ?assertEqual([5], Policies(Theirs, "teleport-w")),
+    ?assertEqual([5], Policies(Theirs, "teleport-in")),
+    ?assertEqual([0], Policies(Theirs, "1_scheduler")),
+    Ours = teleport_test_peer:thread_policies(),
+    ?assertEqual([0], Policies(Ours, "teleport-w")),
+    ?assertEqual([0], Policies(Ours, "teleport-in")).
 
 %% A peer for one test case, stopped in end_per_testcase.
 start_case_peer(Prefix) ->

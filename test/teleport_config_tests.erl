@@ -37,6 +37,14 @@ io_chunk_test() ->
              fun() -> ?assertError({invalid_config, io_chunk_bytes, 100},
                                    teleport_config:get()) end).
 
+io_thread_priority_test() ->
+    ?assertEqual(normal, maps:get(io_thread_priority, teleport_config:get())),
+    with_env(io_thread_priority, idle,
+             fun() -> ?assertEqual(idle, teleport_config:get(io_thread_priority)) end),
+    with_env(io_thread_priority, low,
+             fun() -> ?assertError({invalid_config, io_thread_priority, low},
+                                   teleport_config:get()) end).
+
 env_overrides_default_test() ->
     with_env(pool_size, 7, fun() -> ?assertEqual(7, teleport_config:get(pool_size)) end),
     with_env(listen_ip, {127, 0, 0, 2},

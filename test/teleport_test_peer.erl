@@ -19,11 +19,11 @@
          stop/1,
          ensure_distributed/0,
          start_local_teleport/1, start_local_teleport/2, stop_local_teleport/0, seed/1,
-         code_path_args/0,
+         code_path_args/0, app_env_from_os/2,
          unique_name/1,
          connectable/1]).
 %% Processes that run on peers.
--export([wait_until/2]).
+-export([wait_until/2, thread_policies/0]).
 -export([start_sink/3, sink_spawn/2, sink_loop/1,
          start_echo/2, echo_spawn/1, echo_loop/1]).
 
@@ -192,6 +192,21 @@ seed(Var) ->
             {S1, S2, S3}
     end.
 
+%% @doc teleport settings for benchmark peers from environment variables: for each
+%% key, `Prefix_KEY' (`"BENCH"', io_chunk_bytes: BENCH_IO_CHUNK_BYTES), an integer if
+%% it is one, else an atom. Unset variables are left out.
+-spec app_env_from_os(string(), [atom()]) -> app_env().
+app_env_from_os(Prefix, Keys) ->
+    maps:from_list([{Key, env_value(Value)}
+                    || Key <- Keys,
+                       Value <- [os:getenv(Prefix ++ "_" ++ string:uppercase(atom_to_list(Key)))],
+                       Value =/= false]).
+
+env_value(Value) ->
+    try list_to_integer(Value)
+    catch error:badarg -> list_to_atom(Value)
+    end.
+
 %% @doc `["-pa" | Dirs]': the code paths a peer needs to see our code.
 -spec code_path_args() -> [string()].
 code_path_args() ->
@@ -301,6 +316,26 @@ dedup([X | Rest], Seen) ->
     case Seen of
         #{X := _} -> dedup(Rest, Seen);
         #{} -> [X | dedup(Rest, Seen#{X => true})]
+    end.
+
+%% @doc The scheduling policy of every thread of this OS process, by thread name
+%% (Linux: /proc/self/task/*/stat): `{Name, Policy}', Policy 0 = SCHED_OTHER,
+%% 5 = SCHED_IDLE.
+-spec thread_policies() -> [{string(), non_neg_integer()}].
+thread_policies() ->
+    Tasks = filelib:wildcard("/proc/self/task/*/stat"),
+    lists:append([thread_policy(Stat) || Stat <- Tasks]).
+
+thread_policy(StatFile) ->
+    case file:read_file(StatFile) of
+        {ok, Stat} ->
+            %% "tid (name) state ..." : the name may hold spaces, so split at the last ')'.
+            [Head, Tail] = string:split(binary_to_list(Stat), ")", trailing),
+            [_, Name] = string:split(Head, "("),
+            %% Field 41 is the policy; Tail starts at field 3.
+            [{Name, list_to_integer(lists:nth(41 - 2, string:lexemes(Tail, " ")))}];
+        {error, _} ->
+            [] % the thread ended meanwhile
     end.
 
 %% @doc Polls `Fun' every 50 ms until it returns true (true) or `Timeout' ms pass (false).

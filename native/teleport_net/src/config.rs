@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::thread_priority::IoThreadPriority;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -20,11 +22,13 @@ pub struct Config {
     /// Of those, how many one source (IPv4 address, IPv6 /64) may hold.
     pub max_pending_handshakes_per_ip: usize,
     /// At most this many bytes per read or write system call on a connection, 0 for no
-    /// limit. A kernel that does not preempt inside a system call copies a 10 MiB write in
-    /// one go while woken scheduler threads wait for the core: small chunks help other
-    /// traffic's latency (disterl call p99 beside bulk: 4-8 ms -> 1.3-2.2 ms at 256 KiB)
-    /// and cost bulk throughput (ring ~15% slower), see BENCHMARKS.md.
+    /// limit. A kernel that does not preempt inside a system call (Linux `preempt=none`)
+    /// copies a 10 MiB write in one go while woken scheduler threads wait for the core:
+    /// small chunks help other traffic's latency and cost bulk throughput (ring ~15%
+    /// slower at 256 KiB), see BENCHMARKS.md.
     pub io_chunk_bytes: usize,
+    /// Of the writer threads and the inbound readers (see `thread_priority`).
+    pub io_thread_priority: IoThreadPriority,
 }
 
 impl Config {
@@ -40,6 +44,7 @@ impl Config {
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
             io_chunk_bytes: 0,
+            io_thread_priority: IoThreadPriority::Normal,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::listener::HandshakeSlot;
 use crate::runtime::Shared;
 use crate::runtime::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
-use std::io::Read;
+use std::io::{self, BufReader, Read};
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,6 +44,7 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
     };
     let _ = stream.set_nodelay(true);
     crate::listener::keep_alive(&stream);
+    shared.apply_io_thread_priority();
     let stats = shared.peer_stats(&peer);
     shared.host.event(Event::InboundUp { peer: peer.clone() });
     let reason = read_frames(shared, &stream, &peer, &stats);
@@ -52,7 +53,8 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    let io_chunk = crate::framing::io_chunk(shared.config.io_chunk_bytes);
     let token = match read_pool_token(&mut reader) {
         Ok(token) => token,
         Err(reason) => return reason,
@@ -79,7 +81,11 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             return "superseded by a newer pool from the same node".to_string();
         }
         let len = header.body_len as usize;
-        let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
+        let mut body = BodyReader {
+            buffered: &mut reader,
+            chunk: io_chunk,
+        };
+        let outcome = handler.read_and_handle(header.kind, len, &mut body, &mut scratch);
         // Counted once the body is in: a peer announcing a huge frame and hanging up adds nothing.
         if outcome.is_ok() {
             stats.count_in(&counters, len as u64);
@@ -108,6 +114,29 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     }
 }
 
+/// The reader's buffer: many small frames per system call.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// What a frame handler reads a body from. A read at least as large as the buffer, once
+/// the buffered bytes are used up, goes from the socket straight into the caller's memory,
+/// at most `chunk` bytes per system call (`Config::io_chunk_bytes`). `BufReader` alone would
+/// take every read smaller than its buffer through the buffer, a second copy, and chunked
+/// reads of a large body mostly are (their first read starts with the buffered leftovers).
+struct BodyReader<'a, R> {
+    buffered: &'a mut BufReader<R>,
+    chunk: usize,
+}
+
+impl<R: Read> Read for BodyReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.buffered.buffer().is_empty() || buf.len() < self.buffered.capacity() {
+            return self.buffered.read(buf);
+        }
+        let direct = buf.len().min(self.chunk);
+        self.buffered.get_mut().read(&mut buf[..direct])
+    }
+}
+
 /// The header of the next frame to deliver; `Ok(None)` at a clean end of stream.
 pub(crate) fn next_data_header(reader: &mut impl Read, max_body: u32) -> Result<Option<FrameHeader>, String> {
     match read_header(reader, max_body) {
@@ -133,4 +162,54 @@ pub(crate) fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, Strin
         .read_exact(&mut token)
         .map_err(|e| format!("read failed: {e}"))?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket stand-in that records how many bytes each read asked for.
+    struct Recording {
+        data: Vec<u8>,
+        at: usize,
+        asked: Vec<usize>,
+    }
+
+    impl Read for Recording {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.asked.push(buf.len());
+            let n = buf.len().min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn body_reads_use_the_buffered_bytes_then_the_socket_in_chunks() {
+        let data: Vec<u8> = (0..200u8).collect();
+        let socket = Recording {
+            data: data.clone(),
+            at: 0,
+            asked: Vec::new(),
+        };
+        let mut reader = BufReader::with_capacity(16, socket);
+        let mut header = [0u8; 5];
+        reader.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; 100];
+        let mut chunked = BodyReader {
+            buffered: &mut reader,
+            chunk: 32,
+        };
+        chunked.read_exact(&mut body).unwrap();
+        assert_eq!(&body[..], &data[5..105]);
+        // One buffer fill for the header (and the body's first 11 bytes), then straight
+        // into `body`, never more than a chunk per read and never through the buffer.
+        assert_eq!(reader.get_ref().asked, vec![16, 32, 32, 25]);
+        // What follows the body goes through the buffer again.
+        let mut next = [0u8; 3];
+        reader.read_exact(&mut next).unwrap();
+        assert_eq!(&next[..], &data[105..108]);
+        assert_eq!(reader.get_ref().asked[4..], [16]);
+    }
 }

@@ -19,6 +19,7 @@ mod listener;
 pub mod pool;
 pub mod runtime;
 pub mod stats;
+pub mod thread_priority;
 
 pub use config::Config;
 pub use connection::{FrameBody, OutFrame};
@@ -26,3 +27,4 @@ pub use framing::FrameKind;
 pub use host::{Callback, Delivery, Event, FrameHandler, Host};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
 pub use stats::{ConnDirection, ConnStatsSnapshot, PeerStatsSnapshot};
+pub use thread_priority::IoThreadPriority;

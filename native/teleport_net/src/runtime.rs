@@ -15,6 +15,7 @@ use crate::host::{Callback, Event, Host};
 use crate::listener::{bind, run_acceptor};
 use crate::pool::{dial, Pool};
 use crate::stats::{ConnStats, PeerStats, PeerStatsSnapshot};
+use crate::thread_priority::IoThreadPriority;
 
 enum PoolSlot {
     /// Dialing; these callers hear how it ends.
@@ -101,6 +102,12 @@ pub enum Sent {
 
 impl Runtime {
     pub fn start(config: Config, host: Arc<dyn Host>) -> io::Result<Runtime> {
+        if config.io_thread_priority != IoThreadPriority::Normal && !cfg!(target_os = "linux") {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_thread_priority other than normal needs Linux",
+            ));
+        }
         let listener = bind(config.listen)?;
         let local_addr = listener.local_addr()?;
         let mut incarnation = [0u8; 8];
@@ -346,6 +353,13 @@ impl Shared {
     }
 
     /// Starts a thread whose panics are caught and reported, never reaching the VM.
+    /// For the threads that copy frames (writers, inbound readers). Lowering one's own
+    /// priority is always allowed; where it is not supported the setting was refused
+    /// at start (`Runtime::start`), so a failure here leaves the thread as it was.
+    pub(crate) fn apply_io_thread_priority(&self) {
+        let _ = crate::thread_priority::apply_to_current_thread(self.config.io_thread_priority);
+    }
+
     pub fn spawn(self: &Arc<Self>, name: String, body: impl FnOnce() + Send + 'static) {
         let shared = self.clone();
         let thread_name = name.clone();
@@ -472,6 +486,7 @@ impl Shared {
         for (index, (conn, queue, writer_stream, watcher_stream)) in started.into_iter().enumerate() {
             let (shared, writer_pool) = (self.clone(), pool.clone());
             self.spawn(format!("teleport-w{index}-{peer}"), move || {
+                shared.apply_io_thread_priority();
                 let exit = run_writer(&conn, queue, writer_stream, &writer_pool.stats);
                 shared.close_pool(&writer_pool, &exit.reason);
                 if let Some((reason, dropped)) = writer_pool.writer_exited(exit.dropped) {

@@ -2,6 +2,8 @@ rustler::atoms! {
     ok,
     error,
     already_started,
+    normal,
+    idle,
     not_started,
     not_connected,
     too_large,

@@ -24,17 +24,14 @@ pub struct Deliverer {
     decoder: TermDecoder,
     /// Registered names of the processes that make calls arriving over teleport.
     relays: Arc<Vec<Atom>>,
-    /// Most bytes per read system call for a large body (`Config::io_chunk_bytes`).
-    io_chunk: usize,
 }
 
 impl Deliverer {
-    pub fn new(relays: Arc<Vec<Atom>>, io_chunk: usize) -> Deliverer {
+    pub fn new(relays: Arc<Vec<Atom>>) -> Deliverer {
         Deliverer {
             env: OwnedEnv::new(),
             decoder: TermDecoder::default(),
             relays,
-            io_chunk,
         }
     }
 
@@ -82,10 +79,8 @@ impl FrameHandler for Deliverer {
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
         let mut owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
-        // In chunks, if configured: one read of many megabytes holds a CPU in the kernel.
-        for chunk in owned.as_mut_slice().chunks_mut(self.io_chunk) {
-            body.read_exact(chunk).map_err(|e| format!("read failed: {e}"))?;
-        }
+        body.read_exact(owned.as_mut_slice())
+            .map_err(|e| format!("read failed: {e}"))?;
         self.deliver(kind, &[], Some(owned))
     }
 }

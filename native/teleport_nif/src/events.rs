@@ -26,8 +26,6 @@ pub struct NifHost {
     /// Receives every core event as `{teleport_event, Event}` (the teleport_runtime process).
     event_pid: LocalPid,
     relays: Arc<Vec<Atom>>,
-    /// Passed to each connection's `Deliverer` (see `Config::io_chunk_bytes`).
-    io_chunk: usize,
 }
 
 pub struct EventPump {
@@ -85,12 +83,11 @@ pub fn post(
 }
 
 impl NifHost {
-    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, relays: Arc<Vec<Atom>>, io_chunk: usize) -> NifHost {
+    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, relays: Arc<Vec<Atom>>) -> NifHost {
         NifHost {
             jobs,
             event_pid,
             relays,
-            io_chunk,
         }
     }
 }
@@ -113,7 +110,7 @@ fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
 
 impl Host for NifHost {
     fn frame_handler(&self, _peer: &str) -> Box<dyn FrameHandler> {
-        Box::new(Deliverer::new(self.relays.clone(), self.io_chunk))
+        Box::new(Deliverer::new(self.relays.clone()))
     }
 
     fn event(&self, event: Event) {

@@ -20,8 +20,8 @@ use crossbeam_channel::Sender;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
 use teleport_net::{
-    Config, ConnDirection, ConnStatsSnapshot, FrameKind, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime,
-    SendError, Sent,
+    Config, ConnDirection, ConnStatsSnapshot, FrameKind, IoThreadPriority, OpenStatus, OutFrame,
+    PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
 use crate::encoder::{Limit, Stop};
@@ -116,6 +116,11 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
         max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
         io_chunk_bytes: map_get(opts, "io_chunk_bytes")?,
+        io_thread_priority: match map_get::<Atom>(opts, "io_thread_priority")? {
+            p if p == atoms::normal() => IoThreadPriority::Normal,
+            p if p == atoms::idle() => IoThreadPriority::Idle,
+            _ => return Err(Error::BadArg),
+        },
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let relays: Vec<Atom> = map_get(opts, "reply_relays")?;
@@ -126,12 +131,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         Ok(started) => started,
         Err(e) => return Ok((atoms::error(), e.to_string()).encode(env)),
     };
-    let host = Arc::new(NifHost::new(
-        jobs.clone(),
-        event_pid,
-        Arc::new(relays),
-        teleport_net::framing::io_chunk(config.io_chunk_bytes),
-    ));
+    let host = Arc::new(NifHost::new(jobs.clone(), event_pid, Arc::new(relays)));
     match Runtime::start(config, host) {
         Ok(runtime) => {
             let addr = runtime.local_addr();

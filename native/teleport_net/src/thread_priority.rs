@@ -1,0 +1,73 @@
+//! The scheduling priority of the threads that move frames over the sockets.
+//!
+//! A bulk transfer keeps its writer and reader threads running as long as there are
+//! bytes to copy. Where the VM's schedulers share the cores with them, a woken
+//! scheduler waits for one of those threads to leave the core, so the node's other
+//! work (disterl traffic, gen_server calls, timers) waits behind the bulk. At `Idle`,
+//! the kernel runs these threads only on cores nothing else wants, and takes the core
+//! back from them as soon as a normal thread wakes (at their next system call on a
+//! kernel that does not preempt inside one: see `Config::io_chunk_bytes`).
+
+/// `Config::io_thread_priority`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoThreadPriority {
+    /// Like every other thread of the VM.
+    #[default]
+    Normal,
+    /// Linux `SCHED_IDLE`: only CPU time the rest of the machine leaves unused. A node
+    /// whose schedulers keep every core busy starves its teleport traffic (senders then
+    /// wait on the send queue limit).
+    Idle,
+}
+
+/// Applies `priority` to the calling thread. One way: an unprivileged thread may lower
+/// its priority but not raise it again, so threads that need it are started at it.
+pub fn apply_to_current_thread(priority: IoThreadPriority) -> std::io::Result<()> {
+    match priority {
+        IoThreadPriority::Normal => Ok(()),
+        IoThreadPriority::Idle => set_idle(),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_idle() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain system call on the calling thread (pid 0) with a valid parameter.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_idle() -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// The calling thread's policy is `SCHED_IDLE` (for tests).
+#[cfg(target_os = "linux")]
+pub fn current_thread_is_idle() -> bool {
+    // SAFETY: plain system call on the calling thread.
+    unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_lowers_only_the_calling_thread() {
+        std::thread::spawn(|| {
+            assert!(!current_thread_is_idle());
+            apply_to_current_thread(IoThreadPriority::Normal).unwrap();
+            assert!(!current_thread_is_idle());
+            apply_to_current_thread(IoThreadPriority::Idle).unwrap();
+            assert!(current_thread_is_idle());
+        })
+        .join()
+        .unwrap();
+        assert!(!current_thread_is_idle());
+    }
+}
