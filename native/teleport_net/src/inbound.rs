@@ -70,6 +70,9 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;
     loop {
+        if reader.buffer().is_empty() {
+            crate::listener::delay_acks(stream);
+        }
         let header = match next_data_header(&mut reader, shared.config.max_frame_bytes) {
             Ok(Some(header)) => header,
             Ok(None) => return "peer closed the connection".to_string(),
