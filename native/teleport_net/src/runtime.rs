@@ -352,7 +352,6 @@ impl Shared {
         self.stopping.load(SeqCst)
     }
 
-    /// Starts a thread whose panics are caught and reported, never reaching the VM.
     /// For the threads that copy frames (writers, inbound readers). Lowering one's own
     /// priority is always allowed; where it is not supported the setting was refused
     /// at start (`Runtime::start`), so a failure here leaves the thread as it was.
@@ -360,6 +359,7 @@ impl Shared {
         let _ = crate::thread_priority::apply_to_current_thread(self.config.io_thread_priority);
     }
 
+    /// Starts a thread whose panics are caught and reported, never reaching the VM.
     pub fn spawn(self: &Arc<Self>, name: String, body: impl FnOnce() + Send + 'static) {
         let shared = self.clone();
         let thread_name = name.clone();
