@@ -16,7 +16,11 @@ pub enum IoThreadPriority {
     Normal,
     /// Linux `SCHED_IDLE`: only CPU time the rest of the machine leaves unused. A node
     /// whose schedulers keep every core busy starves its teleport traffic (senders then
-    /// wait on the send queue limit).
+    /// wait on the send queue limit). Senders never block on a lock these threads hold
+    /// (the direct write only `try_lock`s), but a reader delivering a message takes the
+    /// receiving process's locks inside `enif_send`: preempted there, it holds up a
+    /// scheduler that needs the same lock until a core goes idle and the kernel runs it.
+    /// Not seen in the benchmarks; one more reason this is not the default.
     Idle,
 }
 
