@@ -12,7 +12,7 @@
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
 %% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write (at least 4096); on a kernel that does not preempt inside system calls, chunks keep bulk transfers from holding a core for milliseconds (lower latency for everything else on the node; bulk throughput ~10-15% lower at 262144, ~25-30% at 65536; see README, "Bulk transfers beside latency-sensitive traffic")</td></tr>
-%% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the threads that write and read teleport's sockets run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 2.1-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
+%% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the threads that write and read teleport's sockets run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
