@@ -90,7 +90,7 @@ pub enum SendError {
     NotConnected,
     /// Larger than `max_frame_bytes`.
     TooLarge,
-    /// The connection's queue is over its limit (only from `send_nosuspend`).
+    /// The connection's queue is over its limit (only from `send_on` with `nosuspend`).
     Busy,
 }
 
@@ -193,12 +193,6 @@ impl Runtime {
     pub fn send(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
         let conn = self.connection(peer, key).ok_or(SendError::NotConnected)?;
         self.send_on(conn, frame, false)
-    }
-
-    /// Like `send`, but refuses (`SendError::Busy`) instead of queueing past the limit.
-    pub fn send_nosuspend(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
-        let conn = self.connection(peer, key).ok_or(SendError::NotConnected)?;
-        self.send_on(conn, frame, true)
     }
 
     /// The connection `key` picks in `peer`'s pool, if it is up: looked up before a

@@ -50,9 +50,9 @@ fn set_idle() -> std::io::Result<()> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
-/// The calling thread's policy is `SCHED_IDLE` (for tests).
-#[cfg(target_os = "linux")]
-pub fn current_thread_is_idle() -> bool {
+/// The calling thread's policy is `SCHED_IDLE`.
+#[cfg(all(test, target_os = "linux"))]
+fn current_thread_is_idle() -> bool {
     // SAFETY: plain system call on the calling thread.
     unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
 }

@@ -38,6 +38,9 @@ pub struct TermDecoder {
     state: BuilderState,
 }
 
+/// `BuilderState::terms` kept between frames up to this many entries (512 KiB).
+const TERMS_KEEP: usize = 1 << 16;
+
 #[derive(Default)]
 struct BuilderState {
     /// Name -> atom term, for ATOM_EXT (Latin-1) and ATOM_UTF8_EXT names. Atom terms are
@@ -47,6 +50,9 @@ struct BuilderState {
     utf8_atoms: HashMap<Box<[u8]>, ERL_NIF_TERM>,
     /// `131` + a slice, for the types decoded by `enif_binary_to_term`.
     scratch: Vec<u8>,
+    /// Term arrays the NIF API takes whole (a string's characters; a map's keys, then
+    /// its values), reused between frames.
+    terms: Vec<ERL_NIF_TERM>,
 }
 
 /// Where the frame's bytes live, so large binaries can reference them.
@@ -72,9 +78,12 @@ impl TermDecoder {
             source,
             state: &mut self.state,
         };
-        self.reader
-            .read(&mut builder, source.bytes)
-            .map_err(|e| e.to_string())
+        let decoded = self.reader.read(&mut builder, source.bytes);
+        // One huge map must not pin its arrays for the connection's life.
+        if self.state.terms.capacity() > TERMS_KEEP {
+            self.state.terms = Vec::new();
+        }
+        decoded.map_err(|e| e.to_string())
     }
 }
 
@@ -137,8 +146,15 @@ impl TermBuilder for EnvBuilder<'_, '_> {
     }
 
     fn string(&mut self, bytes: &[u8]) -> ERL_NIF_TERM {
-        let chars: Vec<ERL_NIF_TERM> = bytes.iter().map(|&c| self.int(i32::from(c))).collect();
-        unsafe { enif_make_list_from_array(self.env, chars.as_ptr(), chars.len() as c_uint) }
+        let env = self.env;
+        let chars = &mut self.state.terms;
+        chars.clear();
+        chars.extend(
+            bytes
+                .iter()
+                .map(|&c| unsafe { enif_make_int64(env, i64::from(c)) }),
+        );
+        unsafe { enif_make_list_from_array(env, chars.as_ptr(), chars.len() as c_uint) }
     }
 
     fn binary(&mut self, offset: usize, bytes: &[u8]) -> ERL_NIF_TERM {
@@ -175,8 +191,11 @@ impl TermBuilder for EnvBuilder<'_, '_> {
 
     fn map(&mut self, flat: &[ERL_NIF_TERM]) -> Result<ERL_NIF_TERM, ReadError> {
         let pairs = flat.len() / 2;
-        let (keys, values): (Vec<ERL_NIF_TERM>, Vec<ERL_NIF_TERM>) =
-            flat.chunks_exact(2).map(|kv| (kv[0], kv[1])).unzip();
+        let arrays = &mut self.state.terms;
+        arrays.clear();
+        arrays.extend(flat.iter().step_by(2));
+        arrays.extend(flat.iter().skip(1).step_by(2));
+        let (keys, values) = arrays.split_at(pairs);
         let mut map: ERL_NIF_TERM = ERL_NIF_TERM::default();
         let made =
             unsafe { enif_make_map_from_arrays(self.env, keys.as_ptr(), values.as_ptr(), pairs, &mut map) };

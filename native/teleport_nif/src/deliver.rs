@@ -41,9 +41,7 @@ impl Deliverer {
         bytes: &[u8],
         binary: Option<OwnedBinary>,
     ) -> Result<Delivery, String> {
-        let Deliverer {
-            env, decoder, relays, ..
-        } = self;
+        let Deliverer { env, decoder, relays } = self;
         let outcome = env.run(|env| match binary {
             Some(owned) => {
                 let binary = owned.release(env);

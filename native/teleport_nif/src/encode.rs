@@ -105,12 +105,6 @@ pub fn account(env: Env, encoded: &Encoded, limit: Limit) {
 /// the original term (a refc binary or sub-binary sharing its bytes).
 pub fn iolist<'a>(env: Env<'a>, encoded: &Encoded) -> Term<'a> {
     let mut referenced = encoded.referenced.iter();
-    if encoded.referenced.is_empty() {
-        // One piece: no vector to build the list from.
-        if let Some(Piece::Own(bytes)) = encoded.body.pieces().next() {
-            return Term::list_new_empty(env).list_prepend(copied(env, bytes));
-        }
-    }
     let mut parts: Vec<Term<'a>> = Vec::new();
     for piece in encoded.body.pieces() {
         parts.push(match piece {

@@ -55,6 +55,8 @@ const ATOM_MISS_COST: u64 = 1;
 /// Bytes written into the buffer (copied binaries, strings, pieces) count as one unit
 /// per this many.
 const BYTES_PER_UNIT: usize = 16;
+/// A string scan charges its cells in steps of this many (see `Walker::string`).
+const STRING_CHARGE_STEP: usize = 1024;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Limit {
@@ -497,8 +499,13 @@ impl Walker {
             }
             self.body.buf().push(b);
             cell = tail;
+            // Charged as it goes: a whole scan is up to 65,536 cells, too long to run
+            // past the budget on a normal scheduler.
+            if n % STRING_CHARGE_STEP == 0 {
+                self.charge(STRING_CHARGE_STEP as u64)?;
+            }
         }
-        self.charge(n as u64)?;
+        self.charge((n % STRING_CHARGE_STEP) as u64)?;
         if cell == self.nil && n <= w::STRING_MAX {
             let len = (n as u16).to_be_bytes();
             self.body.buf()[start + 1..start + 3].copy_from_slice(&len);
@@ -544,7 +551,8 @@ impl Walker {
     /// Atoms are immediates that never change meaning while the VM runs: the same term
     /// is the same atom, so its encoding is cached per scheduler thread.
     unsafe fn atom(&mut self, term: ErlNifTerm) -> Result<(), Stop> {
-        let slot = &mut self.scratch.atoms[AtomSlot::index(term)];
+        let index = AtomSlot::index(term);
+        let slot = &mut self.scratch.atoms[index];
         if slot.term == term && slot.len > 0 {
             self.body
                 .buf()
@@ -569,7 +577,7 @@ impl Walker {
         let at = self.body.position();
         w::atom_latin1(self.body.buf(), name);
         let encoded = &self.body.buf()[at..];
-        let slot = &mut self.scratch.atoms[AtomSlot::index(term)];
+        let slot = &mut self.scratch.atoms[index];
         if encoded.len() <= slot.bytes.len() {
             slot.bytes[..encoded.len()].copy_from_slice(encoded);
             slot.len = encoded.len() as u8;

@@ -395,17 +395,12 @@ fn listener_stats(env: Env) -> NifResult<Term> {
         return Ok(Term::map_new(env));
     };
     let s = node.runtime.listener_stats();
-    let keys = [
-        atoms::handshake_failures(),
-        atoms::pending_handshakes(),
-        atoms::inbound_connections(),
+    let counters = [
+        (atoms::handshake_failures(), s.handshake_failures),
+        (atoms::pending_handshakes(), s.pending_handshakes),
+        (atoms::inbound_connections(), s.inbound_connections),
     ];
-    let keys: Vec<Term> = keys.iter().map(|k| k.encode(env)).collect();
-    let values: Vec<Term> = [s.handshake_failures, s.pending_handshakes, s.inbound_connections]
-        .iter()
-        .map(|v| v.encode(env))
-        .collect();
-    Term::map_from_arrays(env, &keys, &values)
+    map_from_pairs(env, &counter_pairs(env, &counters))
 }
 
 /// Decodes an external term with teleport's receive-side decoder, as the reader
@@ -428,32 +423,24 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
 /// For tests and benchmarks against `term_to_binary/1`; inline or dirty, like `send`.
 #[rustler::nif]
 fn encode<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
-    encode_with(env, &[term], Limit::Inline)
+    encode_to_iolist::<false>(env, &[term], Limit::Inline)
 }
 
 /// `encode/1`, and how: `{Iolist, Work, inline | dirty}` (tests and the budget's calibration).
 #[rustler::nif]
 fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
-    encode_measured_with(env, &[term], Limit::Inline)
+    encode_to_iolist::<true>(env, &[term], Limit::Inline)
 }
 
-encode::continuation!(encode_dirty, encode_with);
+encode::continuation!(encode_dirty, encode_to_iolist::<false>);
 
-encode::continuation!(encode_measured_dirty, encode_measured_with);
+encode::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
 
-fn encode_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
-    encode_to_iolist(env, args, limit, false)
-}
-
-fn encode_measured_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
-    encode_to_iolist(env, args, limit, true)
-}
-
-fn encode_to_iolist<'a>(
+/// `MEASURED`: `encode_measured/1`'s result, else `encode/1`'s.
+fn encode_to_iolist<'a, const MEASURED: bool>(
     env: Env<'a>,
     args: &[Term<'a>],
     limit: Limit,
-    measured: bool,
 ) -> NifResult<Term<'a>> {
     let &[term] = args else {
         return Err(Error::BadArg);
@@ -462,13 +449,13 @@ fn encode_to_iolist<'a>(
         Ok(encoded) => {
             encode::account(env, &encoded, limit);
             let iolist = encode::iolist(env, &encoded);
-            if !measured {
+            if !MEASURED {
                 return Ok(iolist);
             }
             let how = Atom::from_str(env, if limit == Limit::Inline { "inline" } else { "dirty" })?;
             Ok((iolist, encoded.work, how).encode(env))
         }
-        Err(Stop::OverBudget) => Ok(match measured {
+        Err(Stop::OverBudget) => Ok(match MEASURED {
             false => encode::reschedule(env, c"encode", encode_dirty, args),
             true => encode::reschedule(env, c"encode_measured", encode_measured_dirty, args),
         }),

@@ -243,6 +243,7 @@ impl Body {
     }
 
     /// How many pieces are referenced rather than copied.
+    #[cfg(test)]
     pub fn external_count(&self) -> usize {
         self.chunks
             .iter()
@@ -265,7 +266,8 @@ impl Body {
             })
     }
 
-    /// The body as one vector (tests and the few callers that need it flat).
+    /// The body as one vector.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len());
         for piece in self.pieces() {
