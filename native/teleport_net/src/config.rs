@@ -32,6 +32,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// `io_chunk_bytes` as a size: 0 (the default) is no limit.
+    pub fn io_chunk(&self) -> usize {
+        if self.io_chunk_bytes == 0 {
+            usize::MAX
+        } else {
+            self.io_chunk_bytes
+        }
+    }
+
     pub fn for_tests(local_node: &str, cookie: &[u8]) -> Config {
         Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),

@@ -211,7 +211,8 @@ impl Connection {
         let now = self.created.elapsed().as_nanos() as u64;
         let previous = self.last_frame_ns.swap(now, Relaxed);
         let streaming = previous != 0 && now.saturating_sub(previous) < STREAM_GAP_NS;
-        if streaming || frame.wire_len() > DIRECT_WRITE_MAX || self.queued_bytes.load(SeqCst) != 0 {
+        let too_large = frame.wire_len() > DIRECT_WRITE_MAX.min(self.io_chunk);
+        if streaming || too_large || self.queued_bytes.load(SeqCst) != 0 {
             return Some(frame);
         }
         let Ok(mut writing) = self.writing.try_lock() else {

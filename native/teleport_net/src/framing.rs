@@ -8,15 +8,6 @@ use std::io::{self, Read};
 /// `[u32 big-endian body length][u8 kind]`.
 pub const HEADER_LEN: usize = 5;
 
-/// `Config::io_chunk_bytes` as a size: 0 (the default) is no limit.
-pub fn io_chunk(configured: usize) -> usize {
-    if configured == 0 {
-        usize::MAX
-    } else {
-        configured
-    }
-}
-
 /// What a frame's body holds. Both bodies are one external-format term.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -81,6 +72,18 @@ impl FrameError {
     }
 }
 
+/// A whole frame in one buffer: its header, then `body` (at most `u32::MAX` bytes).
+pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {
+    let header = FrameHeader {
+        kind,
+        body_len: body.len() as u32,
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(body);
+    out
+}
+
 impl FrameHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let len = self.body_len.to_be_bytes();
@@ -141,14 +144,7 @@ mod tests {
     use std::io::Cursor;
 
     fn frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {
-        let mut out = FrameHeader {
-            kind,
-            body_len: body.len() as u32,
-        }
-        .encode()
-        .to_vec();
-        out.extend_from_slice(body);
-        out
+        encode_frame(kind, body)
     }
 
     #[test]

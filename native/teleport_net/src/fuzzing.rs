@@ -7,7 +7,7 @@ use std::io::Cursor;
 
 use crate::etf::read::ReadError;
 use crate::etf::value::{read_value, Value};
-use crate::framing::{FrameHeader, FrameKind};
+use crate::framing::FrameKind;
 use crate::handshake::{
     accept_challenge, accept_hello, challenge_body, check_client_proof, check_server_proof, client_proof,
     encode_hello, encode_message, message_len, HandshakeError, MacBytes, Nonce, TAG_CHALLENGE,
@@ -136,15 +136,7 @@ fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn frames_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let frame = |kind: FrameKind, body: &[u8]| {
-        let header = FrameHeader {
-            kind,
-            body_len: body.len() as u32,
-        };
-        let mut out = header.encode().to_vec();
-        out.extend_from_slice(body);
-        out
-    };
+    let frame = crate::framing::encode_frame;
     let token = frame(FrameKind::PoolEpoch, &[7u8; POOL_TOKEN_LEN]);
     let send = |term: &[u8]| frame(FrameKind::Send, term);
     let mut one = token.clone();

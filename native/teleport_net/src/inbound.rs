@@ -53,8 +53,11 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-    let io_chunk = crate::framing::io_chunk(shared.config.io_chunk_bytes);
+    let socket = Capped {
+        inner: stream,
+        chunk: shared.config.io_chunk(),
+    };
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, socket);
     let token = match read_pool_token(&mut reader) {
         Ok(token) => token,
         Err(reason) => return reason,
@@ -84,11 +87,7 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
             return "superseded by a newer pool from the same node".to_string();
         }
         let len = header.body_len as usize;
-        let mut body = BodyReader {
-            buffered: &mut reader,
-            chunk: io_chunk,
-        };
-        let outcome = handler.read_and_handle(header.kind, len, &mut body, &mut scratch);
+        let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
         // Counted once the body is in: a peer announcing a huge frame and hanging up adds nothing.
         if outcome.is_ok() {
             stats.count_in(&counters, len as u64);
@@ -120,23 +119,20 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
 /// The reader's buffer: many small frames per system call.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// What a frame handler reads a body from. A read at least as large as the buffer, once
-/// the buffered bytes are used up, goes from the socket straight into the caller's memory,
-/// at most `chunk` bytes per system call (`Config::io_chunk_bytes`). `BufReader` alone would
-/// take every read smaller than its buffer through the buffer, a second copy, and chunked
-/// reads of a large body mostly are (their first read starts with the buffered leftovers).
-struct BodyReader<'a, R> {
-    buffered: &'a mut BufReader<R>,
+/// The socket as the reader's `BufReader` sees it: at most `chunk` bytes per read system
+/// call (`Config::io_chunk_bytes`), buffer refills included. A large body is read whole
+/// (`read_exact`): once the buffered bytes are used, `BufReader` passes reads at least as
+/// large as its buffer straight to this, into the body's own memory, so the cap applies
+/// without a second copy.
+struct Capped<R> {
+    inner: R,
     chunk: usize,
 }
 
-impl<R: Read> Read for BodyReader<'_, R> {
+impl<R: Read> Read for Capped<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if !self.buffered.buffer().is_empty() || buf.len() < self.buffered.capacity() {
-            return self.buffered.read(buf);
-        }
-        let direct = buf.len().min(self.chunk);
-        self.buffered.get_mut().read(&mut buf[..direct])
+        let n = buf.len().min(self.chunk);
+        self.inner.read(&mut buf[..n])
     }
 }
 
@@ -196,23 +192,25 @@ mod tests {
             at: 0,
             asked: Vec::new(),
         };
-        let mut reader = BufReader::with_capacity(16, socket);
+        let mut reader = BufReader::with_capacity(
+            16,
+            Capped {
+                inner: socket,
+                chunk: 32,
+            },
+        );
         let mut header = [0u8; 5];
         reader.read_exact(&mut header).unwrap();
         let mut body = vec![0u8; 100];
-        let mut chunked = BodyReader {
-            buffered: &mut reader,
-            chunk: 32,
-        };
-        chunked.read_exact(&mut body).unwrap();
+        reader.read_exact(&mut body).unwrap();
         assert_eq!(&body[..], &data[5..105]);
         // One buffer fill for the header (and the body's first 11 bytes), then straight
         // into `body`, never more than a chunk per read and never through the buffer.
-        assert_eq!(reader.get_ref().asked, vec![16, 32, 32, 25]);
+        assert_eq!(reader.get_ref().inner.asked, vec![16, 32, 32, 25]);
         // What follows the body goes through the buffer again.
         let mut next = [0u8; 3];
         reader.read_exact(&mut next).unwrap();
         assert_eq!(&next[..], &data[105..108]);
-        assert_eq!(reader.get_ref().asked[4..], [16]);
+        assert_eq!(reader.get_ref().inner.asked[4..], [16]);
     }
 }

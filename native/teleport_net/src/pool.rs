@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use crate::connection::{Connection, WriterQueue};
-use crate::framing::{FrameHeader, FrameKind};
+use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
-use crate::runtime::{Shared, POOL_TOKEN_LEN};
+use crate::runtime::Shared;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 use std::io::Write;
 
@@ -38,13 +38,7 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
         timeout: config.handshake_timeout,
     };
     let token = shared.new_pool_token();
-    let mut announce = FrameHeader {
-        kind: FrameKind::PoolEpoch,
-        body_len: POOL_TOKEN_LEN as u32,
-    }
-    .encode()
-    .to_vec();
-    announce.extend_from_slice(&token);
+    let announce = encode_frame(FrameKind::PoolEpoch, &token);
     let mut streams = Vec::with_capacity(size);
     for _ in 0..size {
         let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)

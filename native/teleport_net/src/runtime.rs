@@ -461,7 +461,7 @@ impl Shared {
             peer,
             dialed,
             self.config.send_queue_bytes,
-            crate::framing::io_chunk(self.config.io_chunk_bytes),
+            self.config.io_chunk(),
             stats.clone(),
         )
         .map_err(|e| e.to_string())?;
