@@ -144,13 +144,9 @@ log_stats(Node) ->
 
 %% The peers must outlive init_per_suite's process: unlink, end_per_suite stops them.
 start_peer(Prefix, AppEnv) ->
-    case teleport_test_peer:start(teleport_test_peer:unique_name(Prefix), [], AppEnv) of
-        {ok, Peer, Node} ->
-            unlink(Peer),
-            {Peer, Node};
-        {error, Reason} ->
-            ct:fail({peer_start_failed, Prefix, Reason})
-    end.
+    {Peer, Node} = start_linked_peer(Prefix, AppEnv),
+    unlink(Peer),
+    {Peer, Node}.
 
 init_per_group(short, Config) ->
     [{params, params(#{small_total => 2000, latency_rounds => 500, latency_warmup => 50,
@@ -533,10 +529,7 @@ stats_cost(Config) ->
                               ok = erpc:call(Node, teleport, send, [{nobody, Hub}, x], ?CALL_TIMEOUT)
                       end, Peers),
         Expected = PeerCount * 2 * ?STATS_POOL_SIZE,
-        Entries = fun() ->
-                          Stats = erpc:call(Hub, teleport, stats, [], ?CALL_TIMEOUT),
-                          lists:sum([length(Conns) || #{per_connection := Conns} <- maps:values(Stats)])
-                  end,
+        Entries = fun() -> connection_entries(erpc:call(Hub, teleport, stats, [], ?CALL_TIMEOUT)) end,
         %% Inbound connections register once their first frame is read.
         ?assert(teleport_test_peer:wait_until(fun() -> Entries() =:= Expected end, 10000)),
         #{micros := Micros, entries := Got} = on(Hub, stats_run, [Calls]),
@@ -557,8 +550,11 @@ start_linked_peer(Prefix, Env) ->
 stats_run(Calls) ->
     _ = [teleport:stats() || _ <- lists:seq(1, 10)],
     {Micros, Last} = timer:tc(fun() -> stats_loop(Calls, undefined) end),
-    #{micros => Micros,
-      entries => lists:sum([length(Conns) || #{per_connection := Conns} <- maps:values(Last)])}.
+    #{micros => Micros, entries => connection_entries(Last)}.
+
+%% How many per-connection entries a teleport:stats() result holds.
+connection_entries(Stats) ->
+    lists:sum([length(Conns) || #{per_connection := Conns} <- maps:values(Stats)]).
 
 stats_loop(0, Last) -> Last;
 stats_loop(N, _) -> stats_loop(N - 1, teleport:stats()).

@@ -38,7 +38,7 @@
          long_lists/1, improper_lists_and_strings/1, large_binaries_are_referenced/1,
          scheduling/1, sends_arrive/1]).
 %% Run on the peers.
--export([check_terms/1, peer_context/0, tags_setting/0]).
+-export([check_terms/1, tags_setting/0]).
 
 -define(RANDOM_TERMS, 4000).
 -define(RPC_TIMEOUT, 120000).
@@ -226,7 +226,8 @@ sends_arrive(Config) ->
 %% Fixed and random terms from decoder_SUITE's generator, with pids, refs and
 %% ports of this node and of the peer.
 random_terms(Config, N) ->
-    {Pids, Refs, Ports} = erpc:call(?config(node, Config), ?MODULE, peer_context, [], ?RPC_TIMEOUT),
+    {Pids, Refs, Ports} = erpc:call(?config(node, Config), decoder_SUITE, peer_context, [],
+                                    ?RPC_TIMEOUT),
     Dead = spawn(fun() -> ok end),
     Captured = 7,
     Ctx = #{pids => [self(), whereis(init), Dead | Pids],
@@ -236,10 +237,6 @@ random_terms(Config, N) ->
                      fun ?MODULE:check_terms/1],
             pool => crypto:strong_rand_bytes(?MiB)},
     decoder_SUITE:fixed_terms(Ctx) ++ [decoder_SUITE:gen_top(Ctx) || _ <- lists:seq(1, N)].
-
-%% @private Runs on a peer: some of its pids, refs and ports.
-peer_context() ->
-    {[whereis(init), whereis(code_server)], [make_ref(), alias()], lists:sublist(erlang:ports(), 2)}.
 
 %% @private Runs on a peer.
 tags_setting() ->
@@ -254,7 +251,7 @@ check_terms(Terms) ->
 
 check_term(T, Acc) ->
     {Io, _Work, How} = teleport_nif:encode_measured(T),
-    Acc1 = maps:update_with(How, fun(C) -> C + 1 end, Acc),
+    Acc1 = bump(How, Acc),
     Bin = iolist_to_binary(Io),
     Back = (catch binary_to_term(Bin)),
     case {lists:all(fun is_binary/1, Io), Bin =:= term_to_binary(T), Back =:= T, has_large_map(T)} of

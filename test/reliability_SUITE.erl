@@ -50,6 +50,8 @@
          stalled_receiver_bounds_memory/1, nosuspend_returns_busy/1,
          hostile_listener/1, app_restart/1, listen_ip_loopback/1,
          veth_transfer/1, partition_heal/1, listen_ip_in_namespace/1]).
+%% Run on namespace peers too.
+-export([restart_teleport/1]).
 
 -define(MiB, (1024 * 1024)).
 -define(BIG, (10 * ?MiB)).
@@ -113,9 +115,7 @@ init_per_suite(Config) ->
 end_per_suite(Config) ->
     cleanup(suite),
     ?config(tracker, Config) ! stop,
-    _ = application:stop(teleport),
-    _ = [application:unset_env(teleport, Key, [{persistent, true}])
-         || Key <- [pool_size, listen_ip]],
+    teleport_test_peer:stop_local_teleport(#{pool_size => ?POOL_SIZE}),
     _ = ?config(started_distribution, Config) andalso net_kernel:stop(),
     ok.
 
@@ -874,13 +874,7 @@ listen_ip_in_namespace(Config) ->
 
 %% Restarts teleport on a namespace node with `Env' (`undefined' unsets a key).
 restart_remote_teleport(Peer, Env) ->
-    ok = pcall(Peer, application, stop, [teleport]),
-    _ = [ok = case V of
-                  undefined -> pcall(Peer, application, unset_env, [teleport, K]);
-                  _ -> pcall(Peer, application, set_env, [teleport, K, V])
-              end || {K, V} <- Env],
-    {ok, _} = pcall(Peer, application, ensure_all_started, [teleport]),
-    ok.
+    ok = pcall(Peer, ?MODULE, restart_teleport, [Env]).
 
 spawn_flood(Peer, Dest, Tag, Opts) ->
     Parent = self(),
@@ -1002,15 +996,21 @@ signal(Sig, OsPid) ->
     _ = os:cmd("kill -" ++ Sig ++ " " ++ OsPid),
     ok.
 
+%% Restarts teleport here with `Env' (`undefined' unsets a key).
 restart_teleport(Env) ->
     ok = application:stop(teleport),
-    _ = [ok = application:set_env(teleport, K, V) || {K, V} <- Env],
-    {ok, _} = application:ensure_all_started(teleport),
-    ok.
+    start_teleport_with(Env).
 
+%% Undoes restart_teleport/1 for `Keys' (teleport may have stopped meanwhile).
 restore_teleport(Keys) ->
     _ = application:stop(teleport),
-    _ = [application:unset_env(teleport, K) || K <- Keys],
+    start_teleport_with([{K, undefined} || K <- Keys]).
+
+start_teleport_with(Env) ->
+    _ = [ok = case V of
+                  undefined -> application:unset_env(teleport, K);
+                  _ -> application:set_env(teleport, K, V)
+              end || {K, V} <- Env],
     {ok, _} = application:ensure_all_started(teleport),
     ok.
 

@@ -78,7 +78,10 @@ ring(Config) ->
 
 run_pool_size(#{nodes := N, workers := W, payload_bytes := Bytes, rounds := Rounds,
                 verify := Verify, app_env := Settings}, PoolSize) ->
-    AppEnv = maps:merge(Settings, maps:from_list([{pool_size, PoolSize} || PoolSize =/= default])),
+    AppEnv = case PoolSize of
+                 default -> Settings;
+                 Size -> Settings#{pool_size => Size}
+             end,
     Peers = [begin
                  {ok, Peer, Node} = teleport_test_peer:start(ring_name(I), [], AppEnv),
                  {Peer, Node}

@@ -56,10 +56,10 @@
          send_with_key_keeps_order/1, send_unordered_delivers_all/1, send_option_badarg/1,
          backoff_after_failure/1,
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
+         io_chunk_round_trip/1, io_thread_priority_idle/1,
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
--export([io_chunk_round_trip/1, io_thread_priority_idle/1]).
 -export([collect/2, collect/3]).
 
 -define(POOL_SIZE, 4).
@@ -112,15 +112,8 @@ init_per_suite(Config) ->
     end.
 
 start_suite(Config) ->
-    %% Settings apply at start: restart teleport if something started it.
-    _ = application:stop(teleport),
-    case application:load(teleport) of
-        ok -> ok;
-        {error, {already_loaded, teleport}} -> ok
-    end,
-    ok = application:set_env(teleport, pool_size, ?POOL_SIZE, [{persistent, true}]),
-    ok = application:set_env(teleport, listen_ip, {127, 0, 0, 1}, [{persistent, true}]),
-    {ok, _} = application:ensure_all_started(teleport),
+    %% Settings apply at start: restarts teleport if something started it.
+    ok = teleport_test_peer:start_local_teleport("teleport_ct", #{pool_size => ?POOL_SIZE}),
     %% Peers are linked to this process until everything is set up: if any
     %% step crashes, they are halted with it (end_per_suite does not run).
     {{PeerA, NodeA}, {PeerB, NodeB}} =
@@ -150,10 +143,7 @@ start_suite_peer(Prefix) ->
 end_per_suite(Config) ->
     _ = [teleport_test_peer:stop(Peer)
          || Key <- [peer_a, peer_b], {_, Peer} <- [lists:keyfind(Key, 1, Config)]],
-    _ = application:stop(teleport),
-    _ = [application:unset_env(teleport, Key, [{persistent, true}])
-         || Key <- [pool_size, listen_ip]],
-    ok.
+    teleport_test_peer:stop_local_teleport(#{pool_size => ?POOL_SIZE}).
 
 init_per_group(_Group, Config) ->
     Config.
@@ -1023,9 +1013,7 @@ first_divergence([E | _], [G | _], I) ->
 %% A peer that reads and writes at most 4 KiB per system call: large messages cross both
 %% ways intact (its reader fills a body in many reads, its writer splits slices).
 io_chunk_round_trip(_Config) ->
-    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("chunk"), [],
-                                             #{io_chunk_bytes => 4096}),
-    put(teleport_ct_peers, [Peer | get_list(teleport_ct_peers)]),
+    {_, B} = start_case_peer("chunk", #{io_chunk_bytes => 4096}),
     ?assertEqual({ok, 4096}, erpc:call(B, application, get_env, [teleport, io_chunk_bytes])),
     {ok, Echo} = teleport_test_peer:start_echo(B, self()),
     track_proc(Echo),
@@ -1041,9 +1029,7 @@ io_chunk_round_trip(_Config) ->
 %% threads (its pool to us) and inbound readers (our pool to it) are SCHED_IDLE, its
 %% schedulers are not, and neither are this node's teleport threads (priority normal).
 io_thread_priority_idle(_Config) ->
-    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("idle"), [],
-                                             #{io_thread_priority => idle}),
-    put(teleport_ct_peers, [Peer | get_list(teleport_ct_peers)]),
+    {_, B} = start_case_peer("idle", #{io_thread_priority => idle}),
     {ok, Echo} = teleport_test_peer:start_echo(B, self()),
     track_proc(Echo),
     Big = crypto:strong_rand_bytes(1024 * 1024),
@@ -1064,7 +1050,11 @@ io_thread_priority_idle(_Config) ->
 
 %% A peer for one test case, stopped in end_per_testcase.
 start_case_peer(Prefix) ->
-    {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name(Prefix)),
+    start_case_peer(Prefix, #{}).
+
+%% With `AppEnv' set in the peer before teleport starts there.
+start_case_peer(Prefix, AppEnv) ->
+    {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name(Prefix), [], AppEnv),
     put(teleport_ct_peers, [Peer | get_list(teleport_ct_peers)]),
     {Peer, Node}.
 

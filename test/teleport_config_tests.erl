@@ -22,28 +22,19 @@ defaults_are_valid_test() ->
     ?assertEqual(lists:sort(maps:keys(teleport_config:defaults())), lists:sort(maps:keys(Config))).
 
 per_ip_handshake_cap_test() ->
-    ?assertEqual(8, maps:get(max_pending_handshakes_per_ip, teleport_config:get())),
-    with_env(max_pending_handshakes_per_ip, 2,
-             fun() -> ?assertEqual(2, teleport_config:get(max_pending_handshakes_per_ip)) end),
-    with_env(max_pending_handshakes_per_ip, 0,
-             fun() -> ?assertError({invalid_config, max_pending_handshakes_per_ip, 0},
-                                   teleport_config:get()) end).
+    check_setting(max_pending_handshakes_per_ip, 8, 2, 0).
 
 io_chunk_test() ->
-    ?assertEqual(infinity, maps:get(io_chunk_bytes, teleport_config:get())),
-    with_env(io_chunk_bytes, 262144,
-             fun() -> ?assertEqual(262144, teleport_config:get(io_chunk_bytes)) end),
-    with_env(io_chunk_bytes, 100,
-             fun() -> ?assertError({invalid_config, io_chunk_bytes, 100},
-                                   teleport_config:get()) end).
+    check_setting(io_chunk_bytes, infinity, 262144, 100).
 
 io_thread_priority_test() ->
-    ?assertEqual(normal, maps:get(io_thread_priority, teleport_config:get())),
-    with_env(io_thread_priority, idle,
-             fun() -> ?assertEqual(idle, teleport_config:get(io_thread_priority)) end),
-    with_env(io_thread_priority, low,
-             fun() -> ?assertError({invalid_config, io_thread_priority, low},
-                                   teleport_config:get()) end).
+    check_setting(io_thread_priority, normal, idle, low).
+
+%% `Key' defaults to `Default', takes `Good' from the environment and refuses `Bad'.
+check_setting(Key, Default, Good, Bad) ->
+    ?assertEqual(Default, maps:get(Key, teleport_config:get())),
+    with_env(Key, Good, fun() -> ?assertEqual(Good, teleport_config:get(Key)) end),
+    with_env(Key, Bad, fun() -> ?assertError({invalid_config, Key, Bad}, teleport_config:get()) end).
 
 env_overrides_default_test() ->
     with_env(pool_size, 7, fun() -> ?assertEqual(7, teleport_config:get(pool_size)) end),

@@ -18,7 +18,8 @@
          start_isolated/2, start_isolated/3,
          stop/1,
          ensure_distributed/0,
-         start_local_teleport/1, start_local_teleport/2, stop_local_teleport/0, seed/1,
+         start_local_teleport/1, start_local_teleport/2,
+         stop_local_teleport/0, stop_local_teleport/1, seed/1,
          code_path_args/0, app_env_from_os/2,
          unique_name/1,
          connectable/1]).
@@ -175,8 +176,14 @@ start_local_teleport(Prefix, AppEnv) ->
 %% @doc Undoes start_local_teleport/1 (the node stays distributed).
 -spec stop_local_teleport() -> ok.
 stop_local_teleport() ->
+    stop_local_teleport(#{}).
+
+%% @doc Undoes start_local_teleport/2 given the same `AppEnv'.
+-spec stop_local_teleport(app_env()) -> ok.
+stop_local_teleport(AppEnv) ->
     _ = application:stop(teleport),
-    _ = application:unset_env(teleport, listen_ip, [{persistent, true}]),
+    _ = [application:unset_env(teleport, Key, [{persistent, true}])
+         || Key <- [listen_ip | maps:keys(AppEnv)]],
     ok.
 
 %% @doc A seed for `rand:seed/2': from the environment variable `Var' ("A,B,C") to
