@@ -267,6 +267,10 @@ same_name_comes_back(_Config) ->
     ?assertEqual(ok, teleport:send({?SINK, Node}, {Tag, first, 1, <<"one">>})),
     ?assertEqual([{Node, first, 1, 3}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ok = teleport_test_peer:stop(Peer1),
+    %% peer:stop returns when distributed Erlang drops, which can be before the
+    %% OS process (and the listener in it) is gone.
+    ?assert(teleport_test_peer:wait_until(fun() -> not os_process_is(Os1, atom_to_list(Node)) end,
+                                          10000)),
     ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(Node, teleport:nodes()) end, 10000)),
     %% While it is gone: refused, and a failure the connector remembers.
     ?assertEqual({error, noconnection}, teleport:send({?SINK, Node}, {Tag, down, 1, <<"lost">>})),

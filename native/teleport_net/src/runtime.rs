@@ -197,10 +197,12 @@ impl Runtime {
 
     /// The connection `key` picks in `peer`'s pool, if it is up: looked up before a
     /// message is encoded, so a message for a node not connected yet is not encoded twice.
+    /// A closing pool is not up: a frame queued on it would only be counted as dropped,
+    /// while `NotConnected` tells the sender, which can open a new pool.
     pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
         let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
         match pools.get(peer) {
-            Some(PoolSlot::Up(pool)) => Some(pool.connection(key).clone()),
+            Some(PoolSlot::Up(pool)) if !pool.is_closing() => Some(pool.connection(key).clone()),
             _ => None,
         }
     }
