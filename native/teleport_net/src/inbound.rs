@@ -53,10 +53,7 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let socket = Capped {
-        inner: stream,
-        chunk: shared.config.io_chunk(),
-    };
+    let socket = SocketReader::new(stream, shared.config.io_chunk(), READ_BUFFER_BYTES);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, socket);
     let token = match read_pool_token(&mut reader) {
         Ok(token) => token,
@@ -121,18 +118,92 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The socket as the reader's `BufReader` sees it: at most `chunk` bytes per read system
 /// call (`Config::io_chunk_bytes`), buffer refills included. A large body is read whole
-/// (`read_exact`): once the buffered bytes are used, `BufReader` passes reads at least as
-/// large as its buffer straight to this, into the body's own memory, so the cap applies
-/// without a second copy.
-struct Capped<R> {
-    inner: R,
+/// (`read_exact`): once the buffered bytes are used, `BufReader` passes reads larger than
+/// its buffer straight to this, into the body's own memory, so the cap applies without a
+/// second copy.
+///
+/// Buffer refills peek instead of reading, and the peeked bytes are discarded at the start
+/// of the next read, after their frames are delivered. Reading them at once would run the
+/// kernel's ACK for them (sent from inside `recv`, with the peer's side of loopback
+/// processed on this thread) before the message reaches its process; peeking puts it after.
+/// Large body reads read: their ACKs and window updates should not wait.
+struct SocketReader<S> {
+    socket: S,
     chunk: usize,
+    /// Reads up to this size (the `BufReader`'s refills) peek.
+    peek_up_to: usize,
+    /// Bytes handed out by the last peek and still queued in the socket.
+    peeked: usize,
 }
 
-impl<R: Read> Read for Capped<R> {
+impl<S: Receive> SocketReader<S> {
+    fn new(socket: S, chunk: usize, buffer_bytes: usize) -> Self {
+        SocketReader {
+            socket,
+            chunk,
+            peek_up_to: if S::CAN_PEEK { buffer_bytes } else { 0 },
+            peeked: 0,
+        }
+    }
+}
+
+impl<S: Receive> Read for SocketReader<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.peeked > 0 {
+            let n = self.peeked.min(buf.len());
+            match self.socket.discard(&mut buf[..n])? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                discarded => self.peeked -= discarded,
+            }
+        }
         let n = buf.len().min(self.chunk);
-        self.inner.read(&mut buf[..n])
+        if buf.len() <= self.peek_up_to {
+            let peeked = self.socket.peek(&mut buf[..n])?;
+            self.peeked = peeked;
+            Ok(peeked)
+        } else {
+            self.socket.read(&mut buf[..n])
+        }
+    }
+}
+
+/// What [`SocketReader`] needs from a socket.
+trait Receive {
+    /// Whether `peek` and `discard` work; without them every read is a plain read.
+    const CAN_PEEK: bool;
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Copies queued bytes into `buf` and leaves them queued.
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Drops up to `buf.len()` queued bytes; `buf` only gives the length.
+    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl Receive for &TcpStream {
+    // Discarding with MSG_TRUNC (no copy) is Linux's; elsewhere TCP may ignore the flag.
+    const CAN_PEEK: bool = cfg!(target_os = "linux");
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, buf)
+    }
+
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::peek(self, buf)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: initialised bytes are valid `MaybeUninit<u8>`s, and the kernel writes
+        // nothing but bytes (with MSG_TRUNC, nothing at all).
+        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        socket2::SockRef::from(*self).recv_with_flags(uninit, libc::MSG_TRUNC)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Read::read(self, buf)
     }
 }
 
@@ -167,50 +238,128 @@ pub(crate) fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, Strin
 mod tests {
     use super::*;
 
-    /// A socket stand-in that records how many bytes each read asked for.
+    #[derive(Debug, PartialEq)]
+    enum Op {
+        Read(usize),
+        Peek(usize),
+        Discard(usize),
+    }
+
+    /// A socket stand-in that records what each call asked for.
     struct Recording {
         data: Vec<u8>,
         at: usize,
-        asked: Vec<usize>,
+        ops: Vec<Op>,
     }
 
-    impl Read for Recording {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.asked.push(buf.len());
+    impl Recording {
+        fn copy_out(&self, buf: &mut [u8]) -> usize {
             let n = buf.len().min(self.data.len() - self.at);
             buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            n
+        }
+    }
+
+    impl Receive for Recording {
+        const CAN_PEEK: bool = true;
+
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.ops.push(Op::Read(buf.len()));
+            let n = self.copy_out(buf);
+            self.at += n;
+            Ok(n)
+        }
+
+        fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.ops.push(Op::Peek(buf.len()));
+            Ok(self.copy_out(buf))
+        }
+
+        fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.ops.push(Op::Discard(buf.len()));
+            let n = buf.len().min(self.data.len() - self.at);
             self.at += n;
             Ok(n)
         }
     }
 
     #[test]
-    fn body_reads_use_the_buffered_bytes_then_the_socket_in_chunks() {
+    fn refills_peek_and_body_reads_go_to_the_socket_in_chunks() {
         let data: Vec<u8> = (0..200u8).collect();
         let socket = Recording {
             data: data.clone(),
             at: 0,
-            asked: Vec::new(),
+            ops: Vec::new(),
         };
-        let mut reader = BufReader::with_capacity(
-            16,
-            Capped {
-                inner: socket,
-                chunk: 32,
-            },
-        );
+        let mut reader = BufReader::with_capacity(16, SocketReader::new(socket, 32, 16));
         let mut header = [0u8; 5];
         reader.read_exact(&mut header).unwrap();
+        assert_eq!(&header[..], &data[..5]);
         let mut body = vec![0u8; 100];
         reader.read_exact(&mut body).unwrap();
         assert_eq!(&body[..], &data[5..105]);
-        // One buffer fill for the header (and the body's first 11 bytes), then straight
-        // into `body`, never more than a chunk per read and never through the buffer.
-        assert_eq!(reader.get_ref().inner.asked, vec![16, 32, 32, 25]);
+        // One peeked buffer fill for the header (and the body's first 11 bytes), dropped
+        // from the socket before the rest of the body is read straight into `body`, never
+        // more than a chunk per read and never through the buffer.
+        use Op::*;
+        assert_eq!(
+            reader.get_ref().socket.ops,
+            vec![Peek(16), Discard(16), Read(32), Read(32), Read(25)]
+        );
         // What follows the body goes through the buffer again.
         let mut next = [0u8; 3];
         reader.read_exact(&mut next).unwrap();
         assert_eq!(&next[..], &data[105..108]);
-        assert_eq!(reader.get_ref().inner.asked[4..], [16]);
+        assert_eq!(reader.get_ref().socket.ops[5..], [Peek(16)]);
+    }
+
+    /// Bytes the socket holds that nobody has read (SIOCINQ).
+    #[cfg(target_os = "linux")]
+    fn queued(stream: &TcpStream) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0);
+        n as usize
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn peeked_bytes_leave_the_socket_at_the_next_read() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let wait_queued = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while queued(&server) != n {
+                assert!(Instant::now() < deadline, "queued {} != {n}", queued(&server));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let mut reader = BufReader::with_capacity(64, SocketReader::new(&server, usize::MAX, 64));
+
+        writer.write_all(b"first").unwrap();
+        wait_queued(5);
+        let mut five = [0u8; 5];
+        reader.read_exact(&mut five).unwrap();
+        assert_eq!(&five, b"first");
+        assert_eq!(queued(&server), 5, "delivered, still queued until the next read");
+
+        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        writer.write_all(b"second").unwrap();
+        writer.write_all(&big).unwrap();
+        let mut six = [0u8; 6];
+        reader.read_exact(&mut six).unwrap();
+        assert_eq!(&six, b"second");
+        let mut body = vec![0u8; big.len()];
+        reader.read_exact(&mut body).unwrap();
+        assert!(body == big, "a large body read past peeked bytes arrives intact");
+        drop(writer);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(queued(&server), 0);
     }
 }

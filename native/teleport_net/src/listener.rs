@@ -24,10 +24,11 @@ pub(crate) fn keep_alive(stream: &TcpStream) {
 
 /// Called by a reader before a read that will wait for the peer. A teleport connection
 /// carries data one way only, so its ACKs never ride on replies: in quick-ACK mode the
-/// kernel sends a pure ACK from inside the read that finds a lone message, before the read
-/// returns, on every message's path. Delayed ACKs (one per two pushes, or when the timer
-/// fires) take that off the path; the kernel falls back to quick ACKs when its timer fires,
-/// so this is set again before each such read (see BENCHMARKS.md, "Latency").
+/// kernel sends a pure ACK from inside the read that consumes a lone message, for every
+/// message. Delayed ACKs halve that (one per two pushes, or when the timer fires), and the
+/// reader's peeking (`inbound::SocketReader`) moves the rest after delivery. The kernel
+/// falls back to quick ACKs when its timer fires, so this is set again before each such
+/// read (see BENCHMARKS.md, "Latency").
 #[cfg(target_os = "linux")]
 pub(crate) fn delay_acks(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_quickack(false);
