@@ -11,10 +11,11 @@
 %% Cases (each prints `bench <case> <params>: disterl X, teleport Y, ratio Z'
 %% through ct:pal and to the `user' console; ratio is always teleport/disterl):
 %% <ul>
-%% <li>`small_messages': S senders on A each send TOTAL div S binaries of
-%%     BYTES bytes to one sink on B, which counts them and tells the driver
-%%     (over disterl) when it has the total. Messages per second, from the
-%%     senders' start to the driver hearing from the sink. One line per S.</li>
+%% <li>`small_messages': S senders on A each send TOTAL div (S * BLOCKS)
+%%     binaries of BYTES bytes to one sink on B, which counts them and tells
+%%     the driver (over disterl) when it has them all. Messages per second,
+%%     from the senders' start to the driver hearing from the sink, averaged
+%%     over the blocks. One line per S.</li>
 %% <li>`latency': a process on A pings an echo on B with a small binary, one
 %%     round trip at a time; the echo answers over the transport the ping came
 %%     by. WARMUP round trips are not recorded. p50 and p99 round trip in
@@ -42,14 +43,19 @@
 %% `full' (the benchmark: `rebar3 ct --suite test/bench_SUITE --group full').
 %% Environment variables override the group's sizes:
 %% <ul>
-%% <li>BENCH_SMALL_TOTAL: messages per run of small_messages (full 600000,
-%%     short 2000), shared evenly by the senders.</li>
+%% <li>BENCH_SMALL_TOTAL: messages per transport and sender count in
+%%     small_messages (full 1200000, short 2000), shared evenly by the blocks
+%%     and, within a block, by the senders.</li>
 %% <li>BENCH_SMALL_SENDERS: comma-separated sender counts (default "1,8").</li>
 %% <li>BENCH_SMALL_BYTES: size of each small binary (default 100).</li>
 %% <li>BENCH_LATENCY_ROUNDS: recorded round trips per transport (full 20000,
-%%     short 500).</li>
-%% <li>BENCH_LATENCY_WARMUP: unrecorded round trips first (full 1000,
-%%     short 50).</li>
+%%     short 500), shared by the blocks.</li>
+%% <li>BENCH_LATENCY_WARMUP: unrecorded round trips per transport (full 1000,
+%%     short 50), shared by the blocks: each block starts with its share.</li>
+%% <li>BENCH_BLOCKS: small_messages and latency run each transport in this many
+%%     blocks (full 6, short 2), alternating which goes first, so a noisy
+%%     machine's slow and fast stretches fall on both; the figures are over all
+%%     blocks, the per-block ratios are printed too.</li>
 %% <li>BENCH_LATENCY_BYTES: ping payload (default 32).</li>
 %% <li>BENCH_HOL_DURATION_MS: calls per condition, in ms (full 10000,
 %%     short 1000).</li>
@@ -150,10 +156,12 @@ start_peer(Prefix, AppEnv) ->
 
 init_per_group(short, Config) ->
     [{params, params(#{small_total => 2000, latency_rounds => 500, latency_warmup => 50,
+                       blocks => 2,
                        hol_duration_ms => 1000, hol_payload_bytes => 1 bsl 20,
                        stats_peers => 1, stats_calls => 100})} | Config];
 init_per_group(full, Config) ->
-    [{params, params(#{small_total => 600000, latency_rounds => 20000, latency_warmup => 1000,
+    [{params, params(#{small_total => 1200000, latency_rounds => 20000, latency_warmup => 1000,
+                       blocks => 6,
                        hol_duration_ms => 10000, hol_payload_bytes => 10 bsl 20,
                        stats_peers => 5, stats_calls => 1000})} | Config].
 
@@ -179,6 +187,7 @@ params(GroupDefaults) ->
       small_bytes => Int("BENCH_SMALL_BYTES", small_bytes),
       latency_rounds => Int("BENCH_LATENCY_ROUNDS", latency_rounds),
       latency_warmup => Int("BENCH_LATENCY_WARMUP", latency_warmup),
+      blocks => Int("BENCH_BLOCKS", blocks),
       latency_bytes => Int("BENCH_LATENCY_BYTES", latency_bytes),
       hol_duration_ms => Int("BENCH_HOL_DURATION_MS", hol_duration_ms),
       hol_streamers => Int("BENCH_HOL_STREAMERS", hol_streamers),
@@ -190,32 +199,34 @@ params(GroupDefaults) ->
 %% small_messages
 
 small_messages(Config) ->
-    #{small_total := Total, small_senders := SenderCounts, small_bytes := Bytes} =
-        ?config(params, Config),
+    #{small_total := Total, small_senders := SenderCounts, small_bytes := Bytes,
+      blocks := Blocks} = ?config(params, Config),
     A = ?config(a, Config),
     B = ?config(b, Config),
     lists:foreach(
       fun(Senders) ->
-              PerSender = max(1, Total div Senders),
-              Runs = [{Transport, on(A, small_run, [Transport, B, Senders, PerSender, Bytes])}
-                      || Transport <- [disterl, teleport]],
-              lists:foreach(
-                fun({Transport, #{sent := Sent, received := Received, micros := Micros}}) ->
-                        ?assertEqual(Senders * PerSender, Sent, {sent, Transport}),
-                        ?assertEqual(Sent, Received, {received, Transport}),
-                        ct:pal("small_messages ~p senders=~b: ~b messages in ~b us",
-                               [Transport, Senders, Received, Micros])
-                end, Runs),
-              Rate = fun(Transport) ->
-                             #{received := N, micros := Us} = proplists:get_value(Transport, Runs),
-                             N * 1.0e6 / max(1, Us)
-                     end,
+              PerSender = max(1, Total div (Senders * Blocks)),
+              Runs = interleaved(
+                       Blocks,
+                       fun(Transport) ->
+                               Run = on(A, small_run, [Transport, B, Senders, PerSender, Bytes]),
+                               #{sent := Sent, received := Received, micros := Micros} = Run,
+                               ?assertEqual(Senders * PerSender, Sent, {sent, Transport}),
+                               ?assertEqual(Sent, Received, {received, Transport}),
+                               ct:pal("small_messages ~p senders=~b: ~b messages in ~b us",
+                                      [Transport, Senders, Received, Micros]),
+                               Received * 1.0e6 / max(1, Micros)
+                       end),
+              %% Each block's rate weighs the same: blocks have equal message counts.
+              Rate = fun(Transport) -> mean(maps:get(Transport, Runs)) end,
               RateD = Rate(disterl),
               RateT = Rate(teleport),
-              summary("bench small_messages senders=~b msgs=~b bytes=~b: "
-                      "disterl ~b msg/s, teleport ~b msg/s, ratio ~.2f",
-                      [Senders, Senders * PerSender, Bytes, round(RateD), round(RateT),
-                       RateT / RateD])
+              BlockRatios = [T / D || {D, T} <- lists:zip(maps:get(disterl, Runs),
+                                                          maps:get(teleport, Runs))],
+              summary("bench small_messages senders=~b msgs=~b bytes=~b blocks=~b: "
+                      "disterl ~b msg/s, teleport ~b msg/s, ratio ~.2f (per block ~s)",
+                      [Senders, Senders * PerSender * Blocks, Bytes, Blocks, round(RateD),
+                       round(RateT), RateT / RateD, format_ratios(BlockRatios)])
       end, SenderCounts).
 
 %% On A. A counting sink on B, Senders senders here; the clock runs from
@@ -286,25 +297,35 @@ counting_loop(Driver, Total, N) ->
 %% latency
 
 latency(Config) ->
-    #{latency_rounds := Rounds, latency_warmup := Warmup, latency_bytes := Bytes} =
-        ?config(params, Config),
+    #{latency_rounds := Rounds, latency_warmup := Warmup, latency_bytes := Bytes,
+      blocks := Blocks} = ?config(params, Config),
     A = ?config(a, Config),
     B = ?config(b, Config),
+    PerBlock = max(1, Rounds div Blocks),
+    BlockWarmup = max(1, Warmup div Blocks),
+    Runs = interleaved(Blocks,
+                       fun(Transport) ->
+                               Rtts = on(A, latency_run,
+                                         [Transport, B, PerBlock, BlockWarmup, Bytes]),
+                               ?assertEqual(PerBlock, length(Rtts), Transport),
+                               Rtts
+                       end),
+    BlockRatios = [percentile(lists:sort(T), 50) / percentile(lists:sort(D), 50)
+                   || {D, T} <- lists:zip(maps:get(disterl, Runs), maps:get(teleport, Runs))],
     Stats = [begin
-                 Rtts = on(A, latency_run, [Transport, B, Rounds, Warmup, Bytes]),
-                 ?assertEqual(Rounds, length(Rtts), Transport),
-                 Sorted = lists:sort(Rtts),
+                 Sorted = lists:sort(lists:append(maps:get(Transport, Runs))),
                  S = {percentile(Sorted, 50), percentile(Sorted, 99)},
                  ct:pal("latency ~p: ~b round trips, min ~.1f us, p50 ~.1f us, p99 ~.1f us, "
                         "max ~.1f us",
-                        [Transport, Rounds, hd(Sorted), element(1, S), element(2, S),
+                        [Transport, length(Sorted), hd(Sorted), element(1, S), element(2, S),
                          lists:last(Sorted)]),
                  S
              end || Transport <- [disterl, teleport]],
     [{P50D, P99D}, {P50T, P99T}] = Stats,
-    summary("bench latency round_trips=~b bytes=~b: disterl p50 ~.1f us p99 ~.1f us, "
-            "teleport p50 ~.1f us p99 ~.1f us, ratio ~.2f",
-            [Rounds, Bytes, P50D, P99D, P50T, P99T, P50T / P50D]).
+    summary("bench latency round_trips=~b bytes=~b blocks=~b: disterl p50 ~.1f us p99 ~.1f us, "
+            "teleport p50 ~.1f us p99 ~.1f us, ratio ~.2f (per block ~s)",
+            [PerBlock * Blocks, Bytes, Blocks, P50D, P99D, P50T, P99T, P50T / P50D,
+             format_ratios(BlockRatios)]).
 
 %% On A: round trips in microseconds (floats), warm-up excluded.
 latency_run(Transport, B, Rounds, Warmup, Bytes) ->
@@ -582,6 +603,24 @@ percentile(Sorted, Pct) ->
     N = length(Sorted),
     Rank = max(1, (Pct * N + 99) div 100),
     lists:nth(Rank, Sorted).
+
+%% Runs Run(disterl) and Run(teleport) Blocks times each, alternating which goes
+%% first (disterl, teleport, teleport, disterl, ...), so that both see the same
+%% stretches of a noisy machine. Returns each transport's results in block order.
+interleaved(Blocks, Run) ->
+    Order = fun(I) when I rem 2 =:= 0 -> [disterl, teleport];
+               (_) -> [teleport, disterl]
+            end,
+    Results = [{Transport, Run(Transport)}
+               || I <- lists:seq(0, Blocks - 1), Transport <- Order(I)],
+    maps:from_list([{Transport, [R || {T, R} <- Results, T =:= Transport]}
+                    || Transport <- [disterl, teleport]]).
+
+mean(Values) ->
+    lists:sum(Values) / length(Values).
+
+format_ratios(Ratios) ->
+    string:join([io_lib:format("~.2f", [R]) || R <- Ratios], " ").
 
 summary(Format, Args) ->
     Line = lists:flatten(io_lib:format(Format, Args)),
