@@ -23,6 +23,17 @@ enum PoolSlot {
     Up(Arc<Pool>),
 }
 
+impl PoolSlot {
+    /// The pool, if it is up and not closing: a closing pool's connections are shut down
+    /// (its threads finishing), so it is as good as gone.
+    fn live(&self) -> Option<&Arc<Pool>> {
+        match self {
+            PoolSlot::Up(pool) if !pool.is_closing() => Some(pool),
+            _ => None,
+        }
+    }
+}
+
 /// Which pool of which runtime a connection belongs to: the runtime's random
 /// incarnation and a per-runtime pool counter.
 pub type PoolToken = [u8; POOL_TOKEN_LEN];
@@ -161,8 +172,8 @@ impl Runtime {
         {
             let mut pools = shared.pools.write().unwrap_or_else(|p| p.into_inner());
             match pools.get_mut(peer) {
-                // A pool still closing (its threads finishing) is as good as gone: replace it.
-                Some(PoolSlot::Up(pool)) if !pool.is_closing() => return OpenStatus::AlreadyUp,
+                Some(slot) if slot.live().is_some() => return OpenStatus::AlreadyUp,
+                // Closing: replace it.
                 Some(PoolSlot::Up(_)) => {
                     pools.insert(peer.to_string(), PoolSlot::Opening(vec![done]));
                 }
@@ -201,10 +212,8 @@ impl Runtime {
     /// while `NotConnected` tells the sender, which can open a new pool.
     pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
         let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
-        match pools.get(peer) {
-            Some(PoolSlot::Up(pool)) if !pool.is_closing() => Some(pool.connection(key).clone()),
-            _ => None,
-        }
+        let pool = pools.get(peer)?.live()?;
+        Some(pool.connection(key).clone())
     }
 
     /// Queues a frame on `conn` (from `connection`); with `nosuspend`, refuses
@@ -247,7 +256,7 @@ impl Runtime {
         let pools = self.shared.pools.read().unwrap_or_else(|p| p.into_inner());
         pools
             .iter()
-            .filter(|(_, slot)| matches!(slot, PoolSlot::Up(pool) if !pool.is_closing()))
+            .filter(|(_, slot)| slot.live().is_some())
             .map(|(peer, _)| peer.clone())
             .collect()
     }
@@ -263,13 +272,10 @@ impl Runtime {
             .iter()
             .map(|(peer, counters)| {
                 let mut snapshot = counters.snapshot();
-                // A closing pool's connections are shut down already: not live.
-                if let Some(PoolSlot::Up(pool)) = pools.get(peer) {
-                    if !pool.is_closing() {
-                        snapshot.connections = pool.size() as u64;
-                        snapshot.queued_bytes = pool.queued_bytes() as u64;
-                        snapshot.per_connection = pool.connection_stats();
-                    }
+                if let Some(pool) = pools.get(peer).and_then(PoolSlot::live) {
+                    snapshot.connections = pool.size() as u64;
+                    snapshot.queued_bytes = pool.queued_bytes() as u64;
+                    snapshot.per_connection = pool.connection_stats();
                 }
                 if let Some(pool) = inbound.get(peer) {
                     let mut members: Vec<_> = pool.members.iter().collect();
