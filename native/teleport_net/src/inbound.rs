@@ -70,9 +70,6 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;
     loop {
-        if reader.buffer().is_empty() {
-            crate::listener::delay_acks(stream);
-        }
         let header = match next_data_header(&mut reader, shared.config.max_frame_bytes) {
             Ok(Some(header)) => header,
             Ok(None) => return "peer closed the connection".to_string(),
@@ -122,10 +119,14 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// its buffer straight to this, into the body's own memory, so the cap applies without a
 /// second copy.
 ///
-/// Buffer refills peek instead of reading, and the peeked bytes are discarded at the start
-/// of the next read, after their frames are delivered. Reading them at once would run the
-/// kernel's ACK for them (sent from inside `recv`, with the peer's side of loopback
-/// processed on this thread) before the message reaches its process; peeking puts it after.
+/// A teleport connection carries data one way only, so its ACKs never ride on replies: in
+/// quick-ACK mode the kernel sends a pure ACK from inside the read that consumes a lone
+/// message, with the peer's side of loopback processed on this thread, before the message
+/// reaches its process. Two things take that off the path (see BENCHMARKS.md, "Latency"):
+/// buffer refills wait in delayed-ACK mode (one ACK per two pushes, or when the timer
+/// fires; the kernel falls back to quick ACKs when its timer fires, so it is set before
+/// each refill), and they peek instead of reading: the peeked bytes are discarded at the
+/// start of the next read, after their frames are delivered, and any ACK goes out then.
 /// Large body reads read: their ACKs and window updates should not wait.
 struct SocketReader<S> {
     socket: S,
@@ -175,7 +176,7 @@ trait Receive {
     /// Whether `peek` and `discard` work; without them every read is a plain read.
     const CAN_PEEK: bool;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Copies queued bytes into `buf` and leaves them queued.
+    /// Copies queued bytes into `buf` and leaves them queued; ACKs for them are delayed.
     fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Drops up to `buf.len()` queued bytes; `buf` only gives the length.
     fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize>;
@@ -190,6 +191,8 @@ impl Receive for &TcpStream {
     }
 
     fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(target_os = "linux")]
+        let _ = socket2::SockRef::from(*self).set_quickack(false);
         TcpStream::peek(self, buf)
     }
 
@@ -322,6 +325,21 @@ mod tests {
         let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
         assert_eq!(rc, 0);
         n as usize
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn peeking_leaves_quick_ack_mode() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let sock = socket2::SockRef::from(&server);
+        sock.set_quickack(true).unwrap();
+        assert!(sock.quickack().unwrap());
+        std::io::Write::write_all(&mut client, b"x").unwrap();
+        let mut one = [0u8; 1];
+        Receive::peek(&mut &server, &mut one).unwrap();
+        assert!(!sock.quickack().unwrap());
     }
 
     #[cfg(target_os = "linux")]

@@ -22,21 +22,6 @@ pub(crate) fn keep_alive(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&probe);
 }
 
-/// Called by a reader before a read that will wait for the peer. A teleport connection
-/// carries data one way only, so its ACKs never ride on replies: in quick-ACK mode the
-/// kernel sends a pure ACK from inside the read that consumes a lone message, for every
-/// message. Delayed ACKs halve that (one per two pushes, or when the timer fires), and the
-/// reader's peeking (`inbound::SocketReader`) moves the rest after delivery. The kernel
-/// falls back to quick ACKs when its timer fires, so this is set again before each such
-/// read (see BENCHMARKS.md, "Latency").
-#[cfg(target_os = "linux")]
-pub(crate) fn delay_acks(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_quickack(false);
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn delay_acks(_stream: &TcpStream) {}
-
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // A restarted node can take its fixed port back while old sockets sit in TIME_WAIT.
@@ -137,20 +122,6 @@ fn source_of(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::source_of;
     use std::net::IpAddr;
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn delay_acks_leaves_quick_ack_mode() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let sock = socket2::SockRef::from(&server);
-        sock.set_quickack(true).unwrap();
-        assert!(sock.quickack().unwrap());
-        super::delay_acks(&server);
-        assert!(!sock.quickack().unwrap());
-        drop(client);
-    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("address literal")
