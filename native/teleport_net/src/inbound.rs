@@ -327,12 +327,19 @@ mod tests {
         n as usize
     }
 
+    /// A connected loopback pair: (the writing end, the reading end).
+    #[cfg(target_os = "linux")]
+    fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn peeking_leaves_quick_ack_mode() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
+        let (mut client, server) = tcp_pair();
         let sock = socket2::SockRef::from(&server);
         sock.set_quickack(true).unwrap();
         assert!(sock.quickack().unwrap());
@@ -346,9 +353,7 @@ mod tests {
     #[test]
     fn peeked_bytes_leave_the_socket_at_the_next_read() {
         use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
+        let (mut writer, server) = tcp_pair();
         let wait_queued = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(5);
             while queued(&server) != n {
