@@ -24,7 +24,8 @@ init([]) ->
                      ?META),
     Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes,
                       connect_timeout, handshake_timeout, max_pending_handshakes,
-                      max_pending_handshakes_per_ip, io_thread_priority], Config),
+                      max_pending_handshakes_per_ip, io_thread_priority,
+                      reader_busy_wait_us], Config),
     %% The NIF takes 0 for no limit.
     IoChunk = case maps:get(io_chunk_bytes, Config) of
                   infinity -> 0;

@@ -68,6 +68,8 @@
 %%     (default: teleport's own, no limit).</li>
 %% <li>BENCH_IO_THREAD_PRIORITY: teleport `io_thread_priority' on both peers
 %%     (default: teleport's own, normal).</li>
+%% <li>BENCH_READER_BUSY_WAIT_US: teleport `reader_busy_wait_us' on both peers
+%%     (default: teleport's own, 100).</li>
 %% <li>BENCH_STATS_PEERS: peers of the hub in stats_cost (full 5, short 1).</li>
 %% <li>BENCH_STATS_CALLS: timed calls in stats_cost (full 1000, short 100).</li>
 %% </ul>
@@ -109,7 +111,8 @@ init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok ->
             AppEnv = teleport_test_peer:app_env_from_os(
-                       "BENCH", [pool_size, io_chunk_bytes, io_thread_priority]),
+                       "BENCH", [pool_size, io_chunk_bytes, io_thread_priority,
+                                reader_busy_wait_us]),
             {PeerA, A} = start_peer("bench_a", AppEnv),
             {PeerB, B} = try start_peer("bench_b", AppEnv)
                          catch Class:Reason:Stack ->

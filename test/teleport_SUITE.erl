@@ -56,7 +56,7 @@
          send_with_key_keeps_order/1, send_unordered_delivers_all/1, send_option_badarg/1,
          backoff_after_failure/1,
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
-         io_chunk_round_trip/1, io_thread_priority_idle/1,
+         io_chunk_round_trip/1, io_thread_priority_idle/1, reader_busy_wait/1,
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
@@ -100,7 +100,7 @@ groups() ->
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
-                 io_chunk_round_trip, io_thread_priority_idle]},
+                 io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -1047,6 +1047,35 @@ io_thread_priority_idle(_Config) ->
     Ours = teleport_test_peer:thread_policies(),
     ?assertEqual([0], Policies(Ours, "teleport-w")),
     ?assertEqual([0], Policies(Ours, "teleport-in")).
+
+%% Ping-pong with two peers: the one whose readers busy-wait (10 ms here, so that a slow
+%% machine's round trips fit) receives nearly every ping while polling, the one whose
+%% readers do not sleeps for each. Sleeps counted per thread by the kernel.
+reader_busy_wait(_Config) ->
+    Trips = 300,
+    Sleeps = fun(BusyWaitUs) ->
+                     {_, B} = start_case_peer("poll", #{reader_busy_wait_us => BusyWaitUs}),
+                     {ok, Echo} = teleport_test_peer:start_echo(B, self()),
+                     track_proc(Echo),
+                     ping_pong(Echo, 20), % connections up, readers past their first wait
+                     Before = erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-in"]),
+                     ping_pong(Echo, Trips),
+                     erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-in"]) - Before
+             end,
+    Polling = Sleeps(10000),
+    NotPolling = Sleeps(0),
+    ct:log("reader sleeps over ~b round trips: busy wait 10 ms ~b, none ~b",
+           [Trips, Polling, NotPolling]),
+    ?assert(NotPolling >= Trips * 9 div 10),
+    ?assert(Polling =< Trips div 10).
+
+ping_pong(Echo, N) ->
+    lists:foreach(fun(I) ->
+                          ok = teleport:send(Echo, I),
+                          receive {teleport_ct_echo, Echo, I} -> ok
+                          after ?MSG_TIMEOUT -> ct:fail({no_echo, I})
+                          end
+                  end, lists:seq(1, N)).
 
 %% A peer for one test case, stopped in end_per_testcase.
 start_case_peer(Prefix) ->

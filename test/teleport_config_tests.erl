@@ -30,6 +30,11 @@ io_chunk_test() ->
 io_thread_priority_test() ->
     check_setting(io_thread_priority, normal, idle, low).
 
+reader_busy_wait_test() ->
+    check_setting(reader_busy_wait_us, 100, 0, -1),
+    with_env(reader_busy_wait_us, 20000,
+             fun() -> ?assertError({invalid_config, reader_busy_wait_us, 20000}, teleport_config:get()) end).
+
 %% `Key' defaults to `Default', takes `Good' from the environment and refuses `Bad'.
 check_setting(Key, Default, Good, Bad) ->
     ?assertEqual(Default, maps:get(Key, teleport_config:get())),

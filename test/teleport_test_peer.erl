@@ -24,7 +24,7 @@
          unique_name/1,
          connectable/1]).
 %% Processes that run on peers.
--export([wait_until/2, thread_policies/0]).
+-export([wait_until/2, thread_policies/0, thread_sleeps/1]).
 -export([start_sink/3, sink_spawn/2, sink_loop/1,
          start_echo/2, echo_spawn/1, echo_loop/1]).
 
@@ -344,6 +344,21 @@ thread_policy(StatFile) ->
         {error, _} ->
             [] % the thread ended meanwhile
     end.
+
+%% @doc How many times this VM's threads named `Prefix...' have slept (voluntary
+%% context switches: blocked in the kernel, not preempted or yielding), summed.
+-spec thread_sleeps(string()) -> non_neg_integer().
+thread_sleeps(Prefix) ->
+    lists:sum([Sleeps || Status <- filelib:wildcard("/proc/self/task/*/status"),
+                         {ok, Text} <- [file:read_file(Status)],
+                         {Name, Sleeps} <- [name_and_sleeps(Text)],
+                         lists:prefix(Prefix, Name)]).
+
+name_and_sleeps(Status) ->
+    Fields = [list_to_tuple(string:split(Line, ":\t"))
+              || Line <- string:lexemes(binary_to_list(Status), "\n")],
+    Name = proplists:get_value("Name", Fields),
+    {Name, list_to_integer(proplists:get_value("voluntary_ctxt_switches", Fields))}.
 
 %% @doc Polls `Fun' every 50 ms until it returns true (true) or `Timeout' ms pass (false).
 -spec wait_until(fun(() -> boolean()), non_neg_integer()) -> boolean().

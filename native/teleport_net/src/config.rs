@@ -29,6 +29,13 @@ pub struct Config {
     pub io_chunk_bytes: usize,
     /// Of the writer threads and the inbound readers (see `thread_priority`).
     pub io_thread_priority: IoThreadPriority,
+    /// How long an inbound reader that finds its socket empty polls it (yielding the core
+    /// to any thread that wants it) before sleeping in the kernel; zero never polls. Only
+    /// after a wait shorter than this and no bulk frame since, so request/response traffic
+    /// polls and bulk or sparse traffic does not. A message caught while polling reaches
+    /// its process without a thread wake-up first (ping-pong p50 ~20% lower on 2 cores;
+    /// BENCHMARKS.md, "Latency"), for up to this much CPU per message. Linux only.
+    pub reader_busy_wait: Duration,
 }
 
 impl Config {
@@ -54,6 +61,7 @@ impl Config {
             max_pending_handshakes_per_ip: 8,
             io_chunk_bytes: 0,
             io_thread_priority: IoThreadPriority::Normal,
+            reader_busy_wait: Duration::from_micros(100),
         }
     }
 }

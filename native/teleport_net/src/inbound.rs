@@ -53,7 +53,8 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let socket = SocketReader::new(stream, shared.config.io_chunk(), READ_BUFFER_BYTES);
+    let socket = SocketReader::new(stream, shared.config.io_chunk(), READ_BUFFER_BYTES)
+        .busy_wait(shared.config.reader_busy_wait);
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, socket);
     let token = match read_pool_token(&mut reader) {
         Ok(token) => token,
@@ -128,6 +129,10 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// each refill), and they peek instead of reading: the peeked bytes are discarded at the
 /// start of the next read, after their frames are delivered, and any ACK goes out then.
 /// Large body reads read: their ACKs and window updates should not wait.
+///
+/// A refill that finds the socket empty may busy-wait before it sleeps (see
+/// `Config::reader_busy_wait`): a message that arrives while it polls reaches its process
+/// without first waking this thread.
 struct SocketReader<S> {
     socket: S,
     chunk: usize,
@@ -135,6 +140,12 @@ struct SocketReader<S> {
     peek_up_to: usize,
     /// Bytes handed out by the last peek and still queued in the socket.
     peeked: usize,
+    /// How long a refill polls before it sleeps; zero never polls.
+    busy_wait: Duration,
+    /// Whether the next refill polls: traffic has been small frames close together, the
+    /// last wait for data was shorter than `busy_wait`. A connection whose messages come
+    /// further apart, or that carries bulk, sleeps at once.
+    poll_next: bool,
 }
 
 impl<S: Receive> SocketReader<S> {
@@ -144,7 +155,36 @@ impl<S: Receive> SocketReader<S> {
             chunk,
             peek_up_to: if S::CAN_PEEK { buffer_bytes } else { 0 },
             peeked: 0,
+            busy_wait: Duration::ZERO,
+            poll_next: false,
         }
+    }
+
+    fn busy_wait(mut self, busy_wait: Duration) -> Self {
+        self.busy_wait = busy_wait;
+        self
+    }
+
+    /// A buffer refill: peeks, polling first if the traffic so far suggests data is close.
+    fn refill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.delay_acks();
+        let start = Instant::now();
+        if self.poll_next {
+            loop {
+                if let Some(n) = self.socket.peek(buf, Wait::No)? {
+                    return Ok(n);
+                }
+                if start.elapsed() >= self.busy_wait {
+                    break;
+                }
+                // Gives the core to any thread that wants it (a scheduler this wait may be
+                // for): polling only uses CPU nothing else does.
+                std::thread::yield_now();
+            }
+        }
+        let n = self.socket.peek(buf, Wait::Block)?.unwrap_or(0);
+        self.poll_next = start.elapsed() < self.busy_wait;
+        Ok(n)
     }
 }
 
@@ -162,13 +202,22 @@ impl<S: Receive> Read for SocketReader<S> {
         }
         let n = buf.len().min(self.chunk);
         if buf.len() <= self.peek_up_to {
-            let peeked = self.socket.peek(&mut buf[..n])?;
+            let peeked = self.refill(&mut buf[..n])?;
             self.peeked = peeked;
             Ok(peeked)
         } else {
+            // A large body: bulk, whose next frame polling would seldom catch.
+            self.poll_next = false;
             self.socket.read(&mut buf[..n])
         }
     }
+}
+
+/// Whether a peek may sleep until data comes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Wait {
+    Block,
+    No,
 }
 
 /// What [`SocketReader`] needs from a socket.
@@ -176,8 +225,11 @@ trait Receive {
     /// Whether `peek` and `discard` work; without them every read is a plain read.
     const CAN_PEEK: bool;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Copies queued bytes into `buf` and leaves them queued; ACKs for them are delayed.
-    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Puts the socket in delayed-ACK mode for the bytes the next peeks wait for.
+    fn delay_acks(&mut self);
+    /// Copies queued bytes into `buf` and leaves them queued. `None`: nothing queued and
+    /// `Wait::No`.
+    fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>>;
     /// Drops up to `buf.len()` queued bytes; `buf` only gives the length.
     fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 }
@@ -190,24 +242,47 @@ impl Receive for &TcpStream {
         Read::read(self, buf)
     }
 
-    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn delay_acks(&mut self) {
         #[cfg(target_os = "linux")]
         let _ = socket2::SockRef::from(*self).set_quickack(false);
-        TcpStream::peek(self, buf)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>> {
+        let flags = match wait {
+            Wait::Block => libc::MSG_PEEK,
+            Wait::No => libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        };
+        match socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), flags) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if wait == Wait::No && e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    // Unused: without CAN_PEEK, refills read.
+    #[cfg(not(target_os = "linux"))]
+    fn peek(&mut self, buf: &mut [u8], _wait: Wait) -> io::Result<Option<usize>> {
+        TcpStream::peek(self, buf).map(Some)
     }
 
     #[cfg(target_os = "linux")]
     fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: initialised bytes are valid `MaybeUninit<u8>`s, and the kernel writes
-        // nothing but bytes (with MSG_TRUNC, nothing at all).
-        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
-        socket2::SockRef::from(*self).recv_with_flags(uninit, libc::MSG_TRUNC)
+        // With MSG_TRUNC the kernel copies nothing.
+        socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), libc::MSG_TRUNC)
     }
 
     #[cfg(not(target_os = "linux"))]
     fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Read::read(self, buf)
     }
+}
+
+#[cfg(target_os = "linux")]
+fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    // SAFETY: initialised bytes are valid `MaybeUninit<u8>`s, and `recv` writes nothing
+    // but bytes into them.
+    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
 }
 
 /// The header of the next frame to deliver; `Ok(None)` at a clean end of stream.
@@ -244,7 +319,11 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum Op {
         Read(usize),
+        DelayAcks,
+        /// A peek that may sleep.
         Peek(usize),
+        /// A peek that may not.
+        Poll(usize),
         Discard(usize),
     }
 
@@ -253,9 +332,23 @@ mod tests {
         data: Vec<u8>,
         at: usize,
         ops: Vec<Op>,
+        /// Polls that find nothing before the data is there.
+        empty_polls: usize,
+        /// How long a peek that may sleep takes.
+        wait: Duration,
     }
 
     impl Recording {
+        fn new(data: Vec<u8>) -> Self {
+            Recording {
+                data,
+                at: 0,
+                ops: Vec::new(),
+                empty_polls: 0,
+                wait: Duration::ZERO,
+            }
+        }
+
         fn copy_out(&self, buf: &mut [u8]) -> usize {
             let n = buf.len().min(self.data.len() - self.at);
             buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
@@ -273,9 +366,25 @@ mod tests {
             Ok(n)
         }
 
-        fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.ops.push(Op::Peek(buf.len()));
-            Ok(self.copy_out(buf))
+        fn delay_acks(&mut self) {
+            self.ops.push(Op::DelayAcks);
+        }
+
+        fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>> {
+            match wait {
+                Wait::Block => {
+                    self.ops.push(Op::Peek(buf.len()));
+                    std::thread::sleep(self.wait);
+                }
+                Wait::No => {
+                    self.ops.push(Op::Poll(buf.len()));
+                    if self.empty_polls > 0 {
+                        self.empty_polls -= 1;
+                        return Ok(None);
+                    }
+                }
+            }
+            Ok(Some(self.copy_out(buf)))
         }
 
         fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -289,11 +398,7 @@ mod tests {
     #[test]
     fn refills_peek_and_body_reads_go_to_the_socket_in_chunks() {
         let data: Vec<u8> = (0..200u8).collect();
-        let socket = Recording {
-            data: data.clone(),
-            at: 0,
-            ops: Vec::new(),
-        };
+        let socket = Recording::new(data.clone());
         let mut reader = BufReader::with_capacity(16, SocketReader::new(socket, 32, 16));
         let mut header = [0u8; 5];
         reader.read_exact(&mut header).unwrap();
@@ -307,13 +412,70 @@ mod tests {
         use Op::*;
         assert_eq!(
             reader.get_ref().socket.ops,
-            vec![Peek(16), Discard(16), Read(32), Read(32), Read(25)]
+            vec![DelayAcks, Peek(16), Discard(16), Read(32), Read(32), Read(25)]
         );
         // What follows the body goes through the buffer again.
         let mut next = [0u8; 3];
         reader.read_exact(&mut next).unwrap();
         assert_eq!(&next[..], &data[105..108]);
-        assert_eq!(reader.get_ref().socket.ops[5..], [Peek(16)]);
+        assert_eq!(reader.get_ref().socket.ops[6..], [DelayAcks, Peek(16)]);
+    }
+
+    /// Reads `n` bytes as one refill (straight from the `SocketReader`, no `BufReader`).
+    fn refill(reader: &mut SocketReader<Recording>, n: usize) -> Vec<Op> {
+        let mut buf = vec![0u8; n];
+        assert_eq!(reader.read(&mut buf).unwrap(), n);
+        std::mem::take(&mut reader.socket.ops)
+    }
+
+    #[test]
+    fn refills_poll_only_after_a_short_wait_and_no_bulk() {
+        use Op::*;
+        let socket = Recording::new((0..=255u8).cycle().take(4096).collect());
+        let mut reader = SocketReader::new(socket, usize::MAX, 16).busy_wait(Duration::from_secs(5));
+        // Nothing known yet: sleeps. The data came at once, so the next refill polls.
+        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
+        reader.socket.empty_polls = 2;
+        assert_eq!(
+            refill(&mut reader, 8),
+            [Discard(8), DelayAcks, Poll(8), Poll(8), Poll(8)]
+        );
+        // A large body is read, not peeked; after it, refills sleep at once.
+        assert_eq!(refill(&mut reader, 100), [Discard(8), Read(100)]);
+        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
+        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Poll(8)]);
+    }
+
+    #[test]
+    fn polling_gives_up_after_the_busy_wait_and_a_long_wait_stops_it() {
+        use Op::*;
+        let busy_wait = Duration::from_millis(20);
+        let socket = Recording::new(vec![7; 4096]);
+        let mut reader = SocketReader::new(socket, usize::MAX, 16).busy_wait(busy_wait);
+        refill(&mut reader, 8);
+        // The data is never there while it polls: it polls for the busy wait, then sleeps.
+        reader.socket.empty_polls = usize::MAX;
+        reader.socket.wait = busy_wait * 2;
+        let start = Instant::now();
+        let ops = refill(&mut reader, 8);
+        assert!(start.elapsed() >= busy_wait);
+        assert_eq!(ops[..3], [Discard(8), DelayAcks, Poll(8)]);
+        assert_eq!(ops.last(), Some(&Peek(8)));
+        assert!(ops[2..ops.len() - 1].iter().all(|op| *op == Poll(8)));
+        // That wait was longer than the busy wait: the next refill sleeps at once, and
+        // a quick one brings polling back.
+        reader.socket.wait = Duration::ZERO;
+        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Peek(8)]);
+        reader.socket.empty_polls = 0;
+        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Poll(8)]);
+    }
+
+    #[test]
+    fn no_busy_wait_never_polls() {
+        use Op::*;
+        let mut reader = SocketReader::new(Recording::new(vec![1; 64]), usize::MAX, 16);
+        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
+        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Peek(8)]);
     }
 
     /// Bytes the socket holds that nobody has read (SIOCINQ).
@@ -344,9 +506,30 @@ mod tests {
         sock.set_quickack(true).unwrap();
         assert!(sock.quickack().unwrap());
         std::io::Write::write_all(&mut client, b"x").unwrap();
-        let mut one = [0u8; 1];
-        Receive::peek(&mut &server, &mut one).unwrap();
+        Receive::delay_acks(&mut &server);
         assert!(!sock.quickack().unwrap());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_poll_finds_queued_bytes_and_leaves_them() {
+        let (mut client, server) = tcp_pair();
+        let mut buf = [0u8; 8];
+        assert_eq!(Receive::peek(&mut &server, &mut buf, Wait::No).unwrap(), None);
+        std::io::Write::write_all(&mut client, b"ping").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            if let Some(n) = Receive::peek(&mut &server, &mut buf, Wait::No).unwrap() {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "the bytes never showed");
+        };
+        assert_eq!(&buf[..n], b"ping");
+        assert_eq!(queued(&server), 4);
+        assert_eq!(
+            Receive::peek(&mut &server, &mut buf, Wait::Block).unwrap(),
+            Some(4)
+        );
     }
 
     #[cfg(target_os = "linux")]

@@ -121,6 +121,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
             p if p == atoms::idle() => IoThreadPriority::Idle,
             _ => return Err(Error::BadArg),
         },
+        reader_busy_wait: Duration::from_micros(map_get(opts, "reader_busy_wait_us")?),
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let relays: Vec<Atom> = map_get(opts, "reply_relays")?;
