@@ -177,8 +177,8 @@ impl<S: Receive> SocketReader<S> {
                 if start.elapsed() >= self.busy_wait {
                     break;
                 }
-                // Gives the core to any thread that wants it (a scheduler this wait may be
-                // for): polling only uses CPU nothing else does.
+                // Offers the core to any thread that wants it (a scheduler this wait may
+                // be for), so polling mostly uses CPU nothing else wanted.
                 std::thread::yield_now();
             }
         }
