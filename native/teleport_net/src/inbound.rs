@@ -168,6 +168,9 @@ impl<S: Receive> SocketReader<S> {
     /// A buffer refill: peeks, polling first if the traffic so far suggests data is close.
     fn refill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.socket.delay_acks();
+        if self.busy_wait.is_zero() {
+            return Ok(self.socket.peek(buf, Wait::Block)?.unwrap_or(0));
+        }
         let start = Instant::now();
         if self.poll_next {
             loop {
