@@ -330,28 +330,20 @@ dedup([X | Rest], Seen) ->
 %% 5 = SCHED_IDLE.
 -spec thread_policies() -> [{string(), non_neg_integer()}].
 thread_policies() ->
-    Tasks = filelib:wildcard("/proc/self/task/*/stat"),
-    lists:append([thread_policy(Stat) || Stat <- Tasks]).
+    per_thread("stat", fun thread_policy/1).
 
-thread_policy(StatFile) ->
-    case file:read_file(StatFile) of
-        {ok, Stat} ->
-            %% "tid (name) state ..." : the name may hold spaces, so split at the last ')'.
-            [Head, Tail] = string:split(binary_to_list(Stat), ")", trailing),
-            [_, Name] = string:split(Head, "("),
-            %% Field 41 is the policy; Tail starts at field 3.
-            [{Name, list_to_integer(lists:nth(41 - 2, string:lexemes(Tail, " ")))}];
-        {error, _} ->
-            [] % the thread ended meanwhile
-    end.
+thread_policy(Stat) ->
+    %% "tid (name) state ..." : the name may hold spaces, so split at the last ')'.
+    [Head, Tail] = string:split(binary_to_list(Stat), ")", trailing),
+    [_, Name] = string:split(Head, "("),
+    %% Field 41 is the policy; Tail starts at field 3.
+    {Name, list_to_integer(lists:nth(41 - 2, string:lexemes(Tail, " ")))}.
 
 %% @doc How many times this VM's threads named `Prefix...' have slept (voluntary
 %% context switches: blocked in the kernel, not preempted or yielding), summed.
 -spec thread_sleeps(string()) -> non_neg_integer().
 thread_sleeps(Prefix) ->
-    lists:sum([Sleeps || Status <- filelib:wildcard("/proc/self/task/*/status"),
-                         {ok, Text} <- [file:read_file(Status)],
-                         {Name, Sleeps} <- [name_and_sleeps(Text)],
+    lists:sum([Sleeps || {Name, Sleeps} <- per_thread("status", fun name_and_sleeps/1),
                          lists:prefix(Prefix, Name)]).
 
 name_and_sleeps(Status) ->
@@ -359,6 +351,12 @@ name_and_sleeps(Status) ->
               || Line <- string:lexemes(binary_to_list(Status), "\n")],
     Name = proplists:get_value("Name", Fields),
     {Name, list_to_integer(proplists:get_value("voluntary_ctxt_switches", Fields))}.
+
+%% `Parse' applied to `/proc/self/task/<tid>/File' of each of this VM's threads; a
+%% thread that ended meanwhile is left out.
+per_thread(File, Parse) ->
+    [Parse(Text) || Path <- filelib:wildcard("/proc/self/task/*/" ++ File),
+                    {ok, Text} <- [file:read_file(Path)]].
 
 %% @doc Polls `Fun' every 50 ms until it returns true (true) or `Timeout' ms pass (false).
 -spec wait_until(fun(() -> boolean()), non_neg_integer()) -> boolean().
