@@ -21,6 +21,7 @@
 -module(teleport).
 
 -export([send/2, send/3, gs_call/2, gs_call/3, gs_cast/2]).
+-export([send_frame/3]).
 -export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1,
          listener_stats/0]).
 
@@ -68,6 +69,8 @@
 %% `{Ip, Port}' of one end of a connection.
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
+%% How often a sender suspended by back-pressure checks its connection itself.
+-define(RESUME_RECHECK_MS, 500).
 
 %% @doc Sends `Msg' to `Dest' like `erlang:send/2'; remote destinations go over
 %% teleport. Returns `{error, noconnection}' when the node cannot be reached
@@ -108,11 +111,17 @@ gs_call(Dest, Request) ->
 %% @doc `gen_server:call/3' over teleport: works with gen_server and gen_statem,
 %% and the reply comes back over teleport too. Exits like gen_server:call, as
 %% `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}' with Reason
-%% `timeout', `noproc', `{nodedown, Node}', `noconnection' or the server's exit
-%% reason. The server sees `From' as `{RelayPid, Tag}' where RelayPid is a
-%% local teleport process, so `gen_server:reply/2' works as usual.
-%% As with gen_server before OTP 24, a reply that arrives after the timeout
-%% is left in the caller's mailbox as `{Ref, Reply}'.
+%% `timeout', `noproc', `{nodedown, Node}', `noconnection', the server's exit
+%% reason, or, when teleport itself lost the call, `{request_lost, Node}' (the
+%% request may never have reached the server) or `{call_keeper_down, Why}' (the
+%% process that held the call on the server's node was killed). The server sees
+%% `From' as `{KeeperPid, Tag}' where KeeperPid is a process teleport started
+%% for this call on the server's node, so `gen_server:reply/2' works as usual.
+%% The reply is not lost when connections drop or teleport restarts on either
+%% node: it is then sent again over distributed Erlang.
+%% As with gen_server before OTP 24, a reply that arrives over teleport after
+%% the timeout is left in the caller's mailbox, as
+%% `{'$teleport_reply', Ref, KeeperPid, Reply}'.
 -spec gs_call(dest(), term(), timeout()) -> term().
 gs_call(Dest, Request, Timeout) ->
     case route(Dest) of
@@ -260,7 +269,11 @@ connection_key([unordered | _]) -> erlang:phash2(erlang:unique_integer());
 connection_key([nosuspend | Opts]) -> connection_key(Opts);
 connection_key([Other | _]) -> erlang:error({badarg, Other}).
 
-remote_send(Node, Kind, Envelope) ->
+%% @private
+%% @doc Queues `Envelope' as a frame of `Kind' to `Node', keyed by the caller
+%% (teleport_call sends its call frames with it).
+-spec send_frame(node(), send | call, term()) -> ok | {error, noconnection | too_large | busy}.
+send_frame(Node, Kind, Envelope) ->
     remote_send(Node, Kind, Envelope, erlang:phash2(self()), false).
 
 remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
@@ -284,48 +297,26 @@ remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
 enqueue(Node, Kind, Key, NoSuspend, Envelope) ->
     case teleport_nif:send(Node, Kind, Key, NoSuspend, Envelope) of
         ok -> ok;
-        suspend ->
-            %% Queued, but the connection is over its byte limit: wait for it to
-            %% drain (or close) before this process may send more.
-            receive {teleport_resume, Node} -> ok end;
+        suspend -> await_resume(Node, Key);
         not_connected -> not_connected;
         too_large -> {error, too_large};
         busy -> {error, busy}
     end.
 
-remote_call(Node, Target, Dest, Request, Timeout) ->
-    %% The server's node answers over teleport with the reply or the server's
-    %% exit reason (teleport_reply_relay). This monitor, over disterl, only
-    %% catches the node going away.
-    Mref = erlang:monitor(process, Dest),
-    case remote_send(Node, call, {Target, {self(), Mref, Timeout}, Request}) of
-        ok ->
-            await_reply(Mref, Node, Dest, Request, Timeout);
-        {error, noconnection} ->
-            erlang:demonitor(Mref, [flush]),
-            call_exit({nodedown, Node}, Dest, Request, Timeout);
-        {error, Reason} ->
-            erlang:demonitor(Mref, [flush]),
-            call_exit(Reason, Dest, Request, Timeout)
-    end.
-
-await_reply(Mref, Node, Dest, Request, Timeout) ->
+%% Queued, but the connection is over its byte limit: wait until it drains (or
+%% closes) before this process may send more. The NIF's wake-up can be lost (the
+%% runtime restarted, its event pump failed), so the wait also rechecks the
+%% connection itself now and then: it ends once the connection is no longer
+%% over its limit, whoever noticed.
+await_resume(Node, Key) ->
     receive
-        {Mref, Reply} ->
-            erlang:demonitor(Mref, [flush]),
-            Reply;
-        {'$teleport_down', Mref, Reason} ->
-            erlang:demonitor(Mref, [flush]),
-            call_exit(Reason, Dest, Request, Timeout);
-        {'DOWN', Mref, _, _, noconnection} ->
-            call_exit({nodedown, Node}, Dest, Request, Timeout)
-        %% Any other DOWN is left alone: it may have overtaken the relay's exact
-        %% answer, which is on its way over teleport.
-    after Timeout ->
-            erlang:demonitor(Mref, [flush]),
-            call_exit(timeout, Dest, Request, Timeout)
+        {teleport_resume, Node} -> ok
+    after ?RESUME_RECHECK_MS ->
+            case teleport_nif:over_limit(Node, Key) of
+                true -> await_resume(Node, Key);
+                false -> ok
+            end
     end.
 
--spec call_exit(term(), dest(), term(), timeout()) -> no_return().
-call_exit(Reason, Dest, Request, Timeout) ->
-    exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}}).
+remote_call(Node, Target, Dest, Request, Timeout) ->
+    teleport_call:call(Node, Target, Dest, Request, Timeout).

@@ -14,6 +14,7 @@
 %% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write (at least 4096); on a kernel that does not preempt inside system calls, chunks keep bulk transfers from holding a core for milliseconds (lower latency for everything else on the node; bulk throughput ~10-15% lower at 262144, ~25-30% at 65536; see README, "Bulk transfers beside latency-sensitive traffic")</td></tr>
 %% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the threads that write and read teleport's sockets run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
 %% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long a connection's reader that finds its socket empty polls it (giving the core to any thread that wants it) before sleeping, 0 to never poll (Linux only; elsewhere readers never poll). Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
+%% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's reader thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: OTP GH-8208); `always' for every message holding such a map or a fun (slower: one more hand-off per message; for tests)</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -23,7 +24,7 @@
 -type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | connect_timeout | handshake_timeout | max_pending_handshakes
              | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
-             | reader_busy_wait_us | peer_addresses.
+             | reader_busy_wait_us | decode_on_scheduler | peer_addresses.
 -export_type([key/0]).
 
 %% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
@@ -53,6 +54,7 @@ defaults() ->
       io_chunk_bytes => infinity,
       io_thread_priority => normal,
       reader_busy_wait_us => 100,
+      decode_on_scheduler => auto,
       peer_addresses => #{}}.
 
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
@@ -76,6 +78,8 @@ validate(io_thread_priority, idle) ->
         _ -> erlang:error({invalid_config, io_thread_priority, idle})
     end;
 validate(reader_busy_wait_us, N) when is_integer(N), N >= 0, N =< 10000 -> N;
+validate(decode_on_scheduler, auto) -> auto;
+validate(decode_on_scheduler, always) -> always;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

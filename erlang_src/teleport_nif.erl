@@ -4,6 +4,7 @@
 
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
 -export([encode/1, encode_measured/1, decode/1, listener_stats/0]).
+-export([deliver_frame/2, pool_generation/1, over_limit/2, debug_drop_events/1]).
 
 -on_load(load/0).
 
@@ -64,3 +65,21 @@ decode(_Bin) -> erlang:nif_error(nif_not_loaded).
 
 -spec listener_stats() -> #{atom() => non_neg_integer()}.
 listener_stats() -> erlang:nif_error(nif_not_loaded).
+
+%% @doc Decodes and delivers a frame a reader thread handed over (teleport_decoder).
+-spec deliver_frame(reference(), binary()) -> ok.
+deliver_frame(_Ticket, _Frame) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc `{Runtime, Changes}': this runtime's number and how often the pool to
+%% `Node' opened or closed in it; `none' without a runtime. A frame queued while
+%% this stayed the same cannot have been lost with its connection.
+-spec pool_generation(node()) -> {pos_integer(), non_neg_integer()} | none.
+pool_generation(_Node) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc Whether the connection `Key' picks towards `Node' is over its queue limit.
+-spec over_limit(node(), non_neg_integer()) -> boolean().
+over_limit(_Node, _Key) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc Test-only fault injection: the event pump loses its next `Count' messages.
+-spec debug_drop_events(non_neg_integer()) -> ok.
+debug_drop_events(_Count) -> erlang:nif_error(nif_not_loaded).

@@ -1,6 +1,7 @@
 %% @private
-%% @doc Supervises the reply relays, one_for_one: a relay that crashes is
-%% restarted alone, without touching the runtime and its pools.
+%% @doc Supervises the processes reader threads hand work to: the reply relays
+%% (calls) and the decoders (frames decoded on a dirty scheduler), one_for_one:
+%% one that crashes is restarted alone, without touching the runtime and its pools.
 -module(teleport_relay_sup).
 -behaviour(supervisor).
 
@@ -14,4 +15,6 @@ start_link() ->
 init([]) ->
     Relays = [#{id => Name, start => {teleport_reply_relay, start_link, [Name]}}
               || Name <- teleport_reply_relay:names()],
-    {ok, {#{strategy => one_for_one, intensity => 10, period => 10}, Relays}}.
+    Decoders = [#{id => Name, start => {teleport_decoder, start_link, [Name]}}
+                || Name <- teleport_decoder:names()],
+    {ok, {#{strategy => one_for_one, intensity => 10, period => 10}, Relays ++ Decoders}}.

@@ -18,10 +18,6 @@ start_link() ->
 init([]) ->
     process_flag(trap_exit, true),
     Config = teleport_config:get(),
-    node() =:= nonode@nohost andalso
-        ?LOG_WARNING(#{what => not_distributed,
-                       text => "teleport needs a distributed node; start it with -name or -sname"},
-                     ?META),
     Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes,
                       connect_timeout, handshake_timeout, max_pending_handshakes,
                       max_pending_handshakes_per_ip, io_thread_priority,
@@ -35,7 +31,10 @@ init([]) ->
                                   local_node => atom_to_binary(node()),
                                   cookie => atom_to_binary(erlang:get_cookie()),
                                   event_pid => self(),
-                                  reply_relays => teleport_reply_relay:names()}) of
+                                  reply_relays => teleport_reply_relay:names(),
+                                  decoders => teleport_decoder:names(),
+                                  defer_hash_maps => defer_hash_maps(
+                                                       maps:get(decode_on_scheduler, Config))}) of
         {ok, Addr} ->
             ok = net_kernel:monitor_nodes(true),
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),
@@ -53,6 +52,13 @@ handle_cast(_Request, State) ->
 handle_info({teleport_event, Event}, State) ->
     log_event(Event),
     {noreply, State};
+handle_info({teleport_call_undeliverable, {_Caller, Ref, _Timeout}}, State) when is_reference(Ref) ->
+    %% A call arrived while no relay was registered: its caller would wait for a
+    %% keeper that never starts. Over disterl, to its alias (see teleport_call).
+    erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, no_reply_relay}}),
+    {noreply, State};
+handle_info({teleport_call_undeliverable, _Malformed}, State) ->
+    {noreply, State};
 handle_info({nodedown, Node}, State) ->
     %% Calls watch their server over distributed Erlang: without it, the pool is no use.
     teleport_nif:close_pool(Node),
@@ -65,6 +71,23 @@ handle_info(Other, State) ->
 
 terminate(_Reason, _State) ->
     teleport_nif:stop().
+
+%% Whether reader threads must leave maps over 32 keys (and funs) to a dirty
+%% scheduler: building them off a scheduler crashes the VM before the fix for
+%% OTP GH-8208 (erts 13.2.2.14, 14.2.5.8, 15.2.3; every erts 16 and later has it).
+defer_hash_maps(always) ->
+    true;
+defer_hash_maps(auto) ->
+    Erts = [list_to_integer(Part)
+            || Part <- string:lexemes(erlang:system_info(version), "."),
+               lists:all(fun(C) -> C >= $0 andalso C =< $9 end, Part)],
+    not hash_maps_safe_off_scheduler(Erts).
+
+hash_maps_safe_off_scheduler([Major | _]) when Major >= 16 -> true;
+hash_maps_safe_off_scheduler([15 | _] = Erts) -> Erts >= [15, 2, 3];
+hash_maps_safe_off_scheduler([14 | _] = Erts) -> Erts >= [14, 2, 5, 8];
+hash_maps_safe_off_scheduler([13 | _] = Erts) -> Erts >= [13, 2, 2, 14];
+hash_maps_safe_off_scheduler(_) -> false.
 
 log_event({pool_up, Node, Connections}) ->
     ?LOG_INFO(#{what => pool_up, peer => Node, connections => Connections}, ?META);

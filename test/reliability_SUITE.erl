@@ -360,7 +360,7 @@ spawn_batch_sender(Dest, Tag, Id, Count) ->
 blocked_in_teleport(Pids) ->
     [Pid || Pid <- Pids,
             erlang:process_info(Pid, [current_function, status])
-                =:= [{current_function, {teleport, enqueue, 5}}, {status, waiting}]].
+                =:= [{current_function, {teleport, await_resume, 2}}, {status, waiting}]].
 
 peak_binary_memory(Ms) ->
     peak_binary_memory(deadline(Ms), erlang:memory(binary)).

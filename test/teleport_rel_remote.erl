@@ -160,7 +160,7 @@ thread_names() ->
 blocked_senders() ->
     [Pid || Pid <- erlang:processes(),
             erlang:process_info(Pid, [current_function, status])
-                =:= [{current_function, {teleport, enqueue, 5}}, {status, waiting}]].
+                =:= [{current_function, {teleport, await_resume, 2}}, {status, waiting}]].
 
 %% @doc Connects to `Ip':`Port' from this node and closes again: `ok', or why not
 %% (`{error, econnrefused}' when nothing listens there).

@@ -289,6 +289,15 @@ impl Runtime {
             .collect()
     }
 
+    /// How often `peer`'s pool has opened plus how often it has closed: a frame
+    /// queued while this number stood still can only be lost if it changes.
+    pub fn pool_changes(&self, peer: &str) -> u64 {
+        let stats = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats
+            .get(peer)
+            .map_or(0, |s| s.connects.load(SeqCst) + s.disconnects.load(SeqCst))
+    }
+
     pub fn listener_stats(&self) -> ListenerStats {
         let shared = &self.shared;
         ListenerStats {

@@ -9,6 +9,13 @@
 //! Smaller ones are copied, so a small binary cannot pin a large frame. Types
 //! with no constructor in erl_nif (pids, ports, refs, funs, bignums,
 //! bitstrings, non-ASCII UTF-8 atoms) go to `enif_binary_to_term` one by one.
+//!
+//! Where it runs: reader threads, which are not VM schedulers. Some releases
+//! cannot build a hash map (over 32 keys) off a scheduler: OTP 25 before
+//! 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3 segfault sorting it (GH-8208).
+//! A decoder made `off_scheduler_safe_only` refuses those terms (and funs, whose
+//! environment may hold such a map) with `ReadError::NeedsScheduler`; the reader
+//! then hands the whole frame to a dirty scheduler (deliver.rs).
 
 use std::collections::HashMap;
 use std::os::raw::{c_char, c_uint};
@@ -20,7 +27,7 @@ use rustler::sys::{
     enif_make_sub_binary, enif_make_tuple_from_array, ErlNifEnv, ErlNifTerm as ERL_NIF_TERM,
 };
 use teleport_net::etf::read::{ReadError, Reader, TermBuilder};
-use teleport_net::etf::{ATOM_UTF8_EXT, VERSION};
+use teleport_net::etf::{ATOM_UTF8_EXT, NEW_FUN_EXT, VERSION};
 
 /// Binaries up to this size live on the process heap anyway: always copied.
 const HEAP_BINARY_MAX: usize = 64;
@@ -28,7 +35,8 @@ const HEAP_BINARY_MAX: usize = 64;
 /// their terms stay valid in any env). Bounded so a peer cannot grow it forever.
 const ATOM_CACHE_MAX: usize = 4096;
 
-pub type DecodeError = String;
+/// Maps up to this many pairs are flat maps, which every release builds anywhere.
+const FLAT_MAP_MAX: usize = 32;
 
 /// Per-connection decoding state.
 #[derive(Default)]
@@ -36,6 +44,8 @@ pub struct TermDecoder {
     /// The parser's stacks, kept between frames.
     reader: Reader<ERL_NIF_TERM>,
     state: BuilderState,
+    /// Refuse the terms this VM cannot build off a scheduler (see the module doc).
+    off_scheduler_safe_only: bool,
 }
 
 /// `BuilderState::terms` kept between frames up to this many entries (512 KiB).
@@ -63,27 +73,33 @@ pub struct Source<'b> {
 }
 
 impl TermDecoder {
+    /// A decoder for a thread that is not a scheduler: with `defer_hash_maps`, maps
+    /// over 32 keys and funs fail with `ReadError::NeedsScheduler`.
+    pub fn off_scheduler(defer_hash_maps: bool) -> TermDecoder {
+        TermDecoder {
+            off_scheduler_safe_only: defer_hash_maps,
+            ..TermDecoder::default()
+        }
+    }
+
     /// Decodes one whole external term (with its version byte) into `env`.
     ///
     /// # Safety
     /// `env` must be a valid env for this thread; `source.binary`, if given, a binary
     /// term in `env` whose bytes are `source.bytes`.
-    pub unsafe fn decode(
-        &mut self,
-        env: *mut ErlNifEnv,
-        source: &Source,
-    ) -> Result<ERL_NIF_TERM, DecodeError> {
+    pub unsafe fn decode(&mut self, env: *mut ErlNifEnv, source: &Source) -> Result<ERL_NIF_TERM, ReadError> {
         let mut builder = EnvBuilder {
             env,
             source,
             state: &mut self.state,
+            off_scheduler_safe_only: self.off_scheduler_safe_only,
         };
         let decoded = self.reader.read(&mut builder, source.bytes);
         // One huge map must not pin its arrays for the connection's life.
         if self.state.terms.capacity() > TERMS_KEEP {
             self.state.terms = Vec::new();
         }
-        decoded.map_err(|e| e.to_string())
+        decoded
     }
 }
 
@@ -92,6 +108,7 @@ struct EnvBuilder<'a, 'b> {
     env: *mut ErlNifEnv,
     source: &'a Source<'b>,
     state: &'a mut BuilderState,
+    off_scheduler_safe_only: bool,
 }
 
 // Safety of every enif call below: `TermDecoder::decode`'s contract (a valid env
@@ -191,6 +208,9 @@ impl TermBuilder for EnvBuilder<'_, '_> {
 
     fn map(&mut self, flat: &[ERL_NIF_TERM]) -> Result<ERL_NIF_TERM, ReadError> {
         let pairs = flat.len() / 2;
+        if pairs > FLAT_MAP_MAX && self.off_scheduler_safe_only {
+            return Err(ReadError::NeedsScheduler);
+        }
         let arrays = &mut self.state.terms;
         arrays.clear();
         arrays.extend(flat.iter().step_by(2));
@@ -212,6 +232,10 @@ impl TermBuilder for EnvBuilder<'_, '_> {
     }
 
     fn opaque(&mut self, bytes: &[u8]) -> Result<ERL_NIF_TERM, ReadError> {
+        // A fun's environment is decoded by the VM, maps and all.
+        if bytes.first() == Some(&NEW_FUN_EXT) && self.off_scheduler_safe_only {
+            return Err(ReadError::NeedsScheduler);
+        }
         let scratch = &mut self.state.scratch;
         scratch.clear();
         scratch.push(VERSION);

@@ -1,14 +1,24 @@
 //! Receive side: read a frame body, decode it (decode.rs), and hand the message
 //! to the local process from the reader thread (no Erlang process in the data path).
+//!
+//! The exception: a frame this VM cannot decode off a scheduler (decode.rs) is
+//! handed whole to a decoder process (teleport_decoder), which decodes and delivers
+//! it on a dirty scheduler (`deliver_frame`). The reader waits for that to finish,
+//! so the connection's frames keep their order; the wait always ends, because the
+//! ticket's channel closes when the ticket is dropped, whatever happens to the
+//! message or the process that holds it.
 
 use std::io::Read;
 use std::ptr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
+use crossbeam_channel::Sender;
 use rustler::env::OwnedEnv;
-use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifPid};
+use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifEnv, ErlNifPid};
 use rustler::types::LocalPid;
-use rustler::{Atom, Encoder, Env, OwnedBinary, Term, TermType};
+use rustler::{Atom, Encoder, Env, OwnedBinary, Resource, ResourceArc, Term, TermType};
+use teleport_net::etf::read::ReadError;
 use teleport_net::host::read_body;
 use teleport_net::{Delivery, FrameHandler, FrameKind};
 
@@ -19,19 +29,33 @@ use crate::decode::{Source, TermDecoder};
 /// large binaries then reference; smaller ones go through a reused buffer.
 const OWN_BUFFER_MIN: usize = 64 * 1024;
 
+/// The local processes frames go to, beside their destinations.
+pub struct Helpers {
+    /// Registered names of the processes that make calls arriving over teleport.
+    pub relays: Vec<Atom>,
+    /// Registered names of the processes that decode frames on a dirty scheduler.
+    pub decoders: Vec<Atom>,
+    /// Whether reader threads must leave hash maps and funs to a scheduler (decode.rs).
+    pub defer_hash_maps: bool,
+    /// teleport_runtime, told of calls no relay could take (so their callers hear of it).
+    pub runtime: LocalPid,
+}
+
 pub struct Deliverer {
     env: OwnedEnv,
     decoder: TermDecoder,
-    /// Registered names of the processes that make calls arriving over teleport.
-    relays: Arc<Vec<Atom>>,
+    helpers: Arc<Helpers>,
+    /// Where a frame handed to a decoder process is built.
+    handoff_env: OwnedEnv,
 }
 
 impl Deliverer {
-    pub fn new(relays: Arc<Vec<Atom>>) -> Deliverer {
+    pub fn new(helpers: Arc<Helpers>) -> Deliverer {
         Deliverer {
             env: OwnedEnv::new(),
-            decoder: TermDecoder::default(),
-            relays,
+            decoder: TermDecoder::off_scheduler(helpers.defer_hash_maps),
+            helpers,
+            handoff_env: OwnedEnv::new(),
         }
     }
 
@@ -41,17 +65,29 @@ impl Deliverer {
         bytes: &[u8],
         binary: Option<OwnedBinary>,
     ) -> Result<Delivery, String> {
-        let Deliverer { env, decoder, relays } = self;
-        let outcome = env.run(|env| match binary {
-            Some(owned) => {
-                let binary = owned.release(env);
-                let source = Source {
-                    bytes: binary.as_slice(),
-                    binary: Some(binary.to_term(env).as_c_arg()),
-                };
-                decode_and_deliver(env, kind, decoder, &source, relays)
+        let Deliverer {
+            env,
+            decoder,
+            helpers,
+            handoff_env,
+        } = self;
+        let outcome = env.run(|env| {
+            let (source, frame) = match binary {
+                Some(owned) => {
+                    let binary = owned.release(env);
+                    let term = binary.to_term(env);
+                    let source = Source {
+                        bytes: binary.as_slice(),
+                        binary: Some(term.as_c_arg()),
+                    };
+                    (source, Some(term))
+                }
+                None => (Source { bytes, binary: None }, None),
+            };
+            match decode_and_deliver(env, ptr::null_mut(), kind, decoder, &source, helpers) {
+                Err(ReadError::NeedsScheduler) => hand_off(handoff_env, kind, &source, frame, helpers),
+                other => other.map_err(|e| e.to_string()),
             }
-            None => decode_and_deliver(env, kind, decoder, &Source { bytes, binary: None }, relays),
         });
         // enif_send invalidated the env's terms; clear it for the next frame either way.
         env.clear();
@@ -83,57 +119,153 @@ impl FrameHandler for Deliverer {
     }
 }
 
+/// A frame on its way to a decoder process, and the way back to the reader waiting
+/// for it. Dropping it (the message lost, the process dead) closes that way.
+pub struct DecodeTicket {
+    kind: FrameKind,
+    helpers: Arc<Helpers>,
+    outcome: Mutex<Option<Sender<Result<Delivery, String>>>>,
+}
+
+#[rustler::resource_impl]
+impl Resource for DecodeTicket {}
+
+impl DecodeTicket {
+    /// Decodes `frame` and delivers it; runs on a dirty scheduler, where every term
+    /// can be built. `env` is the calling process's.
+    pub fn run(&self, env: Env, frame: rustler::Binary) {
+        let mut decoder = TermDecoder::default();
+        let message_env = OwnedEnv::new();
+        let outcome = message_env.run(|menv| {
+            let term = frame.to_term(env).in_env(menv);
+            let binary = rustler::Binary::from_term(term).map_err(|_| "frame is not a binary".to_string())?;
+            let source = Source {
+                bytes: binary.as_slice(),
+                binary: Some(term.as_c_arg()),
+            };
+            decode_and_deliver(
+                menv,
+                env.as_c_arg(),
+                self.kind,
+                &mut decoder,
+                &source,
+                &self.helpers,
+            )
+            .map_err(|e| e.to_string())
+        });
+        if let Some(reply) = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// Spreads frames over the decoder processes.
+static NEXT_DECODER: AtomicUsize = AtomicUsize::new(0);
+
+/// Sends the frame to a decoder process and waits until it has been delivered there.
+fn hand_off(
+    handoff_env: &mut OwnedEnv,
+    kind: FrameKind,
+    source: &Source,
+    frame: Option<Term>,
+    helpers: &Arc<Helpers>,
+) -> Result<Delivery, String> {
+    let decoders = &helpers.decoders;
+    let Some(name) = decoders.get(NEXT_DECODER.fetch_add(1, Relaxed) % decoders.len().max(1)) else {
+        return Ok(Delivery::Undeliverable("no_decoder"));
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let ticket = ResourceArc::new(DecodeTicket {
+        kind,
+        helpers: helpers.clone(),
+        outcome: Mutex::new(Some(tx)),
+    });
+    let sent = handoff_env.run(|env| {
+        let Some(pid) = whereis(ptr::null_mut(), name.to_term(env)) else {
+            return false;
+        };
+        let frame = match frame {
+            // A reference to the same buffer: no copy.
+            Some(term) => term.in_env(env),
+            None => {
+                let Some(mut copy) = try_alloc_binary(source.bytes.len()) else {
+                    return false;
+                };
+                copy.as_mut_slice().copy_from_slice(source.bytes);
+                copy.release(env).to_term(env)
+            }
+        };
+        let msg = (atoms::dollar_teleport_decode(), ticket.clone(), frame).encode(env);
+        send_to(env, ptr::null_mut(), pid, msg) == Delivery::Delivered
+    });
+    handoff_env.clear();
+    drop(ticket);
+    if !sent {
+        return Ok(Delivery::Undeliverable("no_decoder"));
+    }
+    // A malformed frame closes the connection, as it would have on this thread.
+    rx.recv().unwrap_or(Ok(Delivery::Undeliverable("decoder_down")))
+}
+
+/// `caller_env`: NULL on our own threads, the calling process's env on a scheduler.
 fn decode_and_deliver(
     env: Env,
+    caller_env: *mut ErlNifEnv,
     kind: FrameKind,
     decoder: &mut TermDecoder,
     source: &Source,
-    relays: &[Atom],
-) -> Result<Delivery, String> {
+    helpers: &Helpers,
+) -> Result<Delivery, ReadError> {
     // Creates atoms as needed: only authenticated peers get here.
     let raw = unsafe { decoder.decode(env.as_c_arg(), source)? };
     let term = unsafe { Term::new(env, raw) };
     match kind {
         // The reader consumes it; one reaching delivery is a protocol error.
-        FrameKind::PoolEpoch => Err("unexpected pool epoch frame".to_string()),
+        FrameKind::PoolEpoch => Err(ReadError::Malformed("unexpected pool epoch frame")),
         FrameKind::Send => {
-            let (dest, msg): (Term, Term) = term.decode().map_err(|_| "send frame is not {Dest, Msg}")?;
-            deliver(env, dest, msg)
+            let (dest, msg): (Term, Term) = term
+                .decode()
+                .map_err(|_| ReadError::Malformed("send frame is not {Dest, Msg}"))?;
+            deliver(env, caller_env, dest, msg)
         }
         FrameKind::Call => {
             let (dest, call, request): (Term, Term, Term) = term
                 .decode()
-                .map_err(|_| "call frame is not {Dest, Call, Request}")?;
-            // A relay makes the call: it monitors the server before the request reaches it,
-            // so the caller learns the server's exit reason, not a racing `noproc`.
-            let relay_name = relays[call.hash_phash2() as usize % relays.len().max(1)];
-            let Some(relay) = whereis(relay_name.to_term(env)) else {
+                .map_err(|_| ReadError::Malformed("call frame is not {Dest, Call, Request}"))?;
+            // A relay makes the call on the caller's behalf (teleport_reply_relay). One
+            // being restarted is skipped; with none at all, the runtime tells the caller.
+            let relays = &helpers.relays;
+            let first = call.hash_phash2() as usize;
+            let relay = (0..relays.len())
+                .find_map(|i| whereis(caller_env, relays[(first + i) % relays.len()].to_term(env)));
+            let Some(relay) = relay else {
+                let msg = (atoms::teleport_call_undeliverable(), call).encode(env);
+                send_to(env, caller_env, helpers.runtime, msg);
                 return Ok(Delivery::Undeliverable("no_reply_relay"));
             };
             let msg = (atoms::dollar_teleport_call(), dest, call, request).encode(env);
-            Ok(send_to(env, relay, msg))
+            Ok(send_to(env, caller_env, relay, msg))
         }
     }
 }
 
-fn deliver(env: Env, dest: Term, msg: Term) -> Result<Delivery, String> {
+fn deliver(env: Env, caller_env: *mut ErlNifEnv, dest: Term, msg: Term) -> Result<Delivery, ReadError> {
     let pid = match dest.get_type() {
         TermType::Pid => match dest.decode::<LocalPid>() {
             Ok(pid) => pid,
             Err(_) => return Ok(Delivery::Undeliverable("not_a_local_pid")),
         },
-        TermType::Atom => match whereis(dest) {
+        TermType::Atom => match whereis(caller_env, dest) {
             Some(pid) => pid,
             None => return Ok(Delivery::Undeliverable("noproc")),
         },
-        _ => return Err("destination is neither a pid nor an atom".to_string()),
+        _ => return Err(ReadError::Malformed("destination is neither a pid nor an atom")),
     };
-    Ok(send_to(env, pid, msg))
+    Ok(send_to(env, caller_env, pid, msg))
 }
 
-fn send_to(env: Env, pid: LocalPid, msg: Term) -> Delivery {
-    // NULL caller env: we are on one of our own threads, not a scheduler.
-    let sent = unsafe { enif_send(ptr::null_mut(), pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
+fn send_to(env: Env, caller_env: *mut ErlNifEnv, pid: LocalPid, msg: Term) -> Delivery {
+    let sent = unsafe { enif_send(caller_env, pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
     if sent == 0 {
         Delivery::Undeliverable("dead_process")
     } else {
@@ -153,9 +285,9 @@ fn try_alloc_binary(len: usize) -> Option<OwnedBinary> {
     }
 }
 
-/// `enif_whereis_pid` with a NULL env, as erl_nif asks of non-scheduler threads.
-fn whereis(name: Term) -> Option<LocalPid> {
+/// `enif_whereis_pid`; `caller_env` as for `send_to`.
+fn whereis(caller_env: *mut ErlNifEnv, name: Term) -> Option<LocalPid> {
     let mut pid = std::mem::MaybeUninit::<ErlNifPid>::uninit();
-    let found = unsafe { enif_whereis_pid(ptr::null_mut(), name.as_c_arg(), pid.as_mut_ptr()) };
+    let found = unsafe { enif_whereis_pid(caller_env, name.as_c_arg(), pid.as_mut_ptr()) };
     (found != 0).then(|| LocalPid::from_c_arg(unsafe { pid.assume_init() }))
 }

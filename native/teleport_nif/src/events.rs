@@ -5,6 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -16,7 +17,7 @@ use rustler::{Atom, Encoder, Env, Term};
 use teleport_net::{Event, FrameHandler, Host};
 
 use crate::atoms;
-use crate::deliver::Deliverer;
+use crate::deliver::{Deliverer, Helpers};
 
 /// Builds a message in the pump's env and names its recipient.
 pub type Job = Box<dyn for<'a> FnOnce(Env<'a>) -> Option<(LocalPid, Term<'a>)> + Send>;
@@ -25,7 +26,7 @@ pub struct NifHost {
     jobs: Sender<Job>,
     /// Receives every core event as `{teleport_event, Event}` (the teleport_runtime process).
     event_pid: LocalPid,
-    relays: Arc<Vec<Atom>>,
+    helpers: Arc<Helpers>,
 }
 
 pub struct EventPump {
@@ -79,15 +80,26 @@ pub fn post(
     pid: LocalPid,
     msg: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
 ) {
+    if DROP_NEXT.load(Relaxed) > 0 && DROP_NEXT.fetch_sub(1, Relaxed) > 0 {
+        return;
+    }
     let _ = jobs.send(Box::new(move |env| Some((pid, msg(env)))));
 }
 
+/// Test-only fault injection: how many of the next posted messages to lose, as a
+/// pump that failed would (whoever waits for one must not wait forever).
+static DROP_NEXT: AtomicU64 = AtomicU64::new(0);
+
+pub fn drop_next(count: u64) {
+    DROP_NEXT.store(count, Relaxed);
+}
+
 impl NifHost {
-    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, relays: Arc<Vec<Atom>>) -> NifHost {
+    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, helpers: Arc<Helpers>) -> NifHost {
         NifHost {
             jobs,
             event_pid,
-            relays,
+            helpers,
         }
     }
 }
@@ -110,7 +122,7 @@ fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
 
 impl Host for NifHost {
     fn frame_handler(&self, _peer: &str) -> Box<dyn FrameHandler> {
-        Box::new(Deliverer::new(self.relays.clone()))
+        Box::new(Deliverer::new(self.helpers.clone()))
     }
 
     fn event(&self, event: Event) {

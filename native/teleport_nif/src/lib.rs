@@ -13,17 +13,19 @@ mod events;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use rustler::types::LocalPid;
-use rustler::{Atom, Encoder, Env, Error, NifResult, Term};
+use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
 use teleport_net::{
     Config, ConnDirection, ConnStatsSnapshot, FrameKind, IoThreadPriority, OpenStatus, OutFrame,
     PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
+use crate::deliver::{DecodeTicket, Helpers};
 use crate::encoder::{Limit, Stop};
 use crate::events::{node_atom, post, EventPump, Job, NifHost};
 
@@ -32,9 +34,19 @@ struct Node {
     runtime: Runtime,
     pump: Mutex<EventPump>,
     jobs: Sender<Job>,
+    /// The process that started it, and the monitor that stops it if that one dies.
+    owner: LocalPid,
+    _watch: ResourceArc<Owner>,
+    /// Tells this runtime from earlier ones (`pool_generation`).
+    generation: u64,
 }
 
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
 static NODE: RwLock<Option<Arc<Node>>> = RwLock::new(None);
+/// Held while a runtime starts or stops, so two never overlap (a new listener on
+/// a fixed port would otherwise race the old one's close).
+static LIFECYCLE: Mutex<()> = Mutex::new(());
 
 fn node() -> Option<Arc<Node>> {
     NODE.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -96,11 +108,24 @@ fn with_atom_text<R>(atom: Term, f: impl FnOnce(&str) -> R) -> NifResult<R> {
 }
 
 /// Starts the listener. `Opts` is a map built and validated by teleport_config.
-#[rustler::nif]
+/// The calling process owns the runtime: if it dies without calling `stop`
+/// (killed), the runtime stops by itself (`Owner::down`), and a `start` that
+/// finds a runtime whose owner is gone stops that one first. Dirty: it may join
+/// the threads of such a runtime.
+#[rustler::nif(schedule = "DirtyIo")]
 fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
-    let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
-    if slot.is_some() {
-        return Ok((atoms::error(), atoms::already_started()).encode(env));
+    let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
+    let orphan = {
+        let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(node) if is_alive(env, node.owner) => {
+                return Ok((atoms::error(), atoms::already_started()).encode(env));
+            }
+            _ => slot.take(),
+        }
+    };
+    if let Some(node) = orphan {
+        stop_node(node);
     }
     let config = Config {
         listen: SocketAddr::new(
@@ -124,22 +149,35 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         reader_busy_wait: Duration::from_micros(map_get(opts, "reader_busy_wait_us")?),
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
-    let relays: Vec<Atom> = map_get(opts, "reply_relays")?;
-    if relays.is_empty() {
+    let helpers = Helpers {
+        relays: map_get(opts, "reply_relays")?,
+        decoders: map_get(opts, "decoders")?,
+        defer_hash_maps: map_get(opts, "defer_hash_maps")?,
+        runtime: event_pid,
+    };
+    if helpers.relays.is_empty() || helpers.decoders.is_empty() {
         return Err(Error::BadArg);
+    }
+    let owner = env.pid();
+    let watch = ResourceArc::new(Owner { pid: owner });
+    if env.monitor(&watch, &owner).is_none() {
+        return Ok((atoms::error(), atoms::noproc()).encode(env));
     }
     let (mut pump, jobs) = match EventPump::start() {
         Ok(started) => started,
         Err(e) => return Ok((atoms::error(), e.to_string()).encode(env)),
     };
-    let host = Arc::new(NifHost::new(jobs.clone(), event_pid, Arc::new(relays)));
+    let host = Arc::new(NifHost::new(jobs.clone(), event_pid, Arc::new(helpers)));
     match Runtime::start(config, host) {
         Ok(runtime) => {
             let addr = runtime.local_addr();
-            *slot = Some(Arc::new(Node {
+            *NODE.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Node {
                 runtime,
                 pump: Mutex::new(pump),
                 jobs,
+                owner,
+                _watch: watch,
+                generation: GENERATIONS.fetch_add(1, SeqCst) + 1,
             }));
             Ok((atoms::ok(), (encode_ip(env, addr.ip()), addr.port())).encode(env))
         }
@@ -154,19 +192,72 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
 /// Closes the listener and every connection, and joins every thread.
 #[rustler::nif(schedule = "DirtyIo")]
 fn stop() -> Atom {
+    let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
     let taken = NODE.write().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(node) = taken {
-        node.runtime.stop();
-        // The pump ends when the last sender is gone: ours, and the host's inside the runtime.
-        let Node { runtime, pump, jobs } = match Arc::try_unwrap(node) {
-            Ok(node) => node,
-            // A NIF call still holds it: it finishes quickly; the threads are already joined.
-            Err(_) => return atoms::ok(),
-        };
-        drop(runtime);
-        drop(jobs);
-        pump.lock().unwrap_or_else(|p| p.into_inner()).stop();
+        stop_node(node);
     }
+    atoms::ok()
+}
+
+/// Stops a runtime already taken out of `NODE`; call with `LIFECYCLE` held.
+fn stop_node(node: Arc<Node>) {
+    node.runtime.stop();
+    // The pump ends when the last sender is gone: ours, and the host's inside the runtime.
+    let Node {
+        runtime, pump, jobs, ..
+    } = match Arc::try_unwrap(node) {
+        Ok(node) => node,
+        // A NIF call still holds it: it finishes quickly; the threads are already joined.
+        Err(_) => return,
+    };
+    drop(runtime);
+    drop(jobs);
+    pump.lock().unwrap_or_else(|p| p.into_inner()).stop();
+}
+
+fn is_alive(env: Env, pid: LocalPid) -> bool {
+    unsafe { rustler::sys::enif_is_process_alive(env.as_c_arg(), pid.as_c_arg()) != 0 }
+}
+
+/// Watches the process that started the runtime (teleport_runtime).
+struct Owner {
+    pid: LocalPid,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for Owner {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    /// The owner died without `stop` (killed): stop its runtime, so no listener or
+    /// connection outlives it. Off the scheduler, as stopping joins threads.
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: rustler::Monitor) {
+        let owner = self.pid;
+        let _ = std::thread::Builder::new()
+            .name("teleport-orphan".into())
+            .spawn(move || {
+                let _ = std::panic::catch_unwind(|| {
+                    let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
+                    let taken = {
+                        let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
+                        match slot.as_ref() {
+                            Some(node) if node.owner == owner => slot.take(),
+                            _ => None,
+                        }
+                    };
+                    if let Some(node) = taken {
+                        stop_node(node);
+                    }
+                });
+            });
+    }
+}
+
+/// Decodes and delivers a frame a reader thread could not (deliver.rs), on a
+/// dirty scheduler; called by teleport_decoder with what the reader sent it.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn deliver_frame<'a>(env: Env<'a>, ticket: ResourceArc<DecodeTicket>, frame: rustler::Binary<'a>) -> Atom {
+    ticket.run(env, frame);
     atoms::ok()
 }
 
@@ -277,6 +368,34 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
         Err(SendError::Busy) => atoms::busy(),
     };
     Ok(outcome.encode(env))
+}
+
+/// `{Runtime, Changes}`: which runtime this is (a new one after every start) and how
+/// often `peer`'s pool opened or closed in it; `none` if teleport is not running.
+/// A caller compares two of these to learn whether a frame it queued may be lost.
+#[rustler::nif]
+fn pool_generation(env: Env, peer: Atom) -> NifResult<Term> {
+    let Some(node) = node() else {
+        return Ok(atoms::none().encode(env));
+    };
+    let changes = with_atom_text(peer.to_term(env), |name| node.runtime.pool_changes(name))?;
+    Ok((node.generation, changes).encode(env))
+}
+
+/// Whether the connection `key` picks towards `peer` is over its queue limit now
+/// (false if there is none): a sender suspended on it rechecks with this.
+#[rustler::nif]
+fn over_limit(env: Env, peer: Atom, key: u64) -> NifResult<bool> {
+    let Some(node) = node() else { return Ok(false) };
+    let conn = with_atom_text(peer.to_term(env), |name| node.runtime.connection(name, key))?;
+    Ok(conn.is_some_and(|conn| conn.is_over_limit()))
+}
+
+/// Test-only: the next `count` messages the event pump would send are dropped.
+#[rustler::nif]
+fn debug_drop_events(count: u64) -> Atom {
+    events::drop_next(count);
+    atoms::ok()
 }
 
 #[rustler::nif]
@@ -415,7 +534,7 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
     };
     match unsafe { decode::TermDecoder::default().decode(env.as_c_arg(), &source) } {
         Ok(term) => Ok(unsafe { Term::new(env, term) }),
-        Err(reason) => Ok((atoms::error(), reason).encode(env)),
+        Err(reason) => Ok((atoms::error(), reason.to_string()).encode(env)),
     }
 }
 

@@ -69,6 +69,9 @@ pub enum ReadError {
     Malformed(&'static str),
     /// The builder refused an opaque term (tag given).
     Refused(u8),
+    /// The builder cannot make this term on the thread it runs on (the caller may
+    /// try the whole input again where it can).
+    NeedsScheduler,
 }
 
 impl fmt::Display for ReadError {
@@ -86,6 +89,7 @@ impl fmt::Display for ReadError {
             ReadError::UnsupportedTag(tag) => write!(f, "unsupported term tag {tag}"),
             ReadError::Malformed(what) => write!(f, "malformed term: {what}"),
             ReadError::Refused(tag) => write!(f, "bad term with tag {tag}"),
+            ReadError::NeedsScheduler => f.write_str("term must be built on a VM scheduler"),
         }
     }
 }
