@@ -25,6 +25,10 @@ start_link(Name) ->
 
 -spec init([]) -> {ok, no_state}.
 init([]) ->
+    %% Keepers inherit this group leader. Not the application's: stopping the
+    %% application kills every process under its group leader, and a keeper
+    %% must outlive a restart of teleport (the supervisor still stops relays).
+    _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
     {ok, no_state}.
 
 -spec handle_call(term(), gen_server:from(), no_state) -> {reply, {error, unsupported}, no_state}.
