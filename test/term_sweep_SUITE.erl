@@ -99,11 +99,15 @@ suite() ->
     [{timetrap, {minutes, 10}}].
 
 all() ->
-    [{group, maps}, {group, sequences}, {group, binaries}, {group, scalars},
-     {group, identifiers}, {group, frame_limit}].
+    [{group, maps}, {group, maps_on_scheduler}, {group, sequences}, {group, binaries},
+     {group, scalars}, {group, identifiers}, {group, frame_limit}].
 
 groups() ->
     [{maps, [], [map_sizes_integer_keys, map_key_kinds, maps_nested]},
+     %% The same with every hash map and fun decoded on a dirty scheduler, the
+     %% path teleport takes by default only on VMs that cannot build those off
+     %% one (decode_on_scheduler): so both paths run on every release.
+     {maps_on_scheduler, [], [map_sizes_integer_keys, maps_nested, funs, mixed]},
      {sequences, [], [tuples, lists, strings, improper_lists, deep_nesting]},
      {binaries, [], [binary_sizes, binary_frame_rules, sub_binaries, bitstrings, binary_100mib]},
      {scalars, [], [integers, bignums, floats, atoms]},
@@ -140,6 +144,8 @@ results_holder(Parent) ->
     Parent ! {self(), ready},
     receive stop -> ok end.
 
+init_per_group(maps_on_scheduler, Config) ->
+    [{peer_env, #{decode_on_scheduler => always}} | Config];
 init_per_group(_Group, Config) ->
     Config.
 
@@ -164,11 +170,12 @@ init_per_testcase(Case, Config) ->
     process_flag(trap_exit, true),
     put(sweep_peers, []),
     put(sweep_results, []),
+    Base = proplists:get_value(peer_env, Config, #{}),
     Env = case Case of
-              max_frame_bytes -> #{a => #{max_frame_bytes => ?LIMIT},
-                                   b => #{max_frame_bytes => ?LIMIT},
-                                   c => #{}};
-              _ -> #{a => #{}, b => #{}}
+              max_frame_bytes -> #{a => Base#{max_frame_bytes => ?LIMIT},
+                                   b => Base#{max_frame_bytes => ?LIMIT},
+                                   c => Base};
+              _ -> #{a => Base, b => Base}
           end,
     put(sweep_env, Env),
     put(sweep_nodes, #{}),
