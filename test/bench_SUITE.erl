@@ -80,12 +80,12 @@
 
 -export([suite/0, all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([small_messages/1, latency/1, head_of_line/1, stats_cost/1]).
+-export([small_messages/1, latency/1, head_of_line/1, stats_cost/1, big_map/1]).
 %% Run on the peers.
 -export([small_run/5, small_sender/5, counting_sink/2,
          latency_run/5, latency_echo/1,
          hol_run/5, streamer/4, dropping_sink/1,
-         stats_run/1]).
+         stats_run/1, big_map_run/2, big_map_receiver/1, b2t_micros/1]).
 
 -define(ECHO_SERVER, bench_echo_server).
 %% erpc timeout for one run on A, and how long to wait for any single step.
@@ -100,7 +100,7 @@ suite() ->
 all() -> [{group, short}].
 
 groups() ->
-    Cases = [small_messages, latency, head_of_line, stats_cost],
+    Cases = [small_messages, latency, head_of_line, stats_cost, big_map],
     [{short, [], Cases},
      {full, [], Cases}].
 
@@ -112,7 +112,7 @@ init_per_suite(Config) ->
         ok ->
             AppEnv = teleport_test_peer:app_env_from_os(
                        "BENCH", [pool_size, io_chunk_bytes, io_thread_priority,
-                                reader_busy_wait_us]),
+                                reader_busy_wait_us, decode_on_scheduler]),
             {PeerA, A} = start_peer("bench_a", AppEnv),
             {PeerB, B} = try start_peer("bench_b", AppEnv)
                          catch Class:Reason:Stack ->
@@ -629,3 +629,73 @@ summary(Format, Args) ->
     Line = lists:flatten(io_lib:format(Format, Args)),
     ct:pal("~s", [Line]),
     io:format(user, "~s~n", [Line]).
+
+%%--------------------------------------------------------------------
+%% big_map: receiving a map of BENCH_MAP_KEYS (default 100,000) integer keys.
+%% One send at a time from A to B, over each transport, in alternating rounds;
+%% each time is from just before the send on A to the message in the receiving
+%% process on B (both nodes read the same OS clock), so it holds A's encoding,
+%% the transfer and B's decoding. Beside them, on B: binary_to_term of the
+%% same map's bytes, and term_to_binary + binary_to_term (the codec work of a
+%% disterl send, without the transfer).
+
+big_map(Config) ->
+    A = ?config(a, Config),
+    B = ?config(b, Config),
+    Keys = env_int("BENCH_MAP_KEYS", 100000),
+    Rounds = env_int("BENCH_MAP_ROUNDS", 7),
+    Receiver = erpc:call(B, erlang, spawn, [?MODULE, big_map_receiver, [self()]]),
+    try
+        Times = [{T, erpc:call(A, ?MODULE, big_map_run, [T, {Receiver, Keys}], ?RUN_TIMEOUT)}
+                 || _ <- lists:seq(1, Rounds), T <- [teleport, disterl]],
+        Median = fun(T) -> median([Us || {T1, Us} <- Times, T1 =:= T]) end,
+        {B2T, Codec} = erpc:call(B, ?MODULE, b2t_micros, [Keys], ?RUN_TIMEOUT),
+        Tp = Median(teleport),
+        De = Median(disterl),
+        Deferred = erpc:call(B, fun() -> teleport_config:get(decode_on_scheduler) end),
+        summary("big_map: ~b keys, median of ~b, decode_on_scheduler ~p on B (OTP ~s):~n"
+               "  teleport send->receive ~.1f ms, disterl ~.1f ms (disterl/teleport ~.2fx)~n"
+               "  on B: binary_to_term ~.1f ms, term_to_binary+binary_to_term ~.1f ms~n"
+               "  teleport send->receive / binary_to_term: ~.2fx",
+               [Keys, Rounds, Deferred, erlang:system_info(otp_release), Tp / 1000, De / 1000,
+                De / Tp, B2T / 1000, Codec / 1000, Tp / B2T])
+    after
+        Receiver ! stop
+    end.
+
+%% On A: one timed send of a fresh map (built before the clock starts).
+big_map_run(Transport, {Receiver, Keys}) ->
+    Map = maps:from_list([{I, I} || I <- lists:seq(1, Keys)]),
+    Ref = make_ref(),
+    T0 = os:system_time(microsecond),
+    ok = transmit(Transport, Receiver, {big_map, self(), Ref, T0, Map}),
+    receive {Ref, Micros} -> Micros after ?STEP_TIMEOUT -> error(big_map_timeout) end.
+
+%% On B: answers each map with how long it took to arrive.
+big_map_receiver(Driver) ->
+    receive
+        {big_map, From, Ref, T0, Map} when is_map(Map) ->
+            Micros = os:system_time(microsecond) - T0,
+            From ! {Ref, Micros},
+            big_map_receiver(Driver);
+        stop ->
+            ok
+    end.
+
+%% On B: medians of binary_to_term, and of term_to_binary + binary_to_term.
+b2t_micros(Keys) ->
+    Map = maps:from_list([{I, I} || I <- lists:seq(1, Keys)]),
+    Bin = term_to_binary(Map),
+    B2T = median([element(1, timer:tc(erlang, binary_to_term, [Bin])) || _ <- lists:seq(1, 7)]),
+    Codec = median([element(1, timer:tc(fun() -> binary_to_term(term_to_binary(Map)) end))
+                    || _ <- lists:seq(1, 7)]),
+    {B2T, Codec}.
+
+median(Values) ->
+    percentile(lists:sort(Values), 50).
+
+env_int(Var, Default) ->
+    case os:getenv(Var) of
+        false -> Default;
+        Value -> list_to_integer(Value)
+    end.
