@@ -91,7 +91,8 @@ pub struct Runtime {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum OpenStatus {
-    /// Dialing started (or joined a dial already under way); the callback will run.
+    /// Dialing started (or joined a dial already under way); the callback will run
+    /// (already has, with an error, if the dial thread could not start).
     Opening,
     /// Already up; the callback was dropped without running.
     AlreadyUp,
