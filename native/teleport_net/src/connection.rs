@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::faults::Point;
 use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
@@ -152,14 +153,15 @@ pub enum Enqueued {
 pub struct Closed;
 
 impl Connection {
-    /// Returns the connection and the receiving end for its writer thread.
+    /// Returns the connection and its writing end, for its writer thread.
     pub(crate) fn new(
         socket: TcpStream,
+        writer_stream: TcpStream,
         limit: usize,
         io_chunk: usize,
         stats: Arc<PeerStats>,
         counters: ConnStats,
-    ) -> (Arc<Connection>, WriterQueue) {
+    ) -> (Arc<Connection>, WriterEnd) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let conn = Arc::new(Connection {
             tx,
@@ -177,7 +179,13 @@ impl Connection {
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
         });
-        (conn, WriterQueue { rx })
+        let end = WriterEnd {
+            conn: conn.clone(),
+            rx,
+            stream: writer_stream,
+            batch: Vec::new(),
+        };
+        (conn, end)
     }
 
     /// Queues a frame. Memory stays bounded because callers that get `OverLimit`
@@ -323,104 +331,112 @@ impl Drop for Connection {
     }
 }
 
-/// The writer thread's end of a connection's queue.
-pub(crate) struct WriterQueue {
+/// A connection's writing side: its queue, its socket and the batch being written,
+/// owned by its writer thread.
+pub(crate) struct WriterEnd {
+    conn: Arc<Connection>,
     rx: Receiver<Item>,
+    stream: TcpStream,
+    /// Frames taken from the queue and not yet written. Kept here rather than on the
+    /// writer's stack so that `close` counts them even after a panic.
+    batch: Vec<OutFrame>,
 }
 
-/// How the writer ended: the reason, and how many accepted frames were never written.
-pub(crate) struct WriterExit {
-    pub reason: String,
-    pub dropped: u64,
-}
-
-/// The writer thread's body. Runs until the connection is shut down or a write fails.
-pub(crate) fn run_writer(
-    conn: &Connection,
-    queue: WriterQueue,
-    mut stream: TcpStream,
-    stats: &PeerStats,
-) -> WriterExit {
-    let (reason, mut dropped) = write_until_closed(conn, &queue, &mut stream, stats);
-    conn.closed.store(true, SeqCst);
-    let _ = stream.shutdown(Shutdown::Both);
-    // Whatever is still queued will never be sent: count it so it is not lost silently.
-    while let Ok(item) = queue.rx.try_recv() {
-        if let Item::Frame(frame) = item {
-            conn.queued_bytes.fetch_sub(frame.wire_len(), SeqCst);
-            dropped += 1;
+impl WriterEnd {
+    /// The writer thread's loop: runs until the connection is shut down or a write fails,
+    /// and says why. Frames it could not write are left for `close` to count.
+    pub(crate) fn write_until_closed(&mut self, peer: &str) -> String {
+        let (conn, stream, batch) = (&*self.conn, &mut self.stream, &mut self.batch);
+        loop {
+            crate::faults::check(Point::Writer, peer);
+            let mut close_after = false;
+            match self.rx.recv() {
+                Ok(Item::Frame(frame)) => batch.push(frame),
+                Ok(Item::Wake) => {}
+                Ok(Item::Close) | Err(_) => return "closed".to_string(),
+            }
+            let mut writing = conn.writing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((frame, offset)) = &*writing {
+                let (rest, body_len) = (frame.wire_len() - offset, frame.body_len());
+                if let Err((_, e)) = write_frame_from(stream, frame, *offset, conn.io_chunk) {
+                    return format!("write failed: {e}");
+                }
+                conn.stats.count_out(&conn.counters, 1, body_len as u64);
+                *writing = None;
+                conn.queued_bytes.fetch_sub(rest, SeqCst);
+            }
+            if batch.is_empty() {
+                drop(writing);
+                conn.wake_waiters(false);
+                continue;
+            }
+            // Take whatever else is already queued: many small frames become one write.
+            let mut batch_bytes = batch[0].wire_len();
+            while batch_bytes < BATCH_BYTES && batch.len() < BATCH_FRAMES {
+                match self.rx.try_recv() {
+                    Ok(Item::Frame(frame)) => {
+                        batch_bytes += frame.wire_len();
+                        batch.push(frame);
+                    }
+                    Ok(Item::Wake) => {}
+                    Ok(Item::Close) => {
+                        close_after = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            let outcome = write_batch(stream, batch, conn.io_chunk);
+            let written = match &outcome {
+                Ok(()) => batch.len(),
+                Err((bytes, _)) => frames_within(batch, *bytes),
+            };
+            let bodies: usize = batch[..written].iter().map(OutFrame::body_len).sum();
+            let wire: usize = batch[..written].iter().map(OutFrame::wire_len).sum();
+            conn.stats
+                .count_out(&conn.counters, written as u64, bodies as u64);
+            // Dropping the frames releases their bodies (and the binaries they reference).
+            batch.drain(..written);
+            conn.queued_bytes.fetch_sub(wire, SeqCst);
+            drop(writing);
+            if let Err((_, e)) = outcome {
+                return format!("write failed: {e}");
+            }
+            conn.wake_waiters(false);
+            if close_after {
+                return "closed".to_string();
+            }
         }
     }
-    PeerStats::add(&stats.dropped_out, dropped);
-    conn.wake_waiters(true);
-    WriterExit { reason, dropped }
-}
 
-fn write_until_closed(
-    conn: &Connection,
-    queue: &WriterQueue,
-    stream: &mut TcpStream,
-    stats: &PeerStats,
-) -> (String, u64) {
-    let mut batch: Vec<OutFrame> = Vec::new();
-    loop {
-        let mut close_after = false;
-        match queue.rx.recv() {
-            Ok(Item::Frame(frame)) => batch.push(frame),
-            Ok(Item::Wake) => {}
-            Ok(Item::Close) | Err(_) => return ("closed".to_string(), 0),
-        }
-        let mut writing = conn.writing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((frame, offset)) = writing.take() {
-            let rest = frame.wire_len() - offset;
-            if let Err((_, e)) = write_frame_from(stream, &frame, offset, conn.io_chunk) {
-                conn.queued_bytes.fetch_sub(rest, SeqCst);
-                return (format!("write failed: {e}"), 1 + batch.len() as u64);
-            }
-            stats.count_out(&conn.counters, 1, frame.body_len() as u64);
-            conn.queued_bytes.fetch_sub(rest, SeqCst);
-        }
-        if batch.is_empty() {
-            conn.wake_waiters(false);
-            continue;
-        }
-        // Take whatever else is already queued: many small frames become one write.
-        let mut batch_bytes = batch[0].wire_len();
-        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_FRAMES {
-            match queue.rx.try_recv() {
-                Ok(Item::Frame(frame)) => {
-                    batch_bytes += frame.wire_len();
-                    batch.push(frame);
-                }
-                Ok(Item::Wake) => {}
-                Ok(Item::Close) => {
-                    close_after = true;
-                    break;
-                }
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-            }
-        }
-        let outcome = write_batch(stream, &batch, conn.io_chunk);
-        let written = match &outcome {
-            Ok(()) => batch.len(),
-            Err((bytes, _)) => frames_within(&batch, *bytes),
+    /// Ends the writing side, however the writer ended (returned, panicked, never
+    /// started): nothing more is accepted, every accepted frame not written is counted
+    /// as dropped, waiting senders are woken. Returns how many frames were dropped.
+    pub(crate) fn close(&mut self) -> u64 {
+        let conn = &*self.conn;
+        conn.closed.store(true, SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let mut unsent = 0;
+        let mut forget = |bytes: usize| {
+            conn.queued_bytes.fetch_sub(bytes, SeqCst);
+            unsent += 1;
         };
-        let total = batch.len();
-        let bodies: usize = batch[..written].iter().map(OutFrame::body_len).sum();
-        stats.count_out(&conn.counters, written as u64, bodies as u64);
-        // Dropping the frames releases their bodies (and the binaries they reference).
-        batch.clear();
-        conn.queued_bytes.fetch_sub(batch_bytes, SeqCst);
-        drop(writing);
-        if let Err((_, e)) = outcome {
-            // Frames not wholly written are lost with the connection: count them.
-            let lost = (total - written) as u64;
-            return (format!("write failed: {e}"), lost);
+        // The rest of a frame a direct write left half-sent.
+        let half_sent = conn.writing.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((frame, offset)) = half_sent {
+            forget(frame.wire_len() - offset);
         }
-        conn.wake_waiters(false);
-        if close_after {
-            return ("closed".to_string(), 0);
+        for frame in self.batch.drain(..) {
+            forget(frame.wire_len());
         }
+        while let Ok(item) = self.rx.try_recv() {
+            if let Item::Frame(frame) = item {
+                forget(frame.wire_len());
+            }
+        }
+        PeerStats::add(&conn.stats.dropped_out, unsent);
+        conn.wake_waiters(true);
+        unsent
     }
 }
 
@@ -499,7 +515,7 @@ fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>], chunk: usize) -> 
 
 /// The watcher thread's body: the peer never writes after the handshake, so any
 /// return from `read` means the connection is gone (or the peer misbehaves).
-pub(crate) fn run_watcher(mut stream: TcpStream) -> String {
+pub(crate) fn run_watcher(mut stream: &TcpStream) -> String {
     let mut buf = [0u8; 64];
     loop {
         match stream.read(&mut buf) {

@@ -69,7 +69,8 @@ pub enum Event {
         reason: &'static str,
         total: u64,
     },
-    /// A thread of ours panicked; the connection it served is closed.
+    /// A thread of ours panicked, or could not start (`message` says which); what it
+    /// served is closed (a dial fails, a pool closes), nothing is left waiting on it.
     Panic {
         thread: String,
         message: String,
@@ -83,5 +84,7 @@ pub trait Host: Send + Sync + 'static {
     fn event(&self, event: Event);
 }
 
-/// One-shot callbacks run on a core thread (never a VM scheduler thread).
+/// One-shot callbacks, run on a core thread, or on the caller's own thread when the
+/// outcome is known at once (a dial thread that could not start, a pool closed by
+/// `close_pool`): they must not block.
 pub type Callback<T> = Box<dyn FnOnce(T) + Send + Sync>;

@@ -6,19 +6,23 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::faults::{self, Point};
 use crate::framing::{read_header, FrameHeader, FrameKind};
 use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
 use crate::host::{Delivery, Event};
 use crate::listener::HandshakeSlot;
-use crate::runtime::Shared;
-use crate::runtime::{PoolToken, POOL_TOKEN_LEN};
+use crate::runtime::{ended_early, PoolToken, Shared, TrackedSocket, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
 use std::io::{self, BufReader, Read};
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// An inbound connection's thread. Whatever it holds (its handshake slot, its place
+/// in `stop`'s sockets and in its peer's inbound pool, the socket) is released on drop,
+/// so a panic anywhere in it leaves nothing counted.
 pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr, slot: HandshakeSlot) {
+    faults::check(Point::Handshake, &shared.config.local_node);
     let handshake = HandshakeConfig {
         cookie: &shared.config.cookie,
         local_node: &shared.config.local_node,
@@ -47,9 +51,33 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
     shared.apply_io_thread_priority();
     let stats = shared.peer_stats(&peer);
     shared.host.event(Event::InboundUp { peer: peer.clone() });
-    let reason = read_frames(shared, &stream, &peer, &stats);
-    drop(tracked);
-    shared.host.event(Event::InboundDown { peer, reason });
+    let mut reading = Reading {
+        shared,
+        peer,
+        tracked,
+        reason: None,
+    };
+    reading.reason = Some(read_frames(shared, &stream, &reading.peer, &stats));
+}
+
+/// Reports `InboundDown` once the reader ends, also when it panics.
+struct Reading<'a> {
+    shared: &'a Shared,
+    peer: String,
+    tracked: Option<TrackedSocket<'a>>,
+    reason: Option<String>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        // No longer counted by the time the event is out.
+        drop(self.tracked.take());
+        let reason = self.reason.take().unwrap_or_else(|| ended_early("reader"));
+        self.shared.host.event(Event::InboundDown {
+            peer: std::mem::take(&mut self.peer),
+            reason,
+        });
+    }
 }
 
 fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
@@ -67,6 +95,7 @@ fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStat
     let Some(membership) = shared.join_inbound_pool(peer, token, stream, counters.clone()) else {
         return "superseded by a newer pool from the same node".to_string();
     };
+    faults::check(Point::Reader, peer);
     let mut handler = shared.host.frame_handler(peer);
     let mut scratch = Vec::new();
     let mut last_undeliverable_event: Option<Instant> = None;

@@ -9,6 +9,8 @@
 pub mod config;
 pub mod connection;
 pub mod etf;
+#[doc(hidden)]
+pub mod faults;
 pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;

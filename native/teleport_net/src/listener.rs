@@ -3,12 +3,14 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::faults::{self, Point};
 use crate::inbound::run_inbound;
 use crate::runtime::Shared;
 
@@ -31,8 +33,25 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs until `Shared::stop` shuts the listener down.
-pub(crate) fn run_acceptor(shared: &Arc<Shared>, listener: TcpListener) {
+/// After a panic, the acceptor waits this long before it accepts again: a bug that
+/// panics on every connection makes a few reports a second, not a busy loop.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
+
+/// The acceptor thread's body: accepts until `Shared::stop` shuts the listener down.
+/// A panic (a bug) is reported and accepting resumes: the listening socket is still
+/// fine, and a dead acceptor would leave the node bound but deaf, its peers' dials
+/// timing out in the handshake with nothing on this side to say why.
+pub(crate) fn keep_accepting(shared: &Arc<Shared>, listener: &TcpListener, thread: &str) {
+    while let Err(panic) = catch_unwind(AssertUnwindSafe(|| run_acceptor(shared, listener))) {
+        shared.report_panic(thread, &*panic);
+        if shared.is_stopping() {
+            return;
+        }
+        std::thread::sleep(RESTART_PAUSE);
+    }
+}
+
+fn run_acceptor(shared: &Arc<Shared>, listener: &TcpListener) {
     loop {
         let (stream, remote) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -47,6 +66,7 @@ pub(crate) fn run_acceptor(shared: &Arc<Shared>, listener: TcpListener) {
         if shared.is_stopping() {
             return;
         }
+        faults::check(Point::Acceptor, &shared.config.local_node);
         // Bound the threads an unauthenticated crowd can make us hold, and the share of
         // them one source can take, so a few silent hosts cannot lock real peers out.
         let Some(slot) = HandshakeSlot::take(shared, remote.ip()) else {
@@ -55,7 +75,8 @@ pub(crate) fn run_acceptor(shared: &Arc<Shared>, listener: TcpListener) {
             continue;
         };
         let conn_shared = shared.clone();
-        shared.spawn(format!("teleport-in-{remote}"), move || {
+        // If the thread cannot start, dropping the body closes the socket and frees the slot.
+        let _ = shared.spawn(format!("teleport-in-{remote}"), move || {
             run_inbound(&conn_shared, stream, remote, slot)
         });
     }

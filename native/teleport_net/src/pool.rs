@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use crate::connection::{Connection, WriterQueue};
+use crate::connection::{Connection, WriterEnd};
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
 use crate::runtime::Shared;
@@ -60,8 +60,8 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
     Ok(Dialed { streams })
 }
 
-/// Per connection: the writer's stream, its queue, and the watcher's stream.
-pub(crate) type Started = Vec<(Arc<Connection>, WriterQueue, TcpStream, TcpStream)>;
+/// Per connection: its writing end, and the watcher's stream.
+pub(crate) type Started = Vec<(WriterEnd, TcpStream)>;
 
 impl Pool {
     pub(crate) fn new(
@@ -75,11 +75,17 @@ impl Pool {
         let mut started = Vec::new();
         for stream in dialed.streams {
             let counters = ConnStats::new(&stream)?;
-            let (conn, queue) =
-                Connection::new(stream.try_clone()?, limit, io_chunk, stats.clone(), counters);
             let watcher = stream.try_clone()?;
-            connections.push(conn.clone());
-            started.push((conn, queue, stream, watcher));
+            let (conn, writer) = Connection::new(
+                stream.try_clone()?,
+                stream,
+                limit,
+                io_chunk,
+                stats.clone(),
+                counters,
+            );
+            connections.push(conn);
+            started.push((writer, watcher));
         }
         let pool = Arc::new(Pool {
             peer: peer.to_string(),
@@ -132,17 +138,19 @@ impl Pool {
         true
     }
 
-    /// Called by each writer as it exits; the last one gets the pool's final tally.
+    /// The first reason given for closing.
+    pub(crate) fn close_reason(&self) -> String {
+        let reason = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
+        reason.clone().unwrap_or_else(|| "closed".to_string())
+    }
+
+    /// Called once per connection as its writer exits (or fails to start); the last one
+    /// gets the pool's final tally.
     pub(crate) fn writer_exited(&self, dropped: u64) -> Option<(String, u64)> {
         let total = self.dropped.fetch_add(dropped, SeqCst) + dropped;
         if self.live_writers.fetch_sub(1, SeqCst) != 1 {
             return None;
         }
-        let reason = self
-            .close_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Some((reason.unwrap_or_else(|| "closed".to_string()), total))
+        Some((self.close_reason(), total))
     }
 }

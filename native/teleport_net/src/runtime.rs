@@ -1,6 +1,7 @@
 //! The runtime: one per node. Owns the listener, the pools by peer name, the
 //! inbound connections, the per-peer counters and every thread it started.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,9 +11,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use crate::config::Config;
-use crate::connection::{run_watcher, run_writer, Connection, Enqueued, OutFrame};
+use crate::connection::{run_watcher, Connection, Enqueued, OutFrame, WriterEnd};
+use crate::faults::{self, Point};
 use crate::host::{Callback, Event, Host};
-use crate::listener::{bind, run_acceptor};
+use crate::listener::{bind, keep_accepting};
 use crate::pool::{dial, Pool};
 use crate::stats::{ConnStats, PeerStats, PeerStatsSnapshot};
 use crate::thread_priority::IoThreadPriority;
@@ -89,7 +91,8 @@ pub struct Runtime {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum OpenStatus {
-    /// Dialing started (or joined a dial already under way); the callback will run.
+    /// Dialing started (or joined a dial already under way); the callback will run
+    /// (already has, with an error, if the dial thread could not start).
     Opening,
     /// Already up; the callback was dropped without running.
     AlreadyUp,
@@ -141,9 +144,14 @@ impl Runtime {
         });
         let acceptor_shared = shared.clone();
         let acceptor_listener = listener.try_clone()?;
-        shared.spawn("teleport-acceptor".to_string(), move || {
-            run_acceptor(&acceptor_shared, acceptor_listener)
+        let acceptor = format!("teleport-acceptor-{}", shared.config.local_node);
+        let thread = acceptor.clone();
+        let started = shared.spawn(acceptor, move || {
+            keep_accepting(&acceptor_shared, &acceptor_listener, &thread)
         });
+        if !started {
+            return Err(io::Error::other("could not start the acceptor thread"));
+        }
         Ok(Runtime {
             shared,
             listener,
@@ -186,16 +194,14 @@ impl Runtime {
                 }
             }
         }
-        let dial_shared = shared.clone();
-        let peer = peer.to_string();
-        let size = size.max(1);
-        shared.spawn(format!("teleport-dial-{peer}"), move || {
-            let outcome = if dial_shared.is_stopping() {
-                Err("stopping".to_string())
-            } else {
-                dial(&dial_shared, &peer, addr, size).and_then(|dialed| dial_shared.start_pool(&peer, dialed))
-            };
-            dial_shared.finish_open(&peer, outcome);
+        let open = PendingOpen {
+            shared: shared.clone(),
+            peer: peer.to_string(),
+            outcome: None,
+        };
+        // If the thread cannot start, dropping `open` fails the callers now.
+        let _ = shared.spawn(format!("teleport-dial-{peer}"), move || {
+            open.run(addr, size.max(1))
         });
         OpenStatus::Opening
     }
@@ -371,35 +377,51 @@ impl Shared {
     }
 
     /// Starts a thread whose panics are caught and reported, never reaching the VM.
-    pub fn spawn(self: &Arc<Self>, name: String, body: impl FnOnce() + Send + 'static) {
+    /// Returns false (reported as a panic) if the thread could not start; `body` has then
+    /// been dropped, so whatever it owns that cleans up on drop has cleaned up.
+    pub fn spawn(self: &Arc<Self>, name: String, body: impl FnOnce() + Send + 'static) -> bool {
         let shared = self.clone();
         let thread_name = name.clone();
-        let spawned = std::thread::Builder::new()
-            .name(name.chars().take(15).collect())
-            .spawn(move || {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-string panic".to_string());
-                    shared.host.event(Event::Panic {
-                        thread: thread_name,
-                        message,
-                    });
-                }
-            });
+        let run = move || {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+                shared.report_panic(&thread_name, &*panic);
+            }
+        };
+        let spawned = if faults::spawn_fails(&name) {
+            drop(run);
+            Err(io::Error::other("injected fault"))
+        } else {
+            std::thread::Builder::new()
+                .name(name.chars().take(15).collect())
+                .spawn(run)
+        };
         match spawned {
             Ok(handle) => {
                 let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
                 threads.retain(|t| !t.is_finished());
                 threads.push(handle);
+                true
             }
-            Err(e) => self.host.event(Event::Panic {
-                thread: "spawn".to_string(),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                self.host.event(Event::Panic {
+                    thread: name,
+                    message: format!("could not start the thread: {e}"),
+                });
+                false
+            }
         }
+    }
+
+    pub(crate) fn report_panic(&self, thread: &str, panic: &(dyn Any + Send)) {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic".to_string());
+        self.host.event(Event::Panic {
+            thread: thread.to_string(),
+            message,
+        });
     }
 
     pub fn peer_stats(&self, peer: &str) -> Arc<PeerStats> {
@@ -471,7 +493,9 @@ impl Shared {
         Some(TrackedSocket { shared: self, id })
     }
 
-    /// Turns dialed sockets into a running pool and starts its threads.
+    /// Turns dialed sockets into a running pool: starts its threads, then makes it the
+    /// peer's pool. A pool whose threads could not all start, or that closed while they
+    /// started, is never announced: the dial fails instead.
     fn start_pool(self: &Arc<Self>, peer: &str, dialed: crate::pool::Dialed) -> Result<(), String> {
         let stats = self.peer_stats(peer);
         let (pool, started) = Pool::new(
@@ -483,8 +507,31 @@ impl Shared {
         )
         .map_err(|e| e.to_string())?;
         PeerStats::add(&stats.connects, 1);
+        // Every connection's guards exist before any thread starts, so each one's writer
+        // is counted out of the pool however far this gets.
+        let threads: Vec<(Writer, Watcher)> = started
+            .into_iter()
+            .map(|(end, stream)| (Writer::new(self, &pool, end), Watcher::new(self, &pool, stream)))
+            .collect();
+        // Once a thread could not start, the pool is closing: the rest are not started,
+        // and dropping their guards is their exit.
+        for (index, (writer, watcher)) in threads.into_iter().enumerate() {
+            if !pool.is_closing() {
+                let _ = self.spawn(format!("teleport-w{index}-{peer}"), move || writer.run());
+            }
+            if !pool.is_closing() {
+                let _ = self.spawn(format!("teleport-r{index}-{peer}"), move || watcher.run());
+            }
+        }
         {
             let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            // Checked under the lock `close_pool` takes to remove a pool, so a pool closing
+            // from now on finds itself in the map.
+            if pool.is_closing() || self.is_stopping() {
+                drop(pools);
+                self.close_pool(&pool, "teleport stopping");
+                return Err(pool.close_reason());
+            }
             let waiting = match pools.insert(peer.to_string(), PoolSlot::Up(pool.clone())) {
                 Some(PoolSlot::Opening(waiting)) => waiting,
                 _ => Vec::new(),
@@ -493,26 +540,6 @@ impl Shared {
             for done in waiting {
                 done(Ok(()));
             }
-        }
-        for (index, (conn, queue, writer_stream, watcher_stream)) in started.into_iter().enumerate() {
-            let (shared, writer_pool) = (self.clone(), pool.clone());
-            self.spawn(format!("teleport-w{index}-{peer}"), move || {
-                shared.apply_io_thread_priority();
-                let exit = run_writer(&conn, queue, writer_stream, &writer_pool.stats);
-                shared.close_pool(&writer_pool, &exit.reason);
-                if let Some((reason, dropped)) = writer_pool.writer_exited(exit.dropped) {
-                    shared.host.event(Event::PoolDown {
-                        peer: writer_pool.peer.clone(),
-                        reason,
-                        dropped_messages: dropped,
-                    });
-                }
-            });
-            let (shared, watcher_pool) = (self.clone(), pool.clone());
-            self.spawn(format!("teleport-r{index}-{peer}"), move || {
-                let reason = run_watcher(watcher_stream);
-                shared.close_pool(&watcher_pool, &reason);
-            });
         }
         self.host.event(Event::PoolUp {
             peer: peer.to_string(),
@@ -549,6 +576,115 @@ impl Shared {
         if matches!(pools.get(&pool.peer), Some(PoolSlot::Up(current)) if Arc::ptr_eq(current, pool)) {
             pools.remove(&pool.peer);
         }
+    }
+}
+
+/// Why a thread that owns some cleanup ended without saying: it panicked (the guard
+/// drops while unwinding) or it never started (its body was dropped unrun).
+pub(crate) fn ended_early(thread: &str) -> String {
+    if std::thread::panicking() {
+        format!("the {thread} thread panicked")
+    } else {
+        format!("the {thread} thread could not start")
+    }
+}
+
+/// A dial's callers hear how it ended however its thread ends: dropping this fails the
+/// `Opening` slot unless the dial finished.
+struct PendingOpen {
+    shared: Arc<Shared>,
+    peer: String,
+    outcome: Option<Result<(), String>>,
+}
+
+impl PendingOpen {
+    fn run(mut self, addr: SocketAddr, size: usize) {
+        faults::check(Point::Dial, &self.peer);
+        let shared = &self.shared;
+        self.outcome = Some(if shared.is_stopping() {
+            Err("stopping".to_string())
+        } else {
+            dial(shared, &self.peer, addr, size).and_then(|dialed| shared.start_pool(&self.peer, dialed))
+        });
+    }
+}
+
+impl Drop for PendingOpen {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| Err(ended_early("dial")));
+        self.shared.finish_open(&self.peer, outcome);
+    }
+}
+
+/// A writer thread's charge. However the writer ends (returns, panics, never starts),
+/// dropping this closes its connection and the pool, counts the frames it never wrote,
+/// wakes the senders waiting on it, and lets the pool's last writer report `PoolDown`.
+struct Writer {
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    end: WriterEnd,
+    reason: Option<String>,
+}
+
+impl Writer {
+    fn new(shared: &Arc<Shared>, pool: &Arc<Pool>, end: WriterEnd) -> Writer {
+        Writer {
+            shared: shared.clone(),
+            pool: pool.clone(),
+            end,
+            reason: None,
+        }
+    }
+
+    fn run(mut self) {
+        self.shared.apply_io_thread_priority();
+        self.reason = Some(self.end.write_until_closed(&self.pool.peer));
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or_else(|| ended_early("writer"));
+        let dropped = self.end.close();
+        self.shared.close_pool(&self.pool, &reason);
+        if let Some((reason, dropped)) = self.pool.writer_exited(dropped) {
+            self.shared.host.event(Event::PoolDown {
+                peer: self.pool.peer.clone(),
+                reason,
+                dropped_messages: dropped,
+            });
+        }
+    }
+}
+
+/// A watcher thread's charge: however it ends, dropping this closes the pool.
+struct Watcher {
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    stream: TcpStream,
+    reason: Option<String>,
+}
+
+impl Watcher {
+    fn new(shared: &Arc<Shared>, pool: &Arc<Pool>, stream: TcpStream) -> Watcher {
+        Watcher {
+            shared: shared.clone(),
+            pool: pool.clone(),
+            stream,
+            reason: None,
+        }
+    }
+
+    fn run(mut self) {
+        faults::check(Point::Watcher, &self.pool.peer);
+        self.reason = Some(run_watcher(&self.stream));
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let reason = self.reason.take().unwrap_or_else(|| ended_early("watcher"));
+        self.shared.close_pool(&self.pool, &reason);
     }
 }
 

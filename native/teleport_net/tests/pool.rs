@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc, Barrier, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use teleport_net::faults::{self, Point};
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
     Config, ConnDirection, ConnStatsSnapshot, Delivery, Event, FrameHandler, FrameKind, Host, OpenStatus,
@@ -1293,4 +1294,269 @@ fn panic_in_a_thread_closes_only_its_connection() {
     assert!(b
         .host
         .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"after")));
+}
+
+// ---------------------------------------------------------------------------
+// Injected faults: a thread that panics or cannot start leaves nothing stuck. Faults are
+// process-wide, so each test's nodes have names no other test uses, and its faults
+// name them.
+
+/// This test's own node name.
+fn fault_node(test: &str, side: &str) -> String {
+    format!("{test}-{side}@127.0.0.1")
+}
+
+/// Two nodes only this test uses: (the dialing side, the dialed side).
+fn fault_pair(test: &str) -> (Node, Node) {
+    (
+        Node::start(&fault_node(test, "a")),
+        Node::start(&fault_node(test, "b")),
+    )
+}
+
+/// Like `fault_pair`, with one handshake slot on the dialed side: a slot a fault kept
+/// would lock the next dial out.
+fn one_slot_pair(test: &str) -> (Node, Node) {
+    let b = Node::start_with(&fault_node(test, "b"), |c| {
+        c.max_pending_handshakes = 1;
+        c.max_pending_handshakes_per_ip = 1;
+    });
+    (Node::start(&fault_node(test, "a")), b)
+}
+
+fn is_panic(event: &Event, thread_prefix: &str, says: &str) -> bool {
+    matches!(event, Event::Panic { thread, message } if thread.starts_with(thread_prefix) && message.contains(says))
+}
+
+fn assert_event(node: &Node, what: &str, matches: impl Fn(&Event) -> bool) {
+    assert!(
+        node.host.wait_for_event(matches),
+        "{} never reported {what}: {}",
+        node.name(),
+        node.host.events_debug()
+    );
+}
+
+/// `a`'s open of a pool to `b` (2 connections) fails because a thread named `thread...`
+/// `ended` ("panicked" or "could not start"), and `a` reports that thread's panic.
+fn assert_open_fails(a: &Node, b: &Node, thread: &str, ended: &str) {
+    let err = a.open(b, 2).expect_err("the open fails");
+    assert!(err.contains(ended), "{err}");
+    let says = if ended == "panicked" {
+        "injected fault"
+    } else {
+        ended
+    };
+    assert_event(a, "the panic", |e| is_panic(e, thread, says));
+}
+
+/// Once a fault broke `a`'s pool to `b`: it reports `PoolDown` once, holds no pool and
+/// no thread but its acceptor; then a new pool opens and carries frames, and stopping
+/// both leaves no thread behind.
+fn assert_recovers(a: &Node, b: &Node) {
+    assert_event(a, "PoolDown", |e| is_pool_down(e, b.name()));
+    assert_eq!(
+        settled_count(Duration::from_millis(200), || a
+            .host
+            .count_events(|e| is_pool_down(e, b.name()))),
+        1,
+        "{}",
+        a.host.events_debug()
+    );
+    assert!(eventually(WAIT, || a.rt.peers().is_empty()));
+    assert_eq!(
+        a.send(b.name(), 0, b"lost".to_vec()).err(),
+        Some(SendError::NotConnected)
+    );
+    assert!(
+        eventually(WAIT, || a.rt.live_threads() == 1),
+        "threads left: {}",
+        a.rt.live_threads()
+    );
+    recovers(a, b);
+}
+
+/// A new pool from `a` to `b` opens and carries frames; stopping both leaves no thread.
+/// (One connection: a test may leave `b` a single handshake slot.)
+fn recovers(a: &Node, b: &Node) {
+    a.open(b, 1).expect("a new pool opens");
+    assert!(matches!(a.send(b.name(), 0, b"after".to_vec()), Ok(Sent::Queued)));
+    assert!(b
+        .host
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"after")));
+    for node in [a, b] {
+        node.rt.stop();
+        assert_eq!(node.rt.live_threads(), 0, "{} left threads behind", node.name());
+    }
+}
+
+/// A dial thread that panics fails its callers, instead of leaving the peer "opening"
+/// with every later `open_pool` joining a dial that never ends.
+#[test]
+fn dial_panic_fails_the_open() {
+    let (a, b) = fault_pair("fault-dial-panic");
+    faults::panic_next(Point::Dial, b.name(), 1);
+    assert_open_fails(&a, &b, "teleport-dial-", "panicked");
+    assert!(a.rt.peers().is_empty());
+    assert!(eventually(WAIT, || a.rt.live_threads() == 1));
+    recovers(&a, &b);
+}
+
+#[test]
+fn dial_spawn_failure_fails_the_open() {
+    let (a, b) = fault_pair("fault-dial-spawn");
+    faults::fail_next_spawns(&format!("teleport-dial-{}", b.name()), 1);
+    assert_open_fails(&a, &b, "teleport-dial-", "could not start");
+    assert_eq!(a.rt.live_threads(), 1);
+    recovers(&a, &b);
+}
+
+/// A pool whose second writer, or first watcher, cannot start is never announced: the
+/// open fails, the threads that did start stop, `PoolDown` comes once.
+#[test]
+fn writer_or_watcher_spawn_failure_fails_the_open_and_closes_the_pool() {
+    for (test, thread) in [
+        ("fault-writer-spawn", "teleport-w1-"),
+        ("fault-watcher-spawn", "teleport-r0-"),
+    ] {
+        let (a, b) = fault_pair(test);
+        faults::fail_next_spawns(&format!("{thread}{}", b.name()), 1);
+        assert_open_fails(&a, &b, thread, "could not start");
+        assert_recovers(&a, &b);
+    }
+}
+
+/// A watcher that dies closes its pool, whether or not the pool was announced by then.
+#[test]
+fn watcher_panic_closes_the_pool() {
+    let (a, b) = fault_pair("fault-watcher-panic");
+    faults::panic_next(Point::Watcher, b.name(), 1);
+    if let Err(err) = a.open(&b, 1) {
+        assert!(err.contains("watcher thread panicked"), "{err}");
+    }
+    assert_event(&a, "the panic", |e| is_panic(e, "teleport-r0-", "injected fault"));
+    assert_recovers(&a, &b);
+}
+
+/// A writer that panics with a sender waiting for its queue to drain: the sender is
+/// woken, the frames it never wrote are counted as dropped, the pool goes down.
+#[test]
+fn writer_panic_wakes_waiting_senders_and_counts_dropped() {
+    const LIMIT: usize = 1 << 20;
+    let test = "fault-writer-panic";
+    let a = Node::start_with(&fault_node(test, "a"), |c| c.send_queue_bytes = LIMIT);
+    let b = Node::start(&fault_node(test, "b"));
+    let peer = b.name().to_string();
+    a.open(&b, 1).expect("pool opens");
+
+    // B sits in the first frame's handler while the writer writes the second, larger
+    // than all the socket buffers can hold and than one batch: the writer is stuck in
+    // that write when the third frame is queued, the sender waits and the panic is armed.
+    b.host.set_delay(Duration::from_millis(500));
+    assert!(a.send(&peer, 0, b"first".to_vec()).is_ok());
+    assert!(a.send(&peer, 0, vec![2u8; 48 << 20]).is_ok());
+    let Ok(Sent::OverLimit(conn)) = a.send(&peer, 0, vec![3u8; 2 << 20]) else {
+        panic!("the third frame is over the limit");
+    };
+    let (tx, rx) = mpsc::channel();
+    assert!(
+        conn.wait_for_drain(Box::new(move |()| {
+            let _ = tx.send(());
+        })),
+        "queue already drained"
+    );
+    faults::panic_next(Point::Writer, &peer, 1);
+    // Once the second frame is out, the third still holds the queue over half the
+    // limit: only the writer's end can wake the sender.
+    rx.recv_timeout(WAIT).expect("the waiting sender is woken");
+    b.host.set_delay(Duration::ZERO);
+    assert_event(&a, "the panic", |e| is_panic(e, "teleport-w0-", "injected fault"));
+    assert_event(&a, "PoolDown", |e| is_pool_down(e, &peer));
+
+    let stats = a.stats_for(&peer);
+    assert!(stats.dropped_out >= 1, "the third frame was never written");
+    assert_eq!(stats.messages_out + stats.dropped_out, 3);
+    let reported = a.host.log().events.iter().find_map(|e| match e {
+        Event::PoolDown { dropped_messages, .. } => Some(*dropped_messages),
+        _ => None,
+    });
+    assert_eq!(reported, Some(stats.dropped_out));
+    let written = stats.messages_out as usize;
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == written));
+    assert_recovers(&a, &b);
+}
+
+/// An inbound handshake that panics gives its slot back: with one slot, the next
+/// connection still authenticates.
+#[test]
+fn handshake_panic_frees_its_slot() {
+    let (a, b) = one_slot_pair("fault-handshake-panic");
+    faults::panic_next(Point::Handshake, b.name(), 1);
+    assert!(a.open(&b, 1).is_err(), "the handshake died");
+    assert_event(&b, "the panic", |e| is_panic(e, "teleport-in-", "injected fault"));
+    let listener = b.rt.listener_stats();
+    assert_eq!(
+        (listener.pending_handshakes, listener.inbound_connections),
+        (0, 0)
+    );
+    recovers(&a, &b);
+}
+
+/// A reader that panics leaves its peer's inbound pool and the sockets `stop` tracks,
+/// reports `InboundDown`, and its socket closes, so the sender's pool goes down.
+#[test]
+fn reader_panic_leaves_the_inbound_pool() {
+    let (a, b) = fault_pair("fault-reader-panic");
+    faults::panic_next(Point::Reader, a.name(), 1);
+    // The handshake passed; the open may still fail (the socket closed under it) or
+    // succeed with the pool closing right after.
+    let _ = a.open(&b, 1);
+    assert_event(&b, "the panic", |e| is_panic(e, "teleport-in-", "injected fault"));
+    assert_event(
+        &b,
+        "InboundDown",
+        |e| matches!(e, Event::InboundDown { peer, reason } if peer == a.name() && reason.contains("reader thread panicked")),
+    );
+    assert_eq!(b.rt.listener_stats().inbound_connections, 0);
+    assert!(split_connections(&b.stats_for(a.name())).1.is_empty());
+    assert!(eventually(WAIT, || a.rt.peers().is_empty()));
+    recovers(&a, &b);
+}
+
+/// An inbound connection whose thread cannot start is closed and gives its slot back.
+#[test]
+fn inbound_spawn_failure_closes_the_socket_and_frees_its_slot() {
+    let (a, b) = one_slot_pair("fault-inbound-spawn");
+    // A source address of its own, so no other test's connection is the one that fails.
+    let source = [127, 0, 0, 93];
+    faults::fail_next_spawns("teleport-in-127.0.0.93:", 1);
+    let mut stream = connect_from(source, b.addr());
+    assert!(closed_by_peer_within(&mut stream, WAIT));
+    assert_event(&b, "the failed spawn", |e| {
+        is_panic(e, "teleport-in-127.0.0.93:", "could not start")
+    });
+    assert_eq!(b.rt.listener_stats().pending_handshakes, 0);
+    recovers(&a, &b);
+}
+
+/// The acceptor survives a panic: reported, and the next connection is accepted.
+#[test]
+fn acceptor_panic_is_reported_and_accepting_resumes() {
+    let (a, b) = fault_pair("fault-acceptor-panic");
+    faults::panic_next(Point::Acceptor, b.name(), 1);
+    assert!(a.open(&b, 1).is_err(), "the connection was dropped at accept");
+    let acceptor = format!("teleport-acceptor-{}", b.name());
+    assert_event(&b, "the panic", |e| is_panic(e, &acceptor, "injected fault"));
+    assert_eq!(b.rt.live_threads(), 1);
+    recovers(&a, &b);
+}
+
+#[test]
+fn acceptor_spawn_failure_fails_start() {
+    let name = fault_node("fault-acceptor-spawn", "b");
+    faults::fail_next_spawns(&format!("teleport-acceptor-{name}"), 1);
+    let start = || Runtime::start(Config::for_tests(&name, COOKIE), Arc::new(TestHost::default()));
+    let err = start().err().expect("no acceptor, no runtime");
+    assert!(err.to_string().contains("acceptor"), "{err}");
+    start().expect("the next start works").stop();
 }

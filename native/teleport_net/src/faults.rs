@@ -1,0 +1,118 @@
+//! Fault injection, for tests only (this crate's, and the NIF's through a hidden
+//! function): make the next spawns of some threads fail, or the next runs of some thread
+//! bodies panic, to check that no pool, dial or counter is left stuck.
+//!
+//! The state is process-global and tests run in parallel, so every fault names its
+//! target (a peer, a node, a thread-name prefix) and only touches that one. With nothing
+//! armed, a check is one relaxed atomic load.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// Where a thread body checks for an injected panic, and what `subject` it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// A dial thread's start; subject: the peer dialed.
+    Dial,
+    /// A writer's start and each batch it takes; subject: the peer written to.
+    Writer,
+    /// A watcher's start; subject: the peer watched.
+    Watcher,
+    /// An inbound reader, once it joined its peer's inbound pool; subject: the peer.
+    Reader,
+    /// An inbound connection's thread, before the handshake; subject: this node's name.
+    Handshake,
+    /// The acceptor, for each connection it accepts; subject: this node's name.
+    Acceptor,
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    Spawn,
+    Panic(Point),
+}
+
+struct Fault {
+    kind: Kind,
+    target: String,
+    left: usize,
+}
+
+/// How many faults are armed: lets the checks skip the lock.
+static ARMED: AtomicUsize = AtomicUsize::new(0);
+static FAULTS: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
+
+/// The next `n` threads whose name starts with `name_prefix` fail to start (names:
+/// `teleport-dial-<peer>`, `teleport-w<i>-<peer>`, `teleport-r<i>-<peer>`,
+/// `teleport-in-<remote address>`, `teleport-acceptor-<node>`).
+pub fn fail_next_spawns(name_prefix: &str, n: usize) {
+    arm(Kind::Spawn, name_prefix, n);
+}
+
+/// The next `n` times a thread reaches `point` for `subject`, it panics.
+pub fn panic_next(point: Point, subject: &str, n: usize) {
+    arm(Kind::Panic(point), subject, n);
+}
+
+fn arm(kind: Kind, target: &str, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let mut faults = FAULTS.lock().unwrap_or_else(|p| p.into_inner());
+    faults.push(Fault {
+        kind,
+        target: target.to_string(),
+        left: n,
+    });
+    ARMED.store(faults.len(), Relaxed);
+}
+
+/// Uses up one armed fault that `matches`, if any.
+fn take(matches: impl Fn(&Fault) -> bool) -> bool {
+    if ARMED.load(Relaxed) == 0 {
+        return false;
+    }
+    let mut faults = FAULTS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(index) = faults.iter().position(matches) else {
+        return false;
+    };
+    faults[index].left -= 1;
+    if faults[index].left == 0 {
+        faults.remove(index);
+    }
+    ARMED.store(faults.len(), Relaxed);
+    true
+}
+
+/// Whether the thread about to be started as `name` must fail to start.
+pub(crate) fn spawn_fails(name: &str) -> bool {
+    take(|f| f.kind == Kind::Spawn && name.starts_with(&f.target))
+}
+
+/// Panics if a panic is armed at `point` for `subject`.
+pub(crate) fn check(point: Point, subject: &str) {
+    if take(|f| f.kind == Kind::Panic(point) && f.target == subject) {
+        panic!("injected fault: {point:?} for {subject}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_fire_for_their_target_only_and_as_many_times_as_armed() {
+        fail_next_spawns("teleport-w0-faults-unit@", 2);
+        assert!(!spawn_fails("teleport-w0-other@host"));
+        assert!(spawn_fails("teleport-w0-faults-unit@host"));
+        assert!(spawn_fails("teleport-w0-faults-unit@host"));
+        assert!(!spawn_fails("teleport-w0-faults-unit@host"));
+
+        panic_next(Point::Watcher, "faults-unit@host", 1);
+        check(Point::Writer, "faults-unit@host");
+        check(Point::Watcher, "faults-unit@other");
+        let fired = std::panic::catch_unwind(|| check(Point::Watcher, "faults-unit@host"));
+        assert!(fired.is_err());
+        check(Point::Watcher, "faults-unit@host");
+    }
+}
