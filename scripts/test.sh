@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
+echo "== Erlang/OTP $(erl -noshell -eval 'io:format("~s (~s)", [erlang:system_info(otp_release),
+    string:trim(erlang:system_info(system_version))]), halt().'), $(rebar3 version 2>/dev/null), $(cargo --version)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
