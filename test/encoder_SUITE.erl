@@ -12,7 +12,9 @@
 %%%     VM's tag bits (its probe of them passed), and its atom form is this
 %%%     release's (checked against `term_to_binary/1' here, and against the
 %%%     release number). On the peers: tag reading `off' by setting, and
-%%%     `probe_failed' where the probe is made to see a changed layout.</li>
+%%%     `probe_failed' where the probe is made to see a changed layout. Also
+%%%     whether the decoder builds maps over 32 keys key by key (on a VM with
+%%%     erlang/otp GH-8208, such as OTP 25.2) or at once.</li>
 %%% <li>`atom_forms': atoms in every length class, in this release's bytes
 %%%     (written out per release); teleport's decoder reads each atom in all four
 %%%     forms (ATOM_EXT, SMALL_ATOM_EXT and the UTF-8 pair) whatever the
@@ -41,7 +43,7 @@
 %%%     anything like 100 x 10 MiB.</li>
 %%% <li>`scheduling': small terms encode inline, large ones (and funs) on a
 %%%     dirty scheduler, and the work count grows with the term.</li>
-%%% <li>`sends_arrive': all of the above sent with teleport:send to an echo on
+%%% <li>`sends_arrive': all of the above (and maps of 200 to 100,000 keys) sent with teleport:send to an echo on
 %%%     a peer, which sends them back with teleport: each arrives `=:='.</li>
 %%% </ul>
 %%% The seed is printed; ENCODER_SUITE_SEED="A,B,C" replays it.
@@ -134,7 +136,14 @@ probe(Config) ->
          end,
     ?assertEqual(Vm, maps:get(atoms, Info)),
     ?assertEqual([Vm], lists:usort([maps:get(atoms, I) || I <- [Plain, Changed]])),
-    ?assertEqual(if Release >= 26 -> utf8; true -> latin1 end, Vm).
+    ?assertEqual(if Release >= 26 -> utf8; true -> latin1 end, Vm),
+    %% The decoder's workaround for erlang/otp GH-8208 (fixed in erts 13.2.2.14,
+    %% 14.2.5.8 and 15.2.3, from 13.1): on where the VM needs it.
+    Erts = [list_to_integer(P) || P <- string:lexemes(erlang:system_info(version), ".")],
+    Affected = (Erts >= [13, 1] andalso Erts < [13, 2, 2, 14])
+        orelse (Erts >= [14] andalso Erts < [14, 2, 5, 8])
+        orelse (Erts >= [15] andalso Erts < [15, 2, 3]),
+    ?assertEqual(if Affected -> key_by_key; true -> direct end, maps:get(large_maps, Info)).
 
 atom_forms(_Config) ->
     Release = list_to_integer(erlang:system_info(otp_release)),
@@ -306,7 +315,12 @@ sends_arrive(Config) ->
              {string, lists:duplicate(65535, $s)},
              {big_binary, Bin},
              {sub_binary, binary:part(Bin, 7, 5 * ?MiB)},
-             {map_with_both, #{list => [{I, I} || I <- lists:seq(1, 100000)], bin => Bin}}],
+             {map_with_both, #{list => [{I, I} || I <- lists:seq(1, 100000)], bin => Bin}},
+             %% Maps over 128 keys are made by the receiver's reader thread: on a VM with
+             %% erlang/otp GH-8208 (OTP 25.2) that crashes unless built key by key.
+             {map_of_200, maps:from_list([{{k, I}, I} || I <- lists:seq(1, 200)])},
+             {map_of_100000, maps:from_list([{I, <<I:32>>} || I <- lists:seq(1, 100000)])},
+             {maps_in_list, [maps:from_list([{I, J} || I <- lists:seq(1, 300)]) || J <- [1, 2, 3]]}],
     Random = [{random, T} || T <- random_terms(Config, 300)],
     [begin
          Tag = make_ref(),
@@ -359,7 +373,7 @@ check_term(T, Acc) ->
     {Io, _Work, How} = teleport_nif:encode_measured(T),
     Acc1 = bump(How, Acc),
     Bin = iolist_to_binary(Io),
-    Back = (catch binary_to_term(Bin)),
+    Back = try binary_to_term(Bin) catch C:R -> {C, R} end,
     case {lists:all(fun is_binary/1, Io), Bin =:= term_to_binary(T), Back =:= T, has_large_map(T)} of
         {true, true, true, false} -> bump(identical, Acc1);
         {true, true, true, true} -> bump(large_map_identical, Acc1);

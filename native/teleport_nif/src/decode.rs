@@ -16,8 +16,9 @@ use std::ptr;
 
 use rustler::sys::{
     enif_binary_to_term, enif_get_map_size, enif_make_atom_len, enif_make_double, enif_make_int64,
-    enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays, enif_make_new_binary,
-    enif_make_sub_binary, enif_make_tuple_from_array, ErlNifEnv, ErlNifTerm as ERL_NIF_TERM,
+    enif_make_list_cell, enif_make_list_from_array, enif_make_map_from_arrays, enif_make_map_put,
+    enif_make_new_binary, enif_make_sub_binary, enif_make_tuple_from_array, ErlNifEnv,
+    ErlNifTerm as ERL_NIF_TERM,
 };
 use teleport_net::etf::read::{ReadError, Reader, TermBuilder};
 use teleport_net::etf::{ATOM_UTF8_EXT, VERSION};
@@ -197,8 +198,21 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         arrays.extend(flat.iter().skip(1).step_by(2));
         let (keys, values) = arrays.split_at(pairs);
         let mut map: ERL_NIF_TERM = ERL_NIF_TERM::default();
-        let made =
-            unsafe { enif_make_map_from_arrays(self.env, keys.as_ptr(), values.as_ptr(), pairs, &mut map) };
+        // On a VM with erlang/otp GH-8208 (OTP 25.1-25.3.2.17 among others) a map over 128
+        // keys built here, off the schedulers, crashes the VM: built key by key instead.
+        let direct = if crate::encoder::large_map_bug() {
+            pairs.min(32)
+        } else {
+            pairs
+        };
+        let mut made =
+            unsafe { enif_make_map_from_arrays(self.env, keys.as_ptr(), values.as_ptr(), direct, &mut map) };
+        for (&k, &v) in keys.iter().zip(values).skip(direct) {
+            if made == 0 {
+                break;
+            }
+            made = unsafe { enif_make_map_put(self.env, map, k, v, &mut map) };
+        }
         if made == 0 {
             return Err(ReadError::DuplicateKeys);
         }

@@ -29,8 +29,8 @@ use rustler::sys::{
     enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_make_atom_len,
     enif_make_copy, enif_make_list_from_array, enif_map_iterator_create, enif_map_iterator_destroy,
     enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev, enif_release_binary,
-    enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator,
-    ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
+    enif_system_info, enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
+    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm, ErlNifTermType,
 };
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use teleport_net::etf::write::{self as w, Body};
@@ -711,14 +711,45 @@ pub fn atom_form() -> AtomForm {
     })
 }
 
+/// Whether this VM crashes building a map of over 128 keys on a thread that is not a
+/// scheduler (`enif_make_map_from_arrays`, `enif_binary_to_term`: its sort picks a
+/// random pivot from the scheduler's state; erlang/otp GH-8208, OTP-19495). Affected:
+/// erts 13.1 to 13.2.2.13 (OTP 25.1 to 25.3.2.17, Debian bookworm's 25.2.3 among them),
+/// 14.0 to 14.2.5.7 (OTP 26 before 26.2.5.9), 15.0 to 15.2.2 (OTP 27 before 27.3). The
+/// decoder, which runs on teleport's reader threads, then builds large maps key by key
+/// (`enif_make_map_put` does not sort), which is slower but does not crash.
+pub fn large_map_bug() -> bool {
+    static AFFECTED: OnceLock<bool> = OnceLock::new();
+    *AFFECTED.get_or_init(|| {
+        let mut info = MaybeUninit::<ErlNifSysInfo>::zeroed();
+        // SAFETY: the VM fills at most `size` bytes of the struct.
+        let version = unsafe {
+            enif_system_info(info.as_mut_ptr(), std::mem::size_of::<ErlNifSysInfo>());
+            let info = info.assume_init();
+            if info.erts_version.is_null() {
+                return true;
+            }
+            std::ffi::CStr::from_ptr(info.erts_version)
+                .to_string_lossy()
+                .into_owned()
+        };
+        teleport_net::etf::erts_has_large_map_bug(&version)
+    })
+}
+
 /// What the encoder found out about this VM, for tests and logs:
-/// `#{tags => on | off | probe_failed, atoms => latin1 | utf8 | vm, word_bits => 64}`.
+/// `#{tags => on | off | probe_failed, atoms => latin1 | utf8 | vm, word_bits => 64,
+/// large_maps => direct | key_by_key}` (the last is the decoder's, see `large_map_bug`).
 #[rustler::nif]
 fn encoder_info(env: Env<'_>) -> NifResult<Term<'_>> {
     let pairs = [
         ("tags", Atom::from_str(env, tags::status().name())?.encode(env)),
         ("atoms", Atom::from_str(env, atom_form().name())?.encode(env)),
         ("word_bits", usize::BITS.encode(env)),
+        (
+            "large_maps",
+            Atom::from_str(env, if large_map_bug() { "key_by_key" } else { "direct" })?.encode(env),
+        ),
     ];
     let mut map = rustler::types::map::map_new(env);
     for (key, value) in pairs {
