@@ -3,7 +3,7 @@
 -module(teleport_nif).
 
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
--export([encode/1, encode_measured/1, decode/1, listener_stats/0]).
+-export([encode/1, encode_measured/1, encoder_info/0, decode/1, listener_stats/0]).
 -export([deliver_frame/2, pool_generation/1, over_limit/2, debug_drop_events/1]).
 
 -on_load(load/0).
@@ -58,6 +58,15 @@ encode(_Term) -> erlang:nif_error(nif_not_loaded).
 %% the calling scheduler) or on a dirty scheduler (tests, budget calibration).
 -spec encode_measured(term()) -> {[binary()], non_neg_integer(), inline | dirty}.
 encode_measured(_Term) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc What the encoder found out about this VM (tests, logs): whether it reads
+%% the VM's tag bits (`on'; `off' when TELEPORT_ENCODER_TAGS=off; `probe_failed'
+%% when its probe found another layout, and the NIF API alone is used) and the
+%% form this VM's term_to_binary/1 gives atoms (`latin1' on OTP 25, `utf8' on
+%% OTP 26 and later; `vm': another, each atom then encoded by the VM).
+-spec encoder_info() -> #{tags := on | off | probe_failed, atoms := latin1 | utf8 | vm,
+                          word_bits := pos_integer()}.
+encoder_info() -> erlang:nif_error(nif_not_loaded).
 
 %% @doc teleport's receive-side decoder on a binary from term_to_binary/1 (tests, benchmarks).
 -spec decode(binary()) -> term() | {error, binary()}.

@@ -33,8 +33,9 @@ init([]) ->
                                   event_pid => self(),
                                   reply_relays => teleport_reply_relay:names(),
                                   decoders => teleport_decoder:names(),
-                                  defer_hash_maps => defer_hash_maps(
-                                                       maps:get(decode_on_scheduler, Config))}) of
+                                  %% auto: the NIF decides by the VM's version.
+                                  defer_hash_maps => maps:get(decode_on_scheduler, Config)
+                                                         =:= always}) of
         {ok, Addr} ->
             ok = net_kernel:monitor_nodes(true),
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),
@@ -71,40 +72,3 @@ handle_info(Other, State) ->
 
 terminate(_Reason, _State) ->
     teleport_nif:stop().
-
-%% Whether reader threads must leave maps over 32 keys (and funs) to a dirty
-%% scheduler: building them off a scheduler crashes the VM before the fix for
-%% OTP GH-8208 (erts 13.2.2.14, 14.2.5.8, 15.2.3; every erts 16 and later has it).
-defer_hash_maps(always) ->
-    true;
-defer_hash_maps(auto) ->
-    Erts = [list_to_integer(Part)
-            || Part <- string:lexemes(erlang:system_info(version), "."),
-               lists:all(fun(C) -> C >= $0 andalso C =< $9 end, Part)],
-    not hash_maps_safe_off_scheduler(Erts).
-
-hash_maps_safe_off_scheduler([Major | _]) when Major >= 16 -> true;
-hash_maps_safe_off_scheduler([15 | _] = Erts) -> Erts >= [15, 2, 3];
-hash_maps_safe_off_scheduler([14 | _] = Erts) -> Erts >= [14, 2, 5, 8];
-hash_maps_safe_off_scheduler([13 | _] = Erts) -> Erts >= [13, 2, 2, 14];
-hash_maps_safe_off_scheduler(_) -> false.
-
-log_event({pool_up, Node, Connections}) ->
-    ?LOG_INFO(#{what => pool_up, peer => Node, connections => Connections}, ?META);
-log_event({pool_down, Node, Reason, 0}) ->
-    ?LOG_INFO(#{what => pool_down, peer => Node, reason => Reason}, ?META);
-log_event({pool_down, Node, Reason, Dropped}) ->
-    ?LOG_WARNING(#{what => pool_down, peer => Node, reason => Reason,
-                   dropped_messages => Dropped}, ?META);
-log_event({inbound_up, Node}) ->
-    ?LOG_DEBUG(#{what => inbound_up, peer => Node}, ?META);
-log_event({inbound_down, Node, Reason}) ->
-    ?LOG_DEBUG(#{what => inbound_down, peer => Node, reason => Reason}, ?META);
-log_event({handshake_failed, Remote, Reason}) ->
-    ?LOG_NOTICE(#{what => handshake_failed, remote => Remote, reason => Reason}, ?META);
-log_event({undeliverable, Node, Reason, Total}) ->
-    ?LOG_DEBUG(#{what => undeliverable, peer => Node, reason => Reason, total => Total}, ?META);
-log_event({panic, Thread, Message}) ->
-    ?LOG_ERROR(#{what => rust_thread_panicked, thread => Thread, message => Message}, ?META);
-log_event(Other) ->
-    ?LOG_DEBUG(#{what => unknown_event, event => Other}, ?META).

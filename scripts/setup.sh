@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what teleport needs to build and test, if it is missing:
-# Erlang/OTP 25 from Debian's packages and rebar3. A Rust toolchain is assumed.
+# Installs what teleport needs to build and test, if it is missing: Erlang/OTP from
+# the distribution's Debian packages (bookworm: 25, trixie: 27, sid: 29; teleport
+# supports 25 and later) and rebar3. A Rust toolchain is assumed.
 set -euo pipefail
 
 need_pkgs=()
@@ -15,7 +16,7 @@ ls -d /usr/lib/erlang/lib/tools-* >/dev/null 2>&1 || need_pkgs+=(erlang-tools)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "setup: installing ${need_pkgs[*]}"
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "setup: apt-get not found; install Erlang/OTP 25 (erl, erlc, common_test, dialyzer) and rebar3 yourself" >&2
+        echo "setup: apt-get not found; install Erlang/OTP 25 or later (erl, erlc, common_test, dialyzer, eunit, tools) and rebar3 yourself" >&2
         exit 1
     fi
     sudo_cmd=""

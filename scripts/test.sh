@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
+echo "== Erlang/OTP $(erl -noshell -eval 'io:format("~s (~s)", [erlang:system_info(otp_release),
+    string:trim(erlang:system_info(system_version))]), halt().'), $(rebar3 version 2>/dev/null), $(cargo --version)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -29,6 +32,22 @@ if grep -Eqi "warning|error" <<<"$edoc_out"; then
     echo "rebar3 edoc printed warnings or errors" >&2
     exit 1
 fi
+
+echo "== deprecated constructs (OTP 28+: catch Expr)"
+# Tests and examples too (rebar3 compiles only erlang_src with warnings_as_errors), on a
+# release that can tell.
+erl -noshell -eval '
+    Files = filelib:wildcard("{erlang_src,test,examples}/*.erl"),
+    Found = [{F, Line}
+             || F <- Files,
+                {ok, _, _, Ws} <- [compile:file(F, [binary, return, warn_deprecated_catch])],
+                {_, FWs} <- Ws, {Loc, Mod, Desc} <- FWs,
+                string:find(lists:flatten(Mod:format_error(Desc)), "catch ...") =/= nomatch,
+                Line <- [case Loc of {L, _} -> L; L -> L end]],
+    case Found of
+        [] -> halt(0);
+        _ -> io:format("catch Expr is deprecated: ~p~n", [Found]), halt(1)
+    end.'
 
 echo "== rebar3 ct"
 scripts/with_epmd.sh rebar3 ct

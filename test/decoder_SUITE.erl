@@ -383,7 +383,7 @@ fuzz_loop(#{node := F} = Fuzz, N, Conn, Deadline, Acc) ->
             close_conn(Conn),
             Acc#{n => N - 1};
         false when N rem 100 =:= 0 ->
-            case catch erpc:call(F, erlang, node, [], 10000) of
+            case try erpc:call(F, erlang, node, [], 10000) catch C:R -> {C, R} end of
                 F ->
                     fuzz_round(Fuzz, N, Conn, Deadline, Acc);
                 Other ->
@@ -994,7 +994,7 @@ malformed_call_frames(_Config) ->
                {Label, Sent, Now}
            end || {Label, Body} <- Frames],
     After = teleport_processes(G),
-    Call = catch teleport:gs_call({?SERVER, G}, {echo, still_there}, 10000),
+    Call = try teleport:gs_call({?SERVER, G}, {echo, still_there}, 10000) catch C:R -> {C, R} end,
     ct:pal("before ~p~nafter ~p~ngs_call afterwards: ~p", [Before, After, Call]),
     Changed = [{Label, Now} || {Label, _, Now} <- Log, Now =/= Before],
     ?assertEqual([], Changed),
@@ -1011,7 +1011,7 @@ teleport_processes(Node) ->
 %% @private Runs on a peer: teleport's registered processes and its listener.
 teleport_state() ->
     Names = [teleport_sup, teleport_runtime, teleport_connector | teleport_reply_relay:names()],
-    {[{N, whereis(N)} || N <- Names], catch teleport:listen_address()}.
+    {[{N, whereis(N)} || N <- Names], try teleport:listen_address() catch C:R -> {C, R} end}.
 
 %%====================================================================
 %% The term generator

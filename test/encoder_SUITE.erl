@@ -1,7 +1,24 @@
 %%% @doc teleport's send-side encoder (native/teleport_nif/src/encoder.rs), through
 %%% `teleport_nif:encode/1' and `encode_measured/1', against `term_to_binary/1'.
 %%%
+%%% Byte identity is with the running VM's `term_to_binary/1': OTP 25 writes
+%%% Latin-1 atoms as ATOM_EXT, OTP 26 and later every atom as SMALL_ATOM_UTF8_EXT
+%%% (ATOM_UTF8_EXT past 255 bytes), and teleport writes what the VM it runs in
+%%% writes.
+%%%
 %%% <ul>
+%%% <li>`probe': what the encoder found out about this VM
+%%%     (`teleport_nif:encoder_info/0'), printed: on a 64-bit VM it reads the
+%%%     VM's tag bits (its probe of them passed), and its atom form is this
+%%%     release's (checked against `term_to_binary/1' here, and against the
+%%%     release number). On the peers: tag reading `off' by setting, and
+%%%     `probe_failed' where the probe is made to see a changed layout. Also
+%%%     whether the decoder builds maps over 32 keys key by key (on a VM with
+%%%     erlang/otp GH-8208, such as OTP 25.2) or at once.</li>
+%%% <li>`atom_forms': atoms in every length class, in this release's bytes
+%%%     (written out per release); teleport's decoder reads each atom in all four
+%%%     forms (ATOM_EXT, SMALL_ATOM_EXT and the UTF-8 pair) whatever the
+%%%     release, as peers of other releases send them.</li>
 %%% <li>`random_terms_match_term_to_binary': ~4,000 terms from decoder_SUITE's
 %%%     seeded generator (every type, nested): each encodes to an iolist of
 %%%     binaries whose concatenation is byte-identical to `term_to_binary/1'
@@ -11,6 +28,9 @@
 %%%     a dirty scheduler.</li>
 %%% <li>`random_terms_without_tags': the same on a peer started with
 %%%     `TELEPORT_ENCODER_TAGS=off', where the encoder uses the NIF API alone.</li>
+%%% <li>`random_terms_changed_layout': the same on a peer whose encoder probe
+%%%     is shown a changed tag layout (`TELEPORT_ENCODER_TAGS=simulate_changed_layout'):
+%%%     the probe fails and the NIF-API-only fallback encodes every term.</li>
 %%% <li>`deep_nesting': a list nested 1,000,000 deep, tuples and maps
 %%%     100,000 deep.</li>
 %%% <li>`long_lists': 1,000,000 small tuples, integers, atoms.</li>
@@ -23,7 +43,7 @@
 %%%     anything like 100 x 10 MiB.</li>
 %%% <li>`scheduling': small terms encode inline, large ones (and funs) on a
 %%%     dirty scheduler, and the work count grows with the term.</li>
-%%% <li>`sends_arrive': all of the above sent with teleport:send to an echo on
+%%% <li>`sends_arrive': all of the above (and maps of 200 to 100,000 keys) sent with teleport:send to an echo on
 %%%     a peer, which sends them back with teleport: each arrives `=:='.</li>
 %%% </ul>
 %%% The seed is printed; ENCODER_SUITE_SEED="A,B,C" replays it.
@@ -34,11 +54,12 @@
 
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
+-export([probe/1, atom_forms/1, random_terms_changed_layout/1]).
 -export([random_terms_match_term_to_binary/1, random_terms_without_tags/1, deep_nesting/1,
          long_lists/1, improper_lists_and_strings/1, large_binaries_are_referenced/1,
          scheduling/1, sends_arrive/1]).
 %% Run on the peers.
--export([check_terms/1, tags_setting/0]).
+-export([check_terms/1, tags_setting/0, encoder_info/0]).
 
 -define(RANDOM_TERMS, 4000).
 -define(RPC_TIMEOUT, 120000).
@@ -49,7 +70,8 @@ suite() ->
     [{timetrap, {minutes, 10}}].
 
 all() ->
-    [random_terms_match_term_to_binary, random_terms_without_tags, deep_nesting, long_lists,
+    [probe, atom_forms, random_terms_match_term_to_binary, random_terms_without_tags,
+     random_terms_changed_layout, deep_nesting, long_lists,
      improper_lists_and_strings, large_binaries_are_referenced, scheduling, sends_arrive].
 
 init_per_suite(Config) ->
@@ -63,16 +85,21 @@ start_suite(Config) ->
     {ok, PlainPeer, PlainNode} =
         teleport_test_peer:start(teleport_test_peer:unique_name("encoder_api"),
                                  ["-env", "TELEPORT_ENCODER_TAGS", "off"]),
+    {ok, ChangedPeer, ChangedNode} =
+        teleport_test_peer:start(teleport_test_peer:unique_name("encoder_changed"),
+                                 ["-env", "TELEPORT_ENCODER_TAGS", "simulate_changed_layout"]),
     true = unlink(Peer),
     true = unlink(PlainPeer),
+    true = unlink(ChangedPeer),
     Seed = teleport_test_peer:seed("ENCODER_SUITE_SEED"),
     ct:pal("encoder_SUITE seed ~p (replay: ENCODER_SUITE_SEED=\"~b,~b,~b\")",
            [Seed | tuple_to_list(Seed)]),
-    [{seed, Seed}, {peer, Peer}, {node, Node}, {plain_peer, PlainPeer}, {plain_node, PlainNode}
+    [{seed, Seed}, {peer, Peer}, {node, Node}, {plain_peer, PlainPeer}, {plain_node, PlainNode},
+     {changed_peer, ChangedPeer}, {changed_node, ChangedNode}
      | Config].
 
 end_per_suite(Config) ->
-    _ = [teleport_test_peer:stop(?config(Key, Config)) || Key <- [peer, plain_peer]],
+    _ = [teleport_test_peer:stop(?config(Key, Config)) || Key <- [peer, plain_peer, changed_peer]],
     teleport_test_peer:stop_local_teleport().
 
 init_per_testcase(_Case, Config) ->
@@ -86,6 +113,84 @@ end_per_testcase(_Case, _Config) ->
 %% Cases
 %%====================================================================
 
+probe(Config) ->
+    Release = list_to_integer(erlang:system_info(otp_release)),
+    Info = teleport_nif:encoder_info(),
+    Plain = erpc:call(?config(plain_node, Config), ?MODULE, encoder_info, [], ?RPC_TIMEOUT),
+    Changed = erpc:call(?config(changed_node, Config), ?MODULE, encoder_info, [], ?RPC_TIMEOUT),
+    ct:pal("OTP ~b (~s): encoder ~p; with TELEPORT_ENCODER_TAGS=off ~p; "
+           "with a changed layout simulated ~p",
+           [Release, erlang:system_info(system_version) -- "\n", Info, Plain, Changed]),
+    ?assertEqual(erlang:system_info(wordsize) * 8, maps:get(word_bits, Info)),
+    %% The tag reading is for 64-bit VMs; on one, the probe must have passed (if a
+    %% release changed the layout, this is where it shows: fallback, and this fails).
+    ?assertEqual(case maps:get(word_bits, Info) of 64 -> on; _ -> probe_failed end,
+                 maps:get(tags, Info)),
+    ?assertEqual(off, maps:get(tags, Plain)),
+    ?assertEqual(probe_failed, maps:get(tags, Changed)),
+    %% The atom form: this VM's, as term_to_binary/1 shows it, and as the release says.
+    Vm = case term_to_binary('café') of
+             <<131, 100, 0, 4, "caf", 233>> -> latin1;
+             <<131, 119, 5, "caf", 195, 169>> -> utf8;
+             _ -> vm
+         end,
+    ?assertEqual(Vm, maps:get(atoms, Info)),
+    ?assertEqual([Vm], lists:usort([maps:get(atoms, I) || I <- [Plain, Changed]])),
+    ?assertEqual(if Release >= 26 -> utf8; true -> latin1 end, Vm),
+    %% The decoder's workaround for erlang/otp GH-8208 (fixed in erts 13.2.2.14,
+    %% 14.2.5.8 and 15.2.3, from 13.1): on where the VM needs it.
+    Erts = [list_to_integer(P) || P <- string:lexemes(erlang:system_info(version), ".")],
+    Affected = (Erts >= [13, 1] andalso Erts < [13, 2, 2, 14])
+        orelse (Erts >= [14] andalso Erts < [14, 2, 5, 8])
+        orelse (Erts >= [15] andalso Erts < [15, 2, 3]),
+    ?assertEqual(if Affected -> scheduler; true -> reader end, maps:get(large_maps, Info)).
+
+atom_forms(_Config) ->
+    Release = list_to_integer(erlang:system_info(otp_release)),
+    Long = list_to_atom(lists:duplicate(255, $a)),
+    LongLatin1 = list_to_atom(lists:duplicate(128, 233)),
+    Atoms = [abc, '', 'café', Long, LongLatin1, 'ünïcödé', '日本', true, undefined],
+    %% This release's bytes, written out (not taken from term_to_binary/1).
+    Expected = fun(A) -> expected_atom(Release, A) end,
+    [?assertEqual({A, Expected(A)}, {A, iolist_to_binary(teleport_nif:encode(A))}) || A <- Atoms],
+    [?assertEqual({A, term_to_binary(A)}, {A, Expected(A)}) || A <- Atoms],
+    %% Inside terms, and from the per-scheduler cache (the same atoms twice).
+    T = {Atoms, #{Long => 'café'}, [abc | '日本'], Atoms},
+    ?assert(identical(teleport_nif:encode(T), T)),
+    ?assert(identical(teleport_nif:encode(T), T)),
+    %% Every form any release writes decodes to the same atom here.
+    [begin
+         Forms = all_forms(A),
+         [?assertEqual({A, Form, A}, {A, Form, teleport_nif:decode(Form)}) || Form <- Forms],
+         [?assertEqual({A, Form, A}, {A, Form, binary_to_term(Form)}) || Form <- Forms]
+     end || A <- Atoms],
+    ok.
+
+%% How OTP `Release' writes atom `A' with term_to_binary/1.
+expected_atom(Release, A) ->
+    Chars = atom_to_list(A),
+    Utf8 = unicode:characters_to_binary(Chars),
+    Latin1 = lists:all(fun(C) -> C =< 255 end, Chars),
+    if
+        Release < 26, Latin1 ->
+            <<131, 100, (length(Chars)):16, (list_to_binary(Chars))/binary>>;
+        byte_size(Utf8) =< 255 ->
+            <<131, 119, (byte_size(Utf8)):8, Utf8/binary>>;
+        true ->
+            <<131, 118, (byte_size(Utf8)):16, Utf8/binary>>
+    end.
+
+%% `A' in every atom form of the format that can hold it.
+all_forms(A) ->
+    Chars = atom_to_list(A),
+    Utf8 = unicode:characters_to_binary(Chars),
+    Latin1 = [<<131, 100, (length(Chars)):16, (list_to_binary(Chars))/binary>>
+              || lists:all(fun(C) -> C =< 255 end, Chars)]
+        ++ [<<131, 115, (length(Chars)):8, (list_to_binary(Chars))/binary>>
+            || lists:all(fun(C) -> C =< 255 end, Chars), length(Chars) =< 255],
+    Latin1 ++ [<<131, 118, (byte_size(Utf8)):16, Utf8/binary>>]
+        ++ [<<131, 119, (byte_size(Utf8)):8, Utf8/binary>> || byte_size(Utf8) =< 255].
+
 random_terms_match_term_to_binary(Config) ->
     Terms = random_terms(Config, ?RANDOM_TERMS),
     report(check_terms(Terms)).
@@ -94,6 +199,12 @@ random_terms_without_tags(Config) ->
     Node = ?config(plain_node, Config),
     ?assertEqual("off", erpc:call(Node, ?MODULE, tags_setting, [], ?RPC_TIMEOUT)),
     Terms = random_terms(Config, ?RANDOM_TERMS div 2),
+    report(erpc:call(Node, ?MODULE, check_terms, [Terms], ?RPC_TIMEOUT)).
+
+random_terms_changed_layout(Config) ->
+    Node = ?config(changed_node, Config),
+    ?assertMatch(#{tags := probe_failed}, erpc:call(Node, ?MODULE, encoder_info, [], ?RPC_TIMEOUT)),
+    Terms = random_terms(Config, ?RANDOM_TERMS div 4),
     report(erpc:call(Node, ?MODULE, check_terms, [Terms], ?RPC_TIMEOUT)).
 
 deep_nesting(_Config) ->
@@ -204,7 +315,12 @@ sends_arrive(Config) ->
              {string, lists:duplicate(65535, $s)},
              {big_binary, Bin},
              {sub_binary, binary:part(Bin, 7, 5 * ?MiB)},
-             {map_with_both, #{list => [{I, I} || I <- lists:seq(1, 100000)], bin => Bin}}],
+             {map_with_both, #{list => [{I, I} || I <- lists:seq(1, 100000)], bin => Bin}},
+             %% Maps over 128 keys are made by the receiver's reader thread: on a VM with
+             %% erlang/otp GH-8208 (OTP 25.2) that crashes unless built key by key.
+             {map_of_200, maps:from_list([{{k, I}, I} || I <- lists:seq(1, 200)])},
+             {map_of_100000, maps:from_list([{I, <<I:32>>} || I <- lists:seq(1, 100000)])},
+             {maps_in_list, [maps:from_list([{I, J} || I <- lists:seq(1, 300)]) || J <- [1, 2, 3]]}],
     Random = [{random, T} || T <- random_terms(Config, 300)],
     [begin
          Tag = make_ref(),
@@ -242,6 +358,10 @@ random_terms(Config, N) ->
 tags_setting() ->
     os:getenv("TELEPORT_ENCODER_TAGS").
 
+%% @private Runs on a peer.
+encoder_info() ->
+    teleport_nif:encoder_info().
+
 %% @private Checks every term (here or on a peer); returns counts and failures.
 check_terms(Terms) ->
     lists:foldl(fun check_term/2,
@@ -253,7 +373,7 @@ check_term(T, Acc) ->
     {Io, _Work, How} = teleport_nif:encode_measured(T),
     Acc1 = bump(How, Acc),
     Bin = iolist_to_binary(Io),
-    Back = (catch binary_to_term(Bin)),
+    Back = try binary_to_term(Bin) catch C:R -> {C, R} end,
     case {lists:all(fun is_binary/1, Io), Bin =:= term_to_binary(T), Back =:= T, has_large_map(T)} of
         {true, true, true, false} -> bump(identical, Acc1);
         {true, true, true, true} -> bump(large_map_identical, Acc1);

@@ -89,7 +89,7 @@ start_isolated(Name, Cookie, AppEnv) when is_map(AppEnv) ->
 %% Starts the peer, then teleport in it through the call function `Caller'
 %% makes for it; stops the peer again if teleport does not start.
 start_with_teleport(Name, Opts, AppEnv, Caller) ->
-    case catch peer:start_link(Opts) of
+    case try peer:start_link(Opts) catch C:R -> {C, R} end of
         {ok, Peer, Node} ->
             case setup_teleport(Caller(Peer, Node), AppEnv) of
                 ok ->
@@ -285,7 +285,7 @@ echo_spawn(ReplyTo) ->
 echo_loop(ReplyTo) ->
     receive
         Msg ->
-            case catch teleport:send(ReplyTo, {teleport_ct_echo, self(), Msg}) of
+            case try teleport:send(ReplyTo, {teleport_ct_echo, self(), Msg}) catch C:R -> {C, R} end of
                 ok -> ok;
                 Error -> ReplyTo ! {teleport_ct_echo_error, self(), Error}
             end,

@@ -116,7 +116,7 @@ long_schedule(Config) ->
 
 teleport_process(Pid, Sender) when Pid =:= Sender -> true;
 teleport_process(Pid, _Sender) ->
-    case catch erpc:call(node(Pid), erlang, process_info, [Pid, registered_name]) of
+    case try erpc:call(node(Pid), erlang, process_info, [Pid, registered_name]) catch _:_ -> false end of
         {registered_name, Name} -> lists:prefix("teleport", atom_to_list(Name));
         _ -> false
     end.
@@ -124,7 +124,7 @@ teleport_process(Pid, _Sender) ->
 monitor_loop(Acc) ->
     receive
         {monitor, Pid, long_schedule, Info} ->
-            Where = catch erlang:process_info(Pid, [registered_name, initial_call]),
+            Where = try erlang:process_info(Pid, [registered_name, initial_call]) catch C:R -> {C, R} end,
             monitor_loop([{Pid, Where, Info} | Acc]);
         {dump, To} ->
             To ! {events, self(), lists:reverse(Acc)}

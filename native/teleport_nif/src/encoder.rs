@@ -1,6 +1,9 @@
 //! The send side's term encoder: walks a VM term and writes the standard external
-//! term format (version 131), byte-identical to `term_to_binary/1` (maps included: the
-//! order of a map over 32 keys is not specified, but it is the VM's, see `map`).
+//! term format (version 131), byte-identical to the running VM's `term_to_binary/1`
+//! (maps included: the order of a map over 32 keys is not specified, but it is the
+//! VM's, see `map`). Atoms take the form that VM writes, found once by asking it
+//! (`atom_form`): OTP 25 writes Latin-1 atoms as ATOM_EXT, OTP 26 and later every atom
+//! as SMALL_ATOM_UTF8_EXT / ATOM_UTF8_EXT. Peers of any release read either.
 //!
 //! - The walk is iterative (an explicit stack on the heap): a list nested a million
 //!   deep does not touch the small stack of a dirty scheduler.
@@ -19,15 +22,17 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::os::raw::{c_char, c_int, c_uint};
 use std::ptr;
+use std::sync::OnceLock;
 
 use rustler::sys::{
     enif_alloc_env, enif_free_env, enif_get_atom, enif_get_double, enif_get_int64, enif_get_list_cell,
-    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_make_copy,
-    enif_make_list_from_array, enif_map_iterator_create, enif_map_iterator_destroy,
+    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_make_atom_len,
+    enif_make_copy, enif_make_list_from_array, enif_map_iterator_create, enif_map_iterator_destroy,
     enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev, enif_release_binary,
-    enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator,
-    ErlNifMapIteratorEntry, ErlNifTerm, ErlNifTermType,
+    enif_system_info, enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
+    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm, ErlNifTermType,
 };
+use rustler::{Atom, Encoder, Env, NifResult, Term};
 use teleport_net::etf::write::{self as w, Body};
 
 /// Binaries over this size are referenced, not copied. Referencing pins the binary in
@@ -132,7 +137,7 @@ struct Scratch {
 
 const ATOM_SLOTS: usize = 256;
 
-/// One atom's encoding (ATOM_EXT, for names of up to 29 bytes).
+/// One atom's encoding (for encodings of up to 32 bytes).
 #[derive(Clone, Copy, Default)]
 struct AtomSlot {
     term: ErlNifTerm,
@@ -187,6 +192,7 @@ pub unsafe fn encode(
             Limit::Unbounded => u64::MAX,
         },
         tagged: tags::usable(),
+        atom_form: atom_form(),
     };
     w::version(enc.body.buf());
     let outcome = enc.run(term);
@@ -225,6 +231,8 @@ struct Walker {
     limit: u64,
     /// `tags::usable()`: small integers and atoms are recognised without a call.
     tagged: bool,
+    /// How this VM's `term_to_binary/1` writes an atom (`atom_form()`).
+    atom_form: AtomForm,
 }
 
 /// What `scalar` did with a term.
@@ -559,23 +567,33 @@ impl Walker {
                 .extend_from_slice(&slot.bytes[..slot.len as usize]);
             return Ok(());
         }
-        let mut name = MaybeUninit::<[u8; 256]>::uninit();
-        let n = enif_get_atom(
-            self.env,
-            term,
-            name.as_mut_ptr() as *mut c_char,
-            256 as c_uint,
-            ErlNifCharEncoding::ERL_NIF_LATIN1,
-        );
-        if n <= 0 {
-            // A character over 255: OTP 25's NIF API gives no UTF-8 text, the VM does.
-            return self.piece(term, false);
-        }
-        self.charge(ATOM_MISS_COST)?;
-        // SAFETY: the VM wrote n bytes, the last the terminating NUL.
-        let name = std::slice::from_raw_parts(name.as_ptr() as *const u8, n as usize - 1);
         let at = self.body.position();
-        w::atom_latin1(self.body.buf(), name);
+        match self.atom_form {
+            AtomForm::Vm => self.piece(term, false)?,
+            form => {
+                let mut name = MaybeUninit::<[u8; 256]>::uninit();
+                let n = enif_get_atom(
+                    self.env,
+                    term,
+                    name.as_mut_ptr() as *mut c_char,
+                    256 as c_uint,
+                    ErlNifCharEncoding::ERL_NIF_LATIN1,
+                );
+                if n <= 0 {
+                    // A character over 255: the NIF API of OTP 25 (2.16) gives no UTF-8
+                    // text, the VM does.
+                    return self.piece(term, false);
+                }
+                self.charge(ATOM_MISS_COST)?;
+                // SAFETY: the VM wrote n bytes, the last the terminating NUL.
+                let name = std::slice::from_raw_parts(name.as_ptr() as *const u8, n as usize - 1);
+                if form == AtomForm::Latin1 {
+                    w::atom_latin1(self.body.buf(), name);
+                } else {
+                    w::atom_latin1_as_utf8(self.body.buf(), name);
+                }
+            }
+        }
         let encoded = &self.body.buf()[at..];
         let slot = &mut self.scratch.atoms[index];
         if encoded.len() <= slot.bytes.len() {
@@ -641,6 +659,106 @@ impl Walker {
     }
 }
 
+/// How the running VM's `term_to_binary/1` writes an atom whose characters are all
+/// Latin-1.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AtomForm {
+    /// ATOM_EXT with the Latin-1 bytes (OTP 25 and earlier).
+    Latin1,
+    /// SMALL_ATOM_UTF8_EXT (ATOM_UTF8_EXT over 255 bytes) with the UTF-8 bytes (OTP 26
+    /// and later).
+    Utf8,
+    /// Something else: every atom is spliced in from `enif_term_to_binary`, whatever
+    /// the VM writes (slower, still correct).
+    Vm,
+}
+
+impl AtomForm {
+    pub fn name(self) -> &'static str {
+        match self {
+            AtomForm::Latin1 => "latin1",
+            AtomForm::Utf8 => "utf8",
+            AtomForm::Vm => "vm",
+        }
+    }
+}
+
+/// The VM's atom form, asked once: `enif_term_to_binary` of an atom with a character
+/// over 127 (whose bytes differ between the forms).
+pub fn atom_form() -> AtomForm {
+    static FORM: OnceLock<AtomForm> = OnceLock::new();
+    *FORM.get_or_init(|| unsafe {
+        let env = enif_alloc_env();
+        // 'caf\xe9' (café) in Latin-1.
+        let atom = enif_make_atom_len(env, b"caf\xe9".as_ptr() as *const c_char, 4);
+        let mut bin = MaybeUninit::<ErlNifBinary>::uninit();
+        let form = if enif_term_to_binary(env, atom, bin.as_mut_ptr()) == 0 {
+            AtomForm::Vm
+        } else {
+            let mut bin = bin.assume_init();
+            let form = match slice(&bin) {
+                [131, teleport_net::etf::ATOM_EXT, 0, 4, b'c', b'a', b'f', 0xe9] => AtomForm::Latin1,
+                [131, teleport_net::etf::SMALL_ATOM_UTF8_EXT, 5, b'c', b'a', b'f', 0xc3, 0xa9] => {
+                    AtomForm::Utf8
+                }
+                _ => AtomForm::Vm,
+            };
+            enif_release_binary(&mut bin);
+            form
+        };
+        enif_free_env(env);
+        form
+    })
+}
+
+/// Whether this VM crashes building a map of over 128 keys on a thread that is not a
+/// scheduler (`enif_make_map_from_arrays`, `enif_binary_to_term`: its sort picks a
+/// random pivot from the scheduler's state; erlang/otp GH-8208, OTP-19495). Affected:
+/// erts 13.1 to 13.2.2.13 (OTP 25.1 to 25.3.2.17, Debian bookworm's 25.2.3 among them),
+/// 14.0 to 14.2.5.7 (OTP 26 before 26.2.5.9), 15.0 to 15.2.2 (OTP 27 before 27.3). The
+/// reader threads then leave maps over 32 keys (and funs) to a dirty scheduler
+/// (deliver.rs, `decode_on_scheduler`).
+pub fn large_map_bug() -> bool {
+    static AFFECTED: OnceLock<bool> = OnceLock::new();
+    *AFFECTED.get_or_init(|| {
+        let mut info = MaybeUninit::<ErlNifSysInfo>::zeroed();
+        // SAFETY: the VM fills at most `size` bytes of the struct.
+        let version = unsafe {
+            enif_system_info(info.as_mut_ptr(), std::mem::size_of::<ErlNifSysInfo>());
+            let info = info.assume_init();
+            if info.erts_version.is_null() {
+                return true;
+            }
+            std::ffi::CStr::from_ptr(info.erts_version)
+                .to_string_lossy()
+                .into_owned()
+        };
+        teleport_net::etf::erts_has_large_map_bug(&version)
+    })
+}
+
+/// What the encoder found out about this VM, for tests and logs:
+/// `#{tags => on | off | probe_failed, atoms => latin1 | utf8 | vm, word_bits => 64,
+/// large_maps => reader | scheduler}` (the last: where arriving maps over 32 keys are
+/// built with `decode_on_scheduler` auto, see `large_map_bug`).
+#[rustler::nif]
+fn encoder_info(env: Env<'_>) -> NifResult<Term<'_>> {
+    let pairs = [
+        ("tags", Atom::from_str(env, tags::status().name())?.encode(env)),
+        ("atoms", Atom::from_str(env, atom_form().name())?.encode(env)),
+        ("word_bits", usize::BITS.encode(env)),
+        (
+            "large_maps",
+            Atom::from_str(env, if large_map_bug() { "scheduler" } else { "reader" })?.encode(env),
+        ),
+    ];
+    let mut map = rustler::types::map::map_new(env);
+    for (key, value) in pairs {
+        map = map.map_put(Atom::from_str(env, key)?.encode(env), value)?;
+    }
+    Ok(map)
+}
+
 unsafe fn slice(bin: &ErlNifBinary) -> &[u8] {
     if bin.size == 0 {
         &[]
@@ -685,23 +803,65 @@ mod tags {
         word(term) & 0x3 == 0x1
     }
 
+    /// Whether the tag reading is on, and if not why.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Status {
+        On,
+        /// `TELEPORT_ENCODER_TAGS=off`.
+        Off,
+        /// The probe found the VM's tags other than these functions read them.
+        ProbeFailed,
+    }
+
+    impl Status {
+        pub fn name(self) -> &'static str {
+            match self {
+                Status::On => "on",
+                Status::Off => "off",
+                Status::ProbeFailed => "probe_failed",
+            }
+        }
+    }
+
     /// Whether the tags above hold in this VM, probed once with terms the API makes.
-    /// `TELEPORT_ENCODER_TAGS=off` in the VM's environment turns them off (tests use
-    /// it to run the API-only path).
     pub fn usable() -> bool {
-        static USABLE: OnceLock<bool> = OnceLock::new();
-        *USABLE.get_or_init(|| {
-            let off = std::env::var_os("TELEPORT_ENCODER_TAGS").is_some_and(|v| v == "off");
-            !off && usize::BITS == 64 && unsafe { probe() }
+        status() == Status::On
+    }
+
+    /// `TELEPORT_ENCODER_TAGS` in the VM's environment: `off` turns the tag reading
+    /// off (tests use it to run the API-only path); `simulate_changed_layout` probes as
+    /// if the VM had moved its atom tag, which the probe must catch (tests use it to
+    /// show the fallback taking over where a future release changes the layout).
+    pub fn status() -> Status {
+        static STATUS: OnceLock<Status> = OnceLock::new();
+        *STATUS.get_or_init(|| {
+            let setting = std::env::var_os("TELEPORT_ENCODER_TAGS");
+            if setting.as_deref().is_some_and(|v| v == "off") {
+                return Status::Off;
+            }
+            let distort = match setting.as_deref() {
+                Some(v) if v == "simulate_changed_layout" => 0x30,
+                _ => 0,
+            };
+            if usize::BITS == 64 && unsafe { probe(distort) } {
+                Status::On
+            } else {
+                Status::ProbeFailed
+            }
         })
     }
 
-    unsafe fn probe() -> bool {
+    /// `distort` is xored into every word the probe looks at: a VM whose tags differ.
+    unsafe fn probe(distort: usize) -> bool {
         let env = enif_alloc_env();
+        let seen = |t: ErlNifTerm| -> ErlNifTerm {
+            // SAFETY: ErlNifTerm is a transparent wrapper of a machine word.
+            std::mem::transmute::<usize, ErlNifTerm>(word(t) ^ distort)
+        };
         let smalls = [0, 1, -1, 255, 256, -256, 123_456_789, (1 << 59) - 1, -(1 << 59)];
         let bigs = [1 << 59, -(1 << 59) - 1, i64::MAX, i64::MIN];
         let nil = enif_make_list_from_array(env, std::ptr::null(), 0);
-        let atoms = [c"ok", c"", c"teleport_tag_probe"].map(|name| enif_make_atom(env, name.as_ptr()));
+        let atoms = [c"ok", c"", c"teleport_tag_probe"].map(|name| seen(enif_make_atom(env, name.as_ptr())));
         let one = enif_make_int64(env, 1);
         let cell = enif_make_list_cell(env, one, nil);
         let others = [
@@ -710,9 +870,15 @@ mod tags {
             enif_make_tuple_from_array(env, [one].as_ptr(), 1),
             enif_make_double(env, 1.5),
             enif_make_ref(env),
-        ];
-        let ok = smalls.iter().all(|&v| small(enif_make_int64(env, v)) == Some(v))
-            && bigs.iter().all(|&v| small(enif_make_int64(env, v)).is_none())
+        ]
+        .map(seen);
+        let cell = seen(cell);
+        let ok = smalls
+            .iter()
+            .all(|&v| small(seen(enif_make_int64(env, v))) == Some(v))
+            && bigs
+                .iter()
+                .all(|&v| small(seen(enif_make_int64(env, v))).is_none())
             && atoms
                 .iter()
                 .all(|&a| is_atom(a) && small(a).is_none() && !is_list_cell(a))

@@ -152,7 +152,8 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
     let helpers = Helpers {
         relays: map_get(opts, "reply_relays")?,
         decoders: map_get(opts, "decoders")?,
-        defer_hash_maps: map_get(opts, "defer_hash_maps")?,
+        // `decode_on_scheduler` always, or auto on a VM that needs it.
+        defer_hash_maps: map_get::<bool>(opts, "defer_hash_maps")? || encoder::large_map_bug(),
         runtime: event_pid,
     };
     if helpers.relays.is_empty() || helpers.decoders.is_empty() {

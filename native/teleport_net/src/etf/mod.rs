@@ -37,3 +37,64 @@ pub const MAP_EXT: u8 = 116;
 pub const ATOM_UTF8_EXT: u8 = 118;
 pub const SMALL_ATOM_UTF8_EXT: u8 = 119;
 pub const V4_PORT_EXT: u8 = 120;
+
+/// Whether a VM of this erts version ("13.1.5") crashes building a map of over 128 keys
+/// on a thread that is not a scheduler (erlang/otp GH-8208, fixed by OTP-19495 in erts
+/// 13.2.2.14, 14.2.5.8 and 15.2.3; introduced in 13.1). The NIF's decoder runs on such
+/// threads. An unreadable version counts as affected.
+pub fn erts_has_large_map_bug(version: &str) -> bool {
+    let parts: Vec<u32> = version.split('.').map_while(|p| p.parse().ok()).collect();
+    if parts.is_empty() {
+        return true;
+    }
+    let v = |i: usize| parts.get(i).copied().unwrap_or(0);
+    let at_least = |want: &[u32]| {
+        (0..4)
+            .map(v)
+            .cmp(want.iter().copied().chain([0; 4]).take(4))
+            .is_ge()
+    };
+    match v(0) {
+        13 => at_least(&[13, 1]) && !at_least(&[13, 2, 2, 14]),
+        14 => !at_least(&[14, 2, 5, 8]),
+        15 => !at_least(&[15, 2, 3]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod large_map_bug_tests {
+    use super::erts_has_large_map_bug;
+
+    #[test]
+    fn large_map_bug_versions() {
+        for v in [
+            "13.1",
+            "13.1.5",
+            "13.2",
+            "13.2.2.13",
+            "14.0",
+            "14.2.5.7",
+            "15.0",
+            "15.2.2",
+            "15.2.2.1",
+        ] {
+            assert!(erts_has_large_map_bug(v), "{v}");
+        }
+        for v in [
+            "13.0",
+            "13.0.4",
+            "13.2.2.14",
+            "13.2.2.20",
+            "14.2.5.8",
+            "14.2.6",
+            "15.2.3",
+            "15.2.7",
+            "16.0",
+            "17.1.1",
+        ] {
+            assert!(!erts_has_large_map_bug(v), "{v}");
+        }
+        assert!(erts_has_large_map_bug("garbage"));
+    }
+}

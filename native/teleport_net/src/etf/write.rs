@@ -1,5 +1,6 @@
-//! Byte-level writer of the external term format, byte for byte as OTP 25's
-//! `term_to_binary/1` writes each piece, and `Body`: the output of one encode, a
+//! Byte-level writer of the external term format, byte for byte as `term_to_binary/1`
+//! writes each piece (atoms in either release's form: `atom_latin1` as OTP 25 and
+//! earlier, `atom_latin1_as_utf8` and `atom_utf8` as OTP 26 and later), and `Body`: the output of one encode, a
 //! buffer for the small parts plus large binaries referenced in place, ready to be
 //! written with one `writev` as a frame body.
 //!
@@ -69,7 +70,35 @@ pub fn atom_latin1(out: &mut Vec<u8>, name: &[u8]) {
     out.extend_from_slice(name);
 }
 
-/// An atom with a character over 255, given as UTF-8 bytes.
+/// An atom whose every character is Latin-1, given as Latin-1 bytes, written as OTP 26
+/// and later write every atom: SMALL_ATOM_UTF8_EXT with its UTF-8 bytes (ATOM_UTF8_EXT
+/// past 255 bytes: a name of over 127 characters 128..=255).
+#[inline]
+pub fn atom_latin1_as_utf8(out: &mut Vec<u8>, name: &[u8]) {
+    debug_assert!(name.len() <= 255);
+    if name.is_ascii() {
+        out.extend_from_slice(&[SMALL_ATOM_UTF8_EXT, name.len() as u8]);
+        out.extend_from_slice(name);
+        return;
+    }
+    let len = name.len() + name.iter().filter(|&&c| c >= 0x80).count();
+    if len <= 255 {
+        out.extend_from_slice(&[SMALL_ATOM_UTF8_EXT, len as u8]);
+    } else {
+        out.push(ATOM_UTF8_EXT);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    for &c in name {
+        if c < 0x80 {
+            out.push(c);
+        } else {
+            out.extend_from_slice(&[0xC0 | (c >> 6), 0x80 | (c & 0x3F)]);
+        }
+    }
+}
+
+/// An atom with a character over 255, given as UTF-8 bytes (every release writes
+/// these alike).
 pub fn atom_utf8(out: &mut Vec<u8>, name: &[u8]) {
     debug_assert!(name.len() <= u16::MAX as usize);
     if name.len() <= 255 {
@@ -462,6 +491,30 @@ mod tests {
             written(|o| uint(o, u64::MAX)),
             [110, 8, 0, 255, 255, 255, 255, 255, 255, 255, 255]
         );
+    }
+
+    #[test]
+    fn latin1_atoms_as_utf8_match_otp26_term_to_binary() {
+        // As OTP 26's term_to_binary/1 writes them ('abc', 'é', '', 200 x 'é').
+        assert_eq!(
+            written(|o| atom_latin1_as_utf8(o, b"abc")),
+            [119, 3, b'a', b'b', b'c']
+        );
+        assert_eq!(written(|o| atom_latin1_as_utf8(o, &[233])), [119, 2, 0xC3, 0xA9]);
+        assert_eq!(written(|o| atom_latin1_as_utf8(o, b"")), [119, 0]);
+        let long = written(|o| atom_latin1_as_utf8(o, &[233; 200]));
+        assert_eq!(long[..3], [118, 1, 144]);
+        assert_eq!(long.len(), 3 + 400);
+        // Every Latin-1 name: the same atom as its text written in UTF-8.
+        for c in 0..=255u8 {
+            for n in [1, 127, 128, 255] {
+                let name = vec![c; n];
+                let text: String = name.iter().map(|&c| c as char).collect();
+                let mut expected = Vec::new();
+                atom_utf8(&mut expected, text.as_bytes());
+                assert_eq!(written(|o| atom_latin1_as_utf8(o, &name)), expected, "{c} x {n}");
+            }
+        }
     }
 
     #[test]
