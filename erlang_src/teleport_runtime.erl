@@ -72,3 +72,23 @@ handle_info(Other, State) ->
 
 terminate(_Reason, _State) ->
     teleport_nif:stop().
+
+log_event({pool_up, Node, Connections}) ->
+    ?LOG_INFO(#{what => pool_up, peer => Node, connections => Connections}, ?META);
+log_event({pool_down, Node, Reason, 0}) ->
+    ?LOG_INFO(#{what => pool_down, peer => Node, reason => Reason}, ?META);
+log_event({pool_down, Node, Reason, Dropped}) ->
+    ?LOG_WARNING(#{what => pool_down, peer => Node, reason => Reason,
+                   dropped_messages => Dropped}, ?META);
+log_event({inbound_up, Node}) ->
+    ?LOG_DEBUG(#{what => inbound_up, peer => Node}, ?META);
+log_event({inbound_down, Node, Reason}) ->
+    ?LOG_DEBUG(#{what => inbound_down, peer => Node, reason => Reason}, ?META);
+log_event({handshake_failed, Remote, Reason}) ->
+    ?LOG_NOTICE(#{what => handshake_failed, remote => Remote, reason => Reason}, ?META);
+log_event({undeliverable, Node, Reason, Total}) ->
+    ?LOG_DEBUG(#{what => undeliverable, peer => Node, reason => Reason, total => Total}, ?META);
+log_event({panic, Thread, Message}) ->
+    ?LOG_ERROR(#{what => rust_thread_panicked, thread => Thread, message => Message}, ?META);
+log_event(Other) ->
+    ?LOG_DEBUG(#{what => unknown_event, event => Other}, ?META).
