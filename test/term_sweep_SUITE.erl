@@ -577,9 +577,13 @@ context(RNode, Checker) ->
       third_port => Port}.
 
 close_context(#{third_port := Port}) ->
-    catch port_close(Port);
+    close_port(Port);
 close_context(#{}) ->
     ok.
+
+%% Closed already is fine.
+close_port(Port) ->
+    try port_close(Port) catch error:badarg -> true end.
 
 %% Runs on a peer: the id of a port of this node, closed.
 port_term() ->
@@ -701,9 +705,10 @@ shape(T) when is_binary(T) -> {binary, byte_size(T), binary:part(T, 0, min(8, by
 shape(T) when is_bitstring(T), bit_size(T) =< 128 -> brief(T);
 shape(T) when is_bitstring(T) -> {bitstring, bit_size(T)};
 shape(T) when is_list(T) ->
-    case catch length(T) of
-        N when is_integer(N) -> {list, N, brief(T)};
-        _ -> {improper_list, brief(T)}
+    try length(T) of
+        N -> {list, N, brief(T)}
+    catch
+        error:badarg -> {improper_list, brief(T)}
     end;
 shape(T) when is_integer(T), abs(T) > 1 bsl 64 -> {bignum, byte_size(integer_to_binary(T)), digits};
 shape(T) -> brief(T).
@@ -730,7 +735,7 @@ sender_run(RNode, Seq, Spec, Ctx) ->
     Sent = teleport:send({?SINK, RNode}, {Seq, Term}),
     %% The ports this step opened here (ctx terms only) are closed once sent.
     _ = case Spec of
-            {ctx, _} -> [catch port_close(P) || P <- erlang:ports(), lists:member(P, ports_in(Term, 3))];
+            {ctx, _} -> [close_port(P) || P <- erlang:ports(), lists:member(P, ports_in(Term, 3))];
             _ -> []
         end,
     {Sent, FrameBytes}.
