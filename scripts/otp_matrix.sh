@@ -139,9 +139,14 @@ ensure_root() {
     cp /etc/resolv.conf "$dir/etc/resolv.conf"
     mount_root "$dir"
     log "installing Erlang and build tools in $suite"
-    # sid's index may be past its Valid-Until date.
-    { in_root "$dir" apt-get -o Acquire::Check-Valid-Until=false update -qq &&
-        in_root "$dir" env DEBIAN_FRONTEND=noninteractive \
+    # sid's index may be past its Valid-Until date. A proxy the host's apt is told of by
+    # the usual variables is passed on.
+    local proxy=()
+    for v in http_proxy https_proxy no_proxy; do
+        [ -n "${!v:-}" ] && proxy+=("$v=${!v}")
+    done
+    { in_root "$dir" env "${proxy[@]}" apt-get -o Acquire::Check-Valid-Until=false update -qq &&
+        in_root "$dir" env "${proxy[@]}" DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -qq --no-install-recommends $PKGS &&
         in_root "$dir" apt-get clean; } >"$LOGS/apt-$suite.log" 2>&1
     local rc=$?
