@@ -12,8 +12,9 @@
 #       $TELEPORT_OTP_CACHE (default /var/cache/teleport-otp/<suite>; a stamp file marks
 #       one complete, so an interrupted build is redone; delete the directory to
 #       rebuild it). The checkout is copied (git ls-files, uncommitted changes
-#       included) to /build/teleport inside, where its _build and target stay between
-#       runs, apart from every other release's. The host's Rust toolchain is mounted
+#       included) to /build/teleport-<hash of the checkout's path> inside, where its
+#       _build and target stay between runs, apart from every other release's and
+#       checkout's. Runs that use the same root file system wait for each other. The host's Rust toolchain is mounted
 #       read-only; /proc, /dev, /sys and a fresh /run are mounted; all of it is
 #       unmounted on exit, failed or not.
 #   mixed  for each of 27 and 29 that ran: test/mixed_release_SUITE on the host with
@@ -35,7 +36,8 @@ CARGO_SRC=${CARGO_HOME:-$HOME/.cargo}
 RUSTUP_SRC=${RUSTUP_HOME:-$HOME/.rustup}
 # Inside a root file system.
 RUST_AT=/opt/teleport-rust
-TREE_AT=/build/teleport
+# One copy per checkout (other checkouts on the machine may run the matrix too).
+TREE_AT=/build/teleport-$(printf '%s' "$ROOT" | sha1sum | cut -c1-10)
 CARGO_HOME_AT=/var/cache/teleport-cargo
 
 suite_of() {
@@ -104,6 +106,22 @@ mount_root() {
     fi
 }
 
+# Waits until no other run (of this or another checkout) uses root file system $1's
+# suite, and keeps it for this run: the lock goes when this script exits, after its
+# EXIT trap has unmounted everything.
+declare -A locked
+lock_root() {
+    local suite=$1 fd
+    [ -z "${locked[$suite]:-}" ] || return 0
+    mkdir -p "$CACHE"
+    exec {fd}>"$CACHE/.$suite.lock"
+    if ! flock -n "$fd"; then
+        log "waiting for another run using the $suite root file system"
+        flock "$fd"
+    fi
+    locked[$suite]=$fd
+}
+
 # Runs a command in root file system $1 with a clean environment.
 in_root() {
     local dir=$1
@@ -117,6 +135,7 @@ in_root() {
 # Builds (or completes) the root file system of a suite.
 ensure_root() {
     local suite=$1 dir=$CACHE/$1 stamp=$CACHE/$1/.teleport-rootfs-complete
+    lock_root "$suite"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$PKGS" ]; then
         return 0
     fi
@@ -222,6 +241,8 @@ run_chroot() {
     ensure_root "$suite" || return 1
     mount_root "$dir"
     copy_tree "$dir$TREE_AT"
+    # rebar3 keeps test modules whose source is gone: start the test build afresh.
+    rm -rf "$dir$TREE_AT/_build/test/lib/teleport/test"
     # Crates are fetched by the host's cargo (with the host's network settings) into
     # the root file system's cargo home; the build inside runs offline.
     mkdir -p "$dir$CARGO_HOME_AT"
