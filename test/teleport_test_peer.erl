@@ -119,15 +119,17 @@ stop(Peer) when is_pid(Peer) ->
 ensure_distributed() ->
     case node() of
         nonode@nohost ->
-            case net_kernel:start('teleport_ct@127.0.0.1', #{name_domain => longnames}) of
+            %% Unique: test runs of other checkouts (or chroots) may share this epmd.
+            Name = list_to_atom(unique_name("teleport_ct") ++ "@127.0.0.1"),
+            case net_kernel:start(Name, #{name_domain => longnames}) of
                 {ok, _} ->
                     ok;
                 {error, {already_started, _}} ->
                     ok;
                 {error, Reason} ->
                     {skip, {not_distributed,
-                            "could not make this node distributed as teleport_ct@127.0.0.1 "
-                            "(is epmd running? scripts/with_epmd.sh starts one)",
+                            "could not make this node distributed as " ++ atom_to_list(Name)
+                            ++ " (is epmd running? scripts/with_epmd.sh starts one)",
                             Reason}}
             end;
         Node ->
@@ -142,8 +144,8 @@ ensure_distributed() ->
     end.
 
 %% @doc Makes this node distributed (as `Prefix<unique>@127.0.0.1' if it is not
-%% yet: another test run on the machine may hold ensure_distributed/0's fixed name)
-%% and (re)starts teleport in it, listening on 127.0.0.1.
+%% yet: other test runs on the machine share its epmd) and (re)starts teleport in
+%% it, listening on 127.0.0.1.
 -spec start_local_teleport(string()) -> ok | {skip, term()}.
 start_local_teleport(Prefix) ->
     start_local_teleport(Prefix, #{}).
