@@ -70,7 +70,7 @@
 %% makes an atom of it for the log event; whatever a client sends, these are
 %% the only names it can be.
 -define(HANDSHAKE_REASONS, [<<"io">>, <<"timeout">>, <<"malformed">>, <<"oversized">>,
-                            <<"version">>, <<"wrong_node">>, <<"bad_node_name">>,
+                            <<"version">>, <<"wrong_node">>, <<"own_node_name">>, <<"bad_node_name">>,
                             <<"bad_cookie">>]).
 
 %% The namespaces' addresses exist only inside the namespaces this suite makes.

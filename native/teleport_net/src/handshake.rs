@@ -63,6 +63,8 @@ pub enum HandshakeError {
     Version(u8),
     /// The hello named a server node that is not us.
     WrongNode,
+    /// The peer claims our own node name (or we were asked to dial ourselves).
+    OwnNodeName,
     BadNodeName,
     /// A proof did not verify.
     BadCookie,
@@ -78,6 +80,7 @@ impl HandshakeError {
             HandshakeError::Oversized(_) => "oversized",
             HandshakeError::Version(_) => "version",
             HandshakeError::WrongNode => "wrong_node",
+            HandshakeError::OwnNodeName => "own_node_name",
             HandshakeError::BadNodeName => "bad_node_name",
             HandshakeError::BadCookie => "bad_cookie",
         }
@@ -93,6 +96,7 @@ impl fmt::Display for HandshakeError {
             HandshakeError::Oversized(len) => write!(f, "message length {len} out of range"),
             HandshakeError::Version(v) => write!(f, "unsupported protocol version {v}"),
             HandshakeError::WrongNode => f.write_str("wrong node"),
+            HandshakeError::OwnNodeName => f.write_str("peer claims our own node name"),
             HandshakeError::BadNodeName => f.write_str("bad node name"),
             HandshakeError::BadCookie => f.write_str("bad cookie"),
         }
@@ -130,6 +134,9 @@ pub fn client_handshake(
     // Names go on the wire with a u8 length, so they must be checked before encoding.
     if !valid_node_name(cfg.local_node) || !valid_node_name(server_node) {
         return Err(HandshakeError::BadNodeName);
+    }
+    if server_node == cfg.local_node {
+        return Err(HandshakeError::OwnNodeName);
     }
     let deadline = Deadline::after(cfg.timeout);
     let nonce_c = random_nonce()?;
@@ -180,6 +187,11 @@ pub(crate) fn accept_hello(msg: &[u8], local_node: &str) -> Result<Hello, Handsh
     let hello = parse_hello(msg)?;
     if hello.server_node != local_node {
         return Err(HandshakeError::WrongNode);
+    }
+    // Only a node that shares our cookie could prove it; refused all the same, as two
+    // nodes under one name would have their pools and calls mixed up.
+    if hello.client_node == local_node {
+        return Err(HandshakeError::OwnNodeName);
     }
     Ok(hello)
 }
@@ -763,6 +775,32 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_claiming_our_own_name_is_refused() {
+        // As the server: a hello from "us" to us.
+        let hello = hello_message(PROTOCOL_VERSION, SERVER.as_bytes(), SERVER.as_bytes());
+        assert!(matches!(
+            accept_hello(&hello[2..], SERVER),
+            Err(HandshakeError::OwnNodeName)
+        ));
+        assert!(accept_hello(
+            &hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes())[2..],
+            SERVER
+        )
+        .is_ok());
+        // As the client: dialing ourselves is refused before anything is sent.
+        let (client, _server) = pair();
+        let c = HandshakeConfig {
+            cookie: COOKIE,
+            local_node: CLIENT,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            client_handshake(&client, &c, CLIENT),
+            Err(HandshakeError::OwnNodeName)
+        ));
+    }
+
+    #[test]
     fn handshake_bad_node_names_rejected() {
         for bad in ["noat", "a@b@c", "", "a@b c"] {
             let as_client = hello_message(PROTOCOL_VERSION, bad.as_bytes(), SERVER.as_bytes());
@@ -985,6 +1023,7 @@ mod tests {
             (HandshakeError::Oversized(9), "oversized"),
             (HandshakeError::Version(3), "version"),
             (HandshakeError::WrongNode, "wrong_node"),
+            (HandshakeError::OwnNodeName, "own_node_name"),
             (HandshakeError::BadNodeName, "bad_node_name"),
             (HandshakeError::BadCookie, "bad_cookie"),
         ];

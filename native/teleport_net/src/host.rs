@@ -60,9 +60,12 @@ pub enum Event {
         peer: String,
         reason: String,
     },
+    /// At most one per source address per `failure_log::INTERVAL`; `unreported`
+    /// failures from that source came before it without an event of their own.
     HandshakeFailed {
         remote: String,
         reason: &'static str,
+        unreported: u64,
     },
     Undeliverable {
         peer: String,

@@ -39,10 +39,13 @@ pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: Socke
         Err(_) if tracked.is_none() => return, // stopping
         Err(e) => {
             shared.handshake_failures_in.fetch_add(1, SeqCst);
-            shared.host.event(Event::HandshakeFailed {
-                remote: remote.to_string(),
-                reason: e.reason(),
-            });
+            if let Some(unreported) = shared.handshake_failure_log.note(remote.ip(), Instant::now()) {
+                shared.host.event(Event::HandshakeFailed {
+                    remote: remote.to_string(),
+                    reason: e.reason(),
+                    unreported,
+                });
+            }
             return;
         }
     };

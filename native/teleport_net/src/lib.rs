@@ -9,6 +9,7 @@
 pub mod config;
 pub mod connection;
 pub mod etf;
+pub mod failure_log;
 #[doc(hidden)]
 pub mod faults;
 pub mod framing;

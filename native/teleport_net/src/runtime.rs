@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use crate::config::Config;
 use crate::connection::{run_watcher, Connection, Enqueued, OutFrame, WriterEnd};
+use crate::failure_log::FailureLog;
 use crate::faults::{self, Point};
 use crate::host::{Callback, Event, Host};
 use crate::listener::{bind, keep_accepting};
@@ -64,6 +65,8 @@ pub struct ListenerStats {
 
 pub(crate) struct Shared {
     pub handshake_failures_in: AtomicU64,
+    /// Which of those become events (log lines).
+    pub handshake_failure_log: FailureLog,
     /// Random per runtime, so a restarted node's pools are told from the old ones.
     incarnation: u64,
     next_pool_epoch: AtomicU64,
@@ -129,6 +132,7 @@ impl Runtime {
         let shared = Arc::new(Shared {
             incarnation: u64::from_ne_bytes(incarnation),
             handshake_failures_in: AtomicU64::new(0),
+            handshake_failure_log: FailureLog::default(),
             next_pool_epoch: AtomicU64::new(1),
             inbound_pools: Mutex::new(HashMap::new()),
             config,

@@ -693,8 +693,9 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
         "B kept the bad connection open"
     );
 
-    // Garbage instead of a handshake.
-    let mut junk = TcpStream::connect(b.addr()).unwrap();
+    // Garbage instead of a handshake, from a source of its own (failures are logged at
+    // most once per source per interval).
+    let mut junk = connect_from([127, 0, 0, 94], b.addr());
     let junk_addr = junk.local_addr().unwrap().to_string();
     let garbage: Vec<u8> = (0u32..64)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -950,7 +951,7 @@ fn silent_connection_times_out() {
     assert!(
         b.host.wait_for(Duration::from_secs(2), |log| {
             log.events.iter().any(
-            |e| matches!(e, Event::HandshakeFailed { remote, reason: "timeout" } if *remote == silent_addr)
+            |e| matches!(e, Event::HandshakeFailed { remote, reason: "timeout", .. } if *remote == silent_addr)
         )
         }),
         "{}",
@@ -989,18 +990,48 @@ fn max_pending_handshakes_bounds_threads() {
             "a silent socket stayed open"
         );
     }
+    // Every one counted (those over the cap at accept, the rest at their timeout);
+    // one log event for them all, as they share a source address.
+    assert!(eventually(WAIT, || b.rt.listener_stats().handshake_failures == SILENT as u64));
     assert!(b.host.wait_for(WAIT, |log| {
         log.events
             .iter()
             .filter(|e| is_handshake_failed(e, "timeout"))
             .count()
-            == PENDING
+            == 1
     }));
     assert!(eventually(WAIT, || b.rt.live_threads() == 1));
 
     a.open(&b, 2).expect("B still accepts a pool");
     assert!(matches!(a.send(B, 0, b"ok".to_vec()), Ok(Sent::Queued)));
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+}
+
+#[test]
+fn handshake_failures_are_reported_once_per_source_per_interval() {
+    let b = Node::start("ratelimit_b@127.0.0.1");
+    let garbage = [0u8; 2]; // a zero length: refused at once
+    let fail_from = |source: [u8; 4]| {
+        let mut conn = connect_from(source, b.addr());
+        conn.write_all(&garbage).unwrap();
+        assert!(closed_by_peer_within(&mut conn, WAIT), "B kept it open");
+    };
+    for _ in 0..20 {
+        fail_from([127, 0, 0, 95]);
+    }
+    fail_from([127, 0, 0, 96]);
+    assert!(eventually(WAIT, || b.rt.listener_stats().handshake_failures == 21));
+    let reported = |ip: &str| {
+        let prefix = format!("{ip}:");
+        settled_count(Duration::from_millis(300), || {
+            b.host.count_events(
+                |e| matches!(e, Event::HandshakeFailed { remote, .. } if remote.starts_with(&prefix)),
+            )
+        })
+    };
+    // Every failure counted; one event per source within the interval.
+    assert_eq!(reported("127.0.0.95"), 1, "{}", b.host.events_debug());
+    assert_eq!(reported("127.0.0.96"), 1, "{}", b.host.events_debug());
 }
 
 /// A TCP connection from the loopback address `source` (bound before connecting).

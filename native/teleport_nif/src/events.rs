@@ -146,9 +146,17 @@ impl Host for NifHost {
                 Event::InboundDown { peer, reason } => {
                     (atoms::inbound_down(), node_atom(env, &peer), reason).encode(env)
                 }
-                Event::HandshakeFailed { remote, reason } => {
-                    (atoms::handshake_failed(), remote, reason_atom(env, reason)).encode(env)
-                }
+                Event::HandshakeFailed {
+                    remote,
+                    reason,
+                    unreported,
+                } => (
+                    atoms::handshake_failed(),
+                    remote,
+                    reason_atom(env, reason),
+                    unreported,
+                )
+                    .encode(env),
                 Event::Undeliverable { peer, reason, total } => (
                     atoms::undeliverable(),
                     node_atom(env, &peer),
