@@ -108,8 +108,9 @@ send(Dest, Msg, Opts) ->
 gs_call(Dest, Request) ->
     gs_call(Dest, Request, ?DEFAULT_CALL_TIMEOUT).
 
-%% @doc `gen_server:call/3' over teleport: works with gen_server and gen_statem,
-%% and the reply comes back over teleport too. Exits like gen_server:call, as
+%% @doc `gen_server:call/3' over teleport: works with gen_server and gen_statem.
+%% The request goes over teleport, and so does a reply over 64 KiB (encoded);
+%% smaller replies come back over distributed Erlang, like gen_server's own. Exits like gen_server:call, as
 %% `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}' with Reason
 %% `timeout', `noproc', `{nodedown, Node}', `noconnection', the server's exit
 %% reason, or, when teleport itself lost the call, `{request_lost, Node}' (the
@@ -119,9 +120,10 @@ gs_call(Dest, Request) ->
 %% for this call on the server's node, so `gen_server:reply/2' works as usual.
 %% The reply is not lost when connections drop or teleport restarts on either
 %% node: it is then sent again over distributed Erlang.
-%% As with gen_server before OTP 24, a reply that arrives over teleport after
-%% the timeout is left in the caller's mailbox, as
-%% `{'$teleport_reply', Ref, KeeperPid, Reply}'.
+%% A small reply that arrives after the timeout is dropped, as with gen_server
+%% since OTP 24; a large one, arriving over teleport, is left in the caller's
+%% mailbox as `{'$teleport_reply', Ref, KeeperPid, Reply}' (as with gen_server
+%% before OTP 24).
 -spec gs_call(dest(), term(), timeout()) -> term().
 gs_call(Dest, Request, Timeout) ->
     case route(Dest) of

@@ -79,10 +79,10 @@ listener_stats() -> erlang:nif_error(nif_not_loaded).
 -spec deliver_frame(reference(), binary()) -> ok.
 deliver_frame(_Ticket, _Frame) -> erlang:nif_error(nif_not_loaded).
 
-%% @doc `{Runtime, Changes}': this runtime's number and how often the pool to
-%% `Node' opened or closed in it; `none' without a runtime. A frame queued while
-%% this stayed the same cannot have been lost with its connection.
--spec pool_generation(node()) -> {pos_integer(), non_neg_integer()} | none.
+%% @doc `{Runtime, Opened, Closed}': this runtime's number and how often the pool
+%% to `Node' opened and closed in it; `none' without a runtime. A frame queued
+%% while the runtime and `Closed' stayed the same was not lost with its connection.
+-spec pool_generation(node()) -> {pos_integer(), non_neg_integer(), non_neg_integer()} | none.
 pool_generation(_Node) -> erlang:nif_error(nif_not_loaded).
 
 %% @doc Whether the connection `Key' picks towards `Node' is over its queue limit.

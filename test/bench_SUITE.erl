@@ -80,12 +80,12 @@
 
 -export([suite/0, all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([small_messages/1, latency/1, head_of_line/1, stats_cost/1, big_map/1]).
+-export([small_messages/1, latency/1, head_of_line/1, stats_cost/1, big_map/1, call_latency/1]).
 %% Run on the peers.
 -export([small_run/5, small_sender/5, counting_sink/2,
          latency_run/5, latency_echo/1,
          hol_run/5, streamer/4, dropping_sink/1,
-         stats_run/1, big_map_run/2, big_map_receiver/1, b2t_micros/1]).
+         stats_run/1, call_run/3, big_map_run/2, big_map_receiver/1, b2t_micros/1]).
 
 -define(ECHO_SERVER, bench_echo_server).
 %% erpc timeout for one run on A, and how long to wait for any single step.
@@ -100,7 +100,7 @@ suite() ->
 all() -> [{group, short}].
 
 groups() ->
-    Cases = [small_messages, latency, head_of_line, stats_cost, big_map],
+    Cases = [small_messages, latency, call_latency, head_of_line, stats_cost, big_map],
     [{short, [], Cases},
      {full, [], Cases}].
 
@@ -699,3 +699,47 @@ env_int(Var, Default) ->
         false -> Default;
         Value -> list_to_integer(Value)
     end.
+
+%%--------------------------------------------------------------------
+%% call_latency: one caller on A makes gen_server calls to a server on B, one
+%% at a time, with `teleport:gs_call' and with `gen_server:call' (disterl), in
+%% interleaved blocks. What a call costs beside the ping-pong above: the keeper
+%% process on B, its `started' and the caller's ack over disterl.
+
+call_latency(Config) ->
+    #{latency_rounds := Rounds, latency_warmup := Warmup, blocks := Blocks} =
+        ?config(params, Config),
+    A = ?config(a, Config),
+    B = ?config(b, Config),
+    {ok, Server} = erpc:call(B, teleport_test_server, start, [?ECHO_SERVER]),
+    try
+        PerBlock = max(1, Rounds div Blocks),
+        Runs = interleaved(Blocks,
+                           fun(Transport) ->
+                                   on(A, call_run, [Transport, {?ECHO_SERVER, B},
+                                                    {max(1, Warmup div Blocks), PerBlock}])
+                           end),
+        [{P50D, P99D}, {P50T, P99T}] =
+            [begin
+                 Sorted = lists:sort(lists:append(maps:get(T, Runs))),
+                 {percentile(Sorted, 50), percentile(Sorted, 99)}
+             end || T <- [disterl, teleport]],
+        summary("bench call_latency calls=~b blocks=~b: gen_server:call (disterl) p50 ~.1f us "
+                "p99 ~.1f us, teleport:gs_call p50 ~.1f us p99 ~.1f us, ratio p50 ~.2f p99 ~.2f",
+                [PerBlock * Blocks, Blocks, P50D, P99D, P50T, P99T, P50T / P50D, P99T / P99D])
+    after
+        exit(Server, kill)
+    end.
+
+%% On A: call latencies in microseconds, warm-up excluded.
+call_run(Transport, Server, {Warmup, Rounds}) ->
+    Call = case Transport of
+               disterl -> fun() -> gen_server:call(Server, {echo, x}, ?CALL_TIMEOUT) end;
+               teleport -> fun() -> teleport:gs_call(Server, {echo, x}, ?CALL_TIMEOUT) end
+           end,
+    _ = [Call() || _ <- lists:seq(1, Warmup)],
+    [begin
+         T0 = erlang:monotonic_time(nanosecond),
+         x = Call(),
+         (erlang:monotonic_time(nanosecond) - T0) / 1000
+     end || _ <- lists:seq(1, Rounds)].

@@ -6,7 +6,8 @@
 %%% peer pid when it ends.
 %%% <ul>
 %%% <li>group `calls', once with `infinity' and once with a finite timeout: a
-%%%     call whose server answers after a while gets its reply although, in the
+%%%     call whose server answers after a while gets its reply (a small one,
+%%%     sent back over disterl, and a 1 MiB one over teleport) although, in the
 %%%     meantime, B's reply relays were killed, teleport stopped and started on
 %%%     B (the reply made while it was down), teleport stopped and started on
 %%%     the origin (likewise), or the teleport connections were dropped both
@@ -147,6 +148,9 @@ server_dies(Config) ->
 keeper_killed(Config) ->
     B = ?config(b, Config),
     Caller = call_async(Config, {delayed_reply, 5000, late}),
+    %% Killed once it has told the caller it exists (at once for an `infinity'
+    %% call; a finite one simply times out if its keeper dies unannounced).
+    timer:sleep(300),
     Keeper = wait_for(fun() -> keeper_on(B) end),
     exit(Keeper, kill),
     ?assertMatch({exit, {{call_keeper_down, _}, {teleport, gs_call, _}}}, outcome(Caller)).
@@ -180,13 +184,17 @@ request_lost(Config) ->
     end.
 
 %% Calls the server with a delayed reply, runs `Disturb' meanwhile, and expects
-%% the reply.
+%% the reply: a small one (which comes back over disterl) and, at the same time,
+%% a large one (over teleport, kept by the keeper until acknowledged).
 answered_despite(Config, Disturb) ->
     Tag = make_ref(),
-    Caller = call_async(Config, {delayed_reply, ?REPLY_AFTER, {Tag, answered}}),
+    Big = binary:copy(<<"r">>, ?MiB),
+    Small = call_async(Config, {delayed_reply, ?REPLY_AFTER, {Tag, answered}}),
+    Large = call_async(Config, {delayed_reply, ?REPLY_AFTER, {Tag, Big}}),
     timer:sleep(300),
     Disturb(),
-    ?assertEqual({reply, {Tag, answered}}, outcome(Caller)),
+    ?assertEqual({reply, {Tag, answered}}, outcome(Small)),
+    ?assertEqual({reply, {Tag, Big}}, outcome(Large)),
     %% And teleport still works afterwards.
     B = ?config(b, Config),
     ?assertEqual(B, teleport:gs_call({?SERVER, B}, whoami, 10000)).

@@ -299,13 +299,13 @@ impl Runtime {
             .collect()
     }
 
-    /// How often `peer`'s pool has opened plus how often it has closed: a frame
-    /// queued while this number stood still can only be lost if it changes.
-    pub fn pool_changes(&self, peer: &str) -> u64 {
+    /// How often `peer`'s pool has opened, and how often it has closed: a frame queued
+    /// on it is lost with its connection only if the second number changes.
+    pub fn pool_changes(&self, peer: &str) -> (u64, u64) {
         let stats = self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats
             .get(peer)
-            .map_or(0, |s| s.connects.load(SeqCst) + s.disconnects.load(SeqCst))
+            .map_or((0, 0), |s| (s.connects.load(SeqCst), s.disconnects.load(SeqCst)))
     }
 
     pub fn listener_stats(&self) -> ListenerStats {

@@ -371,16 +371,16 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     Ok(outcome.encode(env))
 }
 
-/// `{Runtime, Changes}`: which runtime this is (a new one after every start) and how
-/// often `peer`'s pool opened or closed in it; `none` if teleport is not running.
+/// `{Runtime, Opened, Closed}`: which runtime this is (a new one after every start) and
+/// how often `peer`'s pool opened and closed in it; `none` if teleport is not running.
 /// A caller compares two of these to learn whether a frame it queued may be lost.
 #[rustler::nif]
 fn pool_generation(env: Env, peer: Atom) -> NifResult<Term> {
     let Some(node) = node() else {
         return Ok(atoms::none().encode(env));
     };
-    let changes = with_atom_text(peer.to_term(env), |name| node.runtime.pool_changes(name))?;
-    Ok((node.generation, changes).encode(env))
+    let (opened, closed) = with_atom_text(peer.to_term(env), |name| node.runtime.pool_changes(name))?;
+    Ok((node.generation, opened, closed).encode(env))
 }
 
 /// Whether the connection `key` picks towards `peer` is over its queue limit now
