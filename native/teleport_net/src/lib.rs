@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod error;
 pub mod etf;
 #[doc(hidden)]
 pub mod faults;
@@ -25,6 +26,7 @@ pub mod thread_priority;
 
 pub use config::Config;
 pub use connection::{FrameBody, OutFrame};
+pub use error::{Detail, OpenError};
 pub use framing::FrameKind;
 pub use host::{Callback, Delivery, Event, FrameHandler, Host};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};

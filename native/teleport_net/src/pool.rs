@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use crate::connection::{Connection, WriterEnd};
+use crate::error::OpenError;
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
 use crate::runtime::Shared;
@@ -30,7 +31,7 @@ pub(crate) struct Dialed {
 }
 
 /// Opens `size` connections to `addr` and authenticates each. Blocking: run on a core thread.
-pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, String> {
+pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, OpenError> {
     let config = &shared.config;
     let handshake = HandshakeConfig {
         cookie: &config.cookie,
@@ -41,20 +42,18 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
     let announce = encode_frame(FrameKind::PoolEpoch, &token);
     let mut streams = Vec::with_capacity(size);
     for _ in 0..size {
-        let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
-            .map_err(|e| format!("connect to {addr} failed: {e}"))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(|e| OpenError::connect(&e))?;
         // Small frames (calls, acks) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         crate::listener::keep_alive(&stream);
         // Reachable by `stop` while the handshake runs.
-        let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
+        let _tracked = shared.track_socket(&stream).ok_or(OpenError::Stopping)?;
         if let Err(e) = client_handshake(&stream, &handshake, peer) {
             PeerStats::add(&shared.peer_stats(peer).handshake_failures, 1);
-            return Err(format!("handshake with {peer} failed: {e}"));
+            return Err(OpenError::handshake(&e));
         }
-        (&stream)
-            .write_all(&announce)
-            .map_err(|e| format!("writing to {peer} failed: {e}"))?;
+        (&stream).write_all(&announce).map_err(|e| OpenError::io(&e))?;
         streams.push(stream);
     }
     Ok(Dialed { streams })
