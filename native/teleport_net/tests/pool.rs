@@ -1642,3 +1642,47 @@ fn dial_time_pool_of_8() {
         plain.iter().min().expect("five runs")
     );
 }
+
+/// Connections are dialed in parallel, all or nothing: one handshake the peer drops
+/// fails the whole open, every connection already made is closed on both sides, and the
+/// next open works.
+#[test]
+fn parallel_dial_is_all_or_nothing() {
+    let (a, b) = fault_pair("parallel-dial-one-fails");
+    faults::panic_next(Point::Handshake, b.name(), 1);
+    let err = a.open(&b, 4).expect_err("one connection failed");
+    assert_eq!(err.class(), "handshake", "{err}");
+    assert!(a.rt.peers().is_empty());
+    assert_eq!(a.stats_for(b.name()).handshake_failures, 1);
+    assert!(eventually(WAIT, || b.rt.listener_stats().inbound_connections == 0));
+    assert!(eventually(WAIT, || a.rt.listener_stats().inbound_connections == 0));
+    a.open(&b, 4).expect("the next open works");
+    assert_eq!(a.stats_for(b.name()).connections, 4);
+}
+
+/// `stop` interrupts every connection of a parallel dial, whose callers hear `Stopping`.
+#[test]
+fn stop_interrupts_a_parallel_dial() {
+    let (a, b) = fault_pair("parallel-dial-stop");
+    faults::delay_next(Point::Handshake, b.name(), 4, Duration::from_secs(2));
+    let (opened, open_result) = mpsc::channel();
+    let status =
+        a.rt.open_pool(b.name(), b.addr(), 4, Box::new(move |r| drop(opened.send(r))));
+    assert_eq!(status, OpenStatus::Opening);
+    assert!(eventually(WAIT, || a.rt.listener_stats().inbound_connections == 4));
+
+    let (stopped, stop_done) = mpsc::channel();
+    thread::scope(|s| {
+        s.spawn(|| {
+            a.rt.stop();
+            let _ = stopped.send(());
+        });
+        // Well before the peer's handshakes would even start.
+        assert!(
+            stop_done.recv_timeout(Duration::from_millis(1500)).is_ok(),
+            "stop hung"
+        );
+    });
+    assert_eq!(open_result.recv_timeout(WAIT), Ok(Err(OpenError::Stopping)));
+    assert_eq!(a.rt.live_threads(), 0);
+}
