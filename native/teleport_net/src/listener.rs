@@ -122,7 +122,7 @@ const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// At most one `AcceptFailed` event per this interval, so a listener failing for
 /// minutes sends the VM a line a second, not one per attempt.
-pub(crate) const ACCEPT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+const ACCEPT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The acceptor's state while accepts fail: the next pause, and the failures not yet
 /// reported. Times are passed in, so the policy is tested without sleeping.
