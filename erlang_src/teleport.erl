@@ -25,7 +25,8 @@
 -export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1,
          listener_stats/0]).
 
--export_type([dest/0, send_option/0, peer_stats/0, connection_stats/0, address/0]).
+-export_type([dest/0, send_option/0, peer_stats/0, connection_stats/0, address/0,
+              connect_error/0]).
 
 -ifdef(TEST).
 -export([route/1]).
@@ -67,6 +68,20 @@
 %% One live connection's counters; see {@link stats/0} for every key.
 -type address() :: {inet:ip_address(), inet:port_number()}.
 %% `{Ip, Port}' of one end of a connection.
+
+-type connect_error() ::
+        {connect, inet:posix() | timeout | unknown}
+      | {handshake, bad_cookie | timeout | closed | malformed | oversized | version
+                    | bad_node_name | inet:posix() | unknown}
+      | {io, inet:posix() | timeout | closed | unknown}
+      | stopping
+      | {closed, binary()}
+      | {internal, term()}
+      | {backoff, connect_error()}
+      | timeout | not_started | noconnection
+      | {bad_host, string(), inet:posix()}
+      | {error | exit | throw, term()}.
+%% Why {@link connect/2} failed; see there.
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
 %% How often a sender suspended by back-pressure checks its connection itself.
@@ -149,13 +164,35 @@ gs_cast(Dest, Request) ->
     end.
 
 %% @doc Opens the pool to `Node' now instead of at the first send. The peer's
-%% listener is found over distributed Erlang (or in `peer_addresses').
--spec connect(node()) -> ok | {error, term()}.
+%% listener is found over distributed Erlang (or in `peer_addresses'); besides
+%% the reasons of {@link connect/2}, finding it can fail with `noconnection'
+%% (no disterl connection to `Node'), `not_started' (teleport is not running
+%% there), `{bad_host, Host, Posix}', or `{Class, Reason}' from the remote call.
+-spec connect(node()) -> ok | {error, connect_error()}.
 connect(Node) when is_atom(Node) ->
     teleport_connector:ensure(Node, discover).
 
-%% @doc Opens the pool to `Node' at a known listener address.
--spec connect(node(), {inet:ip_address(), inet:port_number()}) -> ok | {error, term()}.
+%% @doc Opens the pool to `Node' at a known listener address. Errors are terms
+%% to match on:
+%% <ul>
+%% <li>`{connect, Posix}': the TCP connect failed, e.g. `econnrefused',
+%%     `ehostunreach', or `timeout' after `connect_timeout'.</li>
+%% <li>`{handshake, Why}': the peer was reached but the handshake failed:
+%%     `bad_cookie' (the peer closed after our proof: its cookie differs),
+%%     `timeout' (after `handshake_timeout'), `closed' (the peer closed before
+%%     its challenge: it is another node, or over its pending-handshake cap),
+%%     `malformed', `oversized', `version', `bad_node_name'.</li>
+%% <li>`{io, Posix}': a socket call after the handshake failed.</li>
+%% <li>`stopping': teleport is stopping on this node.</li>
+%% <li>`{closed, Text}': the new pool closed as it opened (`Text' says why);
+%%     `{internal, Why}': one of teleport's threads or processes failed
+%%     (logged).</li>
+%% <li>`{backoff, Reason}': an open failed with `Reason' moments ago; the next
+%%     attempt waits (100 ms, doubling up to 5 s).</li>
+%% <li>`timeout': no outcome within the open's deadline; `not_started':
+%%     teleport is not running here.</li>
+%% </ul>
+-spec connect(node(), {inet:ip_address(), inet:port_number()}) -> ok | {error, connect_error()}.
 connect(Node, {Ip, Port} = Address) when is_atom(Node), is_tuple(Ip), is_integer(Port) ->
     teleport_connector:ensure(Node, Address).
 
@@ -237,11 +274,15 @@ stats(Node) when is_atom(Node) ->
 %% @doc The listener's counters: inbound `handshake_failures' (wrong cookie,
 %% garbage, timeouts, connections closed at accept over the pending-handshake
 %% caps: nothing is attributed to a node before it authenticates),
-%% `pending_handshakes' now, and `inbound_connections' open now. Empty if
-%% teleport is not running.
+%% `pending_handshakes' now, `inbound_connections' open now, and
+%% `accept_errors': accepts that failed (out of file descriptors, `emfile' or
+%% `enfile', or memory), each followed by a pause (100 ms doubling to 1 s while
+%% they keep failing) and logged as `accept_failed' at most once a second.
+%% Empty if teleport is not running.
 -spec listener_stats() -> #{handshake_failures => non_neg_integer(),
                             pending_handshakes => non_neg_integer(),
-                            inbound_connections => non_neg_integer()}.
+                            inbound_connections => non_neg_integer(),
+                            accept_errors => non_neg_integer()}.
 listener_stats() ->
     teleport_nif:listener_stats().
 

@@ -22,8 +22,9 @@
 start_link() ->
     gen_server:start_link({local, ?MODULE}, ?MODULE, [], []).
 
-%% @doc Returns once the pool to `Node' is up, or why it could not be opened.
--spec ensure(node(), address()) -> ok | {error, term()}.
+%% @doc Returns once the pool to `Node' is up, or why it could not be opened
+%% (the NIF's reasons are terms, see teleport:connect/2).
+-spec ensure(node(), address()) -> ok | {error, teleport:connect_error()}.
 ensure(Node, Address) ->
     try
         gen_server:call(?MODULE, {ensure, Node, Address}, open_deadline())
@@ -62,7 +63,7 @@ handle_info({'DOWN', Ref, process, _, Exit}, #{pending := Pending, workers := Wo
         {Node, Workers1} ->
             Result = case Exit of
                          {opened, R} -> R;
-                         Crash -> {error, Crash}
+                         Crash -> {error, {internal, Crash}}
                      end,
             {Waiting, Pending1} = maps:take(Node, Pending),
             _ = [gen_server:reply(From, Result) || From <- Waiting],

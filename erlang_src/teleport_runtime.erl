@@ -91,6 +91,9 @@ log_event({handshake_failed, Remote, Reason, Unreported}) ->
                   unreported_since_last => Unreported}, ?META);
 log_event({undeliverable, Node, Reason, Total}) ->
     ?LOG_DEBUG(#{what => undeliverable, peer => Node, reason => Reason, total => Total}, ?META);
+log_event({accept_failed, Reason, Count}) ->
+    %% The listener pauses and retries by itself; the NIF sends this at most once a second.
+    ?LOG_WARNING(#{what => accept_failed, reason => Reason, failures => Count}, ?META);
 log_event({panic, Thread, Message}) ->
     ?LOG_ERROR(#{what => rust_thread_panicked, thread => Thread, message => Message}, ?META);
 log_event(Other) ->

@@ -1,13 +1,16 @@
 //! Fault injection, for tests only (this crate's, and the NIF's through a hidden
-//! function): make the next spawns of some threads fail, or the next runs of some thread
-//! bodies panic, to check that no pool, dial or counter is left stuck.
+//! function): make the next spawns of some threads fail, the next runs of some thread
+//! bodies panic or pause, or the next accepts fail, to check that no pool, dial or
+//! counter is left stuck.
 //!
 //! The state is process-global and tests run in parallel, so every fault names its
 //! target (a peer, a node, a thread-name prefix) and only touches that one. With nothing
 //! armed, a check is one relaxed atomic load.
 
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Where a thread body checks for an injected panic, and what `subject` it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,10 +29,12 @@ pub enum Point {
     Acceptor,
 }
 
-#[derive(PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Spawn,
     Panic(Point),
+    Delay(Point, Duration),
+    Accept,
 }
 
 struct Fault {
@@ -54,6 +59,18 @@ pub fn panic_next(point: Point, subject: &str, n: usize) {
     arm(Kind::Panic(point), subject, n);
 }
 
+/// The next `n` times a thread reaches `point` for `subject`, it sleeps `delay` first
+/// (a slow peer: at `Point::Handshake`, each inbound handshake starts that much later).
+pub fn delay_next(point: Point, subject: &str, n: usize, delay: Duration) {
+    arm(Kind::Delay(point, delay), subject, n);
+}
+
+/// The next `n` accepts of node `node`'s listener fail with EMFILE (out of descriptors)
+/// before calling `accept`, so the connections wait in the backlog as they would.
+pub fn fail_next_accepts(node: &str, n: usize) {
+    arm(Kind::Accept, node, n);
+}
+
 fn arm(kind: Kind, target: &str, n: usize) {
     if n == 0 {
         return;
@@ -67,33 +84,43 @@ fn arm(kind: Kind, target: &str, n: usize) {
     ARMED.store(faults.len(), Relaxed);
 }
 
-/// Uses up one armed fault that `matches`, if any.
-fn take(matches: impl Fn(&Fault) -> bool) -> bool {
+/// Uses up one armed fault that `matches`, if any, and gives its kind.
+fn take(matches: impl Fn(&Fault) -> bool) -> Option<Kind> {
     if ARMED.load(Relaxed) == 0 {
-        return false;
+        return None;
     }
     let mut faults = FAULTS.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(index) = faults.iter().position(matches) else {
-        return false;
-    };
+    let index = faults.iter().position(matches)?;
+    let kind = faults[index].kind;
     faults[index].left -= 1;
     if faults[index].left == 0 {
         faults.remove(index);
     }
     ARMED.store(faults.len(), Relaxed);
-    true
+    Some(kind)
 }
 
 /// Whether the thread about to be started as `name` must fail to start.
 pub(crate) fn spawn_fails(name: &str) -> bool {
-    take(|f| f.kind == Kind::Spawn && name.starts_with(&f.target))
+    take(|f| f.kind == Kind::Spawn && name.starts_with(&f.target)).is_some()
 }
 
-/// Panics if a panic is armed at `point` for `subject`.
+/// Panics if a panic is armed at `point` for `subject`; sleeps if a delay is.
 pub(crate) fn check(point: Point, subject: &str) {
-    if take(|f| f.kind == Kind::Panic(point) && f.target == subject) {
-        panic!("injected fault: {point:?} for {subject}");
+    let at_point = |f: &Fault| match f.kind {
+        Kind::Panic(p) | Kind::Delay(p, _) => p == point && f.target == subject,
+        _ => false,
+    };
+    match take(at_point) {
+        Some(Kind::Panic(_)) => panic!("injected fault: {point:?} for {subject}"),
+        Some(Kind::Delay(_, delay)) => std::thread::sleep(delay),
+        _ => {}
     }
+}
+
+/// The error an injected accept failure gives, if one is armed for `node`.
+pub(crate) fn accept_error(node: &str) -> Option<io::Error> {
+    take(|f| f.kind == Kind::Accept && f.target == node).map(|_| io::Error::from_raw_os_error(libc::EMFILE))
 }
 
 #[cfg(test)]
@@ -114,5 +141,16 @@ mod tests {
         let fired = std::panic::catch_unwind(|| check(Point::Watcher, "faults-unit@host"));
         assert!(fired.is_err());
         check(Point::Watcher, "faults-unit@host");
+
+        fail_next_accepts("faults-unit@host", 1);
+        assert!(accept_error("faults-unit@other").is_none());
+        let error = accept_error("faults-unit@host").expect("armed");
+        assert_eq!(error.raw_os_error(), Some(libc::EMFILE));
+        assert!(accept_error("faults-unit@host").is_none());
+
+        delay_next(Point::Reader, "faults-unit@host", 1, Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        check(Point::Reader, "faults-unit@host");
+        assert!(started.elapsed() >= Duration::from_millis(20));
     }
 }

@@ -72,6 +72,13 @@ pub enum Event {
         reason: &'static str,
         total: u64,
     },
+    /// The listener's accepts fail (`reason`: e.g. `emfile`, out of descriptors): it
+    /// pauses between attempts. Sent at most once a second, counting the failures since
+    /// the previous one; accepting resumes by itself.
+    AcceptFailed {
+        reason: &'static str,
+        count_since_last: u64,
+    },
     /// A thread of ours panicked, or could not start (`message` says which); what it
     /// served is closed (a dial fails, a pool closes), nothing is left waiting on it.
     Panic {

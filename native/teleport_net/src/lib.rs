@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod error;
 pub mod etf;
 pub mod failure_log;
 #[doc(hidden)]
@@ -26,6 +27,7 @@ pub mod thread_priority;
 
 pub use config::Config;
 pub use connection::{FrameBody, OutFrame};
+pub use error::{Detail, OpenError};
 pub use framing::FrameKind;
 pub use host::{Callback, Delivery, Event, FrameHandler, Host};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};

@@ -6,11 +6,13 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::error::io_reason;
 use crate::faults::{self, Point};
+use crate::host::Event;
 use crate::inbound::run_inbound;
 use crate::runtime::Shared;
 
@@ -52,21 +54,53 @@ pub(crate) fn keep_accepting(shared: &Arc<Shared>, listener: &TcpListener, threa
 }
 
 fn run_acceptor(shared: &Arc<Shared>, listener: &TcpListener) {
+    let node = &shared.config.local_node;
+    let mut backoff = AcceptBackoff::default();
+    // Named in the report sent once accepting works again.
+    let mut last_reason = "";
     loop {
-        let (stream, remote) = match listener.accept() {
+        let accepted = match faults::accept_error(node) {
+            Some(injected) => Err(injected),
+            None => listener.accept(),
+        };
+        let (stream, remote) = match accepted {
             Ok(accepted) => accepted,
             Err(_) if shared.is_stopping() => return,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                // Out of descriptors or memory: accepting harder will not help.
-                std::thread::sleep(Duration::from_millis(50));
+            // A connection reset before we took it, or a signal: nothing to wait out.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: accepting harder will not
+                // help, and the connections wait in the backlog. Pause, longer while it lasts.
+                shared.accept_errors.fetch_add(1, SeqCst);
+                last_reason = io_reason(&e);
+                let (pause, report) = backoff.failed(Instant::now());
+                if let Some(count_since_last) = report {
+                    shared.host.event(Event::AcceptFailed {
+                        reason: last_reason,
+                        count_since_last,
+                    });
+                }
+                shared.sleep_unless_stopping(pause);
                 continue;
             }
         };
         if shared.is_stopping() {
             return;
         }
-        faults::check(Point::Acceptor, &shared.config.local_node);
+        if let Some(count_since_last) = backoff.succeeded(Instant::now()) {
+            shared.host.event(Event::AcceptFailed {
+                reason: last_reason,
+                count_since_last,
+            });
+        }
+        faults::check(Point::Acceptor, node);
         // Bound the threads an unauthenticated crowd can make us hold, and the share of
         // them one source can take, so a few silent hosts cannot lock real peers out.
         let Some(slot) = HandshakeSlot::take(shared, remote.ip()) else {
@@ -79,6 +113,56 @@ fn run_acceptor(shared: &Arc<Shared>, listener: &TcpListener) {
         let _ = shared.spawn(format!("teleport-in-{remote}"), move || {
             run_inbound(&conn_shared, stream, remote, slot)
         });
+    }
+}
+
+/// The first pause after a failed accept, doubled while accepts keep failing, up to
+/// `ACCEPT_PAUSE_MAX` (as ranch pauses on EMFILE).
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(100);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// At most one `AcceptFailed` event per this interval, so a listener failing for
+/// minutes sends the VM a line a second, not one per attempt.
+const ACCEPT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The acceptor's state while accepts fail: the next pause, and the failures not yet
+/// reported. Times are passed in, so the policy is tested without sleeping.
+#[derive(Default)]
+pub(crate) struct AcceptBackoff {
+    pause: Option<Duration>,
+    unreported: u64,
+    last_report: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    /// A failed accept: how long to pause, and the failure count to report now, if any.
+    pub(crate) fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self
+            .pause
+            .map_or(ACCEPT_PAUSE_MIN, |p| (p * 2).min(ACCEPT_PAUSE_MAX));
+        self.pause = Some(pause);
+        self.unreported += 1;
+        (pause, self.report(now))
+    }
+
+    /// A successful accept: the pause starts over; failures left unreported by the rate
+    /// limit are reported once the interval allows.
+    pub(crate) fn succeeded(&mut self, now: Instant) -> Option<u64> {
+        self.pause = None;
+        if self.unreported == 0 {
+            return None;
+        }
+        self.report(now)
+    }
+
+    fn report(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last_report
+            .is_some_and(|last| now.duration_since(last) < ACCEPT_REPORT_INTERVAL)
+        {
+            return None;
+        }
+        self.last_report = Some(now);
+        Some(std::mem::take(&mut self.unreported))
     }
 }
 
@@ -141,8 +225,39 @@ fn source_of(ip: IpAddr) -> IpAddr {
 
 #[cfg(test)]
 mod tests {
-    use super::source_of;
+    use super::{source_of, AcceptBackoff, ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, ACCEPT_REPORT_INTERVAL};
     use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_pauses_double_up_to_the_cap_and_start_over_after_a_success() {
+        let mut backoff = AcceptBackoff::default();
+        let now = Instant::now();
+        let pauses: Vec<Duration> = (0..6).map(|_| backoff.failed(now).0).collect();
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(pauses[5], ACCEPT_PAUSE_MAX);
+        backoff.succeeded(now);
+        assert_eq!(backoff.failed(now).0, ACCEPT_PAUSE_MIN);
+    }
+
+    #[test]
+    fn accept_failures_are_reported_at_most_once_per_interval_and_none_is_lost() {
+        let mut backoff = AcceptBackoff::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The first failure is reported at once; the next ones wait for the interval.
+        assert_eq!(backoff.failed(at(0)).1, Some(1));
+        assert_eq!(backoff.failed(at(100)).1, None);
+        assert_eq!(backoff.failed(at(300)).1, None);
+        assert_eq!(backoff.succeeded(at(500)), None, "too soon after the last report");
+        assert_eq!(backoff.succeeded(at(600)), None);
+        let interval = ACCEPT_REPORT_INTERVAL.as_millis() as u64;
+        assert_eq!(backoff.succeeded(at(interval)), Some(2));
+        // Nothing left: successes stay silent.
+        assert_eq!(backoff.succeeded(at(5 * interval)), None);
+        assert_eq!(backoff.failed(at(5 * interval)).1, Some(1));
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("address literal")

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use crate::connection::{Connection, WriterEnd};
+use crate::error::OpenError;
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{client_handshake, HandshakeConfig};
 use crate::runtime::Shared;
@@ -29,8 +30,17 @@ pub(crate) struct Dialed {
     pub streams: Vec<TcpStream>,
 }
 
-/// Opens `size` connections to `addr` and authenticates each. Blocking: run on a core thread.
-pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, String> {
+/// At most this many connections of one pool connect and handshake at once. The peer
+/// closes at accept what goes over its cap of handshakes per source
+/// (`max_pending_handshakes_per_ip`, 8 by default), and other nodes on this host may be
+/// dialing it too: half the default leaves them room. Never more than our own cap
+/// either, which is usually the peer's (one configuration for the cluster).
+const DIAL_PARALLELISM: usize = 4;
+
+/// Opens `size` connections to `addr` and authenticates each, up to `DIAL_PARALLELISM`
+/// at a time. All or nothing: after a failure no further connection is started, and
+/// those made are closed. Blocking: run on a core thread.
+pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, OpenError> {
     let config = &shared.config;
     let handshake = HandshakeConfig {
         cookie: &config.cookie,
@@ -39,25 +49,68 @@ pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -
     };
     let token = shared.new_pool_token();
     let announce = encode_frame(FrameKind::PoolEpoch, &token);
-    let mut streams = Vec::with_capacity(size);
-    for _ in 0..size {
-        let stream = TcpStream::connect_timeout(&addr, config.connect_timeout)
-            .map_err(|e| format!("connect to {addr} failed: {e}"))?;
-        // Small frames (calls, acks) must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        crate::listener::keep_alive(&stream);
-        // Reachable by `stop` while the handshake runs.
-        let _tracked = shared.track_socket(&stream).ok_or("stopping")?;
-        if let Err(e) = client_handshake(&stream, &handshake, peer) {
-            PeerStats::add(&shared.peer_stats(peer).handshake_failures, 1);
-            return Err(format!("handshake with {peer} failed: {e}"));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Mutex<Vec<Option<Result<TcpStream, OpenError>>>> =
+        Mutex::new((0..size).map(|_| None).collect());
+    // Each worker takes the next slot until none is left or one failed.
+    let work = || loop {
+        let index = next.fetch_add(1, SeqCst);
+        if index >= size || failed.load(SeqCst) {
+            return;
         }
-        (&stream)
-            .write_all(&announce)
-            .map_err(|e| format!("writing to {peer} failed: {e}"))?;
-        streams.push(stream);
+        let result = dial_one(shared, peer, addr, &handshake, &announce);
+        failed.fetch_or(result.is_err(), SeqCst);
+        slots.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(result);
+    };
+    std::thread::scope(|scope| {
+        let parallel = size
+            .min(DIAL_PARALLELISM)
+            .min(config.max_pending_handshakes_per_ip);
+        for helper in 1..parallel {
+            // A helper that cannot start leaves its share to the others; this thread is one.
+            let _ = std::thread::Builder::new()
+                .name(format!("teleport-dial{helper}"))
+                .spawn_scoped(scope, work);
+        }
+        work();
+    });
+    let mut streams = Vec::with_capacity(size);
+    for slot in slots.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match slot {
+            Some(Ok(stream)) => streams.push(stream),
+            Some(Err(e)) => {
+                // Once per dial, however many of its connections the peer refused.
+                if let OpenError::Handshake { .. } = e {
+                    PeerStats::add(&shared.peer_stats(peer).handshake_failures, 1);
+                }
+                return Err(e);
+            }
+            // Not dialed: another slot failed, and its error comes in its turn.
+            None => {}
+        }
     }
     Ok(Dialed { streams })
+}
+
+/// One connection of a pool: connected, authenticated, and its pool announced.
+fn dial_one(
+    shared: &Shared,
+    peer: &str,
+    addr: SocketAddr,
+    handshake: &HandshakeConfig,
+    announce: &[u8],
+) -> Result<TcpStream, OpenError> {
+    let stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)
+        .map_err(|e| OpenError::connect(&e))?;
+    // Small frames (calls, acks) must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    crate::listener::keep_alive(&stream);
+    // Reachable by `stop` while the handshake runs.
+    let _tracked = shared.track_socket(&stream).ok_or(OpenError::Stopping)?;
+    client_handshake(&stream, handshake, peer).map_err(|e| OpenError::handshake(&e))?;
+    (&stream).write_all(announce).map_err(|e| OpenError::io(&e))?;
+    Ok(stream)
 }
 
 /// Per connection: its writing end, and the watcher's stream.

@@ -9,9 +9,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::connection::{run_watcher, Connection, Enqueued, OutFrame, WriterEnd};
+use crate::error::OpenError;
 use crate::failure_log::FailureLog;
 use crate::faults::{self, Point};
 use crate::host::{Callback, Event, Host};
@@ -22,7 +24,7 @@ use crate::thread_priority::IoThreadPriority;
 
 enum PoolSlot {
     /// Dialing; these callers hear how it ends.
-    Opening(Vec<Callback<Result<(), String>>>),
+    Opening(Vec<Callback<Result<(), OpenError>>>),
     Up(Arc<Pool>),
 }
 
@@ -61,12 +63,15 @@ pub struct ListenerStats {
     /// Sockets accepted and not closed (in a handshake or authenticated), plus our own
     /// dials while their handshake runs.
     pub inbound_connections: u64,
+    /// Accepts that failed (out of descriptors or memory); each is followed by a pause.
+    pub accept_errors: u64,
 }
 
 pub(crate) struct Shared {
     pub handshake_failures_in: AtomicU64,
     /// Which of those become events (log lines).
     pub handshake_failure_log: FailureLog,
+    pub accept_errors: AtomicU64,
     /// Random per runtime, so a restarted node's pools are told from the old ones.
     incarnation: u64,
     next_pool_epoch: AtomicU64,
@@ -133,6 +138,7 @@ impl Runtime {
             incarnation: u64::from_ne_bytes(incarnation),
             handshake_failures_in: AtomicU64::new(0),
             handshake_failure_log: FailureLog::default(),
+            accept_errors: AtomicU64::new(0),
             next_pool_epoch: AtomicU64::new(1),
             inbound_pools: Mutex::new(HashMap::new()),
             config,
@@ -178,7 +184,7 @@ impl Runtime {
         peer: &str,
         addr: SocketAddr,
         size: usize,
-        done: Callback<Result<(), String>>,
+        done: Callback<Result<(), OpenError>>,
     ) -> OpenStatus {
         let shared = &self.shared;
         {
@@ -318,6 +324,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
+            accept_errors: shared.accept_errors.load(SeqCst),
         }
     }
 
@@ -371,6 +378,19 @@ impl Shared {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(SeqCst)
+    }
+
+    /// Sleeps `pause`, in short steps so that `stop` never waits long for the sleeper.
+    pub(crate) fn sleep_unless_stopping(&self, pause: Duration) {
+        const STEP: Duration = Duration::from_millis(20);
+        let deadline = Instant::now() + pause;
+        while !self.is_stopping() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(STEP));
+        }
     }
 
     /// For the threads that copy frames (writers, inbound readers). Lowering one's own
@@ -500,7 +520,7 @@ impl Shared {
     /// Turns dialed sockets into a running pool: starts its threads, then makes it the
     /// peer's pool. A pool whose threads could not all start, or that closed while they
     /// started, is never announced: the dial fails instead.
-    fn start_pool(self: &Arc<Self>, peer: &str, dialed: crate::pool::Dialed) -> Result<(), String> {
+    fn start_pool(self: &Arc<Self>, peer: &str, dialed: crate::pool::Dialed) -> Result<(), OpenError> {
         let stats = self.peer_stats(peer);
         let (pool, started) = Pool::new(
             peer,
@@ -509,7 +529,7 @@ impl Shared {
             self.config.io_chunk(),
             stats.clone(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| OpenError::io(&e))?;
         PeerStats::add(&stats.connects, 1);
         // Every connection's guards exist before any thread starts, so each one's writer
         // is counted out of the pool however far this gets.
@@ -534,7 +554,7 @@ impl Shared {
             if pool.is_closing() || self.is_stopping() {
                 drop(pools);
                 self.close_pool(&pool, "teleport stopping");
-                return Err(pool.close_reason());
+                return Err(OpenError::Closed(pool.close_reason()));
             }
             let waiting = match pools.insert(peer.to_string(), PoolSlot::Up(pool.clone())) {
                 Some(PoolSlot::Opening(waiting)) => waiting,
@@ -553,7 +573,7 @@ impl Shared {
     }
 
     /// Runs the callers' callbacks for a dial that failed (success ran them in `start_pool`).
-    fn finish_open(&self, peer: &str, outcome: Result<(), String>) {
+    fn finish_open(&self, peer: &str, outcome: Result<(), OpenError>) {
         let Err(reason) = outcome else { return };
         let waiting = {
             let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
@@ -598,24 +618,32 @@ pub(crate) fn ended_early(thread: &str) -> String {
 struct PendingOpen {
     shared: Arc<Shared>,
     peer: String,
-    outcome: Option<Result<(), String>>,
+    outcome: Option<Result<(), OpenError>>,
 }
 
 impl PendingOpen {
     fn run(mut self, addr: SocketAddr, size: usize) {
         faults::check(Point::Dial, &self.peer);
         let shared = &self.shared;
-        self.outcome = Some(if shared.is_stopping() {
-            Err("stopping".to_string())
+        let outcome = if shared.is_stopping() {
+            Err(OpenError::Stopping)
         } else {
             dial(shared, &self.peer, addr, size).and_then(|dialed| shared.start_pool(&self.peer, dialed))
+        };
+        // `stop` shuts the dial's sockets down: whatever that broke, the cause is the stop.
+        self.outcome = Some(match outcome {
+            Err(_) if shared.is_stopping() => Err(OpenError::Stopping),
+            outcome => outcome,
         });
     }
 }
 
 impl Drop for PendingOpen {
     fn drop(&mut self) {
-        let outcome = self.outcome.take().unwrap_or_else(|| Err(ended_early("dial")));
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err(OpenError::Internal(ended_early("dial"))));
         self.shared.finish_open(&self.peer, outcome);
     }
 }

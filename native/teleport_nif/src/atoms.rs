@@ -40,6 +40,8 @@ rustler::atoms! {
     handshake_failures,
     pending_handshakes,
     inbound_connections,
+    accept_errors,
+    accept_failed,
     per_connection,
     direction,
     outbound,

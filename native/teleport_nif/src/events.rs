@@ -164,6 +164,10 @@ impl Host for NifHost {
                     total,
                 )
                     .encode(env),
+                Event::AcceptFailed {
+                    reason,
+                    count_since_last,
+                } => (atoms::accept_failed(), reason_atom(env, reason), count_since_last).encode(env),
                 Event::Panic { thread, message } => (atoms::panic(), thread, message).encode(env),
             };
             (atoms::teleport_event(), body).encode(env)

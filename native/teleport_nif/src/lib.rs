@@ -21,8 +21,8 @@ use crossbeam_channel::Sender;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
 use teleport_net::{
-    Config, ConnDirection, ConnStatsSnapshot, FrameKind, IoThreadPriority, OpenStatus, OutFrame,
-    PeerStatsSnapshot, Runtime, SendError, Sent,
+    Config, ConnDirection, ConnStatsSnapshot, Detail, FrameKind, IoThreadPriority, OpenError, OpenStatus,
+    OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
 use crate::deliver::{DecodeTicket, Helpers};
@@ -274,7 +274,7 @@ fn listen_address(env: Env) -> Term {
 }
 
 /// Starts opening the pool to `peer`; `{teleport_pool, Peer, ok | {error, Reason}}`
-/// goes to `notify` when it is up or has failed.
+/// goes to `notify` when it is up or has failed, Reason as `open_error_term` makes it.
 #[rustler::nif]
 fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: LocalPid) -> NifResult<Atom> {
     let Some(node) = node() else {
@@ -282,11 +282,11 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
     };
     let addr = SocketAddr::new(decode_ip(ip)?, port);
     let jobs = node.jobs.clone();
-    let done = Box::new(move |outcome: Result<(), String>| {
+    let done = Box::new(move |outcome: Result<(), OpenError>| {
         post(&jobs, notify, move |env| {
             let status = match outcome {
                 Ok(()) => atoms::ok().encode(env),
-                Err(reason) => (atoms::error(), reason).encode(env),
+                Err(e) => (atoms::error(), open_error_term(env, &e)).encode(env),
             };
             (atoms::teleport_pool(), peer, status).encode(env)
         })
@@ -298,6 +298,25 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
         OpenStatus::Opening => atoms::opening(),
         OpenStatus::AlreadyUp => atoms::ok(),
     })
+}
+
+/// A failed open as a term to match: `stopping`, `{connect | handshake | io, Name}`
+/// (e.g. `{connect, econnrefused}`, `{handshake, bad_cookie}`), or `{closed | internal,
+/// Text}` where the causes have no fixed names.
+fn open_error_term<'a>(env: Env<'a>, e: &OpenError) -> Term<'a> {
+    let class = atom_or_text(env, e.class());
+    match e.detail() {
+        Detail::None => class,
+        Detail::Name(name) => (class, atom_or_text(env, name)).encode(env),
+        Detail::Text(text) => (class, text).encode(env),
+    }
+}
+
+fn atom_or_text<'a>(env: Env<'a>, name: &str) -> Term<'a> {
+    match Atom::from_str(env, name) {
+        Ok(atom) => atom.encode(env),
+        Err(_) => name.encode(env),
+    }
 }
 
 /// Queues one message: encodes `msg` (the envelope teleport.erl builds) into a frame.
@@ -509,7 +528,8 @@ fn encode_addr(env: Env, addr: SocketAddr) -> Term {
     (encode_ip(env, addr.ip()), addr.port()).encode(env)
 }
 
-/// The listener's counters: `#{handshake_failures, pending_handshakes, inbound_connections}`.
+/// The listener's counters: `#{handshake_failures, pending_handshakes, inbound_connections,
+/// accept_errors}`.
 #[rustler::nif]
 fn listener_stats(env: Env) -> NifResult<Term> {
     let Some(node) = node() else {
@@ -520,6 +540,7 @@ fn listener_stats(env: Env) -> NifResult<Term> {
         (atoms::handshake_failures(), s.handshake_failures),
         (atoms::pending_handshakes(), s.pending_handshakes),
         (atoms::inbound_connections(), s.inbound_connections),
+        (atoms::accept_errors(), s.accept_errors),
     ];
     map_from_pairs(env, &counter_pairs(env, &counters))
 }

@@ -1,0 +1,171 @@
+//! Why opening a pool failed, as stable names a caller can match on (the NIF turns
+//! them into atoms), with the full text kept for logs.
+
+use std::fmt;
+use std::io;
+
+use crate::handshake::HandshakeError;
+
+/// Why `Runtime::open_pool` failed. Cloned to every caller waiting on the same dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// The TCP connect failed (refused, unreachable, timed out).
+    Connect { reason: &'static str, message: String },
+    /// The cookie handshake failed.
+    Handshake { reason: &'static str, message: String },
+    /// A socket call after the handshake failed (writing the pool's first frame).
+    Io { reason: &'static str, message: String },
+    /// The runtime is stopping.
+    Stopping,
+    /// The new pool closed before it was up (a connection lost, or one of its threads
+    /// panicked or could not start): why, in words.
+    Closed(String),
+    /// The dial's own thread panicked or could not start: why, in words.
+    Internal(String),
+}
+
+/// What follows the class in a reason: a stable name, a text for logs, or nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detail<'a> {
+    None,
+    Name(&'static str),
+    Text(&'a str),
+}
+
+impl OpenError {
+    pub fn connect(e: &io::Error) -> OpenError {
+        OpenError::Connect {
+            reason: io_reason(e),
+            message: e.to_string(),
+        }
+    }
+
+    pub fn handshake(e: &HandshakeError) -> OpenError {
+        let reason = match e {
+            // Named after the i/o error: a peer closing on us (over its pending-handshake
+            // cap, or refusing our hello) is `closed`.
+            HandshakeError::Io(io) => io_reason(io),
+            other => other.reason(),
+        };
+        OpenError::Handshake {
+            reason,
+            message: e.to_string(),
+        }
+    }
+
+    pub fn io(e: &io::Error) -> OpenError {
+        OpenError::Io {
+            reason: io_reason(e),
+            message: e.to_string(),
+        }
+    }
+
+    /// The stable name of the failure's class: `connect`, `handshake`, `io`, `stopping`,
+    /// `closed` or `internal`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            OpenError::Connect { .. } => "connect",
+            OpenError::Handshake { .. } => "handshake",
+            OpenError::Io { .. } => "io",
+            OpenError::Stopping => "stopping",
+            OpenError::Closed(_) => "closed",
+            OpenError::Internal(_) => "internal",
+        }
+    }
+
+    /// Within the class: the cause's stable name (`econnrefused`, `timeout`,
+    /// `bad_cookie`, ...), or a text where there is no fixed set of causes.
+    pub fn detail(&self) -> Detail<'_> {
+        match self {
+            OpenError::Connect { reason, .. }
+            | OpenError::Handshake { reason, .. }
+            | OpenError::Io { reason, .. } => Detail::Name(reason),
+            OpenError::Stopping => Detail::None,
+            OpenError::Closed(why) | OpenError::Internal(why) => Detail::Text(why),
+        }
+    }
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Connect { message, .. } => write!(f, "connect failed: {message}"),
+            OpenError::Handshake { message, .. } => write!(f, "handshake failed: {message}"),
+            OpenError::Io { message, .. } => write!(f, "socket error: {message}"),
+            OpenError::Stopping => f.write_str("stopping"),
+            OpenError::Closed(why) => write!(f, "pool closed as it opened: {why}"),
+            OpenError::Internal(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// A stable name for an i/o error, as Erlang's inet names them (`econnrefused`,
+/// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream.
+pub fn io_reason(e: &io::Error) -> &'static str {
+    if let Some(name) = e.raw_os_error().and_then(errno_name) {
+        return name;
+    }
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timeout",
+        io::ErrorKind::UnexpectedEof => "closed",
+        io::ErrorKind::ConnectionRefused => "econnrefused",
+        io::ErrorKind::ConnectionReset => "econnreset",
+        io::ErrorKind::ConnectionAborted => "econnaborted",
+        io::ErrorKind::BrokenPipe => "epipe",
+        io::ErrorKind::AddrNotAvailable => "eaddrnotavail",
+        io::ErrorKind::PermissionDenied => "eacces",
+        io::ErrorKind::OutOfMemory => "enomem",
+        _ => "unknown",
+    }
+}
+
+fn errno_name(errno: i32) -> Option<&'static str> {
+    Some(match errno {
+        libc::ECONNREFUSED => "econnrefused",
+        libc::ETIMEDOUT => "timeout",
+        libc::EHOSTUNREACH => "ehostunreach",
+        libc::ENETUNREACH => "enetunreach",
+        libc::ENETDOWN => "enetdown",
+        libc::ECONNRESET => "econnreset",
+        libc::ECONNABORTED => "econnaborted",
+        libc::EPIPE => "epipe",
+        libc::EADDRNOTAVAIL => "eaddrnotavail",
+        libc::EADDRINUSE => "eaddrinuse",
+        libc::EACCES => "eacces",
+        libc::EPERM => "eperm",
+        libc::EMFILE => "emfile",
+        libc::ENFILE => "enfile",
+        libc::ENOBUFS => "enobufs",
+        libc::ENOMEM => "enomem",
+        libc::EINVAL => "einval",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_have_stable_names() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(
+            OpenError::connect(&refused).detail(),
+            Detail::Name("econnrefused")
+        );
+        let timed_out = io::Error::new(io::ErrorKind::TimedOut, "connection timed out");
+        assert_eq!(OpenError::connect(&timed_out).detail(), Detail::Name("timeout"));
+        let cookie = OpenError::handshake(&HandshakeError::BadCookie);
+        assert_eq!(
+            (cookie.class(), cookie.detail()),
+            ("handshake", Detail::Name("bad_cookie"))
+        );
+        let eof = HandshakeError::Io(io::ErrorKind::UnexpectedEof.into());
+        assert_eq!(OpenError::handshake(&eof).detail(), Detail::Name("closed"));
+        assert_eq!(OpenError::Stopping.detail(), Detail::None);
+        assert_eq!(io_reason(&io::Error::from_raw_os_error(libc::EMFILE)), "emfile");
+        assert_eq!(io_reason(&io::Error::other("odd")), "unknown");
+    }
+}
