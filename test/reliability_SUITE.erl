@@ -494,6 +494,8 @@ hostile_listener(_Config) ->
     ?assertEqual([{H, old_pool, 1, 1}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ?assertEqual(ok, teleport:disconnect(H)),
     ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(H, teleport:nodes()) end, 10000)),
+    %% Opened explicitly, so a failure says why.
+    ?assertEqual(ok, teleport:connect(H)),
     ?assertEqual(ok, teleport:send({?SINK, H}, {Tag, new_pool, 1, <<"z">>})),
     ?assertEqual([{H, new_pool, 1, 1}], collect(Tag, 1, ?MSG_TIMEOUT)),
     ?assertEqual({Tag, call}, teleport:gs_call(Srv, {echo, {Tag, call}}, 10000)).
