@@ -80,7 +80,13 @@ pub fn post(
     pid: LocalPid,
     msg: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
 ) {
-    if DROP_NEXT.load(Relaxed) > 0 && DROP_NEXT.fetch_sub(1, Relaxed) > 0 {
+    // Never below zero: a decrement racing `drop_next(0)` must not wrap to u64::MAX
+    // (which would drop every event from then on).
+    if DROP_NEXT.load(Relaxed) > 0
+        && DROP_NEXT
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    {
         return;
     }
     let _ = jobs.send(Box::new(move |env| Some((pid, msg(env)))));
