@@ -149,7 +149,7 @@ gs_call(Dest, Request, Timeout) ->
                 exit:Reason -> exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}})
             end;
         {remote, Node, Target} ->
-            remote_call(Node, Target, Dest, Request, Timeout);
+            teleport_call:call(Node, Target, Dest, Request, Timeout);
         badarg ->
             erlang:error(badarg, [Dest, Request, Timeout])
     end.
@@ -360,6 +360,3 @@ await_resume(Node, Key) ->
                 false -> ok
             end
     end.
-
-remote_call(Node, Target, Dest, Request, Timeout) ->
-    teleport_call:call(Node, Target, Dest, Request, Timeout).

@@ -147,7 +147,7 @@ keeper(Dest, Caller, Ref, Timeout, Request) ->
                         _ -> ?ANNOUNCE_AFTER_MS
                     end,
     Outcome = case await_server(Mon, AnnounceAfter, Deadline) of
-                  {outcome, Early} ->
+                  {outcome, _} = Early ->
                       Early;
                   slow ->
                       %% Only a call still running tells its caller it exists: fast
@@ -165,9 +165,9 @@ await_server(Mon, Ms, Deadline) ->
     receive
         {Mon, Reply} ->
             erlang:demonitor(Mon, [flush]),
-            {outcome, {outcome, {reply, Reply}}};
+            {outcome, {reply, Reply}};
         {'DOWN', Mon, process, _, Reason} ->
-            {outcome, {outcome, {down, Reason}}}
+            {outcome, {down, Reason}}
     after min(Ms, tick(#{deadline => Deadline})) ->
             slow
     end.

@@ -37,7 +37,8 @@ pub struct Helpers {
     pub decoders: Vec<Atom>,
     /// Whether reader threads must leave hash maps and funs to a scheduler (decode.rs).
     pub defer_hash_maps: bool,
-    /// teleport_runtime, told of calls no relay could take (so their callers hear of it).
+    /// teleport_runtime: receives the core's events, and calls no relay could take
+    /// (so their callers hear of it).
     pub runtime: LocalPid,
 }
 

@@ -24,8 +24,7 @@ pub type Job = Box<dyn for<'a> FnOnce(Env<'a>) -> Option<(LocalPid, Term<'a>)> +
 
 pub struct NifHost {
     jobs: Sender<Job>,
-    /// Receives every core event as `{teleport_event, Event}` (the teleport_runtime process).
-    event_pid: LocalPid,
+    /// `helpers.runtime` receives every core event as `{teleport_event, Event}`.
     helpers: Arc<Helpers>,
 }
 
@@ -101,12 +100,8 @@ pub fn drop_next(count: u64) {
 }
 
 impl NifHost {
-    pub fn new(jobs: Sender<Job>, event_pid: LocalPid, helpers: Arc<Helpers>) -> NifHost {
-        NifHost {
-            jobs,
-            event_pid,
-            helpers,
-        }
+    pub fn new(jobs: Sender<Job>, helpers: Arc<Helpers>) -> NifHost {
+        NifHost { jobs, helpers }
     }
 }
 
@@ -132,7 +127,7 @@ impl Host for NifHost {
     }
 
     fn event(&self, event: Event) {
-        post(&self.jobs, self.event_pid, move |env| {
+        post(&self.jobs, self.helpers.runtime, move |env| {
             let body = match event {
                 Event::PoolUp { peer, connections } => {
                     (atoms::pool_up(), node_atom(env, &peer), connections).encode(env)

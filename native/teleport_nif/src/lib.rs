@@ -115,17 +115,8 @@ fn with_atom_text<R>(atom: Term, f: impl FnOnce(&str) -> R) -> NifResult<R> {
 #[rustler::nif(schedule = "DirtyIo")]
 fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
     let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
-    let orphan = {
-        let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
-        match slot.as_ref() {
-            Some(node) if is_alive(env, node.owner) => {
-                return Ok((atoms::error(), atoms::already_started()).encode(env));
-            }
-            _ => slot.take(),
-        }
-    };
-    if let Some(node) = orphan {
-        stop_node(node);
+    if !take_and_stop(|node| !is_alive(env, node.owner)) && node().is_some() {
+        return Ok((atoms::error(), atoms::already_started()).encode(env));
     }
     let config = Config {
         listen: SocketAddr::new(
@@ -168,7 +159,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         Ok(started) => started,
         Err(e) => return Ok((atoms::error(), e.to_string()).encode(env)),
     };
-    let host = Arc::new(NifHost::new(jobs.clone(), event_pid, Arc::new(helpers)));
+    let host = Arc::new(NifHost::new(jobs.clone(), Arc::new(helpers)));
     match Runtime::start(config, host) {
         Ok(runtime) => {
             let addr = runtime.local_addr();
@@ -194,14 +185,30 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
 #[rustler::nif(schedule = "DirtyIo")]
 fn stop() -> Atom {
     let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
-    let taken = NODE.write().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(node) = taken {
-        stop_node(node);
-    }
+    take_and_stop(|_| true);
     atoms::ok()
 }
 
-/// Stops a runtime already taken out of `NODE`; call with `LIFECYCLE` held.
+/// Takes the running node out of `NODE` if `which` says so, and stops it; true if it
+/// did. Call with `LIFECYCLE` held.
+fn take_and_stop(which: impl FnOnce(&Node) -> bool) -> bool {
+    let taken = {
+        let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
+        match slot.as_deref() {
+            Some(node) if which(node) => slot.take(),
+            _ => None,
+        }
+    };
+    match taken {
+        Some(node) => {
+            stop_node(node);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Stops a runtime already taken out of `NODE`.
 fn stop_node(node: Arc<Node>) {
     node.runtime.stop();
     // The pump ends when the last sender is gone: ours, and the host's inside the runtime.
@@ -239,16 +246,7 @@ impl rustler::Resource for Owner {
             .spawn(move || {
                 let _ = std::panic::catch_unwind(|| {
                     let _lifecycle = LIFECYCLE.lock().unwrap_or_else(|p| p.into_inner());
-                    let taken = {
-                        let mut slot = NODE.write().unwrap_or_else(|p| p.into_inner());
-                        match slot.as_ref() {
-                            Some(node) if node.owner == owner => slot.take(),
-                            _ => None,
-                        }
-                    };
-                    if let Some(node) = taken {
-                        stop_node(node);
-                    }
+                    take_and_stop(|node| node.owner == owner)
                 });
             });
     }
