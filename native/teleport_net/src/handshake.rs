@@ -13,6 +13,10 @@
 //! `MAX_HANDSHAKE_MESSAGE` before allocating, parses strictly, and the whole
 //! handshake runs against one deadline, so a peer trickling bytes cannot hold a
 //! socket open forever.
+//!
+//! The protocol lives in one place, `Handshake`: a state machine fed the peer's bytes,
+//! without a socket or a clock, for the event loop. `client_handshake` and
+//! `server_handshake` drive it over a blocking socket.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -131,56 +135,273 @@ pub fn client_handshake(
     cfg: &HandshakeConfig,
     server_node: &str,
 ) -> Result<(), HandshakeError> {
-    // Names go on the wire with a u8 length, so they must be checked before encoding.
-    if !valid_node_name(cfg.local_node) || !valid_node_name(server_node) {
-        return Err(HandshakeError::BadNodeName);
-    }
-    if server_node == cfg.local_node {
-        return Err(HandshakeError::OwnNodeName);
-    }
     let deadline = Deadline::after(cfg.timeout);
-    let nonce_c = random_nonce()?;
-
-    let hello = encode_hello(&nonce_c, cfg.local_node, server_node);
-    write_message(stream, &deadline, TAG_HELLO, &hello)?;
-
-    let nonce_s = accept_challenge(&read_message(stream, &deadline)?, &nonce_c)?;
-    let proof = client_proof(cfg.cookie, &nonce_c, &nonce_s, cfg.local_node, server_node);
-    write_message(stream, &deadline, TAG_CLIENT_PROOF, &proof)?;
-
-    // A server that rejects our proof closes without a word: the cookies differ.
-    let server_proof = read_message(stream, &deadline).map_err(|e| match e {
-        HandshakeError::Io(ref io) if closed_by_peer(io) => HandshakeError::BadCookie,
-        other => other,
-    })?;
-    check_server_proof(
-        cfg.cookie,
-        &nonce_c,
-        &nonce_s,
-        cfg.local_node,
-        server_node,
-        &server_proof,
-    )?;
-
-    clear_timeouts(stream)
+    let (mut handshake, hello) = Handshake::client(cfg.cookie, cfg.local_node, server_node)?;
+    run(stream, &deadline, &mut handshake, hello).map(|_server_node| ())
 }
 
 /// Server side, run on an accepted socket. Returns the authenticated client's node name.
 pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<String, HandshakeError> {
     let deadline = Deadline::after(cfg.timeout);
+    let mut handshake = Handshake::server(cfg.cookie, cfg.local_node);
+    run(stream, &deadline, &mut handshake, Vec::new())
+}
 
-    let hello = accept_hello(&read_message(stream, &deadline)?, cfg.local_node)?;
+// ---------------------------------------------------------------------------
+// The protocol as a state machine, without a socket
 
-    let nonce_s = random_nonce()?;
-    write_message(stream, &deadline, TAG_CHALLENGE, &challenge_body(&nonce_s))?;
+/// How far a handshake got after `feed`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Needs more bytes from the peer.
+    Continue,
+    /// Authenticated. Server: the client's node name. Client: the server's node name (the one dialed).
+    Done(String),
+}
 
-    // On a bad proof send nothing: the caller closes the socket, and the client
-    // learns no more than that it failed.
-    let proof = check_client_proof(cfg.cookie, &hello, &nonce_s, &read_message(stream, &deadline)?)?;
-    write_message(stream, &deadline, TAG_SERVER_PROOF, &proof)?;
+/// One side of a handshake, without a socket: bytes in, bytes out. Time is the caller's
+/// business (the event loop enforces `handshake_timeout`).
+pub struct Handshake {
+    cookie: Vec<u8>,
+    local_node: String,
+    state: State,
+    incoming: Reassembly,
+}
 
-    clear_timeouts(stream)?;
-    Ok(hello.client_node)
+/// The message a side waits for, with what it must remember until then.
+enum State {
+    /// Client, HELLO sent.
+    AwaitChallenge { server_node: String, nonce_c: Nonce },
+    /// Client, proof sent.
+    AwaitServerProof {
+        server_node: String,
+        nonce_c: Nonce,
+        nonce_s: Nonce,
+    },
+    /// Server, nothing received yet.
+    AwaitHello,
+    /// Server, CHALLENGE sent.
+    AwaitClientProof { hello: Hello, nonce_s: Nonce },
+    /// Done or failed.
+    Over,
+}
+
+impl Handshake {
+    /// Client: validates both names (BadNodeName, OwnNodeName as client_handshake does now),
+    /// draws the nonce; returns the machine and the HELLO message bytes to send first.
+    pub fn client(
+        cookie: &[u8],
+        local_node: &str,
+        server_node: &str,
+    ) -> Result<(Handshake, Vec<u8>), HandshakeError> {
+        // Names go on the wire with a u8 length, so they must be checked before encoding.
+        if !valid_node_name(local_node) || !valid_node_name(server_node) {
+            return Err(HandshakeError::BadNodeName);
+        }
+        if server_node == local_node {
+            return Err(HandshakeError::OwnNodeName);
+        }
+        let nonce_c = random_nonce()?;
+        let hello = encode_message(TAG_HELLO, &encode_hello(&nonce_c, local_node, server_node));
+        let state = State::AwaitChallenge {
+            server_node: server_node.to_owned(),
+            nonce_c,
+        };
+        Ok((Handshake::new(cookie, local_node, state), hello))
+    }
+
+    /// Server: waits for a HELLO.
+    pub fn server(cookie: &[u8], local_node: &str) -> Handshake {
+        Handshake::new(cookie, local_node, State::AwaitHello)
+    }
+
+    fn new(cookie: &[u8], local_node: &str, state: State) -> Handshake {
+        Handshake {
+            cookie: cookie.to_vec(),
+            local_node: local_node.to_owned(),
+            state,
+            incoming: Reassembly::default(),
+        }
+    }
+
+    /// Feeds bytes received from the peer. Consumes at most up to the end of the handshake's
+    /// last message (bytes after it are the first frames of the connection and must be left to
+    /// the caller), buffering a partial message internally (never allocating more than
+    /// MAX_HANDSHAKE_MESSAGE + 2 bytes, checking the length field before buffering the body).
+    /// Appends what must be sent to the peer to `out` (the caller writes it). Returns the bytes
+    /// consumed and the progress. Once `Done` or after an error, further calls are an error
+    /// (Malformed("handshake over")) and consume nothing.
+    ///
+    /// After an error nothing of this call is left in `out`: the caller just closes.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, Progress), HandshakeError> {
+        if matches!(self.state, State::Over) {
+            return Err(HandshakeError::Malformed("handshake over"));
+        }
+        let out_before = out.len();
+        let result = self.feed_messages(input, out);
+        if result.is_err() {
+            // A peer pipelining a bad message behind a good one gets no answer to either.
+            out.truncate(out_before);
+            self.state = State::Over;
+        }
+        result
+    }
+
+    fn feed_messages(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Progress), HandshakeError> {
+        let mut consumed = 0;
+        loop {
+            consumed += self.incoming.take(&input[consumed..])?;
+            let Some(msg) = self.incoming.message() else {
+                return Ok((consumed, Progress::Continue));
+            };
+            let state = std::mem::replace(&mut self.state, State::Over);
+            let (next, progress) = state.step(&self.cookie, &self.local_node, msg, out)?;
+            self.state = next;
+            self.incoming.clear();
+            if let Progress::Done(_) = progress {
+                // Whatever follows belongs to the connection, not to us.
+                return Ok((consumed, progress));
+            }
+        }
+    }
+
+    /// The error to report when the peer closes the connection (end of stream) before `Done`:
+    /// for a client that has sent its proof, `BadCookie` (a server that rejects the proof closes
+    /// without a word, as `client_handshake` maps today); otherwise `Io(UnexpectedEof)`.
+    pub fn closed_error(&self) -> HandshakeError {
+        if self.proof_sent() {
+            HandshakeError::BadCookie
+        } else {
+            HandshakeError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed during handshake",
+            ))
+        }
+    }
+
+    /// A client whose proof is out: from here on a server that closes has rejected it.
+    fn proof_sent(&self) -> bool {
+        matches!(self.state, State::AwaitServerProof { .. })
+    }
+
+    /// Bytes still missing from the message being read (1..=MAX_HANDSHAKE_MESSAGE): reading
+    /// no more than this never reads past the handshake's end.
+    fn wanted(&self) -> usize {
+        self.incoming.wanted()
+    }
+}
+
+/// By hand, as a derived Debug would print the cookie.
+impl fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::AwaitChallenge { .. } => "await_challenge",
+            State::AwaitServerProof { .. } => "await_server_proof",
+            State::AwaitHello => "await_hello",
+            State::AwaitClientProof { .. } => "await_client_proof",
+            State::Over => "over",
+        };
+        f.debug_struct("Handshake")
+            .field("local_node", &self.local_node)
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    /// One received message (tag + body): what to send (appended to `out`), and the state
+    /// that waits for the next one.
+    fn step(
+        self,
+        cookie: &[u8],
+        local_node: &str,
+        msg: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(State, Progress), HandshakeError> {
+        match self {
+            State::AwaitHello => {
+                let hello = accept_hello(msg, local_node)?;
+                let nonce_s = random_nonce()?;
+                out.extend(encode_message(TAG_CHALLENGE, &challenge_body(&nonce_s)));
+                Ok((State::AwaitClientProof { hello, nonce_s }, Progress::Continue))
+            }
+            State::AwaitClientProof { hello, nonce_s } => {
+                // On a bad proof this returns before anything is sent: the client learns
+                // no more than that it failed.
+                let proof = check_client_proof(cookie, &hello, &nonce_s, msg)?;
+                out.extend(encode_message(TAG_SERVER_PROOF, &proof));
+                Ok((State::Over, Progress::Done(hello.client_node)))
+            }
+            State::AwaitChallenge { server_node, nonce_c } => {
+                let nonce_s = accept_challenge(msg, &nonce_c)?;
+                let proof = client_proof(cookie, &nonce_c, &nonce_s, local_node, &server_node);
+                out.extend(encode_message(TAG_CLIENT_PROOF, &proof));
+                let next = State::AwaitServerProof {
+                    server_node,
+                    nonce_c,
+                    nonce_s,
+                };
+                Ok((next, Progress::Continue))
+            }
+            State::AwaitServerProof {
+                server_node,
+                nonce_c,
+                nonce_s,
+            } => {
+                check_server_proof(cookie, &nonce_c, &nonce_s, local_node, &server_node, msg)?;
+                Ok((State::Over, Progress::Done(server_node)))
+            }
+            State::Over => Err(HandshakeError::Malformed("handshake over")),
+        }
+    }
+}
+
+/// Gathers one `[u16 length][tag][body]` message from bytes however they arrive.
+#[derive(Default)]
+struct Reassembly {
+    /// The length field, then tag + body; capacity never above `2 + MAX_HANDSHAKE_MESSAGE`.
+    buf: Vec<u8>,
+}
+
+impl Reassembly {
+    /// Bytes still missing: of the length field, then of the message it announces.
+    fn wanted(&self) -> usize {
+        match self.buf.first_chunk::<2>() {
+            None => 2 - self.buf.len(),
+            Some(len) => 2 + usize::from(u16::from_be_bytes(*len)) - self.buf.len(),
+        }
+    }
+
+    /// Takes what it can of `input` towards the current message; returns how much.
+    fn take(&mut self, input: &[u8]) -> Result<usize, HandshakeError> {
+        let mut taken = 0;
+        if self.buf.len() < 2 {
+            taken = input.len().min(2 - self.buf.len());
+            self.buf.extend_from_slice(&input[..taken]);
+            let Some(&len_bytes) = self.buf.first_chunk::<2>() else {
+                return Ok(taken);
+            };
+            // Checked before a byte of the body is kept, and reserved exactly, so a peer
+            // cannot make us hold more than the cap.
+            self.buf.reserve_exact(message_len(len_bytes)?);
+        }
+        let more = (input.len() - taken).min(self.wanted());
+        self.buf.extend_from_slice(&input[taken..taken + more]);
+        Ok(taken + more)
+    }
+
+    /// The whole message (tag + body), once it is in.
+    fn message(&self) -> Option<&[u8]> {
+        (self.buf.len() > 2 && self.wanted() == 0).then(|| &self.buf[2..])
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -289,11 +510,38 @@ impl Deadline {
     }
 }
 
-fn closed_by_peer(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-    )
+/// Drives `handshake` over a blocking socket, `first` being what to send before reading.
+/// Each read asks for no more than the message being read still lacks, so the
+/// connection's first frames stay in the socket for its owner.
+fn run(
+    stream: &TcpStream,
+    deadline: &Deadline,
+    handshake: &mut Handshake,
+    first: Vec<u8>,
+) -> Result<String, HandshakeError> {
+    let mut out = first;
+    let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
+    loop {
+        send(stream, deadline, &mut out)?;
+        let n = match read_some(stream, deadline, &mut buf[..handshake.wanted()]) {
+            Ok(0) => return Err(handshake.closed_error()),
+            Ok(n) => n,
+            // A peer closing with our bytes unread resets instead: the same silent rejection.
+            Err(HandshakeError::Io(e))
+                if e.kind() == io::ErrorKind::ConnectionReset && handshake.proof_sent() =>
+            {
+                return Err(HandshakeError::BadCookie)
+            }
+            Err(e) => return Err(e),
+        };
+        let (consumed, progress) = handshake.feed(&buf[..n], &mut out)?;
+        debug_assert_eq!(consumed, n, "read past the message");
+        if let Progress::Done(peer) = progress {
+            send(stream, deadline, &mut out)?;
+            clear_timeouts(stream)?;
+            return Ok(peer);
+        }
+    }
 }
 
 /// Socket timeouts surface as WouldBlock (Unix) or TimedOut (Windows).
@@ -304,38 +552,34 @@ fn io_error(e: io::Error) -> HandshakeError {
     }
 }
 
-/// Like `read_exact`, but re-arms the read timeout before every `read` so that
-/// a peer sending one byte at a time still runs into the overall deadline.
-fn read_full(stream: &TcpStream, deadline: &Deadline, buf: &mut [u8]) -> Result<(), HandshakeError> {
+/// One `read` (0 at end of stream), with the read timeout re-armed to the time left so
+/// that a peer sending one byte at a time still runs into the overall deadline.
+fn read_some(stream: &TcpStream, deadline: &Deadline, buf: &mut [u8]) -> Result<usize, HandshakeError> {
     let mut reader = stream;
-    let mut filled = 0;
-    while filled < buf.len() {
+    loop {
         stream
             .set_read_timeout(Some(deadline.remaining()?))
             .map_err(io_error)?;
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => {
-                return Err(HandshakeError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed during handshake",
-                )))
-            }
-            Ok(n) => filled += n,
+        match reader.read(buf) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_error(e)),
         }
     }
-    Ok(())
 }
 
-/// Reads one message and returns tag + body. The length is checked before
-/// anything is allocated, so the allocation never exceeds `MAX_HANDSHAKE_MESSAGE`.
-fn read_message(stream: &TcpStream, deadline: &Deadline) -> Result<Vec<u8>, HandshakeError> {
-    let mut len_bytes = [0u8; 2];
-    read_full(stream, deadline, &mut len_bytes)?;
-    let mut msg = vec![0u8; message_len(len_bytes)?];
-    read_full(stream, deadline, &mut msg)?;
-    Ok(msg)
+/// Writes and empties `out`, if there is anything in it.
+fn send(stream: &TcpStream, deadline: &Deadline, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut writer = stream;
+    stream
+        .set_write_timeout(Some(deadline.remaining()?))
+        .map_err(io_error)?;
+    writer.write_all(out).map_err(io_error)?;
+    out.clear();
+    Ok(())
 }
 
 /// A message's length field, refused when 0 or over `MAX_HANDSHAKE_MESSAGE`.
@@ -356,19 +600,6 @@ pub(crate) fn encode_message(tag: u8, body: &[u8]) -> Vec<u8> {
     out.push(tag);
     out.extend_from_slice(body);
     out
-}
-
-fn write_message(
-    stream: &TcpStream,
-    deadline: &Deadline,
-    tag: u8,
-    body: &[u8],
-) -> Result<(), HandshakeError> {
-    let mut writer = stream;
-    stream
-        .set_write_timeout(Some(deadline.remaining()?))
-        .map_err(io_error)?;
-    writer.write_all(&encode_message(tag, body)).map_err(io_error)
 }
 
 /// After the handshake the connection's owner does blocking I/O of its own.
@@ -950,6 +1181,15 @@ mod tests {
         }
     }
 
+    /// One message's tag + body, with no checks at all.
+    fn read_raw_message(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len)?;
+        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut msg)?;
+        Ok(msg)
+    }
+
     /// A hand-driven server: answers the hello with `challenge(nonce_c)`, then sends `proof`.
     fn fake_server(
         server: TcpStream,
@@ -957,16 +1197,17 @@ mod tests {
         proof: MacBytes,
     ) -> thread::JoinHandle<()> {
         thread::spawn(move || {
-            let deadline = Deadline::after(Duration::from_secs(5));
-            let Ok(msg) = read_message(&server, &deadline) else {
+            let mut server = server;
+            server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let Ok(msg) = read_raw_message(&mut server) else {
                 return;
             };
             let hello = parse_hello(&msg).unwrap();
             let mut body = vec![PROTOCOL_VERSION];
             body.extend_from_slice(&challenge(&hello.nonce_c));
-            write_message(&server, &deadline, TAG_CHALLENGE, &body).unwrap();
-            if read_message(&server, &deadline).is_ok() {
-                let _ = write_message(&server, &deadline, TAG_SERVER_PROOF, &proof);
+            server.write_all(&encode_message(TAG_CHALLENGE, &body)).unwrap();
+            if read_raw_message(&mut server).is_ok() {
+                let _ = server.write_all(&encode_message(TAG_SERVER_PROOF, &proof));
             }
         })
     }
@@ -1049,5 +1290,359 @@ mod tests {
         let result = server_handshake(&server, &cfg(COOKIE, SERVER, Duration::ZERO));
         assert!(matches!(result, Err(HandshakeError::Timeout)), "{result:?}");
         drop(client);
+    }
+
+    // -----------------------------------------------------------------------
+    // The machine, in memory
+
+    /// Feeds `input` to `hs` in pieces of `chunk` bytes; every byte must be consumed.
+    fn feed_in(
+        hs: &mut Handshake,
+        input: &[u8],
+        chunk: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Progress, HandshakeError> {
+        let mut progress = Progress::Continue;
+        for piece in input.chunks(chunk) {
+            let (consumed, p) = hs.feed(piece, out)?;
+            assert_eq!(consumed, piece.len());
+            progress = p;
+        }
+        Ok(progress)
+    }
+
+    /// A client and a server machine up to the client's proof: (client, server, the proof).
+    fn up_to_client_proof(client_cookie: &[u8]) -> (Handshake, Handshake, Vec<u8>) {
+        let (mut client, hello) = Handshake::client(client_cookie, CLIENT, SERVER).unwrap();
+        let mut server = Handshake::server(COOKIE, SERVER);
+        let mut challenge = Vec::new();
+        assert_eq!(
+            server.feed(&hello, &mut challenge).unwrap(),
+            (hello.len(), Progress::Continue)
+        );
+        let mut proof = Vec::new();
+        let fed = client.feed(&challenge, &mut proof).unwrap();
+        assert_eq!(fed, (challenge.len(), Progress::Continue));
+        (client, server, proof)
+    }
+
+    fn assert_eof(err: HandshakeError) {
+        match err {
+            HandshakeError::Io(e) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected unexpected EOF, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn machines_in_memory_succeed_whole_and_byte_by_byte() {
+        for chunk in [usize::MAX, 1, 2, 3, 7] {
+            let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+            let mut server = Handshake::server(COOKIE, SERVER);
+            let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+
+            let p = feed_in(&mut server, &hello, chunk, &mut to_client).unwrap();
+            assert_eq!(p, Progress::Continue);
+            assert_eq!(to_client.len(), 2 + 1 + 1 + NONCE_LEN, "the challenge");
+            let p = feed_in(&mut client, &to_client, chunk, &mut to_server).unwrap();
+            assert_eq!(p, Progress::Continue);
+            assert_eq!(to_server.len(), 2 + 1 + MAC_LEN, "the client's proof");
+            to_client.clear();
+            let p = feed_in(&mut server, &to_server, chunk, &mut to_client).unwrap();
+            assert_eq!(p, Progress::Done(CLIENT.to_owned()), "chunk {chunk}");
+            assert_eq!(to_client.len(), 2 + 1 + MAC_LEN, "the server's proof");
+            to_server.clear();
+            let p = feed_in(&mut client, &to_client, chunk, &mut to_server).unwrap();
+            assert_eq!(p, Progress::Done(SERVER.to_owned()), "chunk {chunk}");
+            assert!(to_server.is_empty());
+        }
+    }
+
+    #[test]
+    fn machines_leave_bytes_after_the_handshake_unconsumed() {
+        let extra = b"first frame";
+
+        // Server: the client's proof with the connection's first bytes right behind it,
+        // in one piece and split inside the proof.
+        for split in [0, 1, 20] {
+            let (mut client, mut server, proof) = up_to_client_proof(COOKIE);
+            let mut to_client = Vec::new();
+            let (head, tail) = proof.split_at(split);
+            let mut tail = tail.to_vec();
+            tail.extend_from_slice(extra);
+            assert_eq!(
+                server.feed(head, &mut to_client).unwrap(),
+                (split, Progress::Continue)
+            );
+            let (consumed, p) = server.feed(&tail, &mut to_client).unwrap();
+            assert_eq!(p, Progress::Done(CLIENT.to_owned()));
+            assert_eq!(consumed, tail.len() - extra.len(), "split {split}");
+
+            // Client: the same behind the server's proof.
+            to_client.extend_from_slice(extra);
+            let (consumed, p) = client.feed(&to_client, &mut Vec::new()).unwrap();
+            assert_eq!(p, Progress::Done(SERVER.to_owned()));
+            assert_eq!(consumed, to_client.len() - extra.len());
+        }
+    }
+
+    #[test]
+    fn machine_wrong_cookie_server_says_nothing() {
+        let (client, mut server, proof) = up_to_client_proof(b"other-cookie");
+        let mut out = b"queued".to_vec();
+        let result = server.feed(&proof, &mut out);
+        assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
+        assert_eq!(out, b"queued", "the server answered a bad proof");
+        // The server now closes; that is how the client learns it.
+        assert!(matches!(client.closed_error(), HandshakeError::BadCookie));
+    }
+
+    #[test]
+    fn machine_closed_before_the_proof_is_eof() {
+        let (client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+        assert_eof(client.closed_error());
+        let mut server = Handshake::server(COOKIE, SERVER);
+        assert_eof(server.closed_error());
+        server.feed(&hello, &mut Vec::new()).unwrap();
+        assert_eof(server.closed_error());
+    }
+
+    #[test]
+    fn machine_length_out_of_range_refused_before_the_body() {
+        let too_long = (MAX_HANDSHAKE_MESSAGE + 1) as u16;
+        for (len, expected) in [
+            (0u16, 0),
+            (too_long, MAX_HANDSHAKE_MESSAGE + 1),
+            (u16::MAX, 65535),
+        ] {
+            let (client, _) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+            for mut hs in [Handshake::server(COOKIE, SERVER), client] {
+                let mut out = Vec::new();
+                // The first byte alone cannot tell yet.
+                let [hi, lo] = len.to_be_bytes();
+                assert_eq!(hs.feed(&[hi], &mut out).unwrap(), (1, Progress::Continue));
+                // A body right behind the length is not kept.
+                let mut input = vec![lo];
+                input.extend_from_slice(&[TAG_HELLO; 1000]);
+                match hs.feed(&input, &mut out) {
+                    Err(HandshakeError::Oversized(n)) => assert_eq!(n, expected),
+                    other => panic!("length {len}: {other:?}"),
+                }
+                assert!(hs.incoming.buf.len() <= 2 && hs.incoming.buf.capacity() < MAX_HANDSHAKE_MESSAGE);
+                assert!(out.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn machine_buffers_at_most_the_largest_message() {
+        let mut server = Handshake::server(COOKIE, SERVER);
+        let len = (MAX_HANDSHAKE_MESSAGE as u16).to_be_bytes();
+        assert_eq!(
+            server.feed(&len, &mut Vec::new()).unwrap(),
+            (2, Progress::Continue)
+        );
+        assert_eq!(server.wanted(), MAX_HANDSHAKE_MESSAGE);
+        // Garbage one byte short of the announced length: kept, in no more than the cap.
+        let body = vec![TAG_HELLO; MAX_HANDSHAKE_MESSAGE - 1];
+        assert_eq!(
+            server.feed(&body, &mut Vec::new()).unwrap(),
+            (body.len(), Progress::Continue)
+        );
+        assert_eq!(server.wanted(), 1);
+        assert!(server.incoming.buf.capacity() <= MAX_HANDSHAKE_MESSAGE + 2);
+        // Its last byte completes it, and the parser refuses it.
+        let result = server.feed(&[TAG_HELLO; 100], &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::Malformed(_))), "{result:?}");
+    }
+
+    #[test]
+    fn machine_wrong_server_node_and_own_node_name() {
+        let (_, hello) = Handshake::client(COOKIE, CLIENT, "c@127.0.0.1").unwrap();
+        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::WrongNode)), "{result:?}");
+
+        // A hello from "us" to us.
+        let hello = hello_message(PROTOCOL_VERSION, SERVER.as_bytes(), SERVER.as_bytes());
+        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::OwnNodeName)), "{result:?}");
+
+        // Dialing ourselves, or bad names, is refused before there is anything to send.
+        let result = Handshake::client(COOKIE, CLIENT, CLIENT);
+        assert!(matches!(result, Err(HandshakeError::OwnNodeName)), "{result:?}");
+        let result = Handshake::client(COOKIE, "noat", SERVER);
+        assert!(matches!(result, Err(HandshakeError::BadNodeName)), "{result:?}");
+        let result = Handshake::client(COOKIE, CLIENT, "a@b c");
+        assert!(matches!(result, Err(HandshakeError::BadNodeName)), "{result:?}");
+    }
+
+    #[test]
+    fn machine_version_and_reflected_nonce_refused() {
+        let hello = hello_message(2, CLIENT.as_bytes(), SERVER.as_bytes());
+        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::Version(2))), "{result:?}");
+
+        // A server echoing the client's nonce as its own.
+        let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+        let nonce_c = &hello[2 + 2..2 + 2 + NONCE_LEN];
+        let mut body = vec![PROTOCOL_VERSION];
+        body.extend_from_slice(nonce_c);
+        let result = client.feed(&encode_message(TAG_CHALLENGE, &body), &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::Malformed(_))), "{result:?}");
+    }
+
+    #[test]
+    fn machine_feed_after_done_or_error_is_an_error() {
+        let (mut client, mut server, proof) = up_to_client_proof(COOKIE);
+        let mut server_proof = Vec::new();
+        server.feed(&proof, &mut server_proof).unwrap();
+        client.feed(&server_proof, &mut Vec::new()).unwrap();
+        for hs in [&mut client, &mut server] {
+            let mut out = Vec::new();
+            let result = hs.feed(b"more", &mut out);
+            assert!(
+                matches!(result, Err(HandshakeError::Malformed("handshake over"))),
+                "{result:?}"
+            );
+            assert!(out.is_empty());
+            assert!(format!("{hs:?}").contains("over"));
+        }
+
+        let mut failed = Handshake::server(COOKIE, SERVER);
+        assert!(failed.feed(&[0, 0], &mut Vec::new()).is_err());
+        let result = failed.feed(
+            &hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes()),
+            &mut Vec::new(),
+        );
+        assert!(
+            matches!(result, Err(HandshakeError::Malformed("handshake over"))),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn machine_a_pipelined_bad_proof_gets_no_challenge_either() {
+        let mut input = hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes());
+        input.extend(encode_message(TAG_CLIENT_PROOF, &[0u8; MAC_LEN]));
+        let mut out = Vec::new();
+        let result = Handshake::server(COOKIE, SERVER).feed(&input, &mut out);
+        assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn machine_debug_hides_the_cookie() {
+        let hs = Handshake::server(COOKIE, SERVER);
+        let shown = format!("{hs:?}");
+        assert!(shown.contains(SERVER) && !shown.contains("monster"), "{shown}");
+    }
+
+    /// Feeds `input` to `hs` in random splits until it errs, finishes or runs out.
+    fn feed_randomly(
+        hs: &mut Handshake,
+        mut input: &[u8],
+        rng: &mut XorShift,
+    ) -> Result<Progress, HandshakeError> {
+        let mut out = Vec::new();
+        while !input.is_empty() {
+            let split = 1 + (rng.next() as usize) % input.len();
+            let (consumed, progress) = hs.feed(&input[..split], &mut out)?;
+            assert!(consumed <= split);
+            if progress != Progress::Continue {
+                return Ok(progress);
+            }
+            assert_eq!(consumed, split, "a piece left over before the end");
+            input = &input[split..];
+        }
+        Ok(Progress::Continue)
+    }
+
+    #[test]
+    fn machine_garbage_never_panics_or_succeeds() {
+        let mut rng = XorShift(0x0BAD_5EED_1234_5678);
+        let hello = hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes());
+        for i in 0..3000 {
+            let garbage = rng.bytes(2 * MAX_HANDSHAKE_MESSAGE);
+            // Raw garbage, well-framed garbage, and garbage behind a valid hello, so every
+            // layer (length, parser, proof) gets some.
+            let input = match i % 3 {
+                0 => garbage,
+                1 if !garbage.is_empty() => encode_message(garbage[0], &garbage[1..garbage.len().min(500)]),
+                _ => [hello.as_slice(), &garbage].concat(),
+            };
+            let mut server = Handshake::server(COOKIE, SERVER);
+            let result = feed_randomly(&mut server, &input, &mut rng);
+            assert!(!matches!(result, Ok(Progress::Done(_))), "garbage #{i} got in");
+
+            let (mut client, _) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+            let result = feed_randomly(&mut client, &input, &mut rng);
+            assert!(!matches!(result, Ok(Progress::Done(_))), "garbage #{i} got in");
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // The blocking versions leave the connection's first bytes in the socket
+
+    /// Feeds `hs` from `stream` a byte at a time until it has something to send or is done.
+    fn pump(stream: &mut TcpStream, hs: &mut Handshake, out: &mut Vec<u8>) -> Progress {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        loop {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).unwrap();
+            let (_, progress) = hs.feed(&byte, out).unwrap();
+            if progress != Progress::Continue || !out.is_empty() {
+                return progress;
+            }
+        }
+    }
+
+    const FIRST_FRAME: &[u8] = b"first frame";
+
+    #[test]
+    fn blocking_server_does_not_read_past_the_client_proof() {
+        let (mut client, server) = pair();
+        let srv = thread::spawn(move || {
+            let result = server_handshake(&server, &cfg(COOKIE, SERVER, Duration::from_secs(5)));
+            let mut rest = [0u8; FIRST_FRAME.len()];
+            server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            (&server).read_exact(&mut rest).unwrap();
+            (result.unwrap(), rest)
+        });
+        let (mut hs, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+        client.write_all(&hello).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(pump(&mut client, &mut hs, &mut out), Progress::Continue);
+        out.extend_from_slice(FIRST_FRAME);
+        client.write_all(&out).unwrap();
+        out.clear();
+        assert_eq!(
+            pump(&mut client, &mut hs, &mut out),
+            Progress::Done(SERVER.to_owned())
+        );
+
+        let (name, rest) = srv.join().unwrap();
+        assert_eq!(name, CLIENT);
+        assert_eq!(rest, FIRST_FRAME);
+    }
+
+    #[test]
+    fn blocking_client_does_not_read_past_the_server_proof() {
+        let (client, mut server) = pair();
+        let srv = thread::spawn(move || {
+            let mut hs = Handshake::server(COOKIE, SERVER);
+            let mut out = Vec::new();
+            assert_eq!(pump(&mut server, &mut hs, &mut out), Progress::Continue);
+            server.write_all(&out).unwrap();
+            out.clear();
+            let progress = pump(&mut server, &mut hs, &mut out);
+            out.extend_from_slice(FIRST_FRAME);
+            server.write_all(&out).unwrap();
+            progress
+        });
+        client_handshake(&client, &cfg(COOKIE, CLIENT, Duration::from_secs(5)), SERVER).unwrap();
+        let mut rest = [0u8; FIRST_FRAME.len()];
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&client).read_exact(&mut rest).unwrap();
+        assert_eq!(rest, FIRST_FRAME);
+        assert_eq!(srv.join().unwrap(), Progress::Done(CLIENT.to_owned()));
     }
 }
