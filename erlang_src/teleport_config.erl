@@ -2,7 +2,8 @@
 %%
 %% <table>
 %% <tr><th>Key</th><th>Default</th><th>Meaning</th></tr>
-%% <tr><td>`pool_size'</td><td>schedulers online</td><td>connections per peer node. Fewer than the cores leaves cores to the VM while bulk flows to one peer: at 1, a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle, for ~6% of bulk throughput (see README, "Bulk transfers beside latency-sensitive traffic")</td></tr>
+%% <tr><td>`pool_size'</td><td>4</td><td>connections per peer node, each one way (ours to the peer; the peer's pool carries the other way). A sender's messages always take one connection, so more connections let more senders' bulk transfers run side by side; they cost a descriptor at each end, not threads (a 50-node cluster at 4: 392 descriptors per node)</td></tr>
+%% <tr><td>`io_threads'</td><td>`auto': a quarter of the schedulers online, at least 1, at most 16</td><td>threads that read and write every teleport socket of this node, whatever the number of peers and connections</td></tr>
 %% <tr><td>`listen_ip'</td><td>`{0,0,0,0}'</td><td>address the listener binds</td></tr>
 %% <tr><td>`listen_port'</td><td>`0' (any)</td><td>port the listener binds</td></tr>
 %% <tr><td>`max_frame_bytes'</td><td>512 MiB</td><td>largest encoded message sent or accepted</td></tr>
@@ -12,16 +13,16 @@
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
 %% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write (at least 4096); on a kernel that does not preempt inside system calls, chunks keep bulk transfers from holding a core for milliseconds (lower latency for everything else on the node; bulk throughput ~10-15% lower at 262144, ~25-30% at 65536; see README, "Bulk transfers beside latency-sensitive traffic")</td></tr>
-%% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the threads that write and read teleport's sockets run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
-%% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long a connection's reader that finds its socket empty polls it (giving the core to any thread that wants it) before sleeping, 0 to never poll (Linux only; elsewhere readers never poll). Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
-%% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's reader thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: OTP GH-8208); `always' for every message holding such a map or a fun (slower: one more hand-off per message; for tests)</td></tr>
+%% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the I/O threads run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
+%% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long an I/O thread that finds nothing to do polls its sockets (giving the core to any thread that wants it) before sleeping, 0 to never poll. Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
+%% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: OTP GH-8208); `always' for every message holding such a map or a fun (slower: one more hand-off per message; for tests)</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
 
--export([get/0, get/1, validate/2, defaults/0]).
+-export([get/0, get/1, validate/2, defaults/0, io_threads/1]).
 
--type key() :: pool_size | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
+-type key() :: pool_size | io_threads | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | connect_timeout | handshake_timeout | max_pending_handshakes
              | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
              | reader_busy_wait_us | decode_on_scheduler | peer_addresses.
@@ -42,7 +43,8 @@ get(Key) ->
 %% @doc Every setting's default, as in the table above.
 -spec defaults() -> #{key() => term()}.
 defaults() ->
-    #{pool_size => erlang:system_info(schedulers_online),
+    #{pool_size => 4,
+      io_threads => auto,
       listen_ip => {0, 0, 0, 0},
       listen_port => 0,
       max_frame_bytes => 512 * 1024 * 1024,
@@ -60,6 +62,8 @@ defaults() ->
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
 -spec validate(key(), term()) -> term().
 validate(pool_size, N) when is_integer(N), N >= 1, N =< 256 -> N;
+validate(io_threads, auto) -> auto;
+validate(io_threads, N) when is_integer(N), N >= 1, N =< 256 -> N;
 validate(listen_ip, Ip) when is_tuple(Ip) -> valid_ip(listen_ip, Ip);
 validate(listen_port, P) when is_integer(P), P >= 0, P =< 65535 -> P;
 validate(max_frame_bytes, N) when is_integer(N), N >= 1024, N =< 16#FFFFFFFF -> N;
@@ -90,6 +94,13 @@ validate(peer_addresses, M) when is_map(M) ->
     M;
 validate(Key, Value) ->
     erlang:error({invalid_config, Key, Value}).
+
+%% @doc The I/O thread count `io_threads' stands for on this node.
+-spec io_threads(auto | pos_integer()) -> pos_integer().
+io_threads(auto) ->
+    min(16, max(1, erlang:system_info(schedulers_online) div 4));
+io_threads(N) when is_integer(N) ->
+    N.
 
 valid_ip(Key, Ip) ->
     case inet:ntoa(Ip) of

@@ -28,6 +28,8 @@ init([]) ->
                   Bytes -> Bytes
               end,
     case teleport_nif:start(Opts#{io_chunk_bytes => IoChunk,
+                                  io_threads => teleport_config:io_threads(
+                                                  maps:get(io_threads, Config)),
                                   local_node => atom_to_binary(node()),
                                   cookie => atom_to_binary(erlang:get_cookie()),
                                   event_pid => self(),

@@ -1037,9 +1037,9 @@ io_chunk_round_trip(_Config) ->
             end || I <- lists:seq(1, length(Msgs))],
     ?assert(Back =:= Msgs).
 
-%% A peer with `io_thread_priority' idle: once traffic has gone both ways, its writer
-%% threads (its pool to us) and inbound readers (our pool to it) are SCHED_IDLE, its
-%% schedulers are not, and neither are this node's teleport threads (priority normal).
+%% A peer with `io_thread_priority' idle: its I/O threads (which write its pool to us
+%% and read ours to it) are SCHED_IDLE, its schedulers are not, and neither are this
+%% node's I/O threads (priority normal).
 io_thread_priority_idle(_Config) ->
     {_, B} = start_case_peer("idle", #{io_thread_priority => idle}),
     {ok, Echo} = teleport_test_peer:start_echo(B, self()),
@@ -1053,27 +1053,25 @@ io_thread_priority_idle(_Config) ->
                        lists:usort([P || {Name, P} <- Threads, lists:prefix(Prefix, Name)])
                end,
     Theirs = erpc:call(B, teleport_test_peer, thread_policies, []),
-    ?assertEqual([5], Policies(Theirs, "teleport-w")),
-    ?assertEqual([5], Policies(Theirs, "teleport-in")),
+    ?assertEqual([5], Policies(Theirs, "teleport-io")),
     %% Scheduler 1's thread: "1_scheduler" on OTP 25, "erts_sched_1" on 27 and 29.
     ?assertEqual([0], Policies(Theirs, "1_scheduler") ++ Policies(Theirs, "erts_sched_1")),
     Ours = teleport_test_peer:thread_policies(),
-    ?assertEqual([0], Policies(Ours, "teleport-w")),
-    ?assertEqual([0], Policies(Ours, "teleport-in")).
+    ?assertEqual([0], Policies(Ours, "teleport-io")).
 
-%% Ping-pong with two peers in turn: the one whose readers busy-wait (10 ms here, so that a
-%% slow machine's round trips fit) receives nearly every ping while polling; the one whose
-%% readers do not sleeps for most (not all: a reader preempted by the scheduler it woke
-%% can find the next ping already there). Sleeps counted per thread by the kernel.
+%% Ping-pong with two peers in turn: the one whose I/O threads busy-wait (10 ms here, so
+%% that a slow machine's round trips fit) receives nearly every ping while polling; the
+%% one whose threads do not sleeps for most (not all: a thread preempted by the scheduler
+%% it woke can find the next ping already there). Sleeps counted per thread by the kernel.
 reader_busy_wait(_Config) ->
     Trips = 300,
     Sleeps = fun(BusyWaitUs) ->
                      {Peer, B} = start_case_peer("poll", #{reader_busy_wait_us => BusyWaitUs}),
                      {ok, Echo} = teleport_test_peer:start_echo(B, self()),
                      ping_pong(Echo, 20), % connections up, readers past their first wait
-                     Before = erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-in"]),
+                     Before = erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-io"]),
                      ping_pong(Echo, Trips),
-                     After = erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-in"]),
+                     After = erpc:call(B, teleport_test_peer, thread_sleeps, ["teleport-io"]),
                      teleport_test_peer:stop(Peer),
                      After - Before
              end,

@@ -15,7 +15,8 @@ with_env(Key, Value, Fun) ->
 
 defaults_are_valid_test() ->
     Config = teleport_config:get(),
-    ?assertEqual(erlang:system_info(schedulers_online), maps:get(pool_size, Config)),
+    ?assertEqual(4, maps:get(pool_size, Config)),
+    ?assertEqual(auto, maps:get(io_threads, Config)),
     ?assertEqual({0, 0, 0, 0}, maps:get(listen_ip, Config)),
     ?assertEqual(0, maps:get(listen_port, Config)),
     ?assert(maps:get(max_frame_bytes, Config) >= 1024),
@@ -23,6 +24,13 @@ defaults_are_valid_test() ->
 
 per_ip_handshake_cap_test() ->
     check_setting(max_pending_handshakes_per_ip, 8, 2, 0).
+
+io_threads_test() ->
+    check_setting(io_threads, auto, 3, 0),
+    Auto = teleport_config:io_threads(auto),
+    ?assert(Auto >= 1 andalso Auto =< 16),
+    ?assertEqual(max(1, erlang:system_info(schedulers_online) div 4), Auto),
+    ?assertEqual(5, teleport_config:io_threads(5)).
 
 io_chunk_test() ->
     check_setting(io_chunk_bytes, infinity, 262144, 100).
@@ -53,7 +61,8 @@ invalid_values_raise_test_() ->
            {peer_addresses, #{a@b => {{127, 0, 0, 1}, 0}}}, {peer_addresses, [x]},
            {max_pending_handshakes, 0}, {max_pending_handshakes_per_ip, 0},
            {max_pending_handshakes_per_ip, -1}, {max_pending_handshakes_per_ip, 2.0},
-           {max_pending_handshakes_per_ip, infinity}],
+           {max_pending_handshakes_per_ip, infinity}, {io_threads, 0}, {io_threads, many},
+           {io_threads, 1000}],
     [?_assertError({invalid_config, Key, _}, teleport_config:validate(Key, Value))
      || {Key, Value} <- Bad].
 

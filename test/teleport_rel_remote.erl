@@ -19,7 +19,7 @@
 -export([start_collector/1, collected/2]).
 -export([start_sender/0, sender_send/5]).
 -export([flood/5]).
--export([inbound_threads/0, thread_names/0]).
+-export([inbound_connections/0, thread_names/0]).
 -export([blocked_senders/0]).
 -export([tcp_probe/2]).
 
@@ -141,11 +141,11 @@ flood(Dest, Tag, Bin, Opts, Max, Seq) ->
 %%--------------------------------------------------------------------
 %% Threads
 
-%% @doc How many of this VM's OS threads read an inbound teleport connection
-%% (named "teleport-in-<remote address>", cut to 15 characters by Linux).
--spec inbound_threads() -> non_neg_integer().
-inbound_threads() ->
-    length([N || N <- thread_names(), lists:prefix("teleport-in-", N)]).
+%% @doc How many inbound teleport connections this node reads (from every peer),
+%% authenticated or still in their handshake: the listener's open sockets.
+-spec inbound_connections() -> non_neg_integer().
+inbound_connections() ->
+    maps:get(inbound_connections, teleport:listener_stats()).
 
 %% @doc The names of this VM's OS threads.
 -spec thread_names() -> [string()].

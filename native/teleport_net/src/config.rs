@@ -9,6 +9,8 @@ use crate::thread_priority::IoThreadPriority;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The I/O engine's threads; every connection, to every peer, is served by one.
+    pub io_threads: usize,
     pub local_node: String,
     pub cookie: Vec<u8>,
     /// Cap on one frame body, checked by readers before allocating and by senders.
@@ -34,7 +36,7 @@ pub struct Config {
     /// after a wait shorter than this and no bulk frame since, so request/response traffic
     /// polls and bulk or sparse traffic does not. A message caught while polling reaches
     /// its process without a thread wake-up first (ping-pong p50 ~20% lower on 2 cores;
-    /// BENCHMARKS.md, "Latency"), for up to this much CPU per message. Linux only.
+    /// BENCHMARKS.md, "Latency"), for up to this much CPU per message.
     pub reader_busy_wait: Duration,
 }
 
@@ -51,6 +53,7 @@ impl Config {
     pub fn for_tests(local_node: &str, cookie: &[u8]) -> Config {
         Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),
+            io_threads: 2,
             local_node: local_node.to_string(),
             cookie: cookie.to_vec(),
             max_frame_bytes: 64 << 20,

@@ -1,16 +1,18 @@
-//! One outbound connection: a bounded-by-bytes queue of frames, the writer
-//! thread that drains it with vectored writes, and the watcher thread that
-//! notices the peer going away while we have nothing to write.
+//! One outbound connection as senders see it: a queue of frames bounded by bytes,
+//! drained with vectored writes by the connection's I/O thread (engine.rs), or a small
+//! frame written directly by its sender when nothing is queued.
 
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpStream;
 
-use crate::faults::Point;
+use crate::conn_ref::ConnRef;
 use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
@@ -92,45 +94,52 @@ impl OutFrame {
     }
 }
 
-enum Item {
-    Frame(OutFrame),
-    /// A direct write left a remainder in `Connection::socket`: the writer must finish it.
-    Wake,
-    Close,
-}
-
 /// Frames up to this size may be written by the sending thread itself (see `enqueue`).
 const DIRECT_WRITE_MAX: usize = 64 * 1024;
 
 /// A frame that follows the previous one on this connection within this many
-/// nanoseconds is part of a stream: it is queued so the writer can put many frames in
-/// one write (one wake-up of the peer's reader for many messages). A frame after a
+/// nanoseconds is part of a stream: it is queued so the I/O thread can put many frames
+/// in one write (one wake-up of the peer's reader for many messages). A frame after a
 /// longer gap, like a ping-pong's, is written directly for latency. With 8 senders of
 /// 100-byte messages, always writing directly made 0.6-0.9x disterl's messages/s, this
 /// made 1.1-1.2x (BENCHMARKS.md); a 32-byte ping-pong's gaps are >= 40 us.
 const STREAM_GAP_NS: u64 = 30_000;
 
-/// A batch is flushed with one writev once it holds this much, or the queue is empty.
+/// A batch taken from the queue holds at most this much, so a long queue is written in
+/// turns with the I/O thread's other connections.
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_FRAMES: usize = 256;
 
+/// Frames taken from the queue and not yet wholly on the wire; the first has its first
+/// `offset` bytes out.
+#[derive(Default)]
+struct Batch {
+    frames: VecDeque<OutFrame>,
+    offset: usize,
+}
+
+/// One outbound connection as senders see it: a queue bounded by bytes, written by its
+/// I/O thread, or directly by a sender when nothing is queued.
 pub struct Connection {
-    tx: Sender<Item>,
-    /// A frame can slip into the queue after the writer's final drain (its sender
-    /// passed the `closed` check just before); such frames are counted when the
-    /// connection is dropped.
-    leftovers: Receiver<Item>,
+    tx: Sender<OutFrame>,
+    /// Drained by the I/O thread; frames left when the connection ends are counted
+    /// dropped (also those slipped in after the final drain, when it is dropped).
+    rx: Receiver<OutFrame>,
     stats: Arc<PeerStats>,
     counters: ConnStats,
-    /// Kept to shut the socket down from any thread (wakes the writer and the watcher).
-    socket: TcpStream,
-    /// Whoever writes to the socket holds this: the writer thread for each batch, or a
-    /// sender writing directly. It holds the rest of a frame a direct write left
-    /// half-sent, which the writer must put on the wire before anything else.
-    writing: Mutex<Option<(OutFrame, usize)>>,
+    /// Shared with the I/O thread, which registered it: one descriptor.
+    socket: Arc<TcpStream>,
+    /// Whoever writes to the socket holds this: the I/O thread, or a sender writing
+    /// directly. It holds the frames under way, the rest of a direct write first.
+    writing: Mutex<Batch>,
+    /// Bytes accepted and not yet written.
     queued_bytes: AtomicUsize,
     limit: usize,
     closed: AtomicBool,
+    /// Set while the I/O thread has been asked to write, until it finds nothing left: a
+    /// sender that sets it sends the one request.
+    flush_requested: AtomicBool,
+    io: ConnRef,
     /// Callers told to wait for the queue to drain; run once it falls to half the limit.
     waiters: Mutex<Vec<Callback<()>>>,
     has_waiters: AtomicBool,
@@ -152,40 +161,46 @@ pub enum Enqueued {
 #[derive(Debug)]
 pub struct Closed;
 
+/// What a flush by the I/O thread left.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Nothing left to write.
+    Idle,
+    /// The socket's buffer is full: write again once it is writable.
+    Blocked,
+    /// This turn's share is written and more is queued: flush again after the thread's
+    /// other connections had theirs.
+    More,
+}
+
 impl Connection {
-    /// Returns the connection and its writing end, for its writer thread.
     pub(crate) fn new(
-        socket: TcpStream,
-        writer_stream: TcpStream,
+        socket: Arc<TcpStream>,
+        io: ConnRef,
         limit: usize,
         io_chunk: usize,
         stats: Arc<PeerStats>,
         counters: ConnStats,
-    ) -> (Arc<Connection>, WriterEnd) {
+    ) -> Connection {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let conn = Arc::new(Connection {
+        Connection {
             tx,
-            leftovers: rx.clone(),
+            rx,
             stats,
             counters,
             socket,
-            writing: Mutex::new(None),
+            writing: Mutex::new(Batch::default()),
             queued_bytes: AtomicUsize::new(0),
             limit,
-            io_chunk,
             closed: AtomicBool::new(false),
+            flush_requested: AtomicBool::new(false),
+            io,
             waiters: Mutex::new(Vec::new()),
             has_waiters: AtomicBool::new(false),
+            io_chunk,
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
-        });
-        let end = WriterEnd {
-            conn: conn.clone(),
-            rx,
-            stream: writer_stream,
-            batch: Vec::new(),
-        };
-        (conn, end)
+        }
     }
 
     /// Queues a frame. Memory stays bounded because callers that get `OverLimit`
@@ -200,10 +215,11 @@ impl Connection {
         };
         let wire_len = frame.wire_len();
         let queued = self.queued_bytes.fetch_add(wire_len, SeqCst) + wire_len;
-        if self.tx.send(Item::Frame(frame)).is_err() {
+        if self.tx.send(frame).is_err() {
             self.queued_bytes.fetch_sub(wire_len, SeqCst);
             return Err(Closed);
         }
+        self.request_flush();
         Ok(if queued > self.limit {
             Enqueued::OverLimit
         } else {
@@ -211,10 +227,17 @@ impl Connection {
         })
     }
 
-    /// With nothing queued, nobody writing and no stream under way, a small frame goes straight to the socket
-    /// from the caller's thread, without waking the writer: that hand-off is most of a
-    /// small message's latency. Never blocks: on a full socket buffer the rest of the frame
-    /// is left to the writer. Returns the frame if it must be queued instead.
+    fn request_flush(&self) {
+        if !self.flush_requested.swap(true, SeqCst) {
+            self.io.flush();
+        }
+    }
+
+    /// With nothing queued, nobody writing and no stream under way, a small frame goes
+    /// straight to the socket from the caller's thread, without waking the I/O thread:
+    /// that hand-off is most of a small message's latency. Never blocks: on a full
+    /// socket buffer the rest of the frame is left to the I/O thread. Returns the frame
+    /// if it must be queued instead.
     fn try_direct_write(&self, frame: OutFrame) -> Option<OutFrame> {
         let now = self.created.elapsed().as_nanos() as u64;
         let previous = self.last_frame_ns.swap(now, Relaxed);
@@ -223,23 +246,23 @@ impl Connection {
         if streaming || too_large || self.queued_bytes.load(SeqCst) != 0 {
             return Some(frame);
         }
-        let Ok(mut writing) = self.writing.try_lock() else {
+        let Ok(mut batch) = self.writing.try_lock() else {
             return Some(frame);
         };
         // Re-checked under the lock: an empty queue now means none of this sender's
         // earlier frames is still waiting, so writing this one first keeps its order.
-        if writing.is_some() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
+        if !batch.frames.is_empty() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
             return Some(frame);
         }
-        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        let socket = socket2::SockRef::from(&self.socket);
-        // An error (full buffer, or a failure the writer will meet and report) sends nothing.
+        let socket = socket2::SockRef::from(&*self.socket);
+        // An error (full buffer, or a failure the I/O thread will meet and report) sends nothing.
         let sent: usize = match frame.contiguous() {
-            Some(bytes) => socket.send_with_flags(bytes, flags),
+            Some(bytes) => socket.send_with_flags(bytes, SEND_FLAGS),
             None => {
                 let mut slices = Vec::with_capacity(4);
                 frame.push_slices(&mut slices);
-                socket.send_vectored_with_flags(&slices, flags)
+                slices.truncate(MAX_SLICES);
+                socket.send_vectored_with_flags(&slices, SEND_FLAGS)
             }
         }
         .unwrap_or_default();
@@ -248,22 +271,127 @@ impl Connection {
         }
         let wire_len = frame.wire_len();
         if sent < wire_len {
-            // The rest must follow before any other frame: the writer finishes it.
+            // The rest must follow before any other frame: the I/O thread finishes it.
             self.queued_bytes.fetch_add(wire_len - sent, SeqCst);
-            *writing = Some((frame, sent));
-            drop(writing);
-            let _ = self.tx.send(Item::Wake);
+            batch.frames.push_back(frame);
+            batch.offset = sent;
+            drop(batch);
+            self.request_flush();
             return None;
         }
         self.stats.count_out(&self.counters, 1, frame.body_len() as u64);
         None
     }
 
+    /// The I/O thread's part: writes what is queued until the socket is full, the queue
+    /// is empty or `budget` bytes went out. An error is the connection's end.
+    pub(crate) fn flush(&self, budget: usize) -> io::Result<Flushed> {
+        let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut written = 0;
+        loop {
+            if batch.frames.is_empty() && !self.refill(&mut batch) {
+                // Asked again meanwhile (the sender saw the flag set and sent no
+                // request): this thread goes on; otherwise the next sender asks.
+                self.flush_requested.store(false, SeqCst);
+                if self.rx.is_empty() || self.flush_requested.swap(true, SeqCst) {
+                    drop(batch);
+                    self.wake_waiters(false);
+                    return Ok(Flushed::Idle);
+                }
+                continue;
+            }
+            if written >= budget {
+                drop(batch);
+                self.wake_waiters(false);
+                return Ok(Flushed::More);
+            }
+            match self.write_some_of(&mut batch) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(batch);
+                    self.wake_waiters(false);
+                    return Ok(Flushed::Blocked);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves queued frames into the batch; false if there were none.
+    fn refill(&self, batch: &mut Batch) -> bool {
+        let mut bytes = 0;
+        while bytes < BATCH_BYTES && batch.frames.len() < BATCH_FRAMES {
+            match self.rx.try_recv() {
+                Ok(frame) => {
+                    bytes += frame.wire_len();
+                    batch.frames.push_back(frame);
+                }
+                Err(_) => break,
+            }
+        }
+        !batch.frames.is_empty()
+    }
+
+    /// One write system call of the batch; frames wholly out leave it (dropping them
+    /// releases their bodies, and the binaries they reference).
+    fn write_some_of(&self, batch: &mut Batch) -> io::Result<usize> {
+        let n = {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.frames.len() * 3);
+            for frame in &batch.frames {
+                frame.push_slices(&mut slices);
+            }
+            let mut slices = &mut slices[..];
+            IoSlice::advance_slices(&mut slices, batch.offset);
+            write_some(&mut SendNoSignal(&self.socket), slices, self.io_chunk)?
+        };
+        self.queued_bytes.fetch_sub(n, SeqCst);
+        let mut left = batch.offset + n;
+        let (mut frames, mut bodies) = (0u64, 0u64);
+        while let Some(front) = batch.frames.front() {
+            if front.wire_len() > left {
+                break;
+            }
+            left -= front.wire_len();
+            frames += 1;
+            bodies += front.body_len() as u64;
+            batch.frames.pop_front();
+        }
+        batch.offset = left;
+        if frames > 0 {
+            self.stats.count_out(&self.counters, frames, bodies);
+        }
+        Ok(n)
+    }
+
+    /// Ends the connection, from its I/O thread as it lets go of it: nothing more is
+    /// accepted, every accepted frame not written is counted as dropped, waiting senders
+    /// are woken. Returns how many frames were dropped.
+    pub(crate) fn close(&self) -> u64 {
+        self.closed.store(true, SeqCst);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unsent = batch.frames.len() as u64;
+        let mut bytes: usize = batch.frames.iter().map(OutFrame::wire_len).sum::<usize>() - batch.offset;
+        batch.frames.clear();
+        batch.offset = 0;
+        drop(batch);
+        for frame in self.rx.try_iter() {
+            unsent += 1;
+            bytes += frame.wire_len();
+        }
+        self.queued_bytes.fetch_sub(bytes, SeqCst);
+        PeerStats::add(&self.stats.dropped_out, unsent);
+        self.wake_waiters(true);
+        unsent
+    }
+
     /// Registers `wake` to run once the queue has drained to half its limit or the
     /// connection closed. Returns false (and drops `wake`) if that is already so.
     pub fn wait_for_drain(&self, wake: Callback<()>) -> bool {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        // Publish first, then re-check: the writer reads `has_waiters` after it
+        // Publish first, then re-check: the I/O thread reads `has_waiters` after it
         // lowers `queued_bytes`, so one of the two sides always sees the other.
         self.has_waiters.store(true, SeqCst);
         if self.closed.load(SeqCst) || self.drained() {
@@ -289,6 +417,10 @@ impl Connection {
         self.queued_bytes.load(SeqCst) >= self.limit
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+
     fn drained(&self) -> bool {
         self.queued_bytes.load(SeqCst) <= self.limit / 2
     }
@@ -310,172 +442,56 @@ impl Connection {
         }
     }
 
-    /// Stops the connection from any thread: nothing more is accepted, the
-    /// writer stops after its current write, the watcher's read returns.
+    /// Stops the connection from any thread: nothing more is accepted, and its I/O
+    /// thread is told to let go of it (counting what was not written).
     pub fn shutdown(&self) {
         self.closed.store(true, SeqCst);
-        let _ = self.tx.send(Item::Close);
         let _ = self.socket.shutdown(Shutdown::Both);
-        self.wake_waiters(true);
+        self.io.close();
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let late = self
-            .leftovers
-            .try_iter()
-            .filter(|item| matches!(item, Item::Frame(_)))
-            .count();
+        // Frames that slipped in after the I/O thread's final drain.
+        let late = self.rx.try_iter().count();
         PeerStats::add(&self.stats.dropped_out, late as u64);
     }
 }
 
-/// A connection's writing side: its queue, its socket and the batch being written,
-/// owned by its writer thread.
-pub(crate) struct WriterEnd {
-    conn: Arc<Connection>,
-    rx: Receiver<Item>,
-    stream: TcpStream,
-    /// Frames taken from the queue and not yet written. Kept here rather than on the
-    /// writer's stack so that `close` counts them even after a panic.
-    batch: Vec<OutFrame>,
-}
+/// Our sockets are written with MSG_NOSIGNAL: a peer's reset must be an error, not a
+/// SIGPIPE (the VM ignores it, a test binary might not).
+#[cfg(any(target_os = "linux", target_os = "freebsd"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+/// macOS has no MSG_NOSIGNAL (std sets SO_NOSIGPIPE on its sockets; the VM ignores
+/// SIGPIPE).
+#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
-impl WriterEnd {
-    /// The writer thread's loop: runs until the connection is shut down or a write fails,
-    /// and says why. Frames it could not write are left for `close` to count.
-    pub(crate) fn write_until_closed(&mut self, peer: &str) -> String {
-        let (conn, stream, batch) = (&*self.conn, &mut self.stream, &mut self.batch);
-        loop {
-            crate::faults::check(Point::Writer, peer);
-            let mut close_after = false;
-            match self.rx.recv() {
-                Ok(Item::Frame(frame)) => batch.push(frame),
-                Ok(Item::Wake) => {}
-                Ok(Item::Close) | Err(_) => return "closed".to_string(),
-            }
-            let mut writing = conn.writing.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((frame, offset)) = &*writing {
-                let (rest, body_len) = (frame.wire_len() - offset, frame.body_len());
-                if let Err((_, e)) = write_frame_from(stream, frame, *offset, conn.io_chunk) {
-                    return format!("write failed: {e}");
-                }
-                conn.stats.count_out(&conn.counters, 1, body_len as u64);
-                *writing = None;
-                conn.queued_bytes.fetch_sub(rest, SeqCst);
-            }
-            if batch.is_empty() {
-                drop(writing);
-                conn.wake_waiters(false);
-                continue;
-            }
-            // Take whatever else is already queued: many small frames become one write.
-            let mut batch_bytes = batch[0].wire_len();
-            while batch_bytes < BATCH_BYTES && batch.len() < BATCH_FRAMES {
-                match self.rx.try_recv() {
-                    Ok(Item::Frame(frame)) => {
-                        batch_bytes += frame.wire_len();
-                        batch.push(frame);
-                    }
-                    Ok(Item::Wake) => {}
-                    Ok(Item::Close) => {
-                        close_after = true;
-                        break;
-                    }
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                }
-            }
-            let outcome = write_batch(stream, batch, conn.io_chunk);
-            let written = match &outcome {
-                Ok(()) => batch.len(),
-                Err((bytes, _)) => frames_within(batch, *bytes),
-            };
-            let bodies: usize = batch[..written].iter().map(OutFrame::body_len).sum();
-            let wire: usize = batch[..written].iter().map(OutFrame::wire_len).sum();
-            conn.stats
-                .count_out(&conn.counters, written as u64, bodies as u64);
-            // Dropping the frames releases their bodies (and the binaries they reference).
-            batch.drain(..written);
-            conn.queued_bytes.fetch_sub(wire, SeqCst);
-            drop(writing);
-            if let Err((_, e)) = outcome {
-                return format!("write failed: {e}");
-            }
-            conn.wake_waiters(false);
-            if close_after {
-                return "closed".to_string();
-            }
-        }
+/// Linux's and the BSDs' IOV_MAX.
+const MAX_SLICES: usize = 1024;
+
+/// The socket as a `Write` whose writes are `send`s with `SEND_FLAGS`.
+struct SendNoSignal<'a>(&'a TcpStream);
+
+impl Write for SendNoSignal<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        socket2::SockRef::from(self.0).send_with_flags(buf, SEND_FLAGS)
     }
-
-    /// Ends the writing side, however the writer ended (returned, panicked, never
-    /// started): nothing more is accepted, every accepted frame not written is counted
-    /// as dropped, waiting senders are woken. Returns how many frames were dropped.
-    pub(crate) fn close(&mut self) -> u64 {
-        let conn = &*self.conn;
-        conn.closed.store(true, SeqCst);
-        let _ = self.stream.shutdown(Shutdown::Both);
-        let mut unsent = 0;
-        let mut forget = |bytes: usize| {
-            conn.queued_bytes.fetch_sub(bytes, SeqCst);
-            unsent += 1;
-        };
-        // The rest of a frame a direct write left half-sent.
-        let half_sent = conn.writing.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((frame, offset)) = half_sent {
-            forget(frame.wire_len() - offset);
-        }
-        for frame in self.batch.drain(..) {
-            forget(frame.wire_len());
-        }
-        while let Ok(item) = self.rx.try_recv() {
-            if let Item::Frame(frame) = item {
-                forget(frame.wire_len());
-            }
-        }
-        PeerStats::add(&conn.stats.dropped_out, unsent);
-        conn.wake_waiters(true);
-        unsent
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        // sendmsg refuses more slices than IOV_MAX (EMSGSIZE), where writev would take
+        // the first ones: a frame of many referenced binaries has more.
+        let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
+        socket2::SockRef::from(self.0).send_vectored_with_flags(bufs, SEND_FLAGS)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
-/// How many whole frames of `batch` fit in its first `bytes` bytes on the wire.
-fn frames_within(batch: &[OutFrame], bytes: usize) -> usize {
-    let mut end = 0;
-    batch
-        .iter()
-        .take_while(|frame| {
-            end += frame.wire_len();
-            end <= bytes
-        })
-        .count()
-}
-
-/// The part of one frame from `offset` on (the rest of a direct write).
-fn write_frame_from(
-    stream: &mut TcpStream,
-    frame: &OutFrame,
-    offset: usize,
-    chunk: usize,
-) -> Result<(), (usize, io::Error)> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(4);
-    frame.push_slices(&mut slices);
-    let mut slices = &mut slices[..];
-    IoSlice::advance_slices(&mut slices, offset);
-    write_all_vectored(stream, slices, chunk)
-}
-
-/// On failure, also says how many bytes did go out.
-fn write_batch(stream: &mut TcpStream, batch: &[OutFrame], chunk: usize) -> Result<(), (usize, io::Error)> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
-    for frame in batch {
-        frame.push_slices(&mut slices);
-    }
-    write_all_vectored(stream, &mut slices, chunk)
-}
-
-/// `Write::write_all_vectored` is not stable yet.
+/// `Write::write_all_vectored` is not stable yet (tests only: the I/O thread never
+/// waits for a write to complete).
+#[cfg(test)]
 fn write_all_vectored(
     writer: &mut impl Write,
     mut slices: &mut [IoSlice<'_>],
@@ -511,20 +527,6 @@ fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>], chunk: usize) -> 
         })
         .count();
     writer.write_vectored(&slices[..count.max(1)])
-}
-
-/// The watcher thread's body: the peer never writes after the handshake, so any
-/// return from `read` means the connection is gone (or the peer misbehaves).
-pub(crate) fn run_watcher(mut stream: &TcpStream) -> String {
-    let mut buf = [0u8; 64];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return "peer closed the connection".to_string(),
-            Ok(_) => return "peer sent unexpected data".to_string(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return format!("read failed: {e}"),
-        }
-    }
 }
 
 #[cfg(test)]

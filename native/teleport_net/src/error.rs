@@ -101,6 +101,70 @@ impl fmt::Display for OpenError {
 
 impl std::error::Error for OpenError {}
 
+/// Why a connection or a pool closed, as names a caller can match on (the NIF turns
+/// them into `closed`, `{io, econnreset}`, `{bad_frame, frame_too_large}`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Closed on request (`close_pool`).
+    Closed,
+    /// The runtime is stopping.
+    Stopping,
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The peer wrote on one of our outbound connections, which only we write on.
+    UnexpectedData,
+    /// A newer pool from the same node replaced this inbound connection's.
+    Superseded,
+    /// A socket call failed: the errno's name.
+    Io(&'static str),
+    /// A frame header we refuse (`frame_too_large`, `empty_frame`, `unknown_frame_kind`,
+    /// `pool_epoch`: a pool announcement out of place).
+    BadFrame(&'static str),
+    /// A frame body the handler could not decode: why, in words.
+    Malformed(String),
+    /// A thread of ours panicked while serving the connection: why, in words.
+    Internal(String),
+}
+
+impl CloseReason {
+    pub fn io(e: &io::Error) -> CloseReason {
+        CloseReason::Io(io_reason(e))
+    }
+
+    /// The stable name of the reason's class (`closed`, `io`, `bad_frame`, ...).
+    pub fn class(&self) -> &'static str {
+        match self {
+            CloseReason::Closed => "closed",
+            CloseReason::Stopping => "stopping",
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::UnexpectedData => "unexpected_data",
+            CloseReason::Superseded => "superseded",
+            CloseReason::Io(_) => "io",
+            CloseReason::BadFrame(_) => "bad_frame",
+            CloseReason::Malformed(_) => "malformed",
+            CloseReason::Internal(_) => "internal",
+        }
+    }
+
+    pub fn detail(&self) -> Detail<'_> {
+        match self {
+            CloseReason::Io(name) | CloseReason::BadFrame(name) => Detail::Name(name),
+            CloseReason::Malformed(why) | CloseReason::Internal(why) => Detail::Text(why),
+            _ => Detail::None,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.detail() {
+            Detail::None => f.write_str(self.class()),
+            Detail::Name(name) => write!(f, "{}: {name}", self.class()),
+            Detail::Text(text) => write!(f, "{}: {text}", self.class()),
+        }
+    }
+}
+
 /// A stable name for an i/o error, as Erlang's inet names them (`econnrefused`,
 /// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream.
 pub fn io_reason(e: &io::Error) -> &'static str {

@@ -12,18 +12,19 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Where a thread body checks for an injected panic, and what `subject` it matches.
+/// Where the engine checks for an injected panic, and what `subject` it matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Point {
-    /// A dial thread's start; subject: the peer dialed.
+    /// A connection's dial, as its I/O thread takes it; subject: the peer dialed.
     Dial,
-    /// A writer's start and each batch it takes; subject: the peer written to.
+    /// Each flush of an outbound connection; subject: the peer written to.
     Writer,
-    /// A watcher's start; subject: the peer watched.
+    /// An outbound connection as its handshake completes; subject: the peer.
     Watcher,
-    /// An inbound reader, once it joined its peer's inbound pool; subject: the peer.
+    /// An inbound connection, once it joined its peer's inbound pool; subject: the peer.
     Reader,
-    /// An inbound connection's thread, before the handshake; subject: this node's name.
+    /// An accepted connection, before its handshake (a delay postpones the handshake
+    /// without holding the thread); subject: this node's name.
     Handshake,
     /// The acceptor, for each connection it accepts; subject: this node's name.
     Acceptor,
@@ -48,8 +49,7 @@ static ARMED: AtomicUsize = AtomicUsize::new(0);
 static FAULTS: Mutex<Vec<Fault>> = Mutex::new(Vec::new());
 
 /// The next `n` threads whose name starts with `name_prefix` fail to start (names:
-/// `teleport-dial-<peer>`, `teleport-w<i>-<peer>`, `teleport-r<i>-<peer>`,
-/// `teleport-in-<remote address>`, `teleport-acceptor-<node>`).
+/// `teleport-io<i>-<node>`, the engine's I/O threads).
 pub fn fail_next_spawns(name_prefix: &str, n: usize) {
     arm(Kind::Spawn, name_prefix, n);
 }
@@ -115,6 +115,20 @@ pub(crate) fn check(point: Point, subject: &str) {
         Some(Kind::Panic(_)) => panic!("injected fault: {point:?} for {subject}"),
         Some(Kind::Delay(_, delay)) => std::thread::sleep(delay),
         _ => {}
+    }
+}
+
+/// Like `check`, but an armed delay is returned for the caller to wait out without
+/// blocking its thread (an I/O thread serves other connections meanwhile).
+pub(crate) fn delay(point: Point, subject: &str) -> Option<Duration> {
+    let at_point = |f: &Fault| match f.kind {
+        Kind::Panic(p) | Kind::Delay(p, _) => p == point && f.target == subject,
+        _ => false,
+    };
+    match take(at_point) {
+        Some(Kind::Panic(_)) => panic!("injected fault: {point:?} for {subject}"),
+        Some(Kind::Delay(_, delay)) => Some(delay),
+        _ => None,
     }
 }
 

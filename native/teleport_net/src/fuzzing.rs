@@ -3,8 +3,6 @@
 //! bytes as a peer would send them and runs the parsers the network side runs on
 //! them, without sockets, clocks or randomness. Not an API.
 
-use std::io::Cursor;
-
 use crate::etf::read::ReadError;
 use crate::etf::value::{read_value, Value};
 use crate::framing::FrameKind;
@@ -13,8 +11,7 @@ use crate::handshake::{
     encode_hello, encode_message, message_len, HandshakeError, MacBytes, Nonce, TAG_CHALLENGE,
     TAG_CLIENT_PROOF, TAG_HELLO, TAG_SERVER_PROOF,
 };
-use crate::host::read_body;
-use crate::inbound::{next_data_header, read_pool_token};
+use crate::inbound::parse_stream;
 use crate::runtime::POOL_TOKEN_LEN;
 
 /// The fixed parties of the handshake target (a real handshake draws its nonces at random).
@@ -84,17 +81,11 @@ pub struct FramesOutcome {
 /// frame, then frames (header checks, `max_frame_bytes` = `MAX_FRAME`) whose
 /// bodies are read as terms.
 pub fn frames(data: &[u8]) -> FramesOutcome {
-    let mut reader = Cursor::new(data);
     let mut terms = Vec::new();
-    let end = (|| {
-        read_pool_token(&mut reader)?;
-        let mut body = Vec::new();
-        while let Some(header) = next_data_header(&mut reader, MAX_FRAME)? {
-            read_body(&mut reader, header.body_len as usize, &mut body)?;
-            terms.push(read_value(&body).map_err(|e| format!("malformed frame: {e}"))?);
-        }
+    let end = parse_stream(data, MAX_FRAME, &mut |_kind, body| {
+        terms.push(read_value(body).map_err(|e| format!("malformed frame: {e}"))?);
         Ok(())
-    })();
+    });
     FramesOutcome { terms, end }
 }
 

@@ -2,8 +2,10 @@
 //! somewhere to deliver arriving frames and somewhere to report events.
 //! Keeping the VM behind this trait lets `cargo test` run real pools on loopback.
 
-use std::io::Read;
+use std::any::Any;
 
+use crate::conn_ref::ConnRef;
+use crate::error::CloseReason;
 use crate::framing::FrameKind;
 
 /// How one arriving frame ended.
@@ -12,33 +14,80 @@ pub enum Delivery {
     Delivered,
     /// Well formed, but nobody to give it to (dead pid, unregistered name): counted, not fatal.
     Undeliverable(&'static str),
+    /// The handler passed the frame on (to be decoded on a scheduler) and holds the
+    /// `Resume` it took from `Deferral::defer`: the connection reads nothing more until
+    /// that reports the outcome (or is dropped), so its frames keep their order.
+    Deferred,
 }
 
-/// Delivers the frames of one inbound connection; owned by that connection's reader thread.
+/// A frame body in a buffer of the handler's own (see `FrameHandler::body_buffer`),
+/// filled by the I/O thread straight from the socket.
+pub trait BodyBuffer: Send {
+    fn as_mut_slice(&mut self) -> &mut [u8];
+    /// Back to the handler's own type in `handle_owned`.
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
+/// Delivers the frames of one inbound connection; owned by that connection, called on
+/// its I/O thread. It must not block: a frame it cannot deliver at once it defers.
 pub trait FrameHandler: Send {
     /// Delivers one body. `Err` means the peer sent something malformed: the connection is closed.
-    fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String>;
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String>;
 
-    /// Reads exactly `len` body bytes from `body`, then delivers them. The default reads
-    /// into the reader's reused `scratch` buffer; a handler that wants the bytes in a
-    /// buffer of its own (to reference large binaries in place) reads them itself.
-    fn read_and_handle(
+    /// For a body of `len` bytes: a buffer of the handler's own to read it into (to
+    /// reference large binaries in place), or `None` to have it read into the
+    /// connection's buffer and passed to `handle`. `Err`: it cannot be had (out of memory).
+    fn body_buffer(&mut self, _len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
+        Ok(None)
+    }
+
+    /// Delivers a body read into a buffer from `body_buffer`.
+    fn handle_owned(
         &mut self,
-        kind: FrameKind,
-        len: usize,
-        body: &mut dyn Read,
-        scratch: &mut Vec<u8>,
+        _kind: FrameKind,
+        _body: Box<dyn BodyBuffer>,
+        _deferral: &Deferral,
     ) -> Result<Delivery, String> {
-        read_body(body, len, scratch)?;
-        self.handle(kind, scratch)
+        Err("no buffer was lent".to_string())
     }
 }
 
-/// Reads exactly `len` bytes of a body into `scratch` (reused between frames).
-pub fn read_body(body: &mut dyn Read, len: usize, scratch: &mut Vec<u8>) -> Result<(), String> {
-    scratch.clear();
-    scratch.resize(len, 0);
-    body.read_exact(scratch).map_err(|e| format!("read failed: {e}"))
+/// Lets a handler defer the frame it is handling (see `Delivery::Deferred`).
+pub struct Deferral {
+    pub(crate) conn: ConnRef,
+}
+
+impl Deferral {
+    /// The handle to report the deferred frame's outcome with. Taken once per
+    /// `Delivery::Deferred`.
+    pub fn defer(&self) -> Resume {
+        Resume {
+            conn: Some(self.conn.clone()),
+        }
+    }
+}
+
+/// Reports how a deferred frame ended, from any thread; dropping it unreported counts
+/// the frame undeliverable (`decoder_down`), so the connection always reads on.
+pub struct Resume {
+    conn: Option<ConnRef>,
+}
+
+impl Resume {
+    pub fn finish(mut self, outcome: Result<Delivery, String>) {
+        if let Some(conn) = self.conn.take() {
+            conn.thread.resume(conn.slot, outcome);
+        }
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.thread
+                .resume(conn.slot, Ok(Delivery::Undeliverable("decoder_down")));
+        }
+    }
 }
 
 /// Things worth telling the VM (for logging, or to wake a waiting caller).
@@ -50,7 +99,7 @@ pub enum Event {
     },
     PoolDown {
         peer: String,
-        reason: String,
+        reason: CloseReason,
         dropped_messages: u64,
     },
     InboundUp {
@@ -58,7 +107,7 @@ pub enum Event {
     },
     InboundDown {
         peer: String,
-        reason: String,
+        reason: CloseReason,
     },
     /// At most one per source address per `failure_log::INTERVAL`; `unreported`
     /// failures from that source came before it without an event of their own.
@@ -94,7 +143,6 @@ pub trait Host: Send + Sync + 'static {
     fn event(&self, event: Event);
 }
 
-/// One-shot callbacks, run on a core thread, or on the caller's own thread when the
-/// outcome is known at once (a dial thread that could not start, a pool closed by
-/// `close_pool`): they must not block.
+/// One-shot callbacks, run on an I/O thread, or on the caller's own thread when the
+/// outcome is known at once (a pool closed by `close_pool`): they must not block.
 pub type Callback<T> = Box<dyn FnOnce(T) + Send + Sync>;

@@ -1,273 +1,557 @@
-//! One inbound connection: the server side of the handshake, then a reader
-//! that parses frames and hands them to the host for delivery.
+//! Inbound connections once authenticated: the frame reader (a state machine fed by
+//! the connection's I/O thread whenever the socket is readable), delivery through the
+//! host's `FrameHandler`, and the peers' inbound pools (which connections belong to
+//! the latest pool of each peer).
 
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mio::net::TcpStream;
+
+use crate::error::CloseReason;
 use crate::faults::{self, Point};
-use crate::framing::{read_header, FrameHeader, FrameKind};
-use crate::handshake::{server_handshake, HandshakeConfig, HandshakeError};
-use crate::host::{Delivery, Event};
-use crate::listener::HandshakeSlot;
-use crate::runtime::{ended_early, PoolToken, Shared, TrackedSocket, POOL_TOKEN_LEN};
+use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
+use crate::pool::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
-use std::io::{self, BufReader, Read};
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// An inbound connection's thread. Whatever it holds (its handshake slot, its place
-/// in `stop`'s sockets and in its peer's inbound pool, the socket) is released on drop,
-/// so a panic anywhere in it leaves nothing counted.
-pub(crate) fn run_inbound(shared: &Arc<Shared>, stream: TcpStream, remote: SocketAddr, slot: HandshakeSlot) {
-    faults::check(Point::Handshake, &shared.config.local_node);
-    let handshake = HandshakeConfig {
-        cookie: &shared.config.cookie,
-        local_node: &shared.config.local_node,
-        timeout: shared.config.handshake_timeout,
-    };
-    let tracked = shared.track_socket(&stream);
-    let outcome = match &tracked {
-        Some(_) => server_handshake(&stream, &handshake),
-        None => Err(HandshakeError::Io(std::io::ErrorKind::Interrupted.into())),
-    };
-    drop(slot);
-    let peer = match outcome {
-        Ok(peer) => peer,
-        Err(_) if tracked.is_none() => return, // stopping
-        Err(e) => {
-            shared.handshake_failures_in.fetch_add(1, SeqCst);
-            if let Some(unreported) = shared.handshake_failure_log.note(remote.ip(), Instant::now()) {
-                shared.host.event(Event::HandshakeFailed {
-                    remote: remote.to_string(),
-                    reason: e.reason(),
-                    unreported,
-                });
-            }
-            return;
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    crate::listener::keep_alive(&stream);
-    shared.apply_io_thread_priority();
-    let stats = shared.peer_stats(&peer);
-    shared.host.event(Event::InboundUp { peer: peer.clone() });
-    let mut reading = Reading {
-        shared,
-        peer,
-        tracked,
-        reason: None,
-    };
-    reading.reason = Some(read_frames(shared, &stream, &reading.peer, &stats));
+/// The reader's buffer: many small frames per system call.
+pub(crate) const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// How a read turn ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadTurn {
+    /// The socket is empty: wait for it to be readable.
+    Drained,
+    /// A frame was deferred: read nothing more until it is resumed.
+    Paused,
+    /// This turn's share is read; more may be waiting: read again after the thread's
+    /// other connections had theirs.
+    More,
 }
 
-/// Reports `InboundDown` once the reader ends, also when it panics.
-struct Reading<'a> {
-    shared: &'a Shared,
+/// Whether the reader goes on after a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Pause,
+}
+
+/// An authenticated inbound connection: reads frames and delivers them.
+pub(crate) struct Inbound {
+    reader: FrameReader,
+    to: Recipient,
+    /// A deferred frame is being delivered elsewhere.
+    paused: bool,
+    /// Set when the connection ends; reported as it is dropped.
+    pub reason: Option<CloseReason>,
+}
+
+/// Where an inbound connection's frames go, and what is counted on the way.
+struct Recipient {
     peer: String,
-    tracked: Option<TrackedSocket<'a>>,
-    reason: Option<String>,
+    handler: Box<dyn FrameHandler>,
+    deferral: Deferral,
+    host: Arc<dyn Host>,
+    stats: Arc<PeerStats>,
+    counters: Arc<ConnStats>,
+    pools: Arc<InboundPools>,
+    socket: Arc<TcpStream>,
+    membership: Option<Membership>,
+    last_undeliverable_event: Option<Instant>,
+    /// A large body was read since this was last cleared.
+    bulk: bool,
 }
 
-impl Drop for Reading<'_> {
+pub(crate) struct InboundSetup {
+    pub peer: String,
+    pub socket: Arc<TcpStream>,
+    pub deferral: Deferral,
+    pub host: Arc<dyn Host>,
+    pub stats: Arc<PeerStats>,
+    pub pools: Arc<InboundPools>,
+    pub max_frame_bytes: u32,
+    pub io_chunk: usize,
+    /// Bytes that came with the handshake's last message.
+    pub early: Vec<u8>,
+}
+
+impl Inbound {
+    pub fn new(setup: InboundSetup) -> io::Result<Inbound> {
+        let counters = Arc::new(ConnStats::new(&setup.socket)?);
+        let handler = setup.host.frame_handler(&setup.peer);
+        setup.host.event(Event::InboundUp {
+            peer: setup.peer.clone(),
+        });
+        Ok(Inbound {
+            reader: FrameReader::new(setup.max_frame_bytes, setup.io_chunk, setup.early),
+            to: Recipient {
+                peer: setup.peer,
+                handler,
+                deferral: setup.deferral,
+                host: setup.host,
+                stats: setup.stats,
+                counters,
+                pools: setup.pools,
+                socket: setup.socket,
+                membership: None,
+                last_undeliverable_event: None,
+                bulk: false,
+            },
+            paused: false,
+            reason: None,
+        })
+    }
+
+    /// Reads and delivers what the socket holds, up to `budget` bytes.
+    pub fn read(&mut self, budget: usize) -> Result<ReadTurn, CloseReason> {
+        if self.paused {
+            return Ok(ReadTurn::Paused);
+        }
+        let socket = self.to.socket.clone();
+        let turn = self.reader.read_turn(&mut self.to, &mut &*socket, budget);
+        if turn == Ok(ReadTurn::Paused) {
+            self.paused = true;
+        }
+        turn
+    }
+
+    /// A deferred frame's outcome; the caller reads on unless it is an error.
+    pub fn resume(&mut self, outcome: Result<Delivery, String>) -> Result<(), CloseReason> {
+        self.paused = false;
+        self.to.delivered(outcome).map(|_| ())
+    }
+
+    /// Whether a large body was read since the last call.
+    pub fn take_bulk(&mut self) -> bool {
+        std::mem::take(&mut self.to.bulk)
+    }
+}
+
+impl Recipient {
+    /// Counts a delivery's outcome; `Pause` for a deferred frame.
+    fn delivered(&mut self, outcome: Result<Delivery, String>) -> Result<Flow, CloseReason> {
+        match outcome {
+            Ok(Delivery::Delivered) => Ok(Flow::Go),
+            Ok(Delivery::Deferred) => Ok(Flow::Pause),
+            Ok(Delivery::Undeliverable(reason)) => {
+                let total = self.stats.count_undeliverable(&self.counters);
+                let due = self
+                    .last_undeliverable_event
+                    .is_none_or(|t| t.elapsed() >= UNDELIVERABLE_EVENT_INTERVAL);
+                if due {
+                    self.last_undeliverable_event = Some(Instant::now());
+                    self.host.event(Event::Undeliverable {
+                        peer: self.peer.clone(),
+                        reason,
+                        total,
+                    });
+                }
+                Ok(Flow::Go)
+            }
+            Err(e) => Err(CloseReason::Malformed(e)),
+        }
+    }
+}
+
+impl Drop for Inbound {
     fn drop(&mut self) {
         // No longer counted by the time the event is out.
-        drop(self.tracked.take());
-        let reason = self.reason.take().unwrap_or_else(|| ended_early("reader"));
-        self.shared.host.event(Event::InboundDown {
-            peer: std::mem::take(&mut self.peer),
+        drop(self.to.membership.take());
+        let reason = self
+            .reason
+            .take()
+            .unwrap_or_else(|| CloseReason::Internal(crate::engine::ended_early("reader")));
+        self.to.host.event(Event::InboundDown {
+            peer: std::mem::take(&mut self.to.peer),
             reason,
         });
     }
 }
 
-fn read_frames(shared: &Shared, stream: &TcpStream, peer: &str, stats: &PeerStats) -> String {
-    let socket = SocketReader::new(stream, shared.config.io_chunk(), READ_BUFFER_BYTES)
-        .busy_wait(shared.config.reader_busy_wait);
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, socket);
-    let token = match read_pool_token(&mut reader) {
-        Ok(token) => token,
-        Err(reason) => return reason,
-    };
-    let counters = match ConnStats::new(stream) {
-        Ok(counters) => Arc::new(counters),
-        Err(e) => return format!("socket address unavailable: {e}"),
-    };
-    let Some(membership) = shared.join_inbound_pool(peer, token, stream, counters.clone()) else {
-        return "superseded by a newer pool from the same node".to_string();
-    };
-    faults::check(Point::Reader, peer);
-    let mut handler = shared.host.frame_handler(peer);
-    let mut scratch = Vec::new();
-    let mut last_undeliverable_event: Option<Instant> = None;
-    loop {
-        let header = match next_data_header(&mut reader, shared.config.max_frame_bytes) {
-            Ok(Some(header)) => header,
-            Ok(None) => return "peer closed the connection".to_string(),
-            Err(reason) => return reason,
-        };
+/// What the frame reader hands complete frames to.
+trait FrameSink {
+    fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason>;
+    /// A buffer of the handler's own for a body of `len` bytes, if it wants one.
+    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason>;
+    fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason>;
+}
+
+enum Body<'a> {
+    Slice(&'a [u8]),
+    Owned(Box<dyn BodyBuffer>),
+}
+
+impl FrameSink for Recipient {
+    fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason> {
+        let membership = self
+            .pools
+            .join(&self.peer, token, &self.socket, self.counters.clone())
+            .ok_or(CloseReason::Superseded)?;
+        self.membership = Some(membership);
+        faults::check(Point::Reader, &self.peer);
+        Ok(())
+    }
+
+    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
+        self.handler.body_buffer(len).map_err(CloseReason::Malformed)
+    }
+
+    fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason> {
         // A newer pool from this node exists: anything still arriving here was sent
         // before it (bytes a partition held back) and must not overtake its frames.
-        if membership.is_stale() {
-            return "superseded by a newer pool from the same node".to_string();
+        if self.membership.as_ref().is_none_or(Membership::is_stale) {
+            return Err(CloseReason::Superseded);
         }
-        let len = header.body_len as usize;
-        let outcome = handler.read_and_handle(header.kind, len, &mut reader, &mut scratch);
-        // Counted once the body is in: a peer announcing a huge frame and hanging up adds nothing.
-        if outcome.is_ok() {
-            stats.count_in(&counters, len as u64);
-        }
-        match outcome {
-            Ok(Delivery::Delivered) => {}
-            Ok(Delivery::Undeliverable(reason)) => {
-                let total = stats.count_undeliverable(&counters);
-                let due =
-                    last_undeliverable_event.is_none_or(|t| t.elapsed() >= UNDELIVERABLE_EVENT_INTERVAL);
-                if due {
-                    last_undeliverable_event = Some(Instant::now());
-                    shared.host.event(Event::Undeliverable {
-                        peer: peer.to_string(),
-                        reason,
-                        total,
-                    });
-                }
+        let outcome = match body {
+            Body::Slice(bytes) => {
+                self.stats.count_in(&self.counters, bytes.len() as u64);
+                self.handler.handle(kind, bytes, &self.deferral)
             }
-            Err(e) => return format!("malformed frame: {e}"),
-        }
-        // A large body's buffer is not kept between frames.
-        if scratch.capacity() > 1 << 20 {
-            scratch = Vec::new();
-        }
-    }
-}
-
-/// The reader's buffer: many small frames per system call.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-
-/// The socket as the reader's `BufReader` sees it: at most `chunk` bytes per read system
-/// call (`Config::io_chunk_bytes`), buffer refills included. A large body is read whole
-/// (`read_exact`): once the buffered bytes are used, `BufReader` passes reads larger than
-/// its buffer straight to this, into the body's own memory, so the cap applies without a
-/// second copy.
-///
-/// A teleport connection carries data one way only, so its ACKs never ride on replies: in
-/// quick-ACK mode the kernel sends a pure ACK from inside the read that consumes a lone
-/// message, with the peer's side of loopback processed on this thread, before the message
-/// reaches its process. Two things take that off the path (see BENCHMARKS.md, "Latency"):
-/// buffer refills wait in delayed-ACK mode (one ACK per two pushes, or when the timer
-/// fires; the kernel falls back to quick ACKs when its timer fires, so it is set before
-/// each refill), and they peek instead of reading: the peeked bytes are discarded at the
-/// start of the next read, after their frames are delivered, and any ACK goes out then.
-/// Large body reads read: their ACKs and window updates should not wait.
-///
-/// A refill that finds the socket empty may busy-wait before it sleeps (see
-/// `Config::reader_busy_wait`): a message that arrives while it polls reaches its process
-/// without first waking this thread.
-struct SocketReader<S> {
-    socket: S,
-    chunk: usize,
-    /// Reads up to this size (the `BufReader`'s refills) peek.
-    peek_up_to: usize,
-    /// Bytes handed out by the last peek and still queued in the socket.
-    peeked: usize,
-    /// How long a refill polls before it sleeps; zero never polls.
-    busy_wait: Duration,
-    /// Whether the next refill polls: traffic has been small frames close together, the
-    /// last wait for data was shorter than `busy_wait`. A connection whose messages come
-    /// further apart, or that carries bulk, sleeps at once.
-    poll_next: bool,
-}
-
-impl<S: Receive> SocketReader<S> {
-    fn new(socket: S, chunk: usize, buffer_bytes: usize) -> Self {
-        SocketReader {
-            socket,
-            chunk,
-            peek_up_to: if S::CAN_PEEK { buffer_bytes } else { 0 },
-            peeked: 0,
-            busy_wait: Duration::ZERO,
-            poll_next: false,
-        }
-    }
-
-    fn busy_wait(mut self, busy_wait: Duration) -> Self {
-        self.busy_wait = busy_wait;
-        self
-    }
-
-    /// A buffer refill: peeks, polling first if the traffic so far suggests data is close.
-    fn refill(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.delay_acks();
-        if self.busy_wait.is_zero() {
-            return Ok(self.socket.peek(buf, Wait::Block)?.unwrap_or(0));
-        }
-        let start = Instant::now();
-        if self.poll_next {
-            loop {
-                if let Some(n) = self.socket.peek(buf, Wait::No)? {
-                    return Ok(n);
-                }
-                if start.elapsed() >= self.busy_wait {
-                    break;
-                }
-                // Offers the core to any thread that wants it (a scheduler this wait may
-                // be for), so polling mostly uses CPU nothing else wanted.
-                std::thread::yield_now();
+            Body::Owned(mut buffer) => {
+                self.stats
+                    .count_in(&self.counters, buffer.as_mut_slice().len() as u64);
+                self.bulk = true;
+                self.handler.handle_owned(kind, buffer, &self.deferral)
             }
-        }
-        let n = self.socket.peek(buf, Wait::Block)?.unwrap_or(0);
-        self.poll_next = start.elapsed() < self.busy_wait;
-        Ok(n)
+        };
+        self.delivered(outcome)
     }
 }
 
-impl<S: Receive> Read for SocketReader<S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while self.peeked > 0 {
-            let n = self.peeked.min(buf.len());
-            match self.socket.discard(&mut buf[..n])? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                discarded => self.peeked -= discarded,
-            }
-        }
-        let n = buf.len().min(self.chunk);
-        if buf.len() <= self.peek_up_to {
-            let peeked = self.refill(&mut buf[..n])?;
-            self.peeked = peeked;
-            Ok(peeked)
-        } else {
-            // A large body: bulk, whose next frame polling would seldom catch.
-            self.poll_next = false;
-            self.socket.read(&mut buf[..n])
-        }
-    }
-}
-
-/// Whether a peek may sleep until data comes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Wait {
-    Block,
-    No,
-}
-
-/// What [`SocketReader`] needs from a socket.
+/// What the reader needs from a socket (a trait, so the reader is tested without one).
 trait Receive {
     /// Whether `peek` and `discard` work; without them every read is a plain read.
     const CAN_PEEK: bool;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Puts the socket in delayed-ACK mode for the bytes the next peeks wait for.
+    /// Puts the socket in delayed-ACK mode for the bytes the next peek finds.
     fn delay_acks(&mut self);
-    /// Copies queued bytes into `buf` and leaves them queued. `None`: nothing queued and
-    /// `Wait::No`.
-    fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>>;
-    /// Drops up to `buf.len()` queued bytes; `buf` only gives the length.
-    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Copies queued bytes into `buf` and leaves them queued; `WouldBlock` when empty.
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Drops `n` queued bytes (already peeked).
+    fn discard(&mut self, n: usize) -> io::Result<()>;
 }
+
+/// The frame reader: a 64 KiB buffer, and how far the frame under way got.
+///
+/// Refills peek rather than read, and in delayed-ACK mode (Linux): the peeked bytes
+/// leave the socket once their frames are delivered. A teleport connection carries
+/// data one way only, so its ACKs never ride on replies: in quick-ACK mode the kernel
+/// sends a pure ACK from inside the read that consumes a lone message, with the peer's
+/// side of loopback processed on this thread, before the message reaches its process
+/// (BENCHMARKS.md, "Latency"). A deferred frame leaves the bytes after it in the socket,
+/// so nothing needs keeping while the connection waits. A large body is read with
+/// plain reads straight into its own buffer, with no second copy.
+struct FrameReader {
+    buf: Box<[u8]>,
+    /// Bytes received but not yet parsed: those that came with the handshake, or
+    /// (where sockets cannot peek) those after a deferred frame.
+    early: Vec<u8>,
+    parser: Parser,
+    chunk: usize,
+}
+
+impl FrameReader {
+    fn new(max_frame_bytes: u32, chunk: usize, early: Vec<u8>) -> FrameReader {
+        FrameReader {
+            buf: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
+            early,
+            parser: Parser::new(max_frame_bytes),
+            chunk,
+        }
+    }
+
+    /// One turn: reads and parses until the socket is empty, a frame is deferred, or
+    /// `budget` bytes were read.
+    fn read_turn<R: Receive>(
+        &mut self,
+        sink: &mut dyn FrameSink,
+        socket: &mut R,
+        budget: usize,
+    ) -> Result<ReadTurn, CloseReason> {
+        if !self.early.is_empty() {
+            let early = std::mem::take(&mut self.early);
+            let (used, flow) = self.parser.consume(&early, sink)?;
+            self.early = early[used..].to_vec();
+            if flow == Flow::Pause {
+                return Ok(ReadTurn::Paused);
+            }
+        }
+        let mut read = 0;
+        loop {
+            if read >= budget {
+                return Ok(ReadTurn::More);
+            }
+            // A large body: straight into its buffer.
+            if let Some(rest) = self.parser.owned_body_rest(self.buf.len()) {
+                let n = rest.len().min(self.chunk);
+                let n = match socket.read(&mut rest[..n]) {
+                    Ok(0) => return Err(CloseReason::Io("closed")),
+                    Ok(n) => n,
+                    Err(e) => return would_block(e),
+                };
+                read += n;
+                if self.parser.owned_body_filled(n, sink)? == Flow::Pause {
+                    return Ok(ReadTurn::Paused);
+                }
+                continue;
+            }
+            let n = self.buf.len().min(self.chunk);
+            let got = if R::CAN_PEEK {
+                socket.delay_acks();
+                socket.peek(&mut self.buf[..n])
+            } else {
+                socket.read(&mut self.buf[..n])
+            };
+            let n = match got {
+                Ok(0) if self.parser.between_frames() => return Err(CloseReason::PeerClosed),
+                Ok(0) => return Err(CloseReason::Io("closed")),
+                Ok(n) => n,
+                Err(e) => return would_block(e),
+            };
+            let (used, flow) = self.parser.consume(&self.buf[..n], sink)?;
+            read += used;
+            if R::CAN_PEEK {
+                socket.discard(used).map_err(|e| CloseReason::io(&e))?;
+            } else {
+                self.early.extend_from_slice(&self.buf[used..n]);
+            }
+            if flow == Flow::Pause {
+                return Ok(ReadTurn::Paused);
+            }
+        }
+    }
+}
+
+fn would_block(e: io::Error) -> Result<ReadTurn, CloseReason> {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => Ok(ReadTurn::Drained),
+        // Read again at the next turn.
+        io::ErrorKind::Interrupted => Ok(ReadTurn::More),
+        _ => Err(CloseReason::io(&e)),
+    }
+}
+
+/// Bodies at least this large go to a buffer of the handler's own if it wants one.
+/// Smaller ones are delivered from the read buffer when they are in it whole.
+enum PartialBody {
+    /// Gathered in `Parser::scratch`.
+    Small { kind: FrameKind, len: usize },
+    Owned {
+        kind: FrameKind,
+        buffer: Box<dyn BodyBuffer>,
+        filled: usize,
+    },
+}
+
+/// Frames from bytes: the header (5 bytes, checked before any allocation) and the body,
+/// however the bytes are split.
+struct Parser {
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    body: Option<PartialBody>,
+    /// Bodies split over reads are gathered here (reused between frames).
+    scratch: Vec<u8>,
+    epoch_seen: bool,
+    max_frame_bytes: u32,
+}
+
+impl Parser {
+    fn new(max_frame_bytes: u32) -> Parser {
+        Parser {
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            body: None,
+            scratch: Vec::new(),
+            epoch_seen: false,
+            max_frame_bytes,
+        }
+    }
+
+    fn between_frames(&self) -> bool {
+        self.header_len == 0 && self.body.is_none()
+    }
+
+    /// Parses `bytes`, delivering every frame completed; returns how many bytes were
+    /// used (all of them, unless a frame was deferred: then those up to its end).
+    fn consume(&mut self, bytes: &[u8], sink: &mut dyn FrameSink) -> Result<(usize, Flow), CloseReason> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let flow = match &mut self.body {
+                None => {
+                    let take = (HEADER_LEN - self.header_len).min(bytes.len() - at);
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&bytes[at..at + take]);
+                    self.header_len += take;
+                    at += take;
+                    if self.header_len < HEADER_LEN {
+                        break;
+                    }
+                    self.header_len = 0;
+                    let (kind, len) = self.start_frame()?;
+                    if kind != FrameKind::PoolEpoch && len >= OWN_BUFFER_MIN {
+                        if let Some(buffer) = sink.body_buffer(len)? {
+                            self.body = Some(PartialBody::Owned {
+                                kind,
+                                buffer,
+                                filled: 0,
+                            });
+                            continue;
+                        }
+                    }
+                    if bytes.len() - at >= len {
+                        // Whole in the buffer: delivered from there, no copy.
+                        let body = &bytes[at..at + len];
+                        at += len;
+                        self.complete(kind, Body::Slice(body), sink)?
+                    } else {
+                        self.scratch.clear();
+                        self.body = Some(PartialBody::Small { kind, len });
+                        continue;
+                    }
+                }
+                Some(PartialBody::Small { kind, len }) => {
+                    let (kind, len) = (*kind, *len);
+                    let take = (len - self.scratch.len()).min(bytes.len() - at);
+                    self.scratch.extend_from_slice(&bytes[at..at + take]);
+                    at += take;
+                    if self.scratch.len() < len {
+                        break;
+                    }
+                    self.body = None;
+                    let scratch = std::mem::take(&mut self.scratch);
+                    let flow = self.complete(kind, Body::Slice(&scratch), sink);
+                    // A large body's buffer is not kept between frames.
+                    if scratch.capacity() <= 1 << 20 {
+                        self.scratch = scratch;
+                    }
+                    flow?
+                }
+                Some(PartialBody::Owned { buffer, filled, .. }) => {
+                    let dest = &mut buffer.as_mut_slice()[*filled..];
+                    let take = dest.len().min(bytes.len() - at);
+                    dest[..take].copy_from_slice(&bytes[at..at + take]);
+                    at += take;
+                    match self.owned_body_filled(take, sink)? {
+                        Flow::Go => continue,
+                        Flow::Pause => Flow::Pause,
+                    }
+                }
+            };
+            if flow == Flow::Pause {
+                return Ok((at, Flow::Pause));
+            }
+        }
+        Ok((at, Flow::Go))
+    }
+
+    /// Checks a complete header: the first frame names the sender's pool, no other does.
+    fn start_frame(&mut self) -> Result<(FrameKind, usize), CloseReason> {
+        let max = if self.epoch_seen {
+            self.max_frame_bytes
+        } else {
+            POOL_TOKEN_LEN as u32
+        };
+        let header = FrameHeader::decode(&self.header, max).map_err(|e| CloseReason::BadFrame(e.reason()))?;
+        let is_epoch = header.kind == FrameKind::PoolEpoch;
+        if is_epoch == self.epoch_seen || (is_epoch && header.body_len as usize != POOL_TOKEN_LEN) {
+            return Err(CloseReason::BadFrame("pool_epoch"));
+        }
+        Ok((header.kind, header.body_len as usize))
+    }
+
+    fn complete(
+        &mut self,
+        kind: FrameKind,
+        body: Body<'_>,
+        sink: &mut dyn FrameSink,
+    ) -> Result<Flow, CloseReason> {
+        if kind == FrameKind::PoolEpoch {
+            let Body::Slice(bytes) = body else {
+                return Err(CloseReason::BadFrame("pool_epoch"));
+            };
+            let mut token = [0u8; POOL_TOKEN_LEN];
+            token.copy_from_slice(bytes);
+            sink.pool_token(token)?;
+            self.epoch_seen = true;
+            return Ok(Flow::Go);
+        }
+        sink.frame(kind, body)
+    }
+
+    /// The unfilled rest of a large body under way, if more than `min` bytes are left.
+    fn owned_body_rest(&mut self, min: usize) -> Option<&mut [u8]> {
+        match &mut self.body {
+            Some(PartialBody::Owned { buffer, filled, .. }) => {
+                let rest = &mut buffer.as_mut_slice()[*filled..];
+                (rest.len() > min).then_some(rest)
+            }
+            _ => None,
+        }
+    }
+
+    /// `n` more bytes of the large body under way are in; delivers it once whole.
+    fn owned_body_filled(&mut self, n: usize, sink: &mut dyn FrameSink) -> Result<Flow, CloseReason> {
+        let Some(PartialBody::Owned { buffer, filled, .. }) = &mut self.body else {
+            return Ok(Flow::Go);
+        };
+        *filled += n;
+        if *filled < buffer.as_mut_slice().len() {
+            return Ok(Flow::Go);
+        }
+        let Some(PartialBody::Owned { kind, buffer, .. }) = self.body.take() else {
+            return Ok(Flow::Go);
+        };
+        self.complete(kind, Body::Owned(buffer), sink)
+    }
+}
+
+/// What `parse_stream` hands each data frame to.
+pub(crate) type OnFrame<'a> = dyn FnMut(FrameKind, &[u8]) -> Result<(), String> + 'a;
+
+/// Parses a whole inbound stream (what follows the handshake) as a connection's
+/// reader would, handing each data frame's body to `on_frame`: `Ok` at a clean end
+/// between frames, else why the connection would close (fuzzing and tests).
+pub(crate) fn parse_stream(
+    data: &[u8],
+    max_frame_bytes: u32,
+    on_frame: &mut OnFrame<'_>,
+) -> Result<(), String> {
+    struct Collect<'a, 'b>(&'a mut OnFrame<'b>);
+    impl FrameSink for Collect<'_, '_> {
+        fn pool_token(&mut self, _token: PoolToken) -> Result<(), CloseReason> {
+            Ok(())
+        }
+        fn body_buffer(&mut self, _len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
+            Ok(None)
+        }
+        fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason> {
+            let Body::Slice(bytes) = body else {
+                return Err(CloseReason::Internal("no buffer was lent".to_string()));
+            };
+            (self.0)(kind, bytes).map_err(CloseReason::Malformed)?;
+            Ok(Flow::Go)
+        }
+    }
+    let mut parser = Parser::new(max_frame_bytes);
+    parser
+        .consume(data, &mut Collect(on_frame))
+        .map_err(|e| e.to_string())?;
+    if parser.between_frames() {
+        Ok(())
+    } else {
+        Err("closed mid-frame".to_string())
+    }
+}
+
+/// Bodies at least this large are offered a buffer of the handler's own.
+const OWN_BUFFER_MIN: usize = 64 * 1024;
 
 impl Receive for &TcpStream {
     // Discarding with MSG_TRUNC (no copy) is Linux's; elsewhere TCP may ignore the flag.
@@ -283,33 +567,50 @@ impl Receive for &TcpStream {
     }
 
     #[cfg(target_os = "linux")]
-    fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>> {
-        let flags = match wait {
-            Wait::Block => libc::MSG_PEEK,
-            Wait::No => libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        };
-        match socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), flags) {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if wait == Wait::No && e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        }
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), libc::MSG_PEEK)
     }
 
     // Unused: without CAN_PEEK, refills read.
     #[cfg(not(target_os = "linux"))]
-    fn peek(&mut self, buf: &mut [u8], _wait: Wait) -> io::Result<Option<usize>> {
-        TcpStream::peek(self, buf).map(Some)
+    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::peek(self, buf)
     }
 
     #[cfg(target_os = "linux")]
-    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // With MSG_TRUNC the kernel copies nothing.
-        socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), libc::MSG_TRUNC)
+    fn discard(&mut self, mut n: usize) -> io::Result<()> {
+        // With MSG_TRUNC the kernel copies nothing; the buffer only gives the length.
+        let mut none = [0u8; 0];
+        while n > 0 {
+            let len = n.min(isize::MAX as usize);
+            // SAFETY: with MSG_TRUNC, recv writes nothing into the (empty) buffer and
+            // returns how many bytes it dropped, up to `len`.
+            let dropped = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(*self),
+                    none.as_mut_ptr().cast(),
+                    len,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if dropped < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if dropped == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            n -= dropped as usize;
+        }
+        Ok(())
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        Read::read(self, buf)
+    fn discard(&mut self, _n: usize) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -320,197 +621,416 @@ fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
     unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
 }
 
-/// The header of the next frame to deliver; `Ok(None)` at a clean end of stream.
-pub(crate) fn next_data_header(reader: &mut impl Read, max_body: u32) -> Result<Option<FrameHeader>, String> {
-    match read_header(reader, max_body) {
-        Ok(Some(header)) if header.kind == FrameKind::PoolEpoch => {
-            Err("a second pool epoch frame".to_string())
+/// The inbound connections of one peer, all from its latest pool.
+struct InboundPool {
+    token: PoolToken,
+    /// By id (they grow in join order).
+    members: HashMap<u64, Member>,
+}
+
+/// One connection of an inbound pool: the flag that marks it superseded, its socket
+/// (to shut it down then), its counters.
+struct Member {
+    stale: Arc<AtomicBool>,
+    socket: Arc<TcpStream>,
+    counters: Arc<ConnStats>,
+}
+
+/// Every peer's latest inbound pool.
+#[derive(Default)]
+pub(crate) struct InboundPools {
+    pools: Mutex<HashMap<String, InboundPool>>,
+    next_id: AtomicU64,
+}
+
+impl InboundPools {
+    /// Registers an inbound connection under its pool's token. A token other than the
+    /// peer's current one is a newer pool (a sender opens a pool only once its previous
+    /// one is closed): every connection of the older pool is marked stale and shut down,
+    /// so bytes it still holds (a partition, a slow close) are never delivered after the
+    /// new pool's. `None` if this connection's own pool was already superseded.
+    fn join(
+        self: &Arc<Self>,
+        peer: &str,
+        token: PoolToken,
+        socket: &Arc<TcpStream>,
+        counters: Arc<ConnStats>,
+    ) -> Option<Membership> {
+        let stale = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, SeqCst);
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = pools.entry(peer.to_string()).or_insert_with(|| InboundPool {
+            token,
+            members: HashMap::new(),
+        });
+        if pool.token != token {
+            if pool.members.is_empty() || token > pool.token || token[..8] != pool.token[..8] {
+                for old in pool.members.values() {
+                    old.stale.store(true, SeqCst);
+                    let _ = old.socket.shutdown(std::net::Shutdown::Both);
+                }
+                pool.members.clear();
+                pool.token = token;
+            } else {
+                return None; // an older pool of the same runtime, arriving late
+            }
         }
-        Ok(header) => Ok(header),
-        Err(e) => Err(format!("bad frame: {e}")),
+        let member = Member {
+            stale: stale.clone(),
+            socket: socket.clone(),
+            counters,
+        };
+        pool.members.insert(id, member);
+        Some(Membership {
+            pools: self.clone(),
+            peer: peer.to_string(),
+            id,
+            stale,
+        })
+    }
+
+    /// The live inbound connections' counters of every peer, in join order.
+    pub fn snapshots(&self) -> HashMap<String, Vec<crate::stats::ConnStatsSnapshot>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter()
+            .map(|(peer, pool)| {
+                let mut members: Vec<_> = pool.members.iter().collect();
+                members.sort_unstable_by_key(|(id, _)| **id);
+                let snapshots = members
+                    .iter()
+                    .map(|(_, member)| member.counters.snapshot_inbound())
+                    .collect();
+                (peer.clone(), snapshots)
+            })
+            .collect()
     }
 }
 
-/// The first frame of a connection names the sender's pool.
-pub(crate) fn read_pool_token(reader: &mut impl Read) -> Result<PoolToken, String> {
-    match read_header(reader, POOL_TOKEN_LEN as u32) {
-        Ok(Some(header))
-            if header.kind == FrameKind::PoolEpoch && header.body_len as usize == POOL_TOKEN_LEN => {}
-        Ok(Some(_)) => return Err("first frame is not the pool epoch".to_string()),
-        Ok(None) => return Err("peer closed the connection".to_string()),
-        Err(e) => return Err(format!("bad frame: {e}")),
+/// An inbound connection's place in its peer's current pool; leaves it on drop.
+struct Membership {
+    pools: Arc<InboundPools>,
+    peer: String,
+    id: u64,
+    stale: Arc<AtomicBool>,
+}
+
+impl Membership {
+    fn is_stale(&self) -> bool {
+        self.stale.load(SeqCst)
     }
-    let mut token = [0u8; POOL_TOKEN_LEN];
-    reader
-        .read_exact(&mut token)
-        .map_err(|e| format!("read failed: {e}"))?;
-    Ok(token)
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut pools = self.pools.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get_mut(&self.peer) {
+            pool.members.remove(&self.id);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::encode_frame;
+
+    /// Records frames; lends buffers for bodies of `lend_from` bytes or more; defers
+    /// the frames whose body is `b"defer"`.
+    #[derive(Default)]
+    struct Recorder {
+        tokens: Vec<PoolToken>,
+        frames: Vec<(FrameKind, Vec<u8>, bool)>,
+        lend_from: Option<usize>,
+    }
+
+    struct Lent(Vec<u8>);
+    impl BodyBuffer for Lent {
+        fn as_mut_slice(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+            self
+        }
+    }
+
+    impl FrameSink for Recorder {
+        fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason> {
+            self.tokens.push(token);
+            Ok(())
+        }
+        fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
+            Ok(self
+                .lend_from
+                .filter(|&from| len >= from)
+                .map(|_| Box::new(Lent(vec![0; len])) as Box<dyn BodyBuffer>))
+        }
+        fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason> {
+            let (bytes, lent) = match body {
+                Body::Slice(bytes) => (bytes.to_vec(), false),
+                Body::Owned(buffer) => (buffer.into_any().downcast::<Lent>().unwrap().0, true),
+            };
+            let defer = bytes == b"defer";
+            self.frames.push((kind, bytes, lent));
+            Ok(if defer { Flow::Pause } else { Flow::Go })
+        }
+    }
+
+    const TOKEN: PoolToken = [7; POOL_TOKEN_LEN];
+
+    fn stream(bodies: &[&[u8]]) -> Vec<u8> {
+        let mut wire = encode_frame(FrameKind::PoolEpoch, &TOKEN);
+        for body in bodies {
+            wire.extend(encode_frame(FrameKind::Send, body));
+        }
+        wire
+    }
+
+    #[test]
+    fn frames_split_anywhere_arrive_whole_and_in_order() {
+        let big = vec![9u8; 100_000];
+        let bodies: Vec<&[u8]> = vec![b"a", b"hello", &big, b"z"];
+        let wire = stream(&bodies);
+        for step in [1, 2, 3, 4, 5, 6, 7, 4096, wire.len()] {
+            for lend in [None, Some(OWN_BUFFER_MIN)] {
+                let mut parser = Parser::new(1 << 20);
+                let mut sink = Recorder {
+                    lend_from: lend,
+                    ..Recorder::default()
+                };
+                for chunk in wire.chunks(step) {
+                    assert_eq!(parser.consume(chunk, &mut sink).unwrap(), (chunk.len(), Flow::Go));
+                }
+                assert!(parser.between_frames());
+                assert_eq!(sink.tokens, vec![TOKEN]);
+                let got: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
+                assert_eq!(got, bodies, "step {step}");
+                // Only the large body went to a lent buffer, and only when one was offered.
+                let lent: Vec<bool> = sink.frames.iter().map(|f| f.2).collect();
+                assert_eq!(lent, vec![false, false, lend.is_some(), false]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_frame_names_the_pool_and_no_other_does() {
+        let mut sink = Recorder::default();
+        let data = encode_frame(FrameKind::Send, b"x");
+        let refused = Parser::new(1024).consume(&data, &mut sink);
+        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("pool_epoch"));
+        assert!(sink.tokens.is_empty());
+        let mut twice = stream(&[]);
+        twice.extend(encode_frame(FrameKind::PoolEpoch, &TOKEN));
+        let refused = Parser::new(1024).consume(&twice, &mut sink);
+        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("pool_epoch"));
+        // A token of the wrong size is refused by its header, before its body.
+        let short = encode_frame(FrameKind::PoolEpoch, &[1; 4]);
+        assert!(Parser::new(1024).consume(&short, &mut sink).is_err());
+        // Only the first, well-formed announcement got through.
+        assert_eq!(sink.tokens, vec![TOKEN]);
+        assert!(sink.frames.is_empty());
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_from_its_header() {
+        let mut wire = stream(&[]);
+        wire.extend([0xff, 0xff, 0xff, 0xff, FrameKind::Send as u8]);
+        let mut sink = Recorder::default();
+        let refused = Parser::new(1 << 20).consume(&wire, &mut sink);
+        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("frame_too_large"));
+    }
+
+    #[test]
+    fn a_deferred_frame_stops_the_parser_right_after_it() {
+        let wire = stream(&[b"one", b"defer", b"three"]);
+        let mut parser = Parser::new(1024);
+        let mut sink = Recorder::default();
+        let (used, flow) = parser.consume(&wire, &mut sink).unwrap();
+        assert_eq!(flow, Flow::Pause);
+        let end_of_deferred = stream(&[b"one", b"defer"]).len();
+        assert_eq!(used, end_of_deferred);
+        assert_eq!(sink.frames.len(), 2);
+        assert_eq!(
+            parser.consume(&wire[used..], &mut sink).unwrap(),
+            (wire.len() - used, Flow::Go)
+        );
+        assert_eq!(sink.frames[2].1, b"three");
+    }
 
     #[derive(Debug, PartialEq)]
     enum Op {
         Read(usize),
         DelayAcks,
-        /// A peek that may sleep.
         Peek(usize),
-        /// A peek that may not.
-        Poll(usize),
         Discard(usize),
     }
 
-    /// A socket stand-in that records what each call asked for.
-    struct Recording {
+    /// A socket stand-in holding `data` (then `WouldBlock`), recording each call.
+    struct Script {
         data: Vec<u8>,
         at: usize,
         ops: Vec<Op>,
-        /// Polls that find nothing before the data is there.
-        empty_polls: usize,
-        /// How long a peek that may sleep takes.
-        wait: Duration,
     }
 
-    impl Recording {
-        fn new(data: Vec<u8>) -> Self {
-            Recording {
+    impl Script {
+        fn new(data: Vec<u8>) -> Script {
+            Script {
                 data,
                 at: 0,
                 ops: Vec::new(),
-                empty_polls: 0,
-                wait: Duration::ZERO,
             }
         }
-
-        fn copy_out(&self, buf: &mut [u8]) -> usize {
+        fn copy_out(&self, buf: &mut [u8]) -> io::Result<usize> {
             let n = buf.len().min(self.data.len() - self.at);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
-            n
+            Ok(n)
         }
     }
 
-    impl Receive for Recording {
+    impl Receive for Script {
         const CAN_PEEK: bool = true;
-
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.ops.push(Op::Read(buf.len()));
-            let n = self.copy_out(buf);
+            let n = self.copy_out(buf)?;
+            self.ops.push(Op::Read(n));
             self.at += n;
             Ok(n)
         }
-
         fn delay_acks(&mut self) {
             self.ops.push(Op::DelayAcks);
         }
-
-        fn peek(&mut self, buf: &mut [u8], wait: Wait) -> io::Result<Option<usize>> {
-            match wait {
-                Wait::Block => {
-                    self.ops.push(Op::Peek(buf.len()));
-                    std::thread::sleep(self.wait);
-                }
-                Wait::No => {
-                    self.ops.push(Op::Poll(buf.len()));
-                    if self.empty_polls > 0 {
-                        self.empty_polls -= 1;
-                        return Ok(None);
-                    }
-                }
-            }
-            Ok(Some(self.copy_out(buf)))
-        }
-
-        fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.ops.push(Op::Discard(buf.len()));
-            let n = buf.len().min(self.data.len() - self.at);
-            self.at += n;
+        fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.copy_out(buf)?;
+            self.ops.push(Op::Peek(n));
             Ok(n)
         }
+        fn discard(&mut self, n: usize) -> io::Result<()> {
+            self.ops.push(Op::Discard(n));
+            self.at += n;
+            Ok(())
+        }
+    }
+
+    fn reader() -> FrameReader {
+        FrameReader::new(64 << 20, usize::MAX, Vec::new())
     }
 
     #[test]
-    fn refills_peek_and_body_reads_go_to_the_socket_in_chunks() {
-        let data: Vec<u8> = (0..200u8).collect();
-        let socket = Recording::new(data.clone());
-        let mut reader = BufReader::with_capacity(16, SocketReader::new(socket, 32, 16));
-        let mut header = [0u8; 5];
-        reader.read_exact(&mut header).unwrap();
-        assert_eq!(&header[..], &data[..5]);
-        let mut body = vec![0u8; 100];
-        reader.read_exact(&mut body).unwrap();
-        assert_eq!(&body[..], &data[5..105]);
-        // One peeked buffer fill for the header (and the body's first 11 bytes), dropped
-        // from the socket before the rest of the body is read straight into `body`, never
-        // more than a chunk per read and never through the buffer.
+    fn peeked_bytes_leave_the_socket_only_once_delivered() {
+        let wire = stream(&[b"ping", b"pong"]);
+        let mut socket = Script::new(wire.clone());
+        let mut sink = Recorder::default();
+        let turn = reader().read_turn(&mut sink, &mut socket, usize::MAX);
+        assert_eq!(turn, Ok(ReadTurn::Drained));
         use Op::*;
         assert_eq!(
-            reader.get_ref().socket.ops,
-            vec![DelayAcks, Peek(16), Discard(16), Read(32), Read(32), Read(25)]
+            socket.ops,
+            [DelayAcks, Peek(wire.len()), Discard(wire.len()), DelayAcks]
         );
-        // What follows the body goes through the buffer again.
-        let mut next = [0u8; 3];
-        reader.read_exact(&mut next).unwrap();
-        assert_eq!(&next[..], &data[105..108]);
-        assert_eq!(reader.get_ref().socket.ops[6..], [DelayAcks, Peek(16)]);
-    }
-
-    /// Reads `n` bytes as one refill (straight from the `SocketReader`, no `BufReader`).
-    fn refill(reader: &mut SocketReader<Recording>, n: usize) -> Vec<Op> {
-        let mut buf = vec![0u8; n];
-        assert_eq!(reader.read(&mut buf).unwrap(), n);
-        std::mem::take(&mut reader.socket.ops)
+        assert_eq!(sink.frames.len(), 2);
     }
 
     #[test]
-    fn refills_poll_only_after_a_short_wait_and_no_bulk() {
-        use Op::*;
-        let socket = Recording::new((0..=255u8).cycle().take(4096).collect());
-        let mut reader = SocketReader::new(socket, usize::MAX, 16).busy_wait(Duration::from_secs(5));
-        // Nothing known yet: sleeps. The data came at once, so the next refill polls.
-        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
-        reader.socket.empty_polls = 2;
+    fn a_deferred_frame_leaves_what_follows_in_the_socket() {
+        let wire = stream(&[b"defer", b"after"]);
+        let mut socket = Script::new(wire.clone());
+        let mut sink = Recorder::default();
+        let mut reader = reader();
         assert_eq!(
-            refill(&mut reader, 8),
-            [Discard(8), DelayAcks, Poll(8), Poll(8), Poll(8)]
+            reader.read_turn(&mut sink, &mut socket, usize::MAX),
+            Ok(ReadTurn::Paused)
         );
-        // A large body is read, not peeked; after it, refills sleep at once.
-        assert_eq!(refill(&mut reader, 100), [Discard(8), Read(100)]);
-        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
-        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Poll(8)]);
+        let deferred_end = stream(&[b"defer"]).len();
+        assert_eq!(
+            socket.at, deferred_end,
+            "only the bytes up to the deferred frame's end left"
+        );
+        assert_eq!(
+            reader.read_turn(&mut sink, &mut socket, usize::MAX),
+            Ok(ReadTurn::Drained)
+        );
+        let bodies: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
+        assert_eq!(bodies, vec![&b"defer"[..], b"after"]);
     }
 
     #[test]
-    fn polling_gives_up_after_the_busy_wait_and_a_long_wait_stops_it() {
-        use Op::*;
-        let busy_wait = Duration::from_millis(20);
-        let socket = Recording::new(vec![7; 4096]);
-        let mut reader = SocketReader::new(socket, usize::MAX, 16).busy_wait(busy_wait);
-        refill(&mut reader, 8);
-        // The data is never there while it polls: it polls for the busy wait, then sleeps.
-        reader.socket.empty_polls = usize::MAX;
-        reader.socket.wait = busy_wait * 2;
-        let start = Instant::now();
-        let ops = refill(&mut reader, 8);
-        assert!(start.elapsed() >= busy_wait);
-        assert_eq!(ops[..3], [Discard(8), DelayAcks, Poll(8)]);
-        assert_eq!(ops.last(), Some(&Peek(8)));
-        assert!(ops[2..ops.len() - 1].iter().all(|op| *op == Poll(8)));
-        // That wait was longer than the busy wait: the next refill sleeps at once, and
-        // a quick one brings polling back.
-        reader.socket.wait = Duration::ZERO;
-        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Peek(8)]);
-        reader.socket.empty_polls = 0;
-        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Poll(8)]);
+    fn a_large_body_is_read_straight_into_its_own_buffer() {
+        let big = vec![5u8; 3 * READ_BUFFER_BYTES + 17];
+        let wire = stream(&[&big, b"next"]);
+        let mut socket = Script::new(wire);
+        let mut sink = Recorder {
+            lend_from: Some(OWN_BUFFER_MIN),
+            ..Recorder::default()
+        };
+        let turn = reader().read_turn(&mut sink, &mut socket, usize::MAX);
+        assert_eq!(turn, Ok(ReadTurn::Drained));
+        assert_eq!(sink.frames.len(), 2);
+        assert!(sink.frames[0].1 == big && sink.frames[0].2);
+        // After the first peek, the body's bulk comes by plain reads, not peeks.
+        assert!(socket
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Read(n) if *n > READ_BUFFER_BYTES)));
     }
 
     #[test]
-    fn no_busy_wait_never_polls() {
-        use Op::*;
-        let mut reader = SocketReader::new(Recording::new(vec![1; 64]), usize::MAX, 16);
-        assert_eq!(refill(&mut reader, 8), [DelayAcks, Peek(8)]);
-        assert_eq!(refill(&mut reader, 8), [Discard(8), DelayAcks, Peek(8)]);
+    fn a_turn_stops_at_its_budget() {
+        let bodies: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 1000]).collect();
+        let refs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
+        let wire = stream(&refs);
+        let mut socket = Script::new(wire);
+        let mut sink = Recorder::default();
+        let mut reader = FrameReader::new(64 << 20, 4096, Vec::new());
+        assert_eq!(
+            reader.read_turn(&mut sink, &mut socket, 10_000),
+            Ok(ReadTurn::More)
+        );
+        assert!(sink.frames.len() < 100);
+        while reader.read_turn(&mut sink, &mut socket, 10_000) == Ok(ReadTurn::More) {}
+        assert_eq!(sink.frames.len(), 100);
+    }
+
+    #[test]
+    fn bytes_that_came_with_the_handshake_are_parsed_first() {
+        let wire = stream(&[b"early", b"late"]);
+        let split = stream(&[b"early"]).len() + 2;
+        let mut socket = Script::new(wire[split..].to_vec());
+        let mut sink = Recorder::default();
+        let mut reader = FrameReader::new(1024, usize::MAX, wire[..split].to_vec());
+        assert_eq!(
+            reader.read_turn(&mut sink, &mut socket, usize::MAX),
+            Ok(ReadTurn::Drained)
+        );
+        let bodies: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
+        assert_eq!(bodies, vec![&b"early"[..], b"late"]);
+    }
+
+    #[test]
+    fn end_of_stream_between_frames_is_the_peer_closing_and_within_one_an_error() {
+        let mut sink = Recorder::default();
+        let closed = |wire: Vec<u8>, sink: &mut Recorder| {
+            struct Eof(Script);
+            impl Receive for Eof {
+                const CAN_PEEK: bool = false;
+                fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                    self.0.read(buf).or(Ok(0))
+                }
+                fn delay_acks(&mut self) {}
+                fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+                    unreachable!()
+                }
+                fn discard(&mut self, _n: usize) -> io::Result<()> {
+                    unreachable!()
+                }
+            }
+            reader().read_turn(sink, &mut Eof(Script::new(wire)), usize::MAX)
+        };
+        assert_eq!(closed(stream(&[b"x"]), &mut sink), Err(CloseReason::PeerClosed));
+        let mut cut = stream(&[b"xyz"]);
+        cut.pop();
+        assert_eq!(closed(cut, &mut sink), Err(CloseReason::Io("closed")));
     }
 
     /// Bytes the socket holds that nobody has read (SIOCINQ).
@@ -524,83 +1044,29 @@ mod tests {
         n as usize
     }
 
-    /// A connected loopback pair: (the writing end, the reading end).
-    #[cfg(target_os = "linux")]
-    fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (client, server)
-    }
-
     #[cfg(target_os = "linux")]
     #[test]
-    fn peeking_leaves_quick_ack_mode() {
-        let (mut client, server) = tcp_pair();
+    fn on_a_real_socket_peeks_leave_quick_ack_mode_and_discards_empty_it() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let server = TcpStream::from_std(server);
         let sock = socket2::SockRef::from(&server);
         sock.set_quickack(true).unwrap();
-        assert!(sock.quickack().unwrap());
-        std::io::Write::write_all(&mut client, b"x").unwrap();
-        Receive::delay_acks(&mut &server);
-        assert!(!sock.quickack().unwrap());
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_poll_finds_queued_bytes_and_leaves_them() {
-        let (mut client, server) = tcp_pair();
-        let mut buf = [0u8; 8];
-        assert_eq!(Receive::peek(&mut &server, &mut buf, Wait::No).unwrap(), None);
-        std::io::Write::write_all(&mut client, b"ping").unwrap();
+        let wire = stream(&[b"ping"]);
+        client.write_all(&wire).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let n = loop {
-            if let Some(n) = Receive::peek(&mut &server, &mut buf, Wait::No).unwrap() {
-                break n;
-            }
-            assert!(Instant::now() < deadline, "the bytes never showed");
-        };
-        assert_eq!(&buf[..n], b"ping");
-        assert_eq!(queued(&server), 4);
-        assert_eq!(
-            Receive::peek(&mut &server, &mut buf, Wait::Block).unwrap(),
-            Some(4)
-        );
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn peeked_bytes_leave_the_socket_at_the_next_read() {
-        use std::io::Write;
-        let (mut writer, server) = tcp_pair();
-        let wait_queued = |n: usize| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while queued(&server) != n {
-                assert!(Instant::now() < deadline, "queued {} != {n}", queued(&server));
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        };
-        let mut reader = BufReader::with_capacity(64, SocketReader::new(&server, usize::MAX, 64));
-
-        writer.write_all(b"first").unwrap();
-        wait_queued(5);
-        let mut five = [0u8; 5];
-        reader.read_exact(&mut five).unwrap();
-        assert_eq!(&five, b"first");
-        assert_eq!(queued(&server), 5, "delivered, still queued until the next read");
-
-        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-        writer.write_all(b"second").unwrap();
-        writer.write_all(&big).unwrap();
-        let mut six = [0u8; 6];
-        reader.read_exact(&mut six).unwrap();
-        assert_eq!(&six, b"second");
-        let mut body = vec![0u8; big.len()];
-        reader.read_exact(&mut body).unwrap();
-        assert!(body == big, "a large body read past peeked bytes arrives intact");
-        drop(writer);
-        let mut rest = Vec::new();
-        reader.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        while queued(&server) < wire.len() {
+            assert!(Instant::now() < deadline, "the bytes never came");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut sink = Recorder::default();
+        let turn = reader().read_turn(&mut sink, &mut &server, usize::MAX);
+        assert_eq!(turn, Ok(ReadTurn::Drained));
+        assert!(!sock.quickack().unwrap());
+        assert_eq!(sink.frames.len(), 1);
         assert_eq!(queued(&server), 0);
     }
 }

@@ -1,13 +1,17 @@
 //! teleport's network core, independent of the Erlang VM: the listener, pools of
-//! authenticated outbound connections per peer, their writer threads, the inbound
-//! readers, handshake and framing. The NIF crate plugs the VM in through `host::Host`.
+//! authenticated outbound connections per peer, the I/O engine that drives every
+//! socket from a fixed set of threads, handshake and framing. The NIF crate plugs the
+//! VM in through `host::Host`.
 //!
 //! Data path, in the order a message travels: `Runtime::send` -> `Connection::enqueue`
-//! -> writer thread (`connection.rs`) -> socket -> reader thread (`inbound.rs`) ->
-//! `framing::read_header` -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
+//! (a direct write, or the queue) -> the connection's I/O thread (`engine/`,
+//! `Connection::flush`) -> socket -> the peer's I/O thread -> `inbound.rs` (frame
+//! reader) -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
+mod conn_ref;
 pub mod connection;
+mod engine;
 pub mod error;
 pub mod etf;
 pub mod failure_log;
@@ -26,10 +30,11 @@ pub mod stats;
 pub mod thread_priority;
 
 pub use config::Config;
+pub use conn_ref::Slot;
 pub use connection::{FrameBody, OutFrame};
-pub use error::{Detail, OpenError};
+pub use error::{CloseReason, Detail, OpenError};
 pub use framing::FrameKind;
-pub use host::{Callback, Delivery, Event, FrameHandler, Host};
+pub use host::{BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Resume};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
 pub use stats::{ConnDirection, ConnStatsSnapshot, PeerStatsSnapshot};
 pub use thread_priority::IoThreadPriority;

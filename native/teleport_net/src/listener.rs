@@ -1,23 +1,24 @@
-//! The listening socket and its accept loop. Each accepted socket gets its own
-//! thread, bounded by the number of handshakes allowed in flight, overall and per source.
+//! The listening socket and what faces the network before anyone is authenticated:
+//! accepting (with a back-off when out of descriptors), the caps on handshakes in
+//! progress (overall and per source), and the counters of failures.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::io_reason;
+use crate::failure_log::FailureLog;
 use crate::faults::{self, Point};
-use crate::host::Event;
-use crate::inbound::run_inbound;
-use crate::runtime::Shared;
+use crate::host::{Event, Host};
 
 /// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
-/// reader blocked forever: TCP keepalive finds it in about a minute.
+/// connection open forever: TCP keepalive finds it in about a minute.
 pub(crate) fn keep_alive(stream: &TcpStream) {
     let probe = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
@@ -30,89 +31,165 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // A restarted node can take its fixed port back while old sockets sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    Ok(socket.into())
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// What the listener counts, and the handshakes in progress at it.
+pub(crate) struct ListenerState {
+    max_pending: usize,
+    max_pending_per_source: usize,
+    /// Inbound handshakes that failed, and connections closed at accept over the caps.
+    pub handshake_failures: AtomicU64,
+    /// Which of those become events (log lines).
+    pub failure_log: FailureLog,
+    pub accept_errors: AtomicU64,
+    pending: AtomicUsize,
+    pending_by_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Sockets accepted and not closed, plus our own dials while their handshake runs.
+    pub open_sockets: AtomicU64,
+}
+
+impl ListenerState {
+    pub fn new(max_pending: usize, max_pending_per_source: usize) -> ListenerState {
+        ListenerState {
+            max_pending,
+            max_pending_per_source,
+            handshake_failures: AtomicU64::new(0),
+            failure_log: FailureLog::default(),
+            accept_errors: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            pending_by_source: Mutex::new(HashMap::new()),
+            open_sockets: AtomicU64::new(0),
+        }
+    }
+
+    pub fn pending_handshakes(&self) -> usize {
+        self.pending.load(SeqCst)
+    }
+
+    /// A failed inbound handshake: counted, and an event at most once per source per
+    /// `failure_log::INTERVAL`.
+    pub fn handshake_failed(&self, host: &dyn Host, remote: SocketAddr, reason: &'static str) {
+        self.handshake_failures.fetch_add(1, SeqCst);
+        if let Some(unreported) = self.failure_log.note(remote.ip(), Instant::now()) {
+            host.event(Event::HandshakeFailed {
+                remote: remote.to_string(),
+                reason,
+                unreported,
+            });
+        }
+    }
+}
+
+/// A socket counted in `ListenerState::open_sockets` until dropped.
+pub(crate) struct OpenSocket(Arc<ListenerState>);
+
+impl OpenSocket {
+    pub fn new(state: &Arc<ListenerState>) -> OpenSocket {
+        state.open_sockets.fetch_add(1, SeqCst);
+        OpenSocket(state.clone())
+    }
+}
+
+impl Drop for OpenSocket {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, SeqCst);
+    }
 }
 
 /// After a panic, the acceptor waits this long before it accepts again: a bug that
 /// panics on every connection makes a few reports a second, not a busy loop.
-const RESTART_PAUSE: Duration = Duration::from_millis(100);
+pub(crate) const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
-/// The acceptor thread's body: accepts until `Shared::stop` shuts the listener down.
-/// A panic (a bug) is reported and accepting resumes: the listening socket is still
-/// fine, and a dead acceptor would leave the node bound but deaf, its peers' dials
-/// timing out in the handshake with nothing on this side to say why.
-pub(crate) fn keep_accepting(shared: &Arc<Shared>, listener: &TcpListener, thread: &str) {
-    while let Err(panic) = catch_unwind(AssertUnwindSafe(|| run_acceptor(shared, listener))) {
-        shared.report_panic(thread, &*panic);
-        if shared.is_stopping() {
-            return;
-        }
-        std::thread::sleep(RESTART_PAUSE);
-    }
+/// The listening socket on its I/O thread.
+pub(crate) struct Acceptor {
+    pub listener: TcpListener,
+    state: Arc<ListenerState>,
+    node: String,
+    backoff: AcceptBackoff,
+    /// Named in the report sent once accepting works again.
+    last_reason: &'static str,
+    /// Accepting waits until then (out of descriptors, or after a panic).
+    pub paused_until: Option<Instant>,
 }
 
-fn run_acceptor(shared: &Arc<Shared>, listener: &TcpListener) {
-    let node = &shared.config.local_node;
-    let mut backoff = AcceptBackoff::default();
-    // Named in the report sent once accepting works again.
-    let mut last_reason = "";
-    loop {
-        let accepted = match faults::accept_error(node) {
-            Some(injected) => Err(injected),
-            None => listener.accept(),
-        };
-        let (stream, remote) = match accepted {
-            Ok(accepted) => accepted,
-            Err(_) if shared.is_stopping() => return,
-            // A connection reset before we took it, or a signal: nothing to wait out.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => {
-                // Out of descriptors (EMFILE, ENFILE) or memory: accepting harder will not
-                // help, and the connections wait in the backlog. Pause, longer while it lasts.
-                shared.accept_errors.fetch_add(1, SeqCst);
-                last_reason = io_reason(&e);
-                let (pause, report) = backoff.failed(Instant::now());
-                if let Some(count_since_last) = report {
-                    shared.host.event(Event::AcceptFailed {
-                        reason: last_reason,
-                        count_since_last,
-                    });
-                }
-                shared.sleep_unless_stopping(pause);
-                continue;
-            }
-        };
-        if shared.is_stopping() {
+impl Acceptor {
+    pub fn new(listener: TcpListener, state: Arc<ListenerState>, node: &str) -> Acceptor {
+        Acceptor {
+            listener,
+            state,
+            node: node.to_string(),
+            backoff: AcceptBackoff::default(),
+            last_reason: "",
+            paused_until: None,
+        }
+    }
+
+    /// Accepts every connection waiting (until `WouldBlock`), handing each one that
+    /// gets a handshake slot to `serve`. On a failure it pauses (see `paused_until`).
+    pub fn accept_all(
+        &mut self,
+        host: &dyn Host,
+        mut serve: impl FnMut(TcpStream, SocketAddr, HandshakeSlot),
+    ) {
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        if let Some(count_since_last) = backoff.succeeded(Instant::now()) {
-            shared.host.event(Event::AcceptFailed {
-                reason: last_reason,
-                count_since_last,
-            });
+        self.paused_until = None;
+        loop {
+            let accepted = match faults::accept_error(&self.node) {
+                Some(injected) => Err(injected),
+                None => self.listener.accept(),
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A connection reset before we took it, or a signal: nothing to wait out.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // Out of descriptors (EMFILE, ENFILE) or memory: accepting harder will
+                    // not help, and the connections wait in the backlog. Pause, longer
+                    // while it lasts.
+                    self.state.accept_errors.fetch_add(1, SeqCst);
+                    self.last_reason = io_reason(&e);
+                    let (pause, report) = self.backoff.failed(Instant::now());
+                    if let Some(count_since_last) = report {
+                        host.event(Event::AcceptFailed {
+                            reason: self.last_reason,
+                            count_since_last,
+                        });
+                    }
+                    self.paused_until = Some(Instant::now() + pause);
+                    return;
+                }
+            };
+            if let Some(count_since_last) = self.backoff.succeeded(Instant::now()) {
+                host.event(Event::AcceptFailed {
+                    reason: self.last_reason,
+                    count_since_last,
+                });
+            }
+            faults::check(Point::Acceptor, &self.node);
+            // Bound the handshakes an unauthenticated crowd can make us hold, and the
+            // share of them one source can take, so a few silent hosts cannot lock real
+            // peers out.
+            let Some(slot) = HandshakeSlot::take(&self.state, remote.ip()) else {
+                self.state.handshake_failures.fetch_add(1, SeqCst);
+                drop(stream);
+                continue;
+            };
+            serve(stream, remote, slot);
         }
-        faults::check(Point::Acceptor, node);
-        // Bound the threads an unauthenticated crowd can make us hold, and the share of
-        // them one source can take, so a few silent hosts cannot lock real peers out.
-        let Some(slot) = HandshakeSlot::take(shared, remote.ip()) else {
-            shared.handshake_failures_in.fetch_add(1, SeqCst);
-            drop(stream);
-            continue;
-        };
-        let conn_shared = shared.clone();
-        // If the thread cannot start, dropping the body closes the socket and frees the slot.
-        let _ = shared.spawn(format!("teleport-in-{remote}"), move || {
-            run_inbound(&conn_shared, stream, remote, slot)
-        });
     }
 }
 
@@ -169,25 +246,23 @@ impl AcceptBackoff {
 /// One handshake in progress at the listener, counted against `max_pending_handshakes`
 /// and against its source's `max_pending_handshakes_per_ip`; given back on drop.
 pub(crate) struct HandshakeSlot {
-    shared: Arc<Shared>,
+    state: Arc<ListenerState>,
     source: IpAddr,
 }
 
 impl HandshakeSlot {
     /// `None` when the listener or this source already has its share in progress.
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<HandshakeSlot> {
+    fn take(state: &Arc<ListenerState>, ip: IpAddr) -> Option<HandshakeSlot> {
         let source = source_of(ip);
-        let mut by_source = shared.pending_by_source.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_source = state.pending_by_source.lock().unwrap_or_else(|p| p.into_inner());
         let from_source = by_source.get(&source).copied().unwrap_or(0);
-        if shared.pending_handshakes.load(SeqCst) >= shared.config.max_pending_handshakes
-            || from_source >= shared.config.max_pending_handshakes_per_ip
-        {
+        if state.pending.load(SeqCst) >= state.max_pending || from_source >= state.max_pending_per_source {
             return None;
         }
         by_source.insert(source, from_source + 1);
-        shared.pending_handshakes.fetch_add(1, SeqCst);
+        state.pending.fetch_add(1, SeqCst);
         Some(HandshakeSlot {
-            shared: shared.clone(),
+            state: state.clone(),
             source,
         })
     }
@@ -196,7 +271,7 @@ impl HandshakeSlot {
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         let mut by_source = self
-            .shared
+            .state
             .pending_by_source
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -206,7 +281,7 @@ impl Drop for HandshakeSlot {
                 by_source.remove(&self.source);
             }
         }
-        self.shared.pending_handshakes.fetch_sub(1, SeqCst);
+        self.state.pending.fetch_sub(1, SeqCst);
     }
 }
 

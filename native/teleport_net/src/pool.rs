@@ -1,173 +1,140 @@
-//! The outbound pool to one peer node: N authenticated connections, each with
-//! its own writer. A sender's key picks the connection, so one sender's frames
-//! always share one queue and one socket and arrive in order.
+//! The outbound pools: per peer node, N authenticated connections. A sender's key
+//! picks the connection, so one sender's frames always share one queue and one
+//! socket and arrive in order. A pool is dialed as a whole, published only once every
+//! connection is up, and closed as a whole when any of them ends, so a sender never
+//! sees its frames reordered over a replacement socket.
 
-use std::net::{SocketAddr, TcpStream};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::connection::{Connection, WriterEnd};
-use crate::error::OpenError;
-use crate::framing::{encode_frame, FrameKind};
-use crate::handshake::{client_handshake, HandshakeConfig};
-use crate::runtime::Shared;
-use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
-use std::io::Write;
+use crate::connection::Connection;
+use crate::error::{CloseReason, OpenError};
+use crate::host::Callback;
+use crate::stats::{ConnStatsSnapshot, PeerStats};
 
-pub struct Pool {
-    pub peer: String,
-    connections: Vec<Arc<Connection>>,
-    pub(crate) stats: Arc<PeerStats>,
-    closing: AtomicBool,
-    /// First reason given for closing; reported once every writer has stopped.
-    close_reason: Mutex<Option<String>>,
-    live_writers: AtomicUsize,
-    dropped: AtomicU64,
-}
-
-/// Sockets that passed the handshake, not yet running.
-pub(crate) struct Dialed {
-    pub streams: Vec<TcpStream>,
-}
+/// Which pool of which runtime a connection belongs to: the runtime's random
+/// incarnation and a per-runtime pool counter.
+pub type PoolToken = [u8; POOL_TOKEN_LEN];
+pub const POOL_TOKEN_LEN: usize = 16;
 
 /// At most this many connections of one pool connect and handshake at once. The peer
 /// closes at accept what goes over its cap of handshakes per source
 /// (`max_pending_handshakes_per_ip`, 8 by default), and other nodes on this host may be
-/// dialing it too: half the default leaves them room. Never more than our own cap
-/// either, which is usually the peer's (one configuration for the cluster).
-const DIAL_PARALLELISM: usize = 4;
+/// dialing it too: half the default leaves them room.
+pub(crate) const DIAL_PARALLELISM: usize = 4;
 
-/// Opens `size` connections to `addr` and authenticates each, up to `DIAL_PARALLELISM`
-/// at a time. All or nothing: after a failure no further connection is started, and
-/// those made are closed. Blocking: run on a core thread.
-pub(crate) fn dial(shared: &Shared, peer: &str, addr: SocketAddr, size: usize) -> Result<Dialed, OpenError> {
-    let config = &shared.config;
-    let handshake = HandshakeConfig {
-        cookie: &config.cookie,
-        local_node: &config.local_node,
-        timeout: config.handshake_timeout,
-    };
-    let token = shared.new_pool_token();
-    let announce = encode_frame(FrameKind::PoolEpoch, &token);
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let slots: Mutex<Vec<Option<Result<TcpStream, OpenError>>>> =
-        Mutex::new((0..size).map(|_| None).collect());
-    // Each worker takes the next slot until none is left or one failed.
-    let work = || loop {
-        let index = next.fetch_add(1, SeqCst);
-        if index >= size || failed.load(SeqCst) {
-            return;
-        }
-        let result = dial_one(shared, peer, addr, &handshake, &announce);
-        failed.fetch_or(result.is_err(), SeqCst);
-        slots.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(result);
-    };
-    std::thread::scope(|scope| {
-        let parallel = size
-            .min(DIAL_PARALLELISM)
-            .min(config.max_pending_handshakes_per_ip);
-        for helper in 1..parallel {
-            // A helper that cannot start leaves its share to the others; this thread is one.
-            let _ = std::thread::Builder::new()
-                .name(format!("teleport-dial{helper}"))
-                .spawn_scoped(scope, work);
-        }
-        work();
-    });
-    let mut streams = Vec::with_capacity(size);
-    for slot in slots.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        match slot {
-            Some(Ok(stream)) => streams.push(stream),
-            Some(Err(e)) => {
-                // Once per dial, however many of its connections the peer refused.
-                if let OpenError::Handshake { .. } = e {
-                    PeerStats::add(&shared.peer_stats(peer).handshake_failures, 1);
-                }
-                return Err(e);
-            }
-            // Not dialed: another slot failed, and its error comes in its turn.
-            None => {}
-        }
-    }
-    Ok(Dialed { streams })
+pub struct Pool {
+    pub peer: String,
+    pub(crate) addr: SocketAddr,
+    /// Announced first on each of its connections.
+    pub(crate) token: PoolToken,
+    size: usize,
+    pub(crate) stats: Arc<PeerStats>,
+    /// Set once every connection is up: the pool is published.
+    connections: OnceLock<Vec<Arc<Connection>>>,
+    /// While dialing: the connections up so far by slot, and the next slot to dial.
+    dialing: Mutex<(Vec<Option<Arc<Connection>>>, usize)>,
+    closing: AtomicBool,
+    /// First reason given for closing; reported once every connection has ended.
+    close_reason: Mutex<Option<CloseReason>>,
+    /// Connections dialing or up, not yet ended.
+    live: AtomicUsize,
+    dropped: AtomicU64,
+    handshake_failure_counted: AtomicBool,
 }
 
-/// One connection of a pool: connected, authenticated, and its pool announced.
-fn dial_one(
-    shared: &Shared,
-    peer: &str,
-    addr: SocketAddr,
-    handshake: &HandshakeConfig,
-    announce: &[u8],
-) -> Result<TcpStream, OpenError> {
-    let stream = TcpStream::connect_timeout(&addr, shared.config.connect_timeout)
-        .map_err(|e| OpenError::connect(&e))?;
-    // Small frames (calls, acks) must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    crate::listener::keep_alive(&stream);
-    // Reachable by `stop` while the handshake runs.
-    let _tracked = shared.track_socket(&stream).ok_or(OpenError::Stopping)?;
-    client_handshake(&stream, handshake, peer).map_err(|e| OpenError::handshake(&e))?;
-    (&stream).write_all(announce).map_err(|e| OpenError::io(&e))?;
-    Ok(stream)
+/// What a connection coming up means for its pool.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Joined {
+    /// Dial the next slot, if any is left.
+    DialNext,
+    /// It was the last: the pool is complete, publish it.
+    Complete,
+    /// The pool is closing: let the connection go.
+    Closing,
 }
-
-/// Per connection: its writing end, and the watcher's stream.
-pub(crate) type Started = Vec<(WriterEnd, TcpStream)>;
 
 impl Pool {
     pub(crate) fn new(
         peer: &str,
-        dialed: Dialed,
-        limit: usize,
-        io_chunk: usize,
+        addr: SocketAddr,
+        size: usize,
+        token: PoolToken,
         stats: Arc<PeerStats>,
-    ) -> std::io::Result<(Arc<Pool>, Started)> {
-        let mut connections = Vec::new();
-        let mut started = Vec::new();
-        for stream in dialed.streams {
-            let counters = ConnStats::new(&stream)?;
-            let watcher = stream.try_clone()?;
-            let (conn, writer) = Connection::new(
-                stream.try_clone()?,
-                stream,
-                limit,
-                io_chunk,
-                stats.clone(),
-                counters,
-            );
-            connections.push(conn);
-            started.push((writer, watcher));
-        }
-        let pool = Arc::new(Pool {
+    ) -> Pool {
+        Pool {
             peer: peer.to_string(),
-            live_writers: AtomicUsize::new(connections.len()),
-            connections,
+            addr,
+            token,
+            size,
             stats,
+            connections: OnceLock::new(),
+            dialing: Mutex::new(((0..size).map(|_| None).collect(), 0)),
             closing: AtomicBool::new(false),
             close_reason: Mutex::new(None),
+            live: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
-        });
-        Ok((pool, started))
+            handshake_failure_counted: AtomicBool::new(false),
+        }
     }
 
-    /// The connection for a sender's key (e.g. a hash of its pid).
-    pub fn connection(&self, key: u64) -> &Arc<Connection> {
-        &self.connections[(key % self.connections.len() as u64) as usize]
+    /// The next slot to dial, counted live from now on; `None` when every slot has
+    /// been started or the pool is closing.
+    pub(crate) fn next_slot(&self) -> Option<usize> {
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        if dialing.1 >= self.size || self.is_closing() {
+            return None;
+        }
+        dialing.1 += 1;
+        self.live.fetch_add(1, SeqCst);
+        Some(dialing.1 - 1)
+    }
+
+    /// Slot `index`'s connection is authenticated and running.
+    pub(crate) fn joined(&self, index: usize, conn: Arc<Connection>) -> Joined {
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `begin_close` takes to shut connections down.
+        if self.is_closing() {
+            return Joined::Closing;
+        }
+        dialing.0[index] = Some(conn);
+        if dialing.0.iter().any(Option::is_none) {
+            return Joined::DialNext;
+        }
+        let all = dialing.0.iter().flatten().cloned().collect();
+        let _ = self.connections.set(all);
+        Joined::Complete
+    }
+
+    pub(crate) fn is_published(&self) -> bool {
+        self.connections.get().is_some()
+    }
+
+    /// The connection for a sender's key (e.g. a hash of its pid); `None` before the
+    /// pool is complete.
+    pub fn connection(&self, key: u64) -> Option<&Arc<Connection>> {
+        let connections = self.connections.get()?;
+        connections.get((key % connections.len() as u64) as usize)
     }
 
     pub fn size(&self) -> usize {
-        self.connections.len()
+        self.size
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.connections.iter().map(|c| c.queued_bytes()).sum()
+        self.connections
+            .get()
+            .map_or(0, |c| c.iter().map(|c| c.queued_bytes()).sum())
     }
 
     /// Every connection's counters, in slot order.
     pub fn connection_stats(&self) -> Vec<ConnStatsSnapshot> {
-        self.connections
+        let Some(connections) = self.connections.get() else {
+            return Vec::new();
+        };
+        connections
             .iter()
             .enumerate()
             .map(|(index, conn)| conn.snapshot(index))
@@ -178,32 +145,187 @@ impl Pool {
         self.closing.load(SeqCst)
     }
 
-    /// Starts closing; true for the first caller only. Losing one connection closes the
-    /// whole pool, so a sender never sees its frames reordered over a replacement socket.
-    pub(crate) fn begin_close(&self, reason: &str) -> bool {
+    /// Starts closing; true for the first caller only. Every connection up is shut down
+    /// (its I/O thread lets go of it); those still dialing end as they come up.
+    pub(crate) fn begin_close(&self, reason: CloseReason) -> bool {
+        let dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
         if self.closing.swap(true, SeqCst) {
             return false;
         }
-        *self.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
-        for conn in &self.connections {
+        *self.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        for conn in dialing.0.iter().flatten() {
             conn.shutdown();
         }
         true
     }
 
-    /// The first reason given for closing.
-    pub(crate) fn close_reason(&self) -> String {
+    pub(crate) fn close_reason(&self) -> CloseReason {
         let reason = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
-        reason.clone().unwrap_or_else(|| "closed".to_string())
+        reason.clone().unwrap_or(CloseReason::Closed)
     }
 
-    /// Called once per connection as its writer exits (or fails to start); the last one
-    /// gets the pool's final tally.
-    pub(crate) fn writer_exited(&self, dropped: u64) -> Option<(String, u64)> {
+    /// Called once per connection slot started, as its connection ends (or its dial
+    /// fails); the last one gets the pool's final tally of frames never written.
+    pub(crate) fn member_ended(&self, dropped: u64) -> Option<(CloseReason, u64)> {
         let total = self.dropped.fetch_add(dropped, SeqCst) + dropped;
-        if self.live_writers.fetch_sub(1, SeqCst) != 1 {
+        if self.live.fetch_sub(1, SeqCst) != 1 {
             return None;
         }
         Some((self.close_reason(), total))
+    }
+
+    /// True the first time only: a dial's refusals count once, however many of its
+    /// connections the peer refused.
+    pub(crate) fn first_handshake_failure(&self) -> bool {
+        !self.handshake_failure_counted.swap(true, SeqCst)
+    }
+}
+
+enum PoolSlot {
+    /// Dialing; these callers hear how it ends.
+    Opening(Arc<Pool>, Vec<Callback<Result<(), OpenError>>>),
+    Up(Arc<Pool>),
+}
+
+impl PoolSlot {
+    /// The pool, if it is up and not closing: a closing pool's connections are shut
+    /// down, so it is as good as gone.
+    fn live(&self) -> Option<&Arc<Pool>> {
+        match self {
+            PoolSlot::Up(pool) if !pool.is_closing() => Some(pool),
+            _ => None,
+        }
+    }
+}
+
+/// How `Pools::open` went.
+pub(crate) enum Opened {
+    /// A new pool to dial.
+    Dial(Arc<Pool>),
+    /// Joined a dial already under way.
+    Joined,
+    /// Up already; the callback was dropped.
+    AlreadyUp,
+}
+
+/// Every outbound pool, by peer node name.
+#[derive(Default)]
+pub(crate) struct Pools {
+    pools: RwLock<HashMap<String, PoolSlot>>,
+}
+
+impl Pools {
+    /// Registers a dial to `peer` unless its pool is up or being dialed; exactly one dial
+    /// happens however many callers ask at once, and every caller hears its outcome.
+    pub fn open(
+        &self,
+        peer: &str,
+        new_pool: impl FnOnce() -> Pool,
+        done: Callback<Result<(), OpenError>>,
+    ) -> Opened {
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        match pools.get_mut(peer) {
+            Some(slot) if slot.live().is_some() => Opened::AlreadyUp,
+            Some(PoolSlot::Opening(_, waiting)) => {
+                waiting.push(done);
+                Opened::Joined
+            }
+            // Absent, or closing (its replacement starts now).
+            _ => {
+                let pool = Arc::new(new_pool());
+                pools.insert(peer.to_string(), PoolSlot::Opening(pool.clone(), vec![done]));
+                Opened::Dial(pool)
+            }
+        }
+    }
+
+    /// Makes a complete pool its peer's; false (and the pool must close) if it was
+    /// closed meanwhile. The callers waiting on the dial hear of it.
+    pub fn publish(&self, pool: &Arc<Pool>) -> bool {
+        let waiting = {
+            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            // Checked under the lock `close` takes to remove a pool, so a pool closing
+            // from now on finds itself in the map.
+            if pool.is_closing() {
+                return false;
+            }
+            match pools.insert(pool.peer.clone(), PoolSlot::Up(pool.clone())) {
+                Some(PoolSlot::Opening(_, waiting)) => waiting,
+                _ => Vec::new(),
+            }
+        };
+        PeerStats::add(&pool.stats.connects, 1);
+        for done in waiting {
+            done(Ok(()));
+        }
+        true
+    }
+
+    /// Closes `pool`: its connections are shut down, and it stops being its peer's. A
+    /// pool still dialing fails its callers with `error` (or why it closed).
+    pub fn close(&self, pool: &Arc<Pool>, reason: CloseReason, error: Option<OpenError>) {
+        if !pool.begin_close(reason.clone()) {
+            return;
+        }
+        let waiting = {
+            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            let current = match pools.get(&pool.peer) {
+                Some(PoolSlot::Up(current)) | Some(PoolSlot::Opening(current, _)) => {
+                    Arc::ptr_eq(current, pool)
+                }
+                None => false,
+            };
+            if !current {
+                Vec::new()
+            } else {
+                match pools.remove(&pool.peer) {
+                    Some(PoolSlot::Opening(_, waiting)) => waiting,
+                    _ => Vec::new(),
+                }
+            }
+        };
+        if pool.is_published() {
+            PeerStats::add(&pool.stats.disconnects, 1);
+        }
+        let error = error.unwrap_or_else(|| match reason {
+            CloseReason::Stopping => OpenError::Stopping,
+            other => OpenError::Closed(other.to_string()),
+        });
+        for done in waiting {
+            done(Err(error.clone()));
+        }
+    }
+
+    /// The peer's pool, if it is up.
+    pub fn live(&self, peer: &str) -> Option<Arc<Pool>> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools.get(peer)?.live().cloned()
+    }
+
+    /// The connection `key` picks in `peer`'s pool, if it is up.
+    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools.get(peer)?.live()?.connection(key).cloned()
+    }
+
+    /// Peers whose pool is up.
+    pub fn peers(&self) -> Vec<String> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter()
+            .filter(|(_, slot)| slot.live().is_some())
+            .map(|(peer, _)| peer.clone())
+            .collect()
+    }
+
+    /// Every pool, dialing or up (for `stop`).
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        pools
+            .values()
+            .map(|slot| match slot {
+                PoolSlot::Up(pool) | PoolSlot::Opening(pool, _) => pool.clone(),
+            })
+            .collect()
     }
 }

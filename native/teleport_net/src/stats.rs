@@ -2,8 +2,12 @@
 //! they outlive any one pool so `stats()` keeps its totals across reconnects. Per
 //! connection: live only as long as their connection, bumped beside the peer's totals.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use mio::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -83,6 +87,31 @@ impl PeerStats {
             queued_bytes: 0,
             per_connection: Vec::new(),
         }
+    }
+}
+
+/// Every peer's counters, by node name; entries are never removed, so totals survive
+/// reconnects.
+#[derive(Default)]
+pub(crate) struct PeerStatsTable {
+    peers: Mutex<HashMap<String, Arc<PeerStats>>>,
+}
+
+impl PeerStatsTable {
+    pub fn of(&self, peer: &str) -> Arc<PeerStats> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.entry(peer.to_string()).or_default().clone()
+    }
+
+    /// Every peer's counters, under the table's lock once.
+    pub fn all(&self) -> Vec<(String, Arc<PeerStats>)> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.iter().map(|(peer, s)| (peer.clone(), s.clone())).collect()
+    }
+
+    pub fn get(&self, peer: &str) -> Option<Arc<PeerStats>> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(peer).cloned()
     }
 }
 

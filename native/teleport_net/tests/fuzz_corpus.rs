@@ -152,14 +152,21 @@ fn corpus_replays() {
     }
 }
 
-/// "accepted", or the kind of error (its variant name, without details).
+/// "accepted", or the kind of error (its variant name, and a frame error's name).
 fn outcome_class(outcome: &str) -> String {
     if outcome.starts_with("Ok(") || outcome.contains("end: Ok") {
         return "accepted".to_string();
     }
     let error = outcome.rsplit("Err(").next().unwrap_or(outcome);
+    let error = error.trim_start_matches('"');
+    if let Some(name) = error.strip_prefix("bad_frame: ") {
+        let name: String = name
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        return format!("bad_frame: {name}");
+    }
     error
-        .trim_start_matches('"')
         .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ' '))
         .next()
         .unwrap_or("")

@@ -3,31 +3,42 @@
 //!
 //! The exception: a frame this VM cannot decode off a scheduler (decode.rs) is
 //! handed whole to a decoder process (teleport_decoder), which decodes and delivers
-//! it on a dirty scheduler (`deliver_frame`). The reader waits for that to finish,
-//! so the connection's frames keep their order; the wait always ends, because the
-//! ticket's channel closes when the ticket is dropped, whatever happens to the
-//! message or the process that holds it.
+//! it on a dirty scheduler (`deliver_frame`). The connection reads nothing more until
+//! that is done (the frame is `Deferred`), so its frames keep their order, and its
+//! I/O thread serves its other connections meanwhile. The wait always ends: the
+//! ticket holds the connection's `Resume`, which reports when the ticket is dropped,
+//! whatever happens to the message or the process that holds it.
 
-use std::io::Read;
+use std::any::Any;
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::Sender;
 use rustler::env::OwnedEnv;
 use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifEnv, ErlNifPid};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, OwnedBinary, Resource, ResourceArc, Term, TermType};
 use teleport_net::etf::read::ReadError;
-use teleport_net::host::read_body;
-use teleport_net::{Delivery, FrameHandler, FrameKind};
+use teleport_net::{BodyBuffer, Deferral, Delivery, FrameHandler, FrameKind, Resume};
 
 use crate::atoms;
 use crate::decode::{Source, TermDecoder};
 
 /// Bodies at least this large are read into a binary of their own, which their
-/// large binaries then reference; smaller ones go through a reused buffer.
+/// large binaries then reference; smaller ones are decoded from the connection's buffer.
 const OWN_BUFFER_MIN: usize = 64 * 1024;
+
+/// A frame's own binary, lent to the connection to read the body into.
+struct FrameBinary(OwnedBinary);
+
+impl BodyBuffer for FrameBinary {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
 
 /// The local processes frames go to, beside their destinations.
 pub struct Helpers {
@@ -65,6 +76,7 @@ impl Deliverer {
         kind: FrameKind,
         bytes: &[u8],
         binary: Option<OwnedBinary>,
+        deferral: &Deferral,
     ) -> Result<Delivery, String> {
         let Deliverer {
             env,
@@ -86,7 +98,9 @@ impl Deliverer {
                 None => (Source { bytes, binary: None }, None),
             };
             match decode_and_deliver(env, ptr::null_mut(), kind, decoder, &source, helpers) {
-                Err(ReadError::NeedsScheduler) => hand_off(handoff_env, kind, &source, frame, helpers),
+                Err(ReadError::NeedsScheduler) => {
+                    hand_off(handoff_env, kind, &source, frame, helpers, deferral)
+                }
                 other => other.map_err(|e| e.to_string()),
             }
         });
@@ -97,35 +111,40 @@ impl Deliverer {
 }
 
 impl FrameHandler for Deliverer {
-    fn handle(&mut self, kind: FrameKind, body: &[u8]) -> Result<Delivery, String> {
-        self.deliver(kind, body, None)
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
+        self.deliver(kind, body, None, deferral)
     }
 
-    fn read_and_handle(
-        &mut self,
-        kind: FrameKind,
-        len: usize,
-        body: &mut dyn Read,
-        scratch: &mut Vec<u8>,
-    ) -> Result<Delivery, String> {
+    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
         if len < OWN_BUFFER_MIN {
-            read_body(body, len, scratch)?;
-            return self.deliver(kind, scratch, None);
+            return Ok(None);
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
-        let mut owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
-        body.read_exact(owned.as_mut_slice())
-            .map_err(|e| format!("read failed: {e}"))?;
-        self.deliver(kind, &[], Some(owned))
+        let owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
+        Ok(Some(Box::new(FrameBinary(owned))))
+    }
+
+    fn handle_owned(
+        &mut self,
+        kind: FrameKind,
+        body: Box<dyn BodyBuffer>,
+        deferral: &Deferral,
+    ) -> Result<Delivery, String> {
+        let FrameBinary(owned) = *body
+            .into_any()
+            .downcast::<FrameBinary>()
+            .map_err(|_| "a body buffer of another kind".to_string())?;
+        self.deliver(kind, &[], Some(owned), deferral)
     }
 }
 
-/// A frame on its way to a decoder process, and the way back to the reader waiting
-/// for it. Dropping it (the message lost, the process dead) closes that way.
+/// A frame on its way to a decoder process, and the way back to the connection
+/// waiting for it. Dropping it (the message lost, the process dead) reports the frame
+/// undeliverable, so the connection reads on.
 pub struct DecodeTicket {
     kind: FrameKind,
     helpers: Arc<Helpers>,
-    outcome: Mutex<Option<Sender<Result<Delivery, String>>>>,
+    outcome: Mutex<Option<Resume>>,
 }
 
 #[rustler::resource_impl]
@@ -154,8 +173,8 @@ impl DecodeTicket {
             )
             .map_err(|e| e.to_string())
         });
-        if let Some(reply) = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = reply.send(outcome);
+        if let Some(resume) = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            resume.finish(outcome);
         }
     }
 }
@@ -163,23 +182,25 @@ impl DecodeTicket {
 /// Spreads frames over the decoder processes.
 static NEXT_DECODER: AtomicUsize = AtomicUsize::new(0);
 
-/// Sends the frame to a decoder process and waits until it has been delivered there.
+/// Sends the frame to a decoder process; the connection waits (`Deferred`) until it
+/// has been delivered there.
 fn hand_off(
     handoff_env: &mut OwnedEnv,
     kind: FrameKind,
     source: &Source,
     frame: Option<Term>,
     helpers: &Arc<Helpers>,
+    deferral: &Deferral,
 ) -> Result<Delivery, String> {
     let decoders = &helpers.decoders;
     let Some(name) = decoders.get(NEXT_DECODER.fetch_add(1, Relaxed) % decoders.len().max(1)) else {
         return Ok(Delivery::Undeliverable("no_decoder"));
     };
-    let (tx, rx) = crossbeam_channel::bounded(1);
     let ticket = ResourceArc::new(DecodeTicket {
         kind,
         helpers: helpers.clone(),
-        outcome: Mutex::new(Some(tx)),
+        // Armed before the message is out: the decoder may finish before this returns.
+        outcome: Mutex::new(Some(deferral.defer())),
     });
     let sent = handoff_env.run(|env| {
         let Some(pid) = whereis(ptr::null_mut(), name.to_term(env)) else {
@@ -200,12 +221,14 @@ fn hand_off(
         send_to(env, ptr::null_mut(), pid, msg) == Delivery::Delivered
     });
     handoff_env.clear();
-    drop(ticket);
     if !sent {
-        return Ok(Delivery::Undeliverable("no_decoder"));
+        if let Some(resume) = ticket.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            resume.finish(Ok(Delivery::Undeliverable("no_decoder")));
+        }
     }
-    // A malformed frame closes the connection, as it would have on this thread.
-    rx.recv().unwrap_or(Ok(Delivery::Undeliverable("decoder_down")))
+    // The connection reads on once the ticket's end (delivered, malformed, or dropped
+    // with the message) is reported.
+    Ok(Delivery::Deferred)
 }
 
 /// `caller_env`: NULL on our own threads, the calling process's env on a scheduler.

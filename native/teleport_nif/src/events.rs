@@ -139,12 +139,13 @@ impl Host for NifHost {
                 } => (
                     atoms::pool_down(),
                     node_atom(env, &peer),
-                    reason,
+                    crate::reason_term(env, reason.class(), reason.detail()),
                     dropped_messages,
                 )
                     .encode(env),
                 Event::InboundUp { peer } => (atoms::inbound_up(), node_atom(env, &peer)).encode(env),
                 Event::InboundDown { peer, reason } => {
+                    let reason = crate::reason_term(env, reason.class(), reason.detail());
                     (atoms::inbound_down(), node_atom(env, &peer), reason).encode(env)
                 }
                 Event::HandshakeFailed {

@@ -123,6 +123,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
             decode_ip(map_get(opts, "listen_ip")?)?,
             map_get(opts, "listen_port")?,
         ),
+        io_threads: map_get(opts, "io_threads")?,
         local_node: map_get::<String>(opts, "local_node")?,
         cookie: map_get::<rustler::Binary>(opts, "cookie")?.as_slice().to_vec(),
         max_frame_bytes: map_get(opts, "max_frame_bytes")?,
@@ -302,8 +303,13 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
 /// (e.g. `{connect, econnrefused}`, `{handshake, bad_cookie}`), or `{closed | internal,
 /// Text}` where the causes have no fixed names.
 fn open_error_term<'a>(env: Env<'a>, e: &OpenError) -> Term<'a> {
-    let class = atom_or_text(env, e.class());
-    match e.detail() {
+    reason_term(env, e.class(), e.detail())
+}
+
+/// A reason as a term: `Class`, `{Class, Name}` or `{Class, Text}`.
+pub(crate) fn reason_term<'a>(env: Env<'a>, class: &str, detail: Detail) -> Term<'a> {
+    let class = atom_or_text(env, class);
+    match detail {
         Detail::None => class,
         Detail::Name(name) => (class, atom_or_text(env, name)).encode(env),
         Detail::Text(text) => (class, text).encode(env),
@@ -421,9 +427,7 @@ fn close_pool(env: Env, peer: Atom) -> NifResult<Atom> {
     let Some(node) = node() else {
         return Ok(atoms::ok());
     };
-    with_atom_text(peer.to_term(env), |name| {
-        node.runtime.close_pool(name, "closed by request")
-    })?;
+    with_atom_text(peer.to_term(env), |name| node.runtime.close_pool(name))?;
     Ok(atoms::ok())
 }
 

@@ -1,0 +1,44 @@
+//! How other threads (senders on schedulers, the pool closing, a decoder process
+//! finishing) reach a connection that lives on an I/O thread: by message. Nothing
+//! outside the engine touches a connection's socket state directly, except the
+//! sender's direct write, which `Connection` serialises with the I/O thread.
+
+use std::sync::Arc;
+
+use crate::host::Delivery;
+
+/// A connection's place on its I/O thread: the slab slot and the connection's own
+/// number, so a message for a connection that is gone never reaches the one that
+/// took its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub index: usize,
+    pub id: u64,
+}
+
+/// What an I/O thread can be asked from another thread. Each call queues a message
+/// and wakes the thread; none blocks.
+pub(crate) trait IoThread: Send + Sync {
+    /// Frames were queued on an outbound connection: write them.
+    fn flush(&self, slot: Slot);
+    /// Close the connection (its pool is closing).
+    fn close(&self, slot: Slot);
+    /// A frame handed to another thread was delivered (or failed): read on.
+    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>);
+}
+
+#[derive(Clone)]
+pub(crate) struct ConnRef {
+    pub thread: Arc<dyn IoThread>,
+    pub slot: Slot,
+}
+
+impl ConnRef {
+    pub fn flush(&self) {
+        self.thread.flush(self.slot);
+    }
+
+    pub fn close(&self) {
+        self.thread.close(self.slot);
+    }
+}

@@ -1,0 +1,470 @@
+//! One connection's state machine, advanced by readiness events on its I/O thread:
+//!
+//! ```text
+//! dialed:   Connecting -> ClientHandshake -> Outbound (writes frames; watches for the peer leaving)
+//! accepted: ServerHandshake -> Inbound (reads frames, delivers them)
+//! ```
+//!
+//! Each state owns the guards of what it holds (a handshake slot, a place in a pool,
+//! a socket counted open), so however a connection ends (closed, timed out, a panic
+//! while it was served), dropping it releases them and tells whoever waits.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::connection::{Connection, Flushed};
+use crate::error::{CloseReason, OpenError};
+use crate::framing::{encode_frame, FrameKind};
+use crate::handshake::{Handshake, HandshakeError, Progress};
+use crate::host::Event;
+use crate::inbound::{Inbound, ReadTurn};
+use crate::listener::{HandshakeSlot, OpenSocket};
+use crate::pool::{Joined, Pool};
+use crate::stats::{ConnStats, PeerStats};
+
+use super::{ended_early, Services, Threads};
+
+/// Bytes a connection may read or write per turn before its thread serves the others.
+pub(super) const TURN_BYTES: usize = 1 << 20;
+
+/// One slot of a pool being dialed or up. However it ends, dropping it counts the
+/// frames its connection never wrote, closes the pool (a pool is whole or gone), fails
+/// the dial's callers if the pool was not up yet, and lets the pool's last member
+/// report `PoolDown`.
+pub(crate) struct PoolMember {
+    services: Arc<Services>,
+    pub(super) threads: Arc<Threads>,
+    pub(super) pool: Arc<Pool>,
+    index: usize,
+    conn: Option<Arc<Connection>>,
+    end: Option<MemberEnd>,
+}
+
+enum MemberEnd {
+    DialFailed(OpenError),
+    Closed(CloseReason),
+}
+
+impl PoolMember {
+    pub(super) fn new(
+        services: &Arc<Services>,
+        threads: &Arc<Threads>,
+        pool: &Arc<Pool>,
+        index: usize,
+    ) -> Self {
+        PoolMember {
+            services: services.clone(),
+            threads: threads.clone(),
+            pool: pool.clone(),
+            index,
+            conn: None,
+            end: None,
+        }
+    }
+
+    pub(super) fn fail(&mut self, error: OpenError) {
+        self.end.get_or_insert(MemberEnd::DialFailed(error));
+    }
+
+    fn closed(&mut self, reason: CloseReason) {
+        self.end.get_or_insert(MemberEnd::Closed(reason));
+    }
+}
+
+impl Drop for PoolMember {
+    fn drop(&mut self) {
+        let services = &self.services;
+        let pool = &self.pool;
+        let joined = self.conn.is_some();
+        let dropped = self.conn.take().map_or(0, |conn| conn.close());
+        let end = self
+            .end
+            .take()
+            .unwrap_or_else(|| MemberEnd::Closed(CloseReason::Internal(ended_early("I/O"))));
+        let end = match end {
+            // Ended before its connection was up: the dial failed.
+            MemberEnd::Closed(reason) if !joined => {
+                MemberEnd::DialFailed(OpenError::Closed(reason.to_string()))
+            }
+            end => end,
+        };
+        match end {
+            MemberEnd::DialFailed(error) => {
+                // `stop` closes the dial's sockets: whatever that broke, the cause is the stop.
+                let error = if services.is_stopping() {
+                    OpenError::Stopping
+                } else {
+                    error
+                };
+                if matches!(error, OpenError::Handshake { .. }) && pool.first_handshake_failure() {
+                    PeerStats::add(&pool.stats.handshake_failures, 1);
+                }
+                let reason = match &error {
+                    OpenError::Stopping => CloseReason::Stopping,
+                    other => CloseReason::Internal(other.to_string()),
+                };
+                services.pools.close(pool, reason, Some(error));
+            }
+            MemberEnd::Closed(reason) => services.pools.close(pool, reason, None),
+        }
+        if let Some((reason, dropped)) = pool.member_ended(dropped) {
+            if pool.is_published() {
+                services.host.event(Event::PoolDown {
+                    peer: pool.peer.clone(),
+                    reason,
+                    dropped_messages: dropped,
+                });
+            }
+        }
+    }
+}
+
+/// How a connection ends, as the thread that closes it knows it.
+pub(super) enum End {
+    /// Dialing failed (only meaningful while dialing; otherwise a close).
+    Dial(OpenError),
+    /// An inbound handshake failed: counted and reported (rate-limited) as this.
+    Handshake(&'static str),
+    Close(CloseReason),
+}
+
+pub(super) enum State {
+    Connecting {
+        member: PoolMember,
+        _open: OpenSocket,
+    },
+    ClientHandshake {
+        member: PoolMember,
+        handshake: Handshake,
+        _open: OpenSocket,
+    },
+    ServerHandshake {
+        handshake: Handshake,
+        remote: SocketAddr,
+        _slot: HandshakeSlot,
+        open: OpenSocket,
+        /// Reading waits until then (a fault injected by tests: a slow peer).
+        not_before: Option<Instant>,
+    },
+    Outbound {
+        member: PoolMember,
+        conn: Arc<Connection>,
+    },
+    Inbound {
+        inbound: Inbound,
+        _open: OpenSocket,
+    },
+    /// Between two states, and while being dropped.
+    Gone,
+}
+
+pub(super) struct Conn {
+    pub id: u64,
+    pub socket: Arc<TcpStream>,
+    pub state: State,
+    /// When the state times out (connecting, handshaking).
+    pub deadline: Option<Instant>,
+}
+
+impl Conn {
+    /// Hands `end` to whatever the state owns, before the connection is dropped.
+    pub fn end(&mut self, end: End, services: &Services) {
+        match (&mut self.state, end) {
+            (State::Connecting { member, .. } | State::ClientHandshake { member, .. }, end) => {
+                member.fail(match end {
+                    End::Dial(error) => error,
+                    End::Handshake(reason) => OpenError::Closed(reason.to_string()),
+                    End::Close(CloseReason::Stopping) => OpenError::Stopping,
+                    End::Close(reason) => OpenError::Closed(reason.to_string()),
+                });
+            }
+            (State::ServerHandshake { remote, .. }, end) => {
+                let reason = match end {
+                    End::Handshake(reason) => reason,
+                    // Stopping: not the peer's failure.
+                    End::Close(CloseReason::Stopping) => return,
+                    End::Close(_) | End::Dial(_) => "internal",
+                };
+                services
+                    .listener
+                    .handshake_failed(&*services.host, *remote, reason);
+            }
+            (State::Outbound { member, .. }, end) => member.closed(close_reason(end)),
+            (State::Inbound { inbound, .. }, end) => {
+                inbound.reason.get_or_insert(close_reason(end));
+            }
+            (State::Gone, _) => {}
+        }
+    }
+}
+
+fn close_reason(end: End) -> CloseReason {
+    match end {
+        End::Close(reason) => reason,
+        End::Dial(error) => CloseReason::Malformed(error.to_string()),
+        End::Handshake(reason) => CloseReason::Malformed(reason.to_string()),
+    }
+}
+
+/// Writes a handshake message or the pool announcement, all of it now: they are small
+/// and go first into an empty socket buffer, so a short write means a broken socket.
+pub(super) fn write_now(socket: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match (&*socket).write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn handshake_error(e: &HandshakeError) -> OpenError {
+    OpenError::handshake(e)
+}
+
+/// What a step asks of the thread besides going on.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    Wait,
+    /// Come back this turn (more to read or write than one turn's share, or a new
+    /// state that must read what is already there).
+    Again,
+}
+
+/// Connecting: the socket became writable (or failed).
+pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, End> {
+    let socket = &conn.socket;
+    if let Ok(Some(e)) | Err(e) = socket.take_error() {
+        return Err(End::Dial(OpenError::connect(&e)));
+    }
+    match socket.peer_addr() {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Next::Wait),
+        Err(e) => return Err(End::Dial(OpenError::connect(&e))),
+    }
+    // Small frames (calls, acks) must not wait for Nagle.
+    let _ = socket.set_nodelay(true);
+    crate::listener::keep_alive(socket);
+    let State::Connecting { member, _open } = std::mem::replace(&mut conn.state, State::Gone) else {
+        unreachable!("connected() is only called while connecting");
+    };
+    let config = &services.config;
+    let started = Handshake::client(&config.cookie, &config.local_node, &member.pool.peer);
+    let (handshake, hello) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            conn.state = State::Connecting { member, _open };
+            return Err(End::Dial(handshake_error(&e)));
+        }
+    };
+    conn.state = State::ClientHandshake {
+        member,
+        handshake,
+        _open,
+    };
+    conn.deadline = Some(Instant::now() + config.handshake_timeout);
+    write_now(socket, &hello).map_err(|e| End::Dial(handshake_error(&HandshakeError::Io(e))))?;
+    Ok(Next::Wait)
+}
+
+/// Reads handshake bytes: at most what the handshake still needs is consumed, so
+/// bytes after it (the first frames) stay for the next state. Returns the progress and
+/// the bytes read past the handshake's end.
+fn read_handshake(
+    socket: &TcpStream,
+    handshake: &mut Handshake,
+) -> Result<Option<(String, Vec<u8>)>, HandshakeError> {
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = match (&*socket).read(&mut buf) {
+            Ok(0) => return Err(handshake.closed_error()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HandshakeError::Io(e)),
+        };
+        let mut out = Vec::new();
+        let (used, progress) = handshake.feed(&buf[..n], &mut out)?;
+        if !out.is_empty() {
+            write_now(socket, &out).map_err(HandshakeError::Io)?;
+        }
+        if let Progress::Done(peer) = progress {
+            return Ok(Some((peer, buf[used..n].to_vec())));
+        }
+    }
+}
+
+/// Client handshake: readable. Once done, announces the pool and becomes a member.
+pub(super) fn client_handshake(
+    conn: &mut Conn,
+    services: &Services,
+    io: crate::conn_ref::ConnRef,
+) -> Result<Next, End> {
+    let State::ClientHandshake { handshake, .. } = &mut conn.state else {
+        return Ok(Next::Wait);
+    };
+    let done = read_handshake(&conn.socket, handshake).map_err(|e| End::Dial(handshake_error(&e)))?;
+    let Some((_, extra)) = done else {
+        return Ok(Next::Wait);
+    };
+    // The server writes nothing after its proof on a connection only we write on.
+    if !extra.is_empty() {
+        return Err(End::Dial(handshake_error(&HandshakeError::Malformed(
+            "data after the handshake",
+        ))));
+    }
+    let State::ClientHandshake { member, .. } = std::mem::replace(&mut conn.state, State::Gone) else {
+        unreachable!("checked above");
+    };
+    conn.deadline = None;
+    let mut member = member;
+    let pool = member.pool.clone();
+    let announce = encode_frame(FrameKind::PoolEpoch, &pool.token);
+    let counters = write_now(&conn.socket, &announce).and_then(|()| ConnStats::new(&conn.socket));
+    let counters = match counters {
+        Ok(counters) => counters,
+        Err(e) => {
+            member.fail(OpenError::io(&e));
+            return Err(End::Dial(OpenError::io(&e)));
+        }
+    };
+    let config = &services.config;
+    let connection = Arc::new(Connection::new(
+        conn.socket.clone(),
+        io,
+        config.send_queue_bytes,
+        config.io_chunk(),
+        pool.stats.clone(),
+        counters,
+    ));
+    member.conn = Some(connection.clone());
+    crate::faults::check(crate::faults::Point::Watcher, &pool.peer);
+    let joined = pool.joined(member.index, connection.clone());
+    match joined {
+        Joined::DialNext => member.threads.dial(&member.services, &member.threads, &pool, 1),
+        Joined::Complete => {
+            if services.pools.publish(&pool) {
+                services.host.event(Event::PoolUp {
+                    peer: pool.peer.clone(),
+                    connections: pool.size(),
+                });
+            }
+        }
+        Joined::Closing => {}
+    }
+    conn.state = State::Outbound {
+        member,
+        conn: connection,
+    };
+    if joined == Joined::Closing {
+        return Err(End::Close(pool.close_reason()));
+    }
+    Ok(Next::Wait)
+}
+
+/// Server handshake: readable. Once done, the connection reads frames.
+pub(super) fn server_handshake(
+    conn: &mut Conn,
+    services: &Services,
+    deferral: crate::host::Deferral,
+) -> Result<Next, End> {
+    let State::ServerHandshake {
+        handshake,
+        not_before,
+        ..
+    } = &mut conn.state
+    else {
+        return Ok(Next::Wait);
+    };
+    if not_before.is_some_and(|t| Instant::now() < t) {
+        return Ok(Next::Wait);
+    }
+    *not_before = None;
+    let done = read_handshake(&conn.socket, handshake).map_err(|e| End::Handshake(e.reason()))?;
+    let Some((peer, early)) = done else {
+        return Ok(Next::Wait);
+    };
+    // The handshake slot goes back to the listener here.
+    let State::ServerHandshake { open, .. } = std::mem::replace(&mut conn.state, State::Gone) else {
+        unreachable!("checked above");
+    };
+    conn.deadline = None;
+    let _ = conn.socket.set_nodelay(true);
+    crate::listener::keep_alive(&conn.socket);
+    let config = &services.config;
+    let inbound = Inbound::new(crate::inbound::InboundSetup {
+        stats: services.stats.of(&peer),
+        peer,
+        socket: conn.socket.clone(),
+        deferral,
+        host: services.host.clone(),
+        pools: services.inbound.clone(),
+        max_frame_bytes: config.max_frame_bytes,
+        io_chunk: config.io_chunk(),
+        early,
+    })
+    .map_err(|e| End::Close(CloseReason::io(&e)))?;
+    conn.state = State::Inbound { inbound, _open: open };
+    // Frames may have come with the handshake, or be in the socket already: no new
+    // readiness event would say so.
+    Ok(Next::Again)
+}
+
+/// Outbound: readable. The peer never writes after the handshake, so anything it
+/// sends, or its end of stream, means the connection is gone (or the peer misbehaves).
+pub(super) fn outbound_readable(conn: &Conn) -> Result<Next, End> {
+    let mut buf = [0u8; 64];
+    loop {
+        return match (&*conn.socket).read(&mut buf) {
+            Ok(0) => Err(End::Close(CloseReason::PeerClosed)),
+            Ok(_) => Err(End::Close(CloseReason::UnexpectedData)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Next::Wait),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(End::Close(CloseReason::io(&e))),
+        };
+    }
+}
+
+/// Outbound: writable, or frames were queued.
+pub(super) fn outbound_flush(conn: &Conn) -> Result<Next, End> {
+    let State::Outbound {
+        member,
+        conn: connection,
+    } = &conn.state
+    else {
+        return Ok(Next::Wait);
+    };
+    crate::faults::check(crate::faults::Point::Writer, &member.pool.peer);
+    if connection.is_closed() {
+        return Err(End::Close(member.pool.close_reason()));
+    }
+    match connection.flush(TURN_BYTES) {
+        Ok(Flushed::More) => Ok(Next::Again),
+        Ok(Flushed::Idle | Flushed::Blocked) => Ok(Next::Wait),
+        Err(e) => Err(End::Close(CloseReason::io(&e))),
+    }
+}
+
+/// Inbound: readable (or resumed, or a turn left more to read).
+pub(super) fn inbound_read(conn: &mut Conn) -> Result<(Next, bool), End> {
+    let State::Inbound { inbound, .. } = &mut conn.state else {
+        return Ok((Next::Wait, false));
+    };
+    let turn = inbound.read(TURN_BYTES).map_err(End::Close)?;
+    let bulk = inbound.take_bulk();
+    Ok((
+        if turn == ReadTurn::More {
+            Next::Again
+        } else {
+            Next::Wait
+        },
+        bulk,
+    ))
+}

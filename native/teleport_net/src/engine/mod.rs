@@ -1,0 +1,272 @@
+//! The I/O engine: a fixed number of threads, each driving many non-blocking sockets
+//! through the OS readiness API (mio: epoll on Linux, kqueue on macOS and BSD). A
+//! connection lives on one thread for its whole life, in that thread's slab; the slab
+//! index is its mio token, so "who owns this socket" is "the thread whose slab holds
+//! it". Other threads reach a connection only by message (`Command`), except a
+//! sender's direct write, which `Connection` serialises with the I/O thread.
+//!
+//! Files, in the order a connection lives: `mod.rs` (threads, commands, what they
+//! share), `worker.rs` (one thread's loop), `conn.rs` (one connection's state machine:
+//! connecting, handshaking, open; and how each ends).
+
+mod conn;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Poll, Waker};
+
+use crate::config::Config;
+use crate::conn_ref::{IoThread, Slot};
+use crate::faults;
+use crate::host::{Delivery, Event, Host};
+use crate::inbound::InboundPools;
+use crate::listener::{HandshakeSlot, ListenerState};
+use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
+use crate::stats::PeerStatsTable;
+
+use conn::PoolMember;
+use worker::Worker;
+
+/// What the engine's threads and the runtime share, each part owned by its module.
+pub(crate) struct Services {
+    pub config: Config,
+    pub host: Arc<dyn Host>,
+    pub stats: PeerStatsTable,
+    pub pools: Pools,
+    pub inbound: Arc<InboundPools>,
+    pub listener: Arc<ListenerState>,
+    stopping: AtomicBool,
+    /// Random per runtime, so a restarted node's pools are told from the old ones.
+    incarnation: u64,
+    next_pool_epoch: AtomicU64,
+}
+
+impl Services {
+    pub fn new(config: Config, host: Arc<dyn Host>) -> io::Result<Services> {
+        let mut incarnation = [0u8; 8];
+        getrandom::getrandom(&mut incarnation).map_err(|e| io::Error::other(e.to_string()))?;
+        let listener = Arc::new(ListenerState::new(
+            config.max_pending_handshakes,
+            config.max_pending_handshakes_per_ip,
+        ));
+        Ok(Services {
+            config,
+            host,
+            stats: PeerStatsTable::default(),
+            pools: Pools::default(),
+            inbound: Arc::default(),
+            listener,
+            stopping: AtomicBool::new(false),
+            incarnation: u64::from_ne_bytes(incarnation),
+            next_pool_epoch: AtomicU64::new(1),
+        })
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(SeqCst)
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, SeqCst);
+    }
+
+    /// The token every connection of a new pool announces first.
+    pub fn new_pool_token(&self) -> PoolToken {
+        let epoch = self.next_pool_epoch.fetch_add(1, SeqCst);
+        let mut token = [0u8; POOL_TOKEN_LEN];
+        token[..8].copy_from_slice(&self.incarnation.to_be_bytes());
+        token[8..].copy_from_slice(&epoch.to_be_bytes());
+        token
+    }
+
+    pub(crate) fn report_panic(&self, thread: &str, panic: &(dyn std::any::Any + Send)) {
+        let message = panic_message(panic);
+        self.host.event(Event::Panic {
+            thread: thread.to_string(),
+            message,
+        });
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_string())
+}
+
+/// Why something a thread owned ended without saying: it panicked (its guard drops
+/// while unwinding) or it was dropped unserved (its thread stopped first).
+pub(crate) fn ended_early(thread: &str) -> String {
+    if std::thread::panicking() {
+        format!("the {thread} thread panicked")
+    } else {
+        format!("the {thread} thread let go of it")
+    }
+}
+
+/// What other threads ask an I/O thread.
+pub(crate) enum Command {
+    /// Dial one connection of a pool being opened.
+    Dial(PoolMember),
+    /// A socket the listener accepted, to authenticate and serve.
+    Accepted {
+        stream: TcpStream,
+        remote: SocketAddr,
+        slot: HandshakeSlot,
+    },
+    /// Frames were queued on an outbound connection.
+    Flush(Slot),
+    /// The connection's pool is closing.
+    Close(Slot),
+    /// A deferred frame's outcome.
+    Resume(Slot, Result<Delivery, String>),
+    /// Close everything and exit.
+    Stop,
+}
+
+/// One I/O thread as others see it: its command queue and the waker of its poll.
+pub(crate) struct ThreadHandle {
+    commands: Sender<Command>,
+    waker: Waker,
+}
+
+impl ThreadHandle {
+    /// Queues `command` and wakes the thread. A thread that has exited drops it, which
+    /// runs its cleanup (a dial's callers hear it failed) on the caller's thread.
+    fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+impl IoThread for ThreadHandle {
+    fn flush(&self, slot: Slot) {
+        self.send(Command::Flush(slot));
+    }
+
+    fn close(&self, slot: Slot) {
+        self.send(Command::Close(slot));
+    }
+
+    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>) {
+        self.send(Command::Resume(slot, outcome));
+    }
+}
+
+/// Every I/O thread's handle; new work goes round-robin.
+pub(crate) struct Threads {
+    handles: Vec<Arc<ThreadHandle>>,
+    next: AtomicUsize,
+}
+
+impl Threads {
+    fn pick(&self) -> &Arc<ThreadHandle> {
+        let next = self.next.fetch_add(1, SeqCst);
+        &self.handles[next % self.handles.len()]
+    }
+
+    /// Starts dialing `pool`'s next `n` slots, each on the next thread.
+    pub(crate) fn dial(&self, services: &Arc<Services>, self_arc: &Arc<Threads>, pool: &Arc<Pool>, n: usize) {
+        for _ in 0..n {
+            let Some(index) = pool.next_slot() else { return };
+            let member = PoolMember::new(services, self_arc, pool, index);
+            self.pick().send(Command::Dial(member));
+        }
+    }
+}
+
+pub(crate) struct Engine {
+    threads: Arc<Threads>,
+    joins: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts `count` I/O threads; the first also accepts on `listener`.
+    pub fn start(services: &Arc<Services>, count: usize, listener: TcpListener) -> io::Result<Engine> {
+        let count = count.max(1);
+        let mut polls = Vec::with_capacity(count);
+        let mut handles = Vec::with_capacity(count);
+        for _ in 0..count {
+            let poll = Poll::new()?;
+            let waker = Waker::new(poll.registry(), worker::WAKER)?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            handles.push(Arc::new(ThreadHandle { commands: tx, waker }));
+            polls.push((poll, rx));
+        }
+        let threads = Arc::new(Threads {
+            handles,
+            next: AtomicUsize::new(0),
+        });
+        let engine = Engine {
+            threads: threads.clone(),
+            joins: Mutex::new(Vec::new()),
+        };
+        let mut listener = Some(listener);
+        for (index, (poll, rx)) in polls.into_iter().enumerate() {
+            let name = format!("teleport-io{index}-{}", services.config.local_node);
+            let worker = Worker::new(
+                index,
+                poll,
+                rx,
+                threads.handles[index].clone(),
+                services.clone(),
+                threads.clone(),
+                listener.take(),
+            )?;
+            let spawned = if faults::spawn_fails(&name) {
+                Err(io::Error::other("injected fault"))
+            } else {
+                std::thread::Builder::new()
+                    .name(name.chars().take(15).collect())
+                    .spawn(move || worker.run())
+            };
+            match spawned {
+                Ok(join) => engine.joins.lock().unwrap_or_else(|p| p.into_inner()).push(join),
+                Err(e) => {
+                    engine.stop();
+                    return Err(io::Error::other(format!(
+                        "could not start I/O thread {name}: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Starts dialing a new pool: a few connections at a time, each next one once one
+    /// is up, so the peer's per-source handshake cap is never hit by one pool.
+    pub fn dial(&self, services: &Arc<Services>, pool: &Arc<Pool>) {
+        let parallel = pool
+            .size()
+            .min(DIAL_PARALLELISM)
+            .min(services.config.max_pending_handshakes_per_ip.max(1));
+        self.threads.dial(services, &self.threads, pool, parallel);
+    }
+
+    /// Tells every thread to close everything and exit, and waits for them.
+    pub fn stop(&self) {
+        for handle in &self.threads.handles {
+            handle.send(Command::Stop);
+        }
+        let joins = std::mem::take(&mut *self.joins.lock().unwrap_or_else(|p| p.into_inner()));
+        for join in joins {
+            let _ = join.join();
+        }
+    }
+
+    /// Threads running (for tests that check nothing leaks).
+    pub fn live_threads(&self) -> usize {
+        let joins = self.joins.lock().unwrap_or_else(|p| p.into_inner());
+        joins.iter().filter(|t| !t.is_finished()).count()
+    }
+}
