@@ -284,8 +284,9 @@ impl Connection {
     }
 
     /// The I/O thread's part: writes what is queued until the socket is full, the queue
-    /// is empty or `budget` bytes went out. An error is the connection's end.
-    pub(crate) fn flush(&self, budget: usize) -> io::Result<Flushed> {
+    /// is empty or `budget` bytes went out, and says how many did. An error is the
+    /// connection's end.
+    pub(crate) fn flush(&self, budget: usize) -> io::Result<(Flushed, usize)> {
         let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut written = 0;
         loop {
@@ -296,14 +297,14 @@ impl Connection {
                 if self.rx.is_empty() || self.flush_requested.swap(true, SeqCst) {
                     drop(batch);
                     self.wake_waiters(false);
-                    return Ok(Flushed::Idle);
+                    return Ok((Flushed::Idle, written));
                 }
                 continue;
             }
             if written >= budget {
                 drop(batch);
                 self.wake_waiters(false);
-                return Ok(Flushed::More);
+                return Ok((Flushed::More, written));
             }
             match self.write_some_of(&mut batch) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -312,7 +313,7 @@ impl Connection {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(batch);
                     self.wake_waiters(false);
-                    return Ok(Flushed::Blocked);
+                    return Ok((Flushed::Blocked, written));
                 }
                 Err(e) => return Err(e),
             }

@@ -36,6 +36,8 @@ struct Frame {
 struct Log {
     frames: Vec<Frame>,
     events: Vec<Event>,
+    /// Frames whose body was `defer`: their handler deferred them (`Delivery::Deferred`).
+    deferred: Vec<teleport_net::Resume>,
 }
 
 #[derive(Default)]
@@ -120,7 +122,7 @@ struct TestHandler {
 }
 
 impl FrameHandler for TestHandler {
-    fn handle(&mut self, kind: FrameKind, body: &[u8], _deferral: &Deferral) -> Result<Delivery, String> {
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
         let delay = self.host.0.delay_ms.load(SeqCst);
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
@@ -136,6 +138,14 @@ impl FrameHandler for TestHandler {
             kind,
             body: body.to_vec(),
         };
+        if body == b"defer" {
+            let resume = deferral.defer();
+            self.host.record(|log| {
+                log.frames.push(frame);
+                log.deferred.push(resume);
+            });
+            return Ok(Delivery::Deferred);
+        }
         self.host.record(|log| log.frames.push(frame));
         Ok(Delivery::Delivered)
     }
@@ -1708,4 +1718,100 @@ fn frames_of_more_pieces_than_iov_max_arrive_whole() {
     let got: Vec<Vec<u8>> = b.host.log().frames.iter().map(|f| f.body.clone()).collect();
     assert!(got == expected, "bodies differ");
     assert_eq!(a.rt.peers(), vec![b.name().to_string()]);
+}
+
+/// A frame its handler defers pauses its own connection only: on a node with one I/O
+/// thread, another peer's frames go on meanwhile; once the outcome is reported the
+/// paused connection's later frames follow, in order. A `Resume` dropped unreported
+/// counts the frame undeliverable and reads on too.
+#[test]
+fn a_deferred_frame_pauses_only_its_connection() {
+    let b = Node::start_with("defer-b@127.0.0.1", |c| c.io_threads = 1);
+    let (a, c) = (Node::start("defer-a@127.0.0.1"), Node::start("defer-c@127.0.0.1"));
+    a.open(&b, 1).expect("pool a -> b");
+    c.open(&b, 1).expect("pool c -> b");
+    for body in [&b"defer"[..], b"a1", b"a2"] {
+        assert!(a.send(b.name(), 0, body.to_vec()).is_ok());
+    }
+    assert!(b.host.wait_for(WAIT, |log| log.deferred.len() == 1));
+    assert!(c.send(b.name(), 0, b"c1".to_vec()).is_ok());
+    assert!(b
+        .host
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"c1")));
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        b.host.frames_from(a.name()),
+        1,
+        "a's connection waits for the deferred frame"
+    );
+
+    let resume = b.host.log().deferred.pop().expect("one deferred");
+    resume.finish(Ok(Delivery::Delivered));
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 4));
+    let from_a: Vec<Vec<u8>> = b
+        .host
+        .log()
+        .frames
+        .iter()
+        .filter(|f| f.peer == a.name())
+        .map(|f| f.body.clone())
+        .collect();
+    assert_eq!(from_a, vec![b"defer".to_vec(), b"a1".to_vec(), b"a2".to_vec()]);
+
+    // Dropped unreported: counted undeliverable, and the connection reads on.
+    assert!(a.send(b.name(), 0, b"defer".to_vec()).is_ok());
+    assert!(a.send(b.name(), 0, b"a3".to_vec()).is_ok());
+    assert!(b.host.wait_for(WAIT, |log| log.deferred.len() == 1));
+    drop(b.host.log().deferred.pop());
+    assert!(b
+        .host
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"a3")));
+    assert!(eventually(WAIT, || b.stats_for(a.name()).undeliverable_in == 1));
+    assert_eq!(b.rt.live_threads(), 1);
+}
+
+/// Twelve nodes of one I/O thread each, every one with a pool of 2 to every other:
+/// every frame arrives, and no node runs more than its one thread, however many
+/// connections it holds (22 out, 22 in).
+#[test]
+fn one_io_thread_serves_many_pools_both_ways() {
+    const NODES: usize = 12;
+    let nodes: Vec<Node> = (0..NODES)
+        .map(|i| Node::start_with(&format!("mesh{i}@127.0.0.1"), |c| c.io_threads = 1))
+        .collect();
+    for from in &nodes {
+        for to in &nodes {
+            if from.name() != to.name() {
+                from.open(to, 2).expect("pool opens");
+            }
+        }
+    }
+    for from in &nodes {
+        for to in &nodes {
+            if from.name() != to.name() {
+                for key in 0..2 {
+                    let body = vec![key as u8; 70_000];
+                    assert!(from.send(to.name(), key, body).is_ok());
+                    assert!(from.send(to.name(), key, b"small".to_vec()).is_ok());
+                }
+            }
+        }
+    }
+    for node in &nodes {
+        assert!(
+            node.host
+                .wait_for(WAIT, |log| log.frames.len() == 4 * (NODES - 1)),
+            "{} got {} frames",
+            node.name(),
+            node.host.log().frames.len()
+        );
+        assert_eq!(node.rt.live_threads(), 1);
+        let connections: usize = node.rt.stats().iter().map(|(_, s)| s.per_connection.len()).sum();
+        assert_eq!(
+            connections,
+            4 * (NODES - 1),
+            "{}: 2 out and 2 in per peer",
+            node.name()
+        );
+    }
 }

@@ -31,6 +31,10 @@ use super::{ended_early, Services, Threads};
 /// Bytes a connection may read or write per turn before its thread serves the others.
 pub(super) const TURN_BYTES: usize = 1 << 20;
 
+/// A turn that wrote more than this carried bulk: its thread does not busy-wait next
+/// (see `Config::reader_busy_wait`), as a reader that read a large body does not.
+const BULK_BYTES: usize = 64 * 1024;
+
 /// One slot of a pool being dialed or up. However it ends, dropping it counts the
 /// frames its connection never wrote, closes the pool (a pool is whole or gone), fails
 /// the dial's callers if the pool was not up yet, and lets the pool's last member
@@ -432,8 +436,8 @@ pub(super) fn outbound_readable(conn: &Conn) -> Result<Next, End> {
     }
 }
 
-/// Outbound: writable, or frames were queued.
-pub(super) fn outbound_flush(conn: &Conn) -> Result<Next, End> {
+/// Outbound: writable, or frames were queued. `bulk` is set when a large write went out.
+pub(super) fn outbound_flush(conn: &Conn, bulk: &mut bool) -> Result<Next, End> {
     let State::Outbound {
         member,
         conn: connection,
@@ -445,11 +449,14 @@ pub(super) fn outbound_flush(conn: &Conn) -> Result<Next, End> {
     if connection.is_closed() {
         return Err(End::Close(member.pool.close_reason()));
     }
-    match connection.flush(TURN_BYTES) {
-        Ok(Flushed::More) => Ok(Next::Again),
-        Ok(Flushed::Idle | Flushed::Blocked) => Ok(Next::Wait),
-        Err(e) => Err(End::Close(CloseReason::io(&e))),
-    }
+    let (flushed, written) = connection
+        .flush(TURN_BYTES)
+        .map_err(|e| End::Close(CloseReason::io(&e)))?;
+    *bulk |= written > BULK_BYTES;
+    Ok(match flushed {
+        Flushed::More => Next::Again,
+        Flushed::Idle | Flushed::Blocked => Next::Wait,
+    })
 }
 
 /// Inbound: readable (or resumed, or a turn left more to read).

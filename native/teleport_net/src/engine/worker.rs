@@ -467,7 +467,7 @@ fn step(
                 conn::outbound_readable(conn)?;
             }
             if writable {
-                conn::outbound_flush(conn)
+                conn::outbound_flush(conn, bulk)
             } else {
                 Ok(Next::Wait)
             }
