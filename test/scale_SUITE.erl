@@ -7,7 +7,7 @@
 %% -connect_all false': one scheduler, no scheduler busy-waiting, so that 25 VMs share
 %% 2 cores sensibly, and no transitive disterl mesh between the peers: the hub is
 %% connected to every peer, the peers only to the hub and to the test node). With
-%% `+S 1', teleport's default `pool_size' (schedulers online) is 1.
+%% `+S 1', teleport's default `io_threads' (auto) is 1; its default `pool_size' is 4.
 %%
 %% The case `scale', step by step:
 %% <ol>
@@ -70,12 +70,12 @@
 %% <li>SCALE_BYTES: payload of each message (default 65536).</li>
 %% <li>SCALE_SENDERS: senders per peer per direction (default: the pool size).</li>
 %% <li>SCALE_POOL_SIZE: teleport `pool_size' on every node (full: teleport's default,
-%%     schedulers online, so 1 with `+S 1'; short 2).</li>
+%%     4; short 2).</li>
 %% <li>SCALE_TRANSPORTS: which to run, comma-separated (default "disterl,teleport";
 %%     disterl always runs first).</li>
 %% <li>SCALE_VM_ARGS: the extra `erl' arguments of every VM, space-separated,
 %%     replacing the default above.</li>
-%% <li>SCALE_IO_CHUNK_BYTES, SCALE_IO_THREAD_PRIORITY, SCALE_READER_BUSY_WAIT_US,
+%% <li>SCALE_IO_THREADS, SCALE_IO_CHUNK_BYTES, SCALE_IO_THREAD_PRIORITY, SCALE_READER_BUSY_WAIT_US,
 %%     SCALE_SEND_QUEUE_BYTES, SCALE_MAX_PENDING_HANDSHAKES,
 %%     SCALE_MAX_PENDING_HANDSHAKES_PER_IP: those teleport settings on every node.</li>
 %% </ul>
@@ -151,7 +151,7 @@ params(Defaults) ->
           end,
     PoolSize = Int("SCALE_POOL_SIZE", maps:get(pool_size, Defaults)),
     AppEnv0 = teleport_test_peer:app_env_from_os(
-                "SCALE", [io_chunk_bytes, io_thread_priority, reader_busy_wait_us,
+                "SCALE", [io_threads, io_chunk_bytes, io_thread_priority, reader_busy_wait_us,
                           send_queue_bytes, max_pending_handshakes,
                           max_pending_handshakes_per_ip]),
     AppEnv = case PoolSize of

@@ -116,8 +116,13 @@ impl Inbound {
         }
         let socket = self.to.socket.clone();
         let turn = self.reader.read_turn(&mut self.to, &mut &*socket, budget);
-        if turn == Ok(ReadTurn::Paused) {
-            self.paused = true;
+        match turn {
+            Ok(ReadTurn::Paused) => self.paused = true,
+            // A newer pool shut this connection down: that is why it ended.
+            Err(_) if self.to.membership.as_ref().is_some_and(Membership::is_stale) => {
+                return Err(CloseReason::Superseded)
+            }
+            _ => {}
         }
         turn
     }

@@ -1317,6 +1317,22 @@ fn newer_pool_supersedes_older_connections() {
     announce_and_send(&mut restarted, 8, 1, b"restarted");
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 4));
     assert!(closed_by_peer_within(&mut new, WAIT));
+    // Every connection a newer pool closed says so; none closed for another reason.
+    assert!(b.host.wait_for(WAIT, |log| {
+        log.events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::InboundDown {
+                        reason: CloseReason::Superseded,
+                        ..
+                    }
+                )
+            })
+            .count()
+            == 4
+    }));
 }
 
 /// A panic on a reader thread is caught: reported as an event, that connection closes

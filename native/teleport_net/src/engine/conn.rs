@@ -137,14 +137,16 @@ pub(super) enum End {
 }
 
 pub(super) enum State {
+    // In each state, `_open` is declared first, so dropped first: a socket is no longer
+    // counted by the time what the state held reports its end.
     Connecting {
-        member: PoolMember,
         _open: OpenSocket,
+        member: PoolMember,
     },
     ClientHandshake {
+        _open: OpenSocket,
         member: PoolMember,
         handshake: Handshake,
-        _open: OpenSocket,
     },
     ServerHandshake {
         handshake: Handshake,
@@ -159,8 +161,8 @@ pub(super) enum State {
         conn: Arc<Connection>,
     },
     Inbound {
-        inbound: Inbound,
         _open: OpenSocket,
+        inbound: Inbound,
     },
     /// Between two states, and while being dropped.
     Gone,
@@ -187,6 +189,9 @@ impl Conn {
                 });
             }
             (State::ServerHandshake { remote, .. }, end) => {
+                let remote = *remote;
+                // Its slot and socket count go back before the failure is reported.
+                self.state = State::Gone;
                 let reason = match end {
                     End::Handshake(reason) => reason,
                     // Stopping: not the peer's failure.
@@ -195,7 +200,7 @@ impl Conn {
                 };
                 services
                     .listener
-                    .handshake_failed(&*services.host, *remote, reason);
+                    .handshake_failed(&*services.host, remote, reason);
             }
             (State::Outbound { member, .. }, end) => member.closed(close_reason(end)),
             (State::Inbound { inbound, .. }, end) => {
@@ -415,7 +420,7 @@ pub(super) fn server_handshake(
         early,
     })
     .map_err(|e| End::Close(CloseReason::io(&e)))?;
-    conn.state = State::Inbound { inbound, _open: open };
+    conn.state = State::Inbound { _open: open, inbound };
     // Frames may have come with the handshake, or be in the socket already: no new
     // readiness event would say so.
     Ok(Next::Again)
