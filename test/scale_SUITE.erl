@@ -574,7 +574,7 @@ report(#{hub := Hub, peers := Peers, pool_size := PoolSize, senders := Senders,
 tfr(#{threads := T, fds := F, rss_kib := R}) ->
     string:pad(io_lib:format("~b / ~b / ~b", [T, F, R div 1024]), 12).
 
-ratio(_, 0.0) -> 0.0;
+ratio(_, B) when B == 0 -> 0.0;
 ratio(A, B) -> A / B.
 
 summary(Format, Args) ->

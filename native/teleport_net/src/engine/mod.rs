@@ -8,6 +8,27 @@
 //! Files, in the order a connection lives: `mod.rs` (threads, commands, what they
 //! share), `worker.rs` (one thread's loop), `conn.rs` (one connection's state machine:
 //! connecting, handshaking, open; and how each ends).
+//!
+//! The life of an outbound connection: `Runtime::open_pool` registers the pool
+//! (`Pools::open`) and `Engine::dial` sends `Command::Dial` for its first slots (at most
+//! `DIAL_PARALLELISM` at once) to threads in turn. The thread connects without blocking
+//! (`Connecting`, until `connect_timeout`), sends the HELLO once the socket is writable
+//! (`ClientHandshake`, until `handshake_timeout`), and when the cookie proofs are done
+//! announces the pool's token and becomes `Outbound`, with a `Connection` that senders
+//! write to; `Pool::joined` then has the next slot dialed, or the pool published
+//! (`PoolUp`). Senders write small frames directly when nothing is queued; otherwise
+//! they queue and send `Command::Flush`, and the thread writes until the socket is full
+//! and then waits for it to be writable. Any member's end closes its whole pool
+//! (`Pools::close`: each connection is shut down and sent `Command::Close`); each
+//! member's `PoolMember` guard counts the frames its connection never wrote, and the
+//! last one reports `PoolDown`.
+//!
+//! The life of an inbound connection: the listener (on thread 0) accepts, takes a
+//! handshake slot (`max_pending_handshakes`, per source too) and sends
+//! `Command::Accepted` to a thread in turn: `ServerHandshake` until `handshake_timeout`,
+//! then `Inbound`, whose first frame names the sender's pool (`InboundPools::join`) and
+//! whose later frames go to the host's `FrameHandler`. A frame the handler defers pauses
+//! that connection alone until its `Resume` reports (`Command::Resume`).
 
 mod conn;
 mod worker;
