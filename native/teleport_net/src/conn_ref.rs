@@ -1,11 +1,9 @@
-//! How other threads (senders on schedulers, the pool closing, a decoder process
-//! finishing) reach a connection that lives on an I/O thread: by message. Nothing
+//! How other threads (senders on schedulers, the pool closing) reach a connection
+//! that lives on an I/O thread: by message. Nothing
 //! outside the engine touches a connection's socket state directly, except the
 //! sender's direct write, which `Connection` serialises with the I/O thread.
 
 use std::sync::Arc;
-
-use crate::host::Delivery;
 
 /// A connection's place on its I/O thread: the slab slot and the connection's own
 /// number, so a message for a connection that is gone never reaches the one that
@@ -16,15 +14,14 @@ pub struct Slot {
     pub id: u64,
 }
 
-/// What an I/O thread can be asked from another thread. Each call queues a message
-/// and wakes the thread; none blocks.
+/// What an I/O thread can be asked from another thread about an outbound connection.
+/// Each call queues a message and wakes the thread; none blocks. (Resuming an inbound
+/// connection is `host::ResumeTarget`.)
 pub(crate) trait IoThread: Send + Sync {
     /// Frames were queued on an outbound connection: write them.
     fn flush(&self, slot: Slot);
     /// Close the connection (its pool is closing).
     fn close(&self, slot: Slot);
-    /// A frame handed to another thread was delivered (or failed): read on.
-    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>);
 }
 
 #[derive(Clone)]

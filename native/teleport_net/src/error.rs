@@ -165,6 +165,16 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// Why something a thread owned ended without saying: it panicked (its guard drops
+/// while unwinding) or it was dropped unserved (its thread stopped first).
+pub(crate) fn ended_early(thread: &str) -> String {
+    if std::thread::panicking() {
+        format!("the {thread} thread panicked")
+    } else {
+        format!("the {thread} thread let go of it")
+    }
+}
+
 /// A stable name for an i/o error, as Erlang's inet names them (`econnrefused`,
 /// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream.
 pub fn io_reason(e: &io::Error) -> &'static str {

@@ -3,8 +3,9 @@
 //! Keeping the VM behind this trait lets `cargo test` run real pools on loopback.
 
 use std::any::Any;
+use std::sync::Arc;
 
-use crate::conn_ref::ConnRef;
+use crate::conn_ref::Slot;
 use crate::error::CloseReason;
 use crate::framing::FrameKind;
 
@@ -52,9 +53,16 @@ pub trait FrameHandler: Send {
     }
 }
 
+/// Where a deferred frame's outcome goes: the I/O thread of its connection, which
+/// reads on once it arrives (queued and woken; never blocks).
+pub(crate) trait ResumeTarget: Send + Sync {
+    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>);
+}
+
 /// Lets a handler defer the frame it is handling (see `Delivery::Deferred`).
 pub struct Deferral {
-    pub(crate) conn: ConnRef,
+    pub(crate) target: Arc<dyn ResumeTarget>,
+    pub(crate) slot: Slot,
 }
 
 impl Deferral {
@@ -62,7 +70,7 @@ impl Deferral {
     /// `Delivery::Deferred`.
     pub fn defer(&self) -> Resume {
         Resume {
-            conn: Some(self.conn.clone()),
+            to: Some((self.target.clone(), self.slot)),
         }
     }
 }
@@ -70,22 +78,21 @@ impl Deferral {
 /// Reports how a deferred frame ended, from any thread; dropping it unreported counts
 /// the frame undeliverable (`decoder_down`), so the connection always reads on.
 pub struct Resume {
-    conn: Option<ConnRef>,
+    to: Option<(Arc<dyn ResumeTarget>, Slot)>,
 }
 
 impl Resume {
     pub fn finish(mut self, outcome: Result<Delivery, String>) {
-        if let Some(conn) = self.conn.take() {
-            conn.thread.resume(conn.slot, outcome);
+        if let Some((target, slot)) = self.to.take() {
+            target.resume(slot, outcome);
         }
     }
 }
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.thread
-                .resume(conn.slot, Ok(Delivery::Undeliverable("decoder_down")));
+        if let Some((target, slot)) = self.to.take() {
+            target.resume(slot, Ok(Delivery::Undeliverable("decoder_down")));
         }
     }
 }

@@ -172,7 +172,7 @@ impl Drop for Inbound {
         let reason = self
             .reason
             .take()
-            .unwrap_or_else(|| CloseReason::Internal(crate::engine::ended_early("reader")));
+            .unwrap_or_else(|| CloseReason::Internal(crate::error::ended_early("reader")));
         self.to.host.event(Event::InboundDown {
             peer: std::mem::take(&mut self.to.peer),
             reason,

@@ -26,7 +26,8 @@ use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
 use crate::stats::{ConnStats, PeerStats};
 
-use super::{ended_early, Services, Threads};
+use super::{Services, Threads};
+use crate::error::ended_early;
 
 /// Bytes a connection may read or write per turn before its thread serves the others.
 pub(super) const TURN_BYTES: usize = 1 << 20;

@@ -46,7 +46,7 @@ use mio::{Poll, Waker};
 use crate::config::Config;
 use crate::conn_ref::{IoThread, Slot};
 use crate::faults;
-use crate::host::{Delivery, Event, Host};
+use crate::host::{Delivery, Event, Host, ResumeTarget};
 use crate::inbound::InboundPools;
 use crate::listener::{HandshakeSlot, ListenerState};
 use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
@@ -124,16 +124,6 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic".to_string())
 }
 
-/// Why something a thread owned ended without saying: it panicked (its guard drops
-/// while unwinding) or it was dropped unserved (its thread stopped first).
-pub(crate) fn ended_early(thread: &str) -> String {
-    if std::thread::panicking() {
-        format!("the {thread} thread panicked")
-    } else {
-        format!("the {thread} thread let go of it")
-    }
-}
-
 /// What other threads ask an I/O thread.
 pub(crate) enum Command {
     /// Dial one connection of a pool being opened.
@@ -178,7 +168,9 @@ impl IoThread for ThreadHandle {
     fn close(&self, slot: Slot) {
         self.send(Command::Close(slot));
     }
+}
 
+impl ResumeTarget for ThreadHandle {
     fn resume(&self, slot: Slot, outcome: Result<Delivery, String>) {
         self.send(Command::Resume(slot, outcome));
     }

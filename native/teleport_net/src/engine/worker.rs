@@ -170,7 +170,10 @@ impl Worker {
         }
         let start = Instant::now();
         self.poll_events(events, timeout);
-        self.spin_next = timeout.is_none() && start.elapsed() < busy_wait;
+        // A poll that could not sleep says nothing about the traffic.
+        if timeout != Some(Duration::ZERO) {
+            self.spin_next = start.elapsed() < busy_wait;
+        }
     }
 
     fn poll_events(&mut self, events: &mut Events, timeout: Option<Duration>) -> bool {
@@ -460,7 +463,11 @@ fn step(
         State::Connecting { .. } => conn::connected(conn, services),
         State::ClientHandshake { .. } if readable => conn::client_handshake(conn, services, io()),
         State::ServerHandshake { .. } if readable => {
-            conn::server_handshake(conn, services, Deferral { conn: io() })
+            let deferral = Deferral {
+                target: handle.clone(),
+                slot,
+            };
+            conn::server_handshake(conn, services, deferral)
         }
         State::Outbound { .. } => {
             if readable {
