@@ -17,6 +17,7 @@ use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
 use crate::pool::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
+use crate::tls::Session;
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -110,12 +111,19 @@ impl Inbound {
     }
 
     /// Reads and delivers what the socket holds, up to `budget` bytes.
-    pub fn read(&mut self, budget: usize) -> Result<ReadTurn, CloseReason> {
+    /// With TLS, through `tls`.
+    pub fn read(&mut self, budget: usize, tls: Option<&mut Session>) -> Result<ReadTurn, CloseReason> {
         if self.paused {
             return Ok(ReadTurn::Paused);
         }
         let socket = self.to.socket.clone();
-        let turn = self.reader.read_turn(&mut self.to, &mut &*socket, budget);
+        let turn = match tls {
+            Some(tls) => {
+                self.reader
+                    .read_turn(&mut self.to, &mut TlsReceive { tls, socket: &socket }, budget)
+            }
+            None => self.reader.read_turn(&mut self.to, &mut &*socket, budget),
+        };
         match turn {
             Ok(ReadTurn::Paused) => self.paused = true,
             // A newer pool shut this connection down: that is why it ended.
@@ -243,6 +251,26 @@ trait Receive {
     fn discard(&mut self, n: usize) -> io::Result<()>;
 }
 
+/// Decrypted bytes (no peeking: bytes after a deferred frame are kept by the reader).
+struct TlsReceive<'a> {
+    tls: &'a mut Session,
+    socket: &'a TcpStream,
+}
+
+impl Receive for TlsReceive<'_> {
+    const CAN_PEEK: bool = false;
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tls.read_plain(self.socket, buf)
+    }
+    fn delay_acks(&mut self) {}
+    fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn discard(&mut self, _n: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 /// The frame reader: a 64 KiB buffer, and how far the frame under way got.
 ///
 /// Refills peek rather than read, and in delayed-ACK mode (Linux): the peeked bytes
@@ -339,7 +367,10 @@ fn would_block(e: io::Error) -> Result<ReadTurn, CloseReason> {
         io::ErrorKind::WouldBlock => Ok(ReadTurn::Drained),
         // Read again at the next turn.
         io::ErrorKind::Interrupted => Ok(ReadTurn::More),
-        _ => Err(CloseReason::io(&e)),
+        _ => Err(match crate::tls::failure_reason(&e) {
+            Some(reason) => CloseReason::Io(reason),
+            None => CloseReason::io(&e),
+        }),
     }
 }
 
