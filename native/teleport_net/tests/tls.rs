@@ -111,7 +111,7 @@ struct Log {
 }
 
 #[derive(Clone, Default)]
-struct TestHost(Arc<(Mutex<Log>, Condvar)>);
+struct TestHost(Arc<(Mutex<Log>, Condvar)>, Arc<AtomicU64>);
 
 impl TestHost {
     fn record(&self, update: impl FnOnce(&mut Log)) {
@@ -177,6 +177,11 @@ impl BodyBuffer for Owned {
 
 impl FrameHandler for Handler {
     fn handle(&mut self, _kind: FrameKind, body: &[u8], _deferral: &Deferral) -> Result<Delivery, String> {
+        // A slow handler (back-pressure tests): milliseconds per frame.
+        let delay = self.host.1.load(SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let frame = (self.peer.clone(), body.to_vec());
         self.host.record(|log| log.frames.push(frame));
         Ok(Delivery::Delivered)
@@ -569,4 +574,56 @@ fn bad_files_and_settings_refuse_to_start() {
         ..good
     };
     assert!(start(one_suite).is_ok());
+}
+
+#[test]
+fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost() {
+    const LIMIT: usize = 1 << 20;
+    const FRAME: usize = 60 * 1024;
+    let dir = Dir::new();
+    let ca = ca("cluster CA");
+    let mut config = Config::for_tests("a@127.0.0.1", COOKIE);
+    config.tls = Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca]));
+    config.send_queue_bytes = LIMIT;
+    let host = TestHost::default();
+    let a = Node {
+        rt: Runtime::start(config, Arc::new(host.clone())).expect("starts"),
+        host,
+    };
+    let b = Node::start(
+        "b@127.0.0.1",
+        Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
+    );
+    b.host.1.store(2, SeqCst);
+    a.open(&b, 1).expect("pool opens");
+
+    let started = Instant::now();
+    let mut sent = 0u32;
+    let conn = loop {
+        assert!(started.elapsed() < WAIT, "never went over the limit");
+        let frame = OutFrame::new(FrameKind::Send, Box::new(body(sent, FRAME))).expect("fits");
+        let result = a.rt.send(b.name(), 3, frame).expect("sent");
+        sent += 1;
+        let queued =
+            a.rt.stats()
+                .into_iter()
+                .find(|(p, _)| p == b.name())
+                .map_or(0, |(_, s)| s.queued_bytes as usize);
+        assert!(queued <= LIMIT + FRAME + 5, "queued {queued} bytes");
+        if let teleport_net::Sent::OverLimit(conn) = result {
+            break conn;
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    if conn.wait_for_drain(Box::new(move |()| {
+        let _ = tx.send(());
+    })) {
+        rx.recv_timeout(WAIT).expect("woken once drained");
+    }
+    b.host.1.store(0, SeqCst);
+    assert!(b.host.wait_for(|log| log.frames.len() == sent as usize));
+    let log = b.host.0 .0.lock().unwrap();
+    for (seq, (_, got)) in log.frames.iter().enumerate() {
+        assert_eq!(*got, body(seq as u32, FRAME), "frame {seq}");
+    }
 }
