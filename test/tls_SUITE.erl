@@ -32,20 +32,19 @@ init_per_suite(Config) ->
         {{unix, Os}, Openssl} when Os =/= linux, Os =/= freebsd; Openssl =:= false ->
             {skip, "TLS needs a Linux or FreeBSD build and the openssl command "
                    "(to make the test certificates)"};
-        {_, Openssl} ->
+        _ ->
             case teleport_test_peer:ensure_distributed() of
-                ok -> start_suite(Openssl, Config);
+                ok -> start_suite(Config);
                 {skip, _} = Skip -> Skip
             end
     end.
 
-start_suite(Openssl, Config) ->
+start_suite(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "certs"),
     ok = filelib:ensure_path(Dir),
-    Ca = make_ca(Openssl, Dir, "ca"),
-    Other = make_ca(Openssl, Dir, "other_ca"),
-    Tls = node_tls(Openssl, Dir, Ca, "node"),
-    OtherTls = node_tls(Openssl, Dir, Other, "other_node"),
+    Tls = teleport_test_peer:tls_env(Dir),
+    Other = teleport_test_peer:make_ca(Dir, "other_ca"),
+    OtherTls = teleport_test_peer:make_node_tls(Dir, Other, "other_node"),
     {PeerA, NodeA} = start_peer("tls_ct_a", Tls),
     {PeerB, NodeB} = start_peer("tls_ct_b", Tls),
     true = unlink(PeerA),
@@ -172,47 +171,3 @@ start_case_peer(Prefix, Tls) ->
     {Peer, Node} = start_peer(Prefix, Tls),
     put(tls_ct_peers, [Peer | get(tls_ct_peers)]),
     {Peer, Node}.
-
-%% A CA: key and self-signed certificate.
-make_ca(Openssl, Dir, Name) ->
-    Key = filename:join(Dir, Name ++ ".key"),
-    Cert = filename:join(Dir, Name ++ ".pem"),
-    openssl(Openssl, ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                      "-nodes", "-days", "30", "-subj", "/CN=teleport test " ++ Name,
-                      "-addext", "basicConstraints=critical,CA:TRUE",
-                      "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                      "-keyout", Key, "-out", Cert]),
-    {Key, Cert}.
-
-%% A node certificate for 127.0.0.1 (the host of every test node's name), signed by
-%% the CA; the `tls' setting that uses it.
-node_tls(Openssl, Dir, {CaKey, CaCert}, Name) ->
-    Key = filename:join(Dir, Name ++ ".key"),
-    Csr = filename:join(Dir, Name ++ ".csr"),
-    Cert = filename:join(Dir, Name ++ ".pem"),
-    Ext = filename:join(Dir, Name ++ ".ext"),
-    ok = file:write_file(Ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                              "basicConstraints=CA:FALSE\n"
-                              "keyUsage=critical,digitalSignature\n"
-                              "extendedKeyUsage=serverAuth,clientAuth\n"),
-    openssl(Openssl, ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                      "-subj", "/CN=" ++ Name, "-keyout", Key, "-out", Csr]),
-    openssl(Openssl, ["x509", "-req", "-in", Csr, "-CA", CaCert, "-CAkey", CaKey,
-                      "-CAcreateserial", "-days", "30", "-extfile", Ext, "-out", Cert]),
-    #{certfile => Cert, keyfile => Key, cacertfile => CaCert}.
-
-openssl(Openssl, Args) ->
-    Port = open_port({spawn_executable, Openssl},
-                     [{args, Args}, exit_status, stderr_to_stdout, binary]),
-    case collect_port(Port, <<>>) of
-        {0, _} -> ok;
-        {Status, Output} -> ct:fail({openssl, Args, Status, Output})
-    end.
-
-collect_port(Port, Acc) ->
-    receive
-        {Port, {data, Data}} -> collect_port(Port, <<Acc/binary, Data/binary>>);
-        {Port, {exit_status, Status}} -> {Status, Acc}
-    after 60000 ->
-            ct:fail({openssl, timeout})
-    end.

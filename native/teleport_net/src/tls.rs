@@ -6,10 +6,12 @@
 //! session, so senders never write to a TLS socket directly.
 //!
 //! Copies: written frames are encrypted from their own slices into rustls' record
-//! buffer (the cipher's copy) and go out from there; received records are decrypted
-//! in place in rustls' buffer and copied once into the frame reader's buffer, or into
-//! a large body's own buffer (rustls' buffered API cannot decrypt into a buffer of
-//! ours: one copy more than the cipher needs, on the receiving side only).
+//! buffer (the cipher's copy: nothing is gathered first) and go out from there.
+//! Received records are decrypted in place in rustls' read buffer, but rustls' buffered
+//! API then copies each record's plaintext into a queue of its own (`into_vec`), from
+//! which it is copied into the frame reader's buffer or a large body's own buffer: two
+//! copies where the cipher needs none. rustls' unbuffered API (decrypting in a buffer
+//! of ours, then one copy into the body's buffer) would save one; not done yet.
 //!
 //! Failures carry stable names (`tls_unknown_ca`, `tls_expired`, ...), never text from
 //! the peer.
