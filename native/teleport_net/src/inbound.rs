@@ -249,6 +249,16 @@ trait Receive {
     fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Drops `n` queued bytes (already peeked).
     fn discard(&mut self, n: usize) -> io::Result<()>;
+    /// Whether received bytes are parsed where they already are (`fill`, `consume`:
+    /// decrypted TLS records), not copied into the reader's buffer first.
+    const BUFFERED: bool = false;
+    /// The next bytes received, in a buffer of the receiver's; `WouldBlock` when none,
+    /// empty at the end of the stream.
+    fn fill(&mut self) -> io::Result<&[u8]> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// `n` bytes of what `fill` returned were used.
+    fn consume(&mut self, _n: usize) {}
 }
 
 /// Decrypted bytes (no peeking: bytes after a deferred frame are kept by the reader).
@@ -259,8 +269,15 @@ struct TlsReceive<'a> {
 
 impl Receive for TlsReceive<'_> {
     const CAN_PEEK: bool = false;
+    const BUFFERED: bool = true;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.tls.read_plain(self.socket, buf)
+    }
+    fn fill(&mut self) -> io::Result<&[u8]> {
+        self.tls.fill_plain(self.socket)
+    }
+    fn consume(&mut self, n: usize) {
+        self.tls.consume_plain(n)
     }
     fn delay_acks(&mut self) {}
     fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
@@ -331,6 +348,23 @@ impl FrameReader {
                 };
                 read += n;
                 if self.parser.owned_body_filled(n, sink)? == Flow::Pause {
+                    return Ok(ReadTurn::Paused);
+                }
+                continue;
+            }
+            if R::BUFFERED {
+                // Parsed in the receiver's buffer; what a deferred frame leaves stays there.
+                let bytes = match socket.fill() {
+                    Ok([]) if self.parser.between_frames() => return Err(CloseReason::PeerClosed),
+                    Ok([]) => return Err(CloseReason::Io("closed")),
+                    Ok(bytes) => bytes,
+                    Err(e) => return would_block(e),
+                };
+                let n = bytes.len().min(self.chunk);
+                let (used, flow) = self.parser.consume(&bytes[..n], sink)?;
+                read += used;
+                socket.consume(used);
+                if flow == Flow::Pause {
                     return Ok(ReadTurn::Paused);
                 }
                 continue;

@@ -7,11 +7,12 @@
 //!
 //! Copies: written frames are encrypted from their own slices into rustls' record
 //! buffer (the cipher's copy: nothing is gathered first) and go out from there.
-//! Received records are decrypted in place in rustls' read buffer, but rustls' buffered
-//! API then copies each record's plaintext into a queue of its own (`into_vec`), from
-//! which it is copied into the frame reader's buffer or a large body's own buffer: two
-//! copies where the cipher needs none. rustls' unbuffered API (decrypting in a buffer
-//! of ours, then one copy into the body's buffer) would save one; not done yet.
+//! Received records are decrypted in place in rustls' read buffer, and rustls 0.23 then
+//! copies each record's plaintext into a queue of its own (`into_vec`; its unbuffered
+//! API does the same, pending in-place decryption upstream). Small frames are parsed
+//! and delivered from that queue (`fill_plain`, no copy of ours); a large body is
+//! copied from it once into its own buffer. So a large body costs one copy more than
+//! the cipher needs, forced by rustls; nothing else is copied.
 //!
 //! Failures carry stable names (`tls_unknown_ca`, `tls_expired`, ...), never text from
 //! the peer.
@@ -425,6 +426,49 @@ impl Session {
                 };
             }
         }
+    }
+
+    /// The next decrypted bytes where rustls holds them (no copy), reading the socket
+    /// when there are none; `WouldBlock` when it is empty too, an empty slice once the
+    /// peer closed. `consume_plain` says how many were used.
+    pub fn fill_plain(&mut self, socket: &TcpStream) -> io::Result<&[u8]> {
+        loop {
+            // Only the length here: the slice is taken again below, outside the loop's
+            // borrow.
+            let available = match self.conn.reader().into_first_chunk() {
+                Ok([]) => return Ok(&[]),
+                Ok(chunk) => chunk.len(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(&[]),
+                Err(e) => return Err(e),
+            };
+            if available > 0 {
+                break;
+            }
+            if self.pull(socket)? == 0 {
+                if self.conn.is_handshaking() {
+                    return Err(failure(
+                        "tls_closed",
+                        "the peer closed during the TLS handshake (does it speak TLS?)".to_string(),
+                    ));
+                }
+                match self.conn.reader().into_first_chunk() {
+                    Ok(chunk) if !chunk.is_empty() => break,
+                    Err(e)
+                        if !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::UnexpectedEof) =>
+                    {
+                        return Err(e)
+                    }
+                    _ => return Ok(&[]),
+                }
+            }
+        }
+        self.conn.reader().into_first_chunk()
+    }
+
+    /// `n` bytes of what `fill_plain` returned were used.
+    pub fn consume_plain(&mut self, n: usize) {
+        std::io::BufRead::consume(&mut self.conn.reader(), n);
     }
 
     /// Encrypts what of `slices` fits under `PENDING_TLS_BYTES` and writes out what the

@@ -108,6 +108,8 @@ struct Log {
     events: Vec<Event>,
     /// Bodies that were read into a buffer of the handler's own.
     owned: usize,
+    /// Frames whose body was `defer`, deferred by their handler.
+    deferred: Vec<teleport_net::Resume>,
 }
 
 #[derive(Clone, Default)]
@@ -176,13 +178,21 @@ impl BodyBuffer for Owned {
 }
 
 impl FrameHandler for Handler {
-    fn handle(&mut self, _kind: FrameKind, body: &[u8], _deferral: &Deferral) -> Result<Delivery, String> {
+    fn handle(&mut self, _kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
         // A slow handler (back-pressure tests): milliseconds per frame.
         let delay = self.host.1.load(SeqCst);
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
         }
         let frame = (self.peer.clone(), body.to_vec());
+        if body == b"defer" {
+            let resume = deferral.defer();
+            self.host.record(|log| {
+                log.frames.push(frame);
+                log.deferred.push(resume);
+            });
+            return Ok(Delivery::Deferred);
+        }
         self.host.record(|log| log.frames.push(frame));
         Ok(Delivery::Delivered)
     }
@@ -626,4 +636,50 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
     for (seq, (_, got)) in log.frames.iter().enumerate() {
         assert_eq!(*got, body(seq as u32, FRAME), "frame {seq}");
     }
+}
+
+#[test]
+fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
+    let dir = Dir::new();
+    let ca = ca("cluster CA");
+    let a = Node::start(
+        "a@127.0.0.1",
+        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
+    );
+    let b = Node::start(
+        "b@127.0.0.1",
+        Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
+    );
+    a.open(&b, 1).expect("pool opens");
+    let bodies: Vec<Vec<u8>> = vec![
+        b"one".to_vec(),
+        b"defer".to_vec(),
+        b"two".to_vec(),
+        vec![7u8; 300 * 1024],
+        b"three".to_vec(),
+    ];
+    for body in &bodies {
+        a.send(b.name(), 5, body.clone());
+    }
+    assert!(b.host.wait_for(|log| log.deferred.len() == 1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        b.host.0 .0.lock().unwrap().frames.len(),
+        2,
+        "nothing after the deferred frame yet"
+    );
+    let resume = b.host.0 .0.lock().unwrap().deferred.pop().expect("deferred");
+    resume.finish(Ok(Delivery::Delivered));
+    assert!(b.host.wait_for(|log| log.frames.len() == bodies.len()));
+    let got: Vec<Vec<u8>> = b
+        .host
+        .0
+         .0
+        .lock()
+        .unwrap()
+        .frames
+        .iter()
+        .map(|(_, f)| f.clone())
+        .collect();
+    assert_eq!(got, bodies);
 }
