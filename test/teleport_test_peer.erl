@@ -213,10 +213,14 @@ app_env_from_os(Prefix, Keys) ->
                        Value <- [os:getenv(Prefix ++ "_" ++ string:uppercase(atom_to_list(Key)))],
                        Value =/= false, Value =/= ""]).
 
-%% `Prefix_TLS=on': certificates made once per OS process, in a temporary directory
-%% (every node of a run shares them: they are read at each node's start).
+%% `Prefix_TLS=on': the certificates in $TELEPORT_BENCH_TLS_DIR (ca.pem, node.pem,
+%% node.key: scripts/bench_tls.sh makes them), else ones made once per OS process in
+%% a cache directory (every node of a run shares them: each reads them as it starts).
 env_value(tls, "on") ->
-    Dir = filename:join(filename:basedir(user_cache, "teleport_test_tls"), os:getpid()),
+    Dir = case os:getenv("TELEPORT_BENCH_TLS_DIR") of
+              Given when is_list(Given), Given =/= "" -> Given;
+              _ -> filename:join(filename:basedir(user_cache, "teleport_test_tls"), os:getpid())
+          end,
     case filelib:is_regular(filename:join(Dir, "node.pem")) of
         true ->
             #{certfile => filename:join(Dir, "node.pem"), keyfile => filename:join(Dir, "node.key"),
