@@ -181,7 +181,13 @@ connect(Node) when is_atom(Node) ->
 %%     `bad_cookie' (the peer closed after our proof: its cookie differs),
 %%     `timeout' (after `handshake_timeout'), `closed' (the peer closed before
 %%     its challenge: it is another node, or over its pending-handshake cap),
-%%     `malformed', `oversized', `version', `bad_node_name'.</li>
+%%     `malformed', `oversized', `version', `bad_node_name'. With the `tls'
+%%     setting also: `tls_unknown_ca' (a certificate not from our CA, or ours not
+%%     from the peer's), `tls_expired', `tls_bad_certificate', `tls_no_certificate',
+%%     `tls_bad_hostname' (the peer's certificate does not name the host dialed),
+%%     `tls_closed' (the peer closed during the TLS handshake: it does not speak
+%%     TLS), `tls_plaintext', `tls_incompatible', `tls_protocol', `tls_alert',
+%%     `tls_error'.</li>
 %% <li>`{io, Posix}': a socket call after the handshake failed.</li>
 %% <li>`stopping': teleport is stopping on this node.</li>
 %% <li>`{closed, Text}': the new pool closed as it opened (`Text' says why);

@@ -32,6 +32,7 @@ init([]) ->
                                                   maps:get(io_threads, Config)),
                                   local_node => atom_to_binary(node()),
                                   cookie => atom_to_binary(erlang:get_cookie()),
+                                  tls => nif_tls(maps:get(tls, Config)),
                                   event_pid => self(),
                                   reply_relays => teleport_reply_relay:names(),
                                   decoders => teleport_decoder:names(),
@@ -43,8 +44,22 @@ init([]) ->
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),
             {ok, #{address => Addr}};
         {error, Reason} ->
+            %% Bad TLS files among others: application:start/1 returns the error.
+            ?LOG_ERROR(#{what => listen_failed, reason => Reason}, ?META),
             {stop, {listen_failed, Reason}}
     end.
+
+%% The NIF's form of the `tls' setting: paths and suites as binaries.
+nif_tls(disabled) ->
+    disabled;
+nif_tls(#{certfile := Cert, keyfile := Key, cacertfile := CA, verify := Verify,
+          server_name_check := NameCheck, ciphers := Ciphers}) ->
+    #{certfile => unicode:characters_to_binary(Cert),
+      keyfile => unicode:characters_to_binary(Key),
+      cacertfile => unicode:characters_to_binary(CA),
+      verify_peer => Verify =:= verify_peer,
+      server_name_check => NameCheck,
+      ciphers => [unicode:characters_to_binary(C) || C <- Ciphers]}.
 
 handle_call(_Request, _From, State) ->
     {reply, {error, unsupported}, State}.

@@ -30,7 +30,7 @@ CACHE=${TELEPORT_OTP_CACHE:-/var/cache/teleport-otp}
 MIRROR=${TELEPORT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 LOGS=$ROOT/_build/otp_matrix
 PKGS="erlang-nox erlang-dev erlang-common-test erlang-dialyzer erlang-eunit erlang-tools rebar3
-gcc libc6-dev git ca-certificates procps iproute2"
+gcc libc6-dev git ca-certificates procps iproute2 openssl"
 PKGS=$(echo $PKGS)
 CARGO_SRC=${CARGO_HOME:-$HOME/.cargo}
 RUSTUP_SRC=${RUSTUP_HOME:-$HOME/.rustup}

@@ -12,6 +12,8 @@ command -v dialyzer >/dev/null 2>&1 || need_pkgs+=(erlang-dialyzer)
 [ -d /usr/lib/erlang/lib ] && ls -d /usr/lib/erlang/lib/common_test-* >/dev/null 2>&1 || need_pkgs+=(erlang-common-test)
 ls -d /usr/lib/erlang/lib/eunit-* >/dev/null 2>&1 || need_pkgs+=(erlang-eunit)
 ls -d /usr/lib/erlang/lib/tools-* >/dev/null 2>&1 || need_pkgs+=(erlang-tools)
+# tls_SUITE makes its test certificates with the openssl command (skipped without).
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "setup: installing ${need_pkgs[*]}"

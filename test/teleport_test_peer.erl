@@ -21,6 +21,7 @@
          start_local_teleport/1, start_local_teleport/2,
          stop_local_teleport/0, stop_local_teleport/1, seed/1,
          code_path_args/0, app_env_from_os/2,
+         make_ca/2, make_node_tls/3, tls_env/1,
          unique_name/1,
          connectable/1]).
 %% Processes that run on peers.
@@ -203,17 +204,103 @@ seed(Var) ->
 
 %% @doc teleport settings for benchmark peers from environment variables: for each
 %% key, `Prefix_KEY' (`"BENCH"', io_chunk_bytes: BENCH_IO_CHUNK_BYTES), an integer if
-%% it is one, else an atom. Unset variables are left out.
+%% it is one, else an atom (`tls': `on' makes certificates, see tls_env/1). Unset
+%% variables are left out.
 -spec app_env_from_os(string(), [atom()]) -> app_env().
 app_env_from_os(Prefix, Keys) ->
-    maps:from_list([{Key, env_value(Value)}
+    maps:from_list([{Key, env_value(Key, Value)}
                     || Key <- Keys,
                        Value <- [os:getenv(Prefix ++ "_" ++ string:uppercase(atom_to_list(Key)))],
-                       Value =/= false]).
+                       Value =/= false, Value =/= ""]).
+
+%% `Prefix_TLS=on': the certificates in $TELEPORT_BENCH_TLS_DIR (ca.pem, node.pem,
+%% node.key: scripts/bench_tls.sh makes them), else ones made once per OS process in
+%% a cache directory (every node of a run shares them: each reads them as it starts).
+env_value(tls, "on") ->
+    Dir = case os:getenv("TELEPORT_BENCH_TLS_DIR") of
+              Given when is_list(Given), Given =/= "" -> Given;
+              _ -> filename:join(filename:basedir(user_cache, "teleport_test_tls"), os:getpid())
+          end,
+    case filelib:is_regular(filename:join(Dir, "node.pem")) of
+        true ->
+            #{certfile => filename:join(Dir, "node.pem"), keyfile => filename:join(Dir, "node.key"),
+              cacertfile => filename:join(Dir, "ca.pem")};
+        false ->
+            tls_env(Dir)
+    end;
+env_value(tls, "off") ->
+    disabled;
+env_value(_Key, Value) ->
+    env_value(Value).
 
 env_value(Value) ->
     try list_to_integer(Value)
     catch error:badarg -> list_to_atom(Value)
+    end.
+
+%%--------------------------------------------------------------------
+%% TLS (the `tls' setting): certificates made with the openssl command.
+
+%% @doc A `tls' setting for test nodes, made in `Dir' (created if missing): a CA and
+%% one certificate for 127.0.0.1 (the host of every test node) that all nodes share.
+%% For benchmarks over TLS, give the origin and the peers `#{tls => tls_env(Dir)}';
+%% `app_env_from_os(Prefix, [tls | _])' does so when `Prefix_TLS' is `on'.
+%% Raises if openssl is missing or fails.
+-spec tls_env(file:filename()) -> #{certfile := string(), keyfile := string(),
+                                    cacertfile := string()}.
+tls_env(Dir) ->
+    make_node_tls(Dir, make_ca(Dir, "ca"), "node").
+
+%% @doc A CA's key and self-signed certificate (P-256), as `{KeyFile, CertFile}'.
+-spec make_ca(file:filename(), string()) -> {string(), string()}.
+make_ca(Dir, Name) ->
+    ok = filelib:ensure_path(Dir),
+    Key = filename:join(Dir, Name ++ ".key"),
+    Cert = filename:join(Dir, Name ++ ".pem"),
+    openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "30", "-subj", "/CN=teleport test " ++ Name,
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-keyout", Key, "-out", Cert]),
+    {Key, Cert}.
+
+%% @doc A node certificate for 127.0.0.1 and localhost signed by the CA, and the
+%% `tls' setting that uses it (and trusts that CA).
+-spec make_node_tls(file:filename(), {string(), string()}, string()) ->
+    #{certfile := string(), keyfile := string(), cacertfile := string()}.
+make_node_tls(Dir, {CaKey, CaCert}, Name) ->
+    Key = filename:join(Dir, Name ++ ".key"),
+    Csr = filename:join(Dir, Name ++ ".csr"),
+    Cert = filename:join(Dir, Name ++ ".pem"),
+    Ext = filename:join(Dir, Name ++ ".ext"),
+    ok = file:write_file(Ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                              "basicConstraints=CA:FALSE\n"
+                              "keyUsage=critical,digitalSignature\n"
+                              "extendedKeyUsage=serverAuth,clientAuth\n"),
+    openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-subj", "/CN=" ++ Name, "-keyout", Key, "-out", Csr]),
+    openssl(["x509", "-req", "-in", Csr, "-CA", CaCert, "-CAkey", CaKey,
+             "-CAcreateserial", "-days", "30", "-extfile", Ext, "-out", Cert]),
+    #{certfile => Cert, keyfile => Key, cacertfile => CaCert}.
+
+openssl(Args) ->
+    Openssl = case os:find_executable("openssl") of
+                  false -> erlang:error({openssl_missing, "install openssl to make test certificates"});
+                  Path -> Path
+              end,
+    Port = open_port({spawn_executable, Openssl},
+                     [{args, Args}, exit_status, stderr_to_stdout, binary]),
+    case collect_port(Port, <<>>) of
+        {0, _} -> ok;
+        {Status, Output} -> erlang:error({openssl_failed, Args, Status, Output})
+    end.
+
+collect_port(Port, Acc) ->
+    receive
+        {Port, {data, Data}} -> collect_port(Port, <<Acc/binary, Data/binary>>);
+        {Port, {exit_status, Status}} -> {Status, Acc}
+    after 60000 ->
+            erlang:error({openssl, timeout})
     end.
 
 %% @doc `["-pa" | Dirs]': the code paths a peer needs to see our code.

@@ -2,6 +2,7 @@
 //! application environment and validates them).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::thread_priority::IoThreadPriority;
@@ -38,6 +39,45 @@ pub struct Config {
     /// its process without a thread wake-up first (ping-pong p50 ~20% lower on 2 cores;
     /// BENCHMARKS.md, "Latency"), for up to this much CPU per message.
     pub reader_busy_wait: Duration,
+    /// TLS 1.3 with mutual certificates on every connection, or none (`tls.rs`).
+    pub tls: Option<TlsConfig>,
+}
+
+/// Where the certificates are and how the peer's is checked (see `tls.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// This node's certificate chain (PEM), presented as server and as client.
+    pub certfile: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub keyfile: PathBuf,
+    /// The CAs a peer's chain must lead to (PEM).
+    pub cacertfile: PathBuf,
+    /// Whether the peer's certificate is checked (and a client's required). Without,
+    /// the connection is still encrypted, but anyone can be in the middle: tests only.
+    pub verify_peer: bool,
+    /// Whether a client checks the server's certificate names the host it dialed (the
+    /// host part of the peer's node name).
+    pub server_name_check: bool,
+    /// TLS 1.3 suites by their IANA names; empty for all.
+    pub ciphers: Vec<String>,
+}
+
+impl TlsConfig {
+    /// Verifying, name-checking, all suites.
+    pub fn new(
+        certfile: impl Into<PathBuf>,
+        keyfile: impl Into<PathBuf>,
+        cacertfile: impl Into<PathBuf>,
+    ) -> TlsConfig {
+        TlsConfig {
+            certfile: certfile.into(),
+            keyfile: keyfile.into(),
+            cacertfile: cacertfile.into(),
+            verify_peer: true,
+            server_name_check: true,
+            ciphers: Vec::new(),
+        }
+    }
 }
 
 impl Config {
@@ -65,6 +105,7 @@ impl Config {
             io_chunk_bytes: 0,
             io_thread_priority: IoThreadPriority::Normal,
             reader_busy_wait: Duration::from_micros(100),
+            tls: None,
         }
     }
 }

@@ -148,6 +148,8 @@ pub struct Connection {
     /// When the last frame was offered, in nanoseconds since `created` (see `STREAM_GAP_NS`).
     last_frame_ns: AtomicU64,
     created: Instant,
+    /// Whether senders may write to the socket themselves (not through TLS).
+    direct: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -181,6 +183,7 @@ impl Connection {
         io_chunk: usize,
         stats: Arc<PeerStats>,
         counters: ConnStats,
+        direct: bool,
     ) -> Connection {
         let (tx, rx) = crossbeam_channel::unbounded();
         Connection {
@@ -200,6 +203,7 @@ impl Connection {
             io_chunk,
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
+            direct,
         }
     }
 
@@ -239,6 +243,9 @@ impl Connection {
     /// socket buffer the rest of the frame is left to the I/O thread. Returns the frame
     /// if it must be queued instead.
     fn try_direct_write(&self, frame: OutFrame) -> Option<OutFrame> {
+        if !self.direct {
+            return Some(frame);
+        }
         let now = self.created.elapsed().as_nanos() as u64;
         let previous = self.last_frame_ns.swap(now, Relaxed);
         let streaming = previous != 0 && now.saturating_sub(previous) < STREAM_GAP_NS;
@@ -287,6 +294,12 @@ impl Connection {
     /// is empty or `budget` bytes went out, and says how many did. An error is the
     /// connection's end.
     pub(crate) fn flush(&self, budget: usize) -> io::Result<(Flushed, usize)> {
+        self.flush_to(budget, &mut SendNoSignal(&self.socket))
+    }
+
+    /// `flush`, through `out` (a TLS session) instead of the socket: `WouldBlock` from
+    /// `out` is a full socket.
+    pub(crate) fn flush_to(&self, budget: usize, out: &mut dyn Write) -> io::Result<(Flushed, usize)> {
         let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut written = 0;
         loop {
@@ -306,7 +319,7 @@ impl Connection {
                 self.wake_waiters(false);
                 return Ok((Flushed::More, written));
             }
-            match self.write_some_of(&mut batch) {
+            match self.write_some_of(&mut batch, out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -337,7 +350,7 @@ impl Connection {
 
     /// One write system call of the batch; frames wholly out leave it (dropping them
     /// releases their bodies, and the binaries they reference).
-    fn write_some_of(&self, batch: &mut Batch) -> io::Result<usize> {
+    fn write_some_of(&self, batch: &mut Batch, mut out: &mut dyn Write) -> io::Result<usize> {
         let n = {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.frames.len() * 3);
             for frame in &batch.frames {
@@ -345,7 +358,7 @@ impl Connection {
             }
             let mut slices = &mut slices[..];
             IoSlice::advance_slices(&mut slices, batch.offset);
-            write_some(&mut SendNoSignal(&self.socket), slices, self.io_chunk)?
+            write_some(&mut out, slices, self.io_chunk)?
         };
         self.queued_bytes.fetch_sub(n, SeqCst);
         let mut left = batch.offset + n;
@@ -473,7 +486,7 @@ const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 const MAX_SLICES: usize = 1024;
 
 /// The socket as a `Write` whose writes are `send`s with `SEND_FLAGS`.
-struct SendNoSignal<'a>(&'a TcpStream);
+pub(crate) struct SendNoSignal<'a>(pub &'a TcpStream);
 
 impl Write for SendNoSignal<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

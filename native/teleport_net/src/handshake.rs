@@ -72,6 +72,9 @@ pub enum HandshakeError {
     BadNodeName,
     /// A proof did not verify.
     BadCookie,
+    /// TLS failed (a certificate refused, a plain-text peer): our stable name for why,
+    /// and rustls' words.
+    Tls(&'static str, String),
 }
 
 impl HandshakeError {
@@ -87,6 +90,7 @@ impl HandshakeError {
             HandshakeError::OwnNodeName => "own_node_name",
             HandshakeError::BadNodeName => "bad_node_name",
             HandshakeError::BadCookie => "bad_cookie",
+            HandshakeError::Tls(reason, _) => reason,
         }
     }
 }
@@ -103,6 +107,7 @@ impl fmt::Display for HandshakeError {
             HandshakeError::OwnNodeName => f.write_str("peer claims our own node name"),
             HandshakeError::BadNodeName => f.write_str("bad node name"),
             HandshakeError::BadCookie => f.write_str("bad cookie"),
+            HandshakeError::Tls(_, message) => write!(f, "TLS: {message}"),
         }
     }
 }

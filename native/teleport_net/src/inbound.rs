@@ -17,6 +17,7 @@ use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
 use crate::pool::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
+use crate::tls::Session;
 
 /// At most one Undeliverable event per connection per this interval; the counter has every one.
 const UNDELIVERABLE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -110,12 +111,19 @@ impl Inbound {
     }
 
     /// Reads and delivers what the socket holds, up to `budget` bytes.
-    pub fn read(&mut self, budget: usize) -> Result<ReadTurn, CloseReason> {
+    /// With TLS, through `tls`.
+    pub fn read(&mut self, budget: usize, tls: Option<&mut Session>) -> Result<ReadTurn, CloseReason> {
         if self.paused {
             return Ok(ReadTurn::Paused);
         }
         let socket = self.to.socket.clone();
-        let turn = self.reader.read_turn(&mut self.to, &mut &*socket, budget);
+        let turn = match tls {
+            Some(tls) => {
+                self.reader
+                    .read_turn(&mut self.to, &mut TlsReceive { tls, socket: &socket }, budget)
+            }
+            None => self.reader.read_turn(&mut self.to, &mut &*socket, budget),
+        };
         match turn {
             Ok(ReadTurn::Paused) => self.paused = true,
             // A newer pool shut this connection down: that is why it ended.
@@ -241,6 +249,43 @@ trait Receive {
     fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Drops `n` queued bytes (already peeked).
     fn discard(&mut self, n: usize) -> io::Result<()>;
+    /// Whether received bytes are parsed where they already are (`fill`, `consume`:
+    /// decrypted TLS records), not copied into the reader's buffer first.
+    const BUFFERED: bool = false;
+    /// The next bytes received, in a buffer of the receiver's; `WouldBlock` when none,
+    /// empty at the end of the stream.
+    fn fill(&mut self) -> io::Result<&[u8]> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// `n` bytes of what `fill` returned were used.
+    fn consume(&mut self, _n: usize) {}
+}
+
+/// Decrypted bytes (no peeking: bytes after a deferred frame are kept by the reader).
+struct TlsReceive<'a> {
+    tls: &'a mut Session,
+    socket: &'a TcpStream,
+}
+
+impl Receive for TlsReceive<'_> {
+    const CAN_PEEK: bool = false;
+    const BUFFERED: bool = true;
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tls.read_plain(self.socket, buf)
+    }
+    fn fill(&mut self) -> io::Result<&[u8]> {
+        self.tls.fill_plain(self.socket)
+    }
+    fn consume(&mut self, n: usize) {
+        self.tls.consume_plain(n)
+    }
+    fn delay_acks(&mut self) {}
+    fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    fn discard(&mut self, _n: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The frame reader: a 64 KiB buffer, and how far the frame under way got.
@@ -307,6 +352,23 @@ impl FrameReader {
                 }
                 continue;
             }
+            if R::BUFFERED {
+                // Parsed in the receiver's buffer; what a deferred frame leaves stays there.
+                let bytes = match socket.fill() {
+                    Ok([]) if self.parser.between_frames() => return Err(CloseReason::PeerClosed),
+                    Ok([]) => return Err(CloseReason::Io("closed")),
+                    Ok(bytes) => bytes,
+                    Err(e) => return would_block(e),
+                };
+                let n = bytes.len().min(self.chunk);
+                let (used, flow) = self.parser.consume(&bytes[..n], sink)?;
+                read += used;
+                socket.consume(used);
+                if flow == Flow::Pause {
+                    return Ok(ReadTurn::Paused);
+                }
+                continue;
+            }
             let n = self.buf.len().min(self.chunk);
             let got = if R::CAN_PEEK {
                 socket.delay_acks();
@@ -339,7 +401,10 @@ fn would_block(e: io::Error) -> Result<ReadTurn, CloseReason> {
         io::ErrorKind::WouldBlock => Ok(ReadTurn::Drained),
         // Read again at the next turn.
         io::ErrorKind::Interrupted => Ok(ReadTurn::More),
-        _ => Err(CloseReason::io(&e)),
+        _ => Err(match crate::tls::failure_reason(&e) {
+            Some(reason) => CloseReason::Io(reason),
+            None => CloseReason::io(&e),
+        }),
     }
 }
 

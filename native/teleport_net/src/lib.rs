@@ -28,8 +28,13 @@ pub mod pool;
 pub mod runtime;
 pub mod stats;
 pub mod thread_priority;
+#[cfg(any(target_os = "linux", target_os = "freebsd"))]
+pub mod tls;
+#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
+#[path = "tls_unsupported.rs"]
+pub mod tls;
 
-pub use config::Config;
+pub use config::{Config, TlsConfig};
 pub use conn_ref::Slot;
 pub use connection::{FrameBody, OutFrame};
 pub use error::{CloseReason, Detail, OpenError};

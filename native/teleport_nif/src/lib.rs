@@ -57,6 +57,22 @@ fn map_get<'a, T: rustler::Decoder<'a>>(map: Term<'a>, key: &str) -> NifResult<T
     map.map_get(key.encode(map.get_env()))?.decode()
 }
 
+/// `disabled`, or the map teleport_runtime makes of the `tls` setting.
+fn decode_tls(term: Term) -> NifResult<Option<teleport_net::TlsConfig>> {
+    if term.is_atom() {
+        return Ok(None);
+    }
+    let path = |key: &str| map_get::<String>(term, key).map(std::path::PathBuf::from);
+    Ok(Some(teleport_net::TlsConfig {
+        certfile: path("certfile")?,
+        keyfile: path("keyfile")?,
+        cacertfile: path("cacertfile")?,
+        verify_peer: map_get(term, "verify_peer")?,
+        server_name_check: map_get(term, "server_name_check")?,
+        ciphers: map_get(term, "ciphers")?,
+    }))
+}
+
 fn decode_ip(term: Term) -> NifResult<IpAddr> {
     if let Ok((a, b, c, d)) = term.decode::<(u8, u8, u8, u8)>() {
         return Ok(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
@@ -139,6 +155,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
             _ => return Err(Error::BadArg),
         },
         reader_busy_wait: Duration::from_micros(map_get(opts, "reader_busy_wait_us")?),
+        tls: decode_tls(map_get(opts, "tls")?)?,
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let helpers = Helpers {

@@ -25,6 +25,7 @@ use crate::inbound::{Inbound, ReadTurn};
 use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
 use crate::stats::{ConnStats, PeerStats};
+use crate::tls::{self, Session};
 
 use super::{Services, Threads};
 use crate::error::ended_early;
@@ -175,6 +176,8 @@ pub(super) struct Conn {
     pub state: State,
     /// When the state times out (connecting, handshaking).
     pub deadline: Option<Instant>,
+    /// With TLS: the connection's bytes go through this (made once connected).
+    pub tls: Option<Box<Session>>,
 }
 
 impl Conn {
@@ -235,6 +238,39 @@ pub(super) fn write_now(socket: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `write_now`, through TLS if the connection has it (rustls keeps what the socket does
+/// not take yet, and the next writable event sends it).
+fn send_all(socket: &TcpStream, tls: &mut Option<Box<Session>>, bytes: &[u8]) -> io::Result<()> {
+    match tls {
+        Some(tls) => tls.write_all_plain(socket, bytes),
+        None => write_now(socket, bytes),
+    }
+}
+
+/// Reads the socket, or what TLS decrypted from it.
+fn receive(socket: &TcpStream, tls: &mut Option<Box<Session>>, buf: &mut [u8]) -> io::Result<usize> {
+    match tls {
+        Some(tls) => tls.read_plain(socket, buf),
+        None => (&*socket).read(buf),
+    }
+}
+
+/// A TLS failure keeps its name; anything else is the socket's.
+fn io_or_tls(e: io::Error) -> HandshakeError {
+    match tls::failure_reason(&e) {
+        Some(reason) => HandshakeError::Tls(reason, e.to_string()),
+        None => HandshakeError::Io(e),
+    }
+}
+
+/// Why a connection whose TLS failed after the handshakes closes.
+pub(super) fn close_io(e: &io::Error) -> CloseReason {
+    match tls::failure_reason(e) {
+        Some(reason) => CloseReason::Io(reason),
+        None => CloseReason::io(e),
+    }
+}
+
 pub(super) fn handshake_error(e: &HandshakeError) -> OpenError {
     OpenError::handshake(e)
 }
@@ -274,13 +310,23 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
             return Err(End::Dial(handshake_error(&e)));
         }
     };
+    let tls = match services.tls.as_ref().map(|tls| tls.client(&member.pool.peer)) {
+        Some(Ok(session)) => Some(Box::new(session)),
+        Some(Err(e)) => {
+            conn.state = State::Connecting { member, _open };
+            return Err(End::Dial(handshake_error(&io_or_tls(e))));
+        }
+        None => None,
+    };
+    conn.tls = tls;
     conn.state = State::ClientHandshake {
         member,
         handshake,
         _open,
     };
     conn.deadline = Some(Instant::now() + config.handshake_timeout);
-    write_now(socket, &hello).map_err(|e| End::Dial(handshake_error(&HandshakeError::Io(e))))?;
+    // With TLS, the hello waits in rustls until its handshake is done.
+    send_all(&conn.socket, &mut conn.tls, &hello).map_err(|e| End::Dial(handshake_error(&io_or_tls(e))))?;
     Ok(Next::Wait)
 }
 
@@ -289,21 +335,22 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
 /// the bytes read past the handshake's end.
 fn read_handshake(
     socket: &TcpStream,
+    tls: &mut Option<Box<Session>>,
     handshake: &mut Handshake,
 ) -> Result<Option<(String, Vec<u8>)>, HandshakeError> {
     let mut buf = [0u8; 2048];
     loop {
-        let n = match (&*socket).read(&mut buf) {
+        let n = match receive(socket, tls, &mut buf) {
             Ok(0) => return Err(handshake.closed_error()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(HandshakeError::Io(e)),
+            Err(e) => return Err(io_or_tls(e)),
         };
         let mut out = Vec::new();
         let (used, progress) = handshake.feed(&buf[..n], &mut out)?;
         if !out.is_empty() {
-            write_now(socket, &out).map_err(HandshakeError::Io)?;
+            send_all(socket, tls, &out).map_err(io_or_tls)?;
         }
         if let Progress::Done(peer) = progress {
             return Ok(Some((peer, buf[used..n].to_vec())));
@@ -320,7 +367,8 @@ pub(super) fn client_handshake(
     let State::ClientHandshake { handshake, .. } = &mut conn.state else {
         return Ok(Next::Wait);
     };
-    let done = read_handshake(&conn.socket, handshake).map_err(|e| End::Dial(handshake_error(&e)))?;
+    let done =
+        read_handshake(&conn.socket, &mut conn.tls, handshake).map_err(|e| End::Dial(handshake_error(&e)))?;
     let Some((_, extra)) = done else {
         return Ok(Next::Wait);
     };
@@ -337,7 +385,8 @@ pub(super) fn client_handshake(
     let mut member = member;
     let pool = member.pool.clone();
     let announce = encode_frame(FrameKind::PoolEpoch, &pool.token);
-    let counters = write_now(&conn.socket, &announce).and_then(|()| ConnStats::new(&conn.socket));
+    let counters =
+        send_all(&conn.socket, &mut conn.tls, &announce).and_then(|()| ConnStats::new(&conn.socket));
     let counters = match counters {
         Ok(counters) => counters,
         Err(e) => {
@@ -353,6 +402,7 @@ pub(super) fn client_handshake(
         config.io_chunk(),
         pool.stats.clone(),
         counters,
+        conn.tls.is_none(),
     ));
     member.conn = Some(connection.clone());
     crate::faults::check(crate::faults::Point::Watcher, &pool.peer);
@@ -397,7 +447,8 @@ pub(super) fn server_handshake(
         return Ok(Next::Wait);
     }
     *not_before = None;
-    let done = read_handshake(&conn.socket, handshake).map_err(|e| End::Handshake(e.reason()))?;
+    let done =
+        read_handshake(&conn.socket, &mut conn.tls, handshake).map_err(|e| End::Handshake(e.reason()))?;
     let Some((peer, early)) = done else {
         return Ok(Next::Wait);
     };
@@ -429,21 +480,23 @@ pub(super) fn server_handshake(
 
 /// Outbound: readable. The peer never writes after the handshake, so anything it
 /// sends, or its end of stream, means the connection is gone (or the peer misbehaves).
-pub(super) fn outbound_readable(conn: &Conn) -> Result<Next, End> {
+/// With TLS, records still come (alerts, key updates): only application data is
+/// unexpected.
+pub(super) fn outbound_readable(conn: &mut Conn) -> Result<Next, End> {
     let mut buf = [0u8; 64];
     loop {
-        return match (&*conn.socket).read(&mut buf) {
+        return match receive(&conn.socket, &mut conn.tls, &mut buf) {
             Ok(0) => Err(End::Close(CloseReason::PeerClosed)),
             Ok(_) => Err(End::Close(CloseReason::UnexpectedData)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Next::Wait),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(End::Close(CloseReason::io(&e))),
+            Err(e) => Err(End::Close(close_io(&e))),
         };
     }
 }
 
 /// Outbound: writable, or frames were queued. `bulk` is set when a large write went out.
-pub(super) fn outbound_flush(conn: &Conn, bulk: &mut bool) -> Result<Next, End> {
+pub(super) fn outbound_flush(conn: &mut Conn, bulk: &mut bool) -> Result<Next, End> {
     let State::Outbound {
         member,
         conn: connection,
@@ -455,9 +508,15 @@ pub(super) fn outbound_flush(conn: &Conn, bulk: &mut bool) -> Result<Next, End> 
     if connection.is_closed() {
         return Err(End::Close(member.pool.close_reason()));
     }
-    let (flushed, written) = connection
-        .flush(TURN_BYTES)
-        .map_err(|e| End::Close(CloseReason::io(&e)))?;
+    let flushed = match &mut conn.tls {
+        // Encrypted by this thread: what rustls holds goes out first, then frames while
+        // its output stays small.
+        Some(tls) => tls
+            .push(&conn.socket)
+            .and_then(|_| connection.flush_to(TURN_BYTES, &mut tls.writer(&conn.socket))),
+        None => connection.flush(TURN_BYTES),
+    };
+    let (flushed, written) = flushed.map_err(|e| End::Close(close_io(&e)))?;
     *bulk |= written > BULK_BYTES;
     Ok(match flushed {
         Flushed::More => Next::Again,
@@ -470,7 +529,9 @@ pub(super) fn inbound_read(conn: &mut Conn) -> Result<(Next, bool), End> {
     let State::Inbound { inbound, .. } = &mut conn.state else {
         return Ok((Next::Wait, false));
     };
-    let turn = inbound.read(TURN_BYTES).map_err(End::Close)?;
+    let turn = inbound
+        .read(TURN_BYTES, conn.tls.as_deref_mut())
+        .map_err(End::Close)?;
     let bulk = inbound.take_bulk();
     Ok((
         if turn == ReadTurn::More {

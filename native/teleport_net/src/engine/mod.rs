@@ -51,6 +51,7 @@ use crate::inbound::InboundPools;
 use crate::listener::{HandshakeSlot, ListenerState};
 use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
 use crate::stats::PeerStatsTable;
+use crate::tls::TlsContext;
 
 use conn::PoolMember;
 use worker::Worker;
@@ -63,6 +64,8 @@ pub(crate) struct Services {
     pub pools: Pools,
     pub inbound: Arc<InboundPools>,
     pub listener: Arc<ListenerState>,
+    /// TLS on every connection, if configured.
+    pub tls: Option<TlsContext>,
     stopping: AtomicBool,
     /// Random per runtime, so a restarted node's pools are told from the old ones.
     incarnation: u64,
@@ -77,7 +80,15 @@ impl Services {
             config.max_pending_handshakes,
             config.max_pending_handshakes_per_ip,
         ));
+        let tls = match &config.tls {
+            Some(tls) => Some(
+                TlsContext::load(tls)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("tls: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Services {
+            tls,
             config,
             host,
             stats: PeerStatsTable::default(),

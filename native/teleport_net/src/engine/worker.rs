@@ -240,6 +240,7 @@ impl Worker {
         &mut self,
         socket: TcpStream,
         state: impl FnOnce() -> State,
+        tls: Option<Box<crate::tls::Session>>,
         deadline: Instant,
     ) -> io::Result<Slot> {
         let entry = self.conns.vacant_entry();
@@ -257,6 +258,7 @@ impl Worker {
             socket: Arc::new(socket),
             state: state(),
             deadline: Some(deadline),
+            tls,
         });
         self.timed = true;
         Ok(Slot { index, id })
@@ -304,6 +306,7 @@ impl Worker {
                 member: member.take().expect("taken once"),
                 _open: open,
             },
+            None,
             deadline,
         );
         if let (Err(e), Some(mut member)) = (inserted, member) {
@@ -328,6 +331,16 @@ impl Worker {
                 return;
             }
         };
+        let tls = match services.tls.as_ref().map(|tls| tls.server()) {
+            Some(Ok(session)) => Some(Box::new(session)),
+            Some(Err(_)) => {
+                services
+                    .listener
+                    .handshake_failed(&*services.host, remote, "tls_error");
+                return;
+            }
+            None => None,
+        };
         let now = Instant::now();
         let open = OpenSocket::new(&services.listener);
         let _ = self.insert(
@@ -339,6 +352,7 @@ impl Worker {
                 open,
                 not_before: delay.map(|d| now + d),
             },
+            tls,
             now + config.handshake_timeout + delay.unwrap_or_default(),
         );
     }
@@ -459,6 +473,13 @@ fn step(
         thread: handle.clone(),
         slot,
     };
+    // What TLS could not write before (handshake records, alerts, frames) goes out
+    // once the socket takes it; a broken socket shows on the next read or flush.
+    if writable && !matches!(conn.state, State::Connecting { .. }) {
+        if let Some(tls) = conn.tls.as_mut() {
+            let _ = tls.push(&conn.socket);
+        }
+    }
     match &conn.state {
         State::Connecting { .. } => conn::connected(conn, services),
         State::ClientHandshake { .. } if readable => conn::client_handshake(conn, services, io()),
