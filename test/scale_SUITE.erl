@@ -7,7 +7,7 @@
 %% -connect_all false': one scheduler, no scheduler busy-waiting, so that 25 VMs share
 %% 2 cores sensibly, and no transitive disterl mesh between the peers: the hub is
 %% connected to every peer, the peers only to the hub and to the test node). With
-%% `+S 1', teleport's default `io_threads' (auto) is 1; its default `pool_size' is 4.
+%% `+S 1', teleport's default `io_threads' (auto) is 1; its default `pool_size' is 2.
 %%
 %% The case `scale', step by step:
 %% <ol>
@@ -70,7 +70,7 @@
 %% <li>SCALE_BYTES: payload of each message (default 65536).</li>
 %% <li>SCALE_SENDERS: senders per peer per direction (default: the pool size).</li>
 %% <li>SCALE_POOL_SIZE: teleport `pool_size' on every node (full: teleport's default,
-%%     4; short 2).</li>
+%%     2; short 2).</li>
 %% <li>SCALE_TRANSPORTS: which to run, comma-separated (default "disterl,teleport";
 %%     disterl always runs first).</li>
 %% <li>SCALE_VM_ARGS: the extra `erl' arguments of every VM, space-separated,

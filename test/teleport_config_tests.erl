@@ -15,7 +15,7 @@ with_env(Key, Value, Fun) ->
 
 defaults_are_valid_test() ->
     Config = teleport_config:get(),
-    ?assertEqual(4, maps:get(pool_size, Config)),
+    ?assertEqual(2, maps:get(pool_size, Config)),
     ?assertEqual(auto, maps:get(io_threads, Config)),
     ?assertEqual({0, 0, 0, 0}, maps:get(listen_ip, Config)),
     ?assertEqual(0, maps:get(listen_port, Config)),
