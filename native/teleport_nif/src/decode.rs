@@ -10,12 +10,15 @@
 //! with no constructor in erl_nif (pids, ports, refs, funs, bignums,
 //! bitstrings, non-ASCII UTF-8 atoms) go to `enif_binary_to_term` one by one.
 //!
-//! Where it runs: reader threads, which are not VM schedulers. Some releases
+//! Where it runs: I/O threads, which are not VM schedulers. Some releases
 //! cannot build a hash map (over 32 keys) off a scheduler: OTP 25 before
 //! 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3 segfault sorting it (GH-8208).
 //! A decoder made `off_scheduler_safe_only` refuses those terms (and funs, whose
-//! environment may hold such a map) with `ReadError::NeedsScheduler`; the reader
-//! then hands the whole frame to a dirty scheduler (deliver.rs).
+//! environment may hold such a map) with `ReadError::NeedsScheduler`; the connection
+//! then hands the whole frame to a dirty scheduler (deliver.rs). So does any decoder
+//! made for an I/O thread once a term has more than `OFF_SCHEDULER_STEPS` terms in it:
+//! one I/O thread serves many connections, which must not wait the milliseconds a
+//! term of a million elements takes to build.
 
 use std::collections::HashMap;
 use std::os::raw::{c_char, c_uint};
@@ -34,6 +37,11 @@ const HEAP_BINARY_MAX: usize = 64;
 /// Atoms seen on one connection, kept across frames (atoms are never freed, so
 /// their terms stay valid in any env). Bounded so a peer cannot grow it forever.
 const ATOM_CACHE_MAX: usize = 4096;
+
+/// Terms (containers included) an I/O thread builds for one message before it leaves
+/// the message to a dirty scheduler: about 1-2 ms of work (a million small tuples,
+/// 3 million terms, took 73 ms), wasted when it gives up.
+const OFF_SCHEDULER_STEPS: usize = 50_000;
 
 /// Maps up to this many pairs are flat maps, which every release builds anywhere.
 const FLAT_MAP_MAX: usize = 32;
@@ -73,10 +81,12 @@ pub struct Source<'b> {
 }
 
 impl TermDecoder {
-    /// A decoder for a thread that is not a scheduler: with `defer_hash_maps`, maps
-    /// over 32 keys and funs fail with `ReadError::NeedsScheduler`.
+    /// A decoder for a thread that is not a scheduler: terms of more than
+    /// `OFF_SCHEDULER_STEPS` terms fail with `ReadError::NeedsScheduler`, and with
+    /// `defer_hash_maps`, so do maps over 32 keys and funs.
     pub fn off_scheduler(defer_hash_maps: bool) -> TermDecoder {
         TermDecoder {
+            reader: Reader::with_step_limit(OFF_SCHEDULER_STEPS),
             off_scheduler_safe_only: defer_hash_maps,
             ..TermDecoder::default()
         }

@@ -103,6 +103,9 @@ pub struct Reader<T> {
     values: Vec<T>,
     /// Containers waiting for their elements.
     open: Vec<Pending>,
+    /// Most terms (containers included) one `read` builds before it gives up with
+    /// `NeedsScheduler` (see `with_step_limit`).
+    step_limit: usize,
 }
 
 /// A container whose elements collect on the value stack from `start`.
@@ -132,6 +135,7 @@ impl<T: Copy> Default for Reader<T> {
         Reader {
             values: Vec::new(),
             open: Vec::new(),
+            step_limit: usize::MAX,
         }
     }
 }
@@ -142,6 +146,16 @@ pub fn read<B: TermBuilder>(builder: &mut B, bytes: &[u8]) -> Result<B::Term, Re
 }
 
 impl<T: Copy> Reader<T> {
+    /// A reader that gives up with `ReadError::NeedsScheduler` once a term has more than
+    /// `limit` terms in it: a thread serving many connections hands such a term to a
+    /// scheduler instead of holding up the others while it builds it.
+    pub fn with_step_limit(limit: usize) -> Self {
+        Reader {
+            step_limit: limit,
+            ..Reader::default()
+        }
+    }
+
     /// Reads one whole term (version byte first, nothing after it).
     pub fn read<B: TermBuilder<Term = T>>(&mut self, builder: &mut B, bytes: &[u8]) -> Result<T, ReadError> {
         let mut input = Input { bytes, pos: 0 };
@@ -150,7 +164,12 @@ impl<T: Copy> Reader<T> {
         }
         self.values.clear();
         self.open.clear();
+        let mut steps = 0usize;
         loop {
+            steps += 1;
+            if steps > self.step_limit {
+                return Err(ReadError::NeedsScheduler);
+            }
             match self.next(builder, &mut input)? {
                 Step::Done(value) => self.values.push(value),
                 Step::Opened => continue,
@@ -392,4 +411,36 @@ fn skip_atom(input: &mut Input) -> Result<(), ReadError> {
         _ => return Err(ReadError::Malformed("expected an atom")),
     };
     input.take(len).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etf::value::{read_value, ValueBuilder};
+
+    /// `[0, 0, ..., 0]` of `n` small integers: `n` + 2 terms (the list, its nil tail).
+    fn list_of_zeros(n: u32) -> Vec<u8> {
+        let mut bytes = vec![VERSION, 108];
+        bytes.extend(n.to_be_bytes());
+        for _ in 0..n {
+            bytes.extend([97, 0]);
+        }
+        bytes.push(106);
+        bytes
+    }
+
+    #[test]
+    fn a_step_limit_refuses_larger_terms_and_reads_the_rest() {
+        let mut reader = Reader::with_step_limit(12);
+        let mut builder = ValueBuilder::default();
+        assert!(reader.read(&mut builder, &list_of_zeros(10)).is_ok(), "12 terms");
+        assert!(read_value(&list_of_zeros(10)).is_ok());
+        let large = reader.read(&mut builder, &list_of_zeros(11));
+        assert!(matches!(large, Err(ReadError::NeedsScheduler)), "{large:?}");
+        // The same reader goes on reading terms within its limit.
+        assert!(reader.read(&mut builder, &list_of_zeros(3)).is_ok());
+        assert!(Reader::default()
+            .read(&mut builder, &list_of_zeros(100_000))
+            .is_ok());
+    }
 }
