@@ -57,6 +57,7 @@
          backoff_after_failure/1, connect_refused/1,
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
          io_chunk_round_trip/1, io_thread_priority_idle/1, reader_busy_wait/1,
+         big_term_waits_for_a_decoder_not_the_io_thread/1,
          wrong_cookie_refused/1]).
 
 %% Helpers other suites may reuse.
@@ -100,7 +101,8 @@ groups() ->
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
-                  connect_refused, io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait]},
+                  connect_refused, io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait,
+                  big_term_waits_for_a_decoder_not_the_io_thread]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -1021,6 +1023,38 @@ first_divergence([], [G | Gs], I) ->
     {unexpected_from, I, G, extra_count, length(Gs) + 1};
 first_divergence([E | _], [G | _], I) ->
     {at, I, expected, E, got, G}.
+
+%% A message of more terms than an I/O thread builds (over 50,000) goes whole to a
+%% decoder process on the receiving node. With its decoders held, that node's one I/O
+%% thread still delivers another peer's messages; once they run again the big message
+%% arrives, ahead of the later messages of its own connection.
+big_term_waits_for_a_decoder_not_the_io_thread(_Config) ->
+    {_, B} = start_case_peer("bigterm_b", #{io_threads => 1}),
+    {_, C} = start_case_peer("bigterm_c"),
+    Sink = list_to_atom("bigterm_sink_" ++ integer_to_list(erlang:unique_integer([positive]))),
+    {ok, _} = teleport_test_peer:start_sink(B, Sink, self()),
+    Decoders = erpc:call(B, teleport_decoder, names, []),
+    _ = [ok = erpc:call(B, sys, suspend, [D]) || D <- Decoders],
+    Big = lists:seq(1, 200000),
+    try
+        ?assertEqual(ok, teleport:send({Sink, B}, {big, Big})),
+        ?assertEqual(ok, teleport:send({Sink, B}, after_big)),
+        ?assertEqual(ok, erpc:call(C, teleport, send, [{Sink, B}, from_c])),
+        receive {from_sink, B, from_c} -> ok
+        after ?MSG_TIMEOUT -> ct:fail(io_thread_held_up)
+        end,
+        receive {from_sink, B, Early} -> ct:fail({delivered_without_a_decoder, Early})
+        after 300 -> ok
+        end
+    after
+        _ = [erpc:call(B, sys, resume, [D]) || D <- Decoders]
+    end,
+    receive {from_sink, B, {big, Got}} -> ?assert(Got =:= Big)
+    after ?MSG_TIMEOUT -> ct:fail(big_term_lost)
+    end,
+    receive {from_sink, B, Next} -> ?assertEqual(after_big, Next)
+    after ?MSG_TIMEOUT -> ct:fail(after_big_lost)
+    end.
 
 %% A peer that reads and writes at most 4 KiB per system call: large messages cross both
 %% ways intact (its reader fills a body in many reads, its writer splits slices).
