@@ -352,25 +352,25 @@ fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
     assert_eq!(b.failures(), 0);
 }
 
-#[test]
-fn a_server_from_another_ca_is_refused_by_the_client_and_counted_by_the_server() {
-    let dir = Dir::new();
+/// `a`, certified by and trusting only "ours"; `c`, certified by "theirs" and trusting
+/// both, so only a's check can refuse.
+fn ours_and_theirs(dir: &Dir) -> (Node, Node) {
     let (ours, theirs) = (ca("ours"), ca("theirs"));
     let a = Node::start(
         "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ours, LOOPBACK, &[&ours])),
+        Some(node_tls(dir, "a@127.0.0.1", &ours, LOOPBACK, &[&ours])),
     );
-    // c trusts both, so only a's check can refuse.
     let c = Node::start(
         "c@127.0.0.1",
-        Some(node_tls(
-            &dir,
-            "c@127.0.0.1",
-            &theirs,
-            LOOPBACK,
-            &[&ours, &theirs],
-        )),
+        Some(node_tls(dir, "c@127.0.0.1", &theirs, LOOPBACK, &[&ours, &theirs])),
     );
+    (a, c)
+}
+
+#[test]
+fn a_server_from_another_ca_is_refused_by_the_client_and_counted_by_the_server() {
+    let dir = Dir::new();
+    let (a, c) = ours_and_theirs(&dir);
     assert_eq!(handshake_reason(a.open(&c, 1)), "tls_unknown_ca");
     assert!(wait_counted(&c, 1), "c counts the refusal");
     assert!(c.host.wait_refused("tls_unknown_ca"), "{}", c.host.events());
@@ -380,21 +380,7 @@ fn a_server_from_another_ca_is_refused_by_the_client_and_counted_by_the_server()
 #[test]
 fn a_client_from_another_ca_is_refused_and_counted() {
     let dir = Dir::new();
-    let (ours, theirs) = (ca("ours"), ca("theirs"));
-    let a = Node::start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ours, LOOPBACK, &[&ours])),
-    );
-    let c = Node::start(
-        "c@127.0.0.1",
-        Some(node_tls(
-            &dir,
-            "c@127.0.0.1",
-            &theirs,
-            LOOPBACK,
-            &[&ours, &theirs],
-        )),
-    );
+    let (a, c) = ours_and_theirs(&dir);
     assert_eq!(handshake_reason(c.open(&a, 1)), "tls_unknown_ca");
     assert!(wait_counted(&a, 1), "a counts the refusal: {}", a.host.events());
     assert!(a.host.wait_refused("tls_unknown_ca"), "{}", a.host.events());

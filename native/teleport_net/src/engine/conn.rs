@@ -271,10 +271,6 @@ pub(super) fn close_io(e: &io::Error) -> CloseReason {
     }
 }
 
-pub(super) fn handshake_error(e: &HandshakeError) -> OpenError {
-    OpenError::handshake(e)
-}
-
 /// What a step asks of the thread besides going on.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
@@ -307,14 +303,14 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
         Ok(started) => started,
         Err(e) => {
             conn.state = State::Connecting { member, _open };
-            return Err(End::Dial(handshake_error(&e)));
+            return Err(End::Dial(OpenError::handshake(&e)));
         }
     };
     let tls = match services.tls.as_ref().map(|tls| tls.client(&member.pool.peer)) {
         Some(Ok(session)) => Some(Box::new(session)),
         Some(Err(e)) => {
             conn.state = State::Connecting { member, _open };
-            return Err(End::Dial(handshake_error(&io_or_tls(e))));
+            return Err(End::Dial(OpenError::handshake(&io_or_tls(e))));
         }
         None => None,
     };
@@ -326,7 +322,8 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
     };
     conn.deadline = Some(Instant::now() + config.handshake_timeout);
     // With TLS, the hello waits in rustls until its handshake is done.
-    send_all(&conn.socket, &mut conn.tls, &hello).map_err(|e| End::Dial(handshake_error(&io_or_tls(e))))?;
+    send_all(&conn.socket, &mut conn.tls, &hello)
+        .map_err(|e| End::Dial(OpenError::handshake(&io_or_tls(e))))?;
     Ok(Next::Wait)
 }
 
@@ -367,14 +364,14 @@ pub(super) fn client_handshake(
     let State::ClientHandshake { handshake, .. } = &mut conn.state else {
         return Ok(Next::Wait);
     };
-    let done =
-        read_handshake(&conn.socket, &mut conn.tls, handshake).map_err(|e| End::Dial(handshake_error(&e)))?;
+    let done = read_handshake(&conn.socket, &mut conn.tls, handshake)
+        .map_err(|e| End::Dial(OpenError::handshake(&e)))?;
     let Some((_, extra)) = done else {
         return Ok(Next::Wait);
     };
     // The server writes nothing after its proof on a connection only we write on.
     if !extra.is_empty() {
-        return Err(End::Dial(handshake_error(&HandshakeError::Malformed(
+        return Err(End::Dial(OpenError::handshake(&HandshakeError::Malformed(
             "data after the handshake",
         ))));
     }

@@ -454,7 +454,7 @@ impl Worker {
 fn timeout_end(state: &State) -> End {
     match state {
         State::Connecting { .. } => End::Dial(OpenError::connect(&io::ErrorKind::TimedOut.into())),
-        State::ClientHandshake { .. } => End::Dial(conn::handshake_error(&HandshakeError::Timeout)),
+        State::ClientHandshake { .. } => End::Dial(OpenError::handshake(&HandshakeError::Timeout)),
         _ => End::Handshake("timeout"),
     }
 }
