@@ -63,7 +63,7 @@
 %% <li>BENCH_HOL_PAYLOAD_BYTES: size of each streamed binary (full 10 MiB,
 %%     short 1 MiB).</li>
 %% <li>BENCH_POOL_SIZE: teleport `pool_size' on both peers (default:
-%%     teleport's own, schedulers online).</li>
+%%     teleport's own, 2).</li>
 %% <li>BENCH_IO_CHUNK_BYTES: teleport `io_chunk_bytes' on both peers
 %%     (default: teleport's own, no limit).</li>
 %% <li>BENCH_IO_THREAD_PRIORITY: teleport `io_thread_priority' on both peers

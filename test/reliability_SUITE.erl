@@ -22,6 +22,12 @@
 %%%     still serves teleport.</li>
 %%% <li>`app_restart': stopping teleport on a node closes its listener and its
 %%%     connections and ends its threads; starting it again works.</li>
+%%% <li>`stopped_mid_operation': teleport is stopped on the sending node while
+%%%     its senders wait on back-pressure with 10 MiB messages queued for a
+%%%     SIGSTOPped peer, and on the receiving node while a message waits for a
+%%%     (suspended) decoder. Both stops return, every waiting send ends, what
+%%%     arrives from each sender is a prefix of what it was told was sent, in
+%%%     order, and teleport starts again on both nodes and carries traffic.</li>
 %%% <li>`listen_ip_loopback': a node with `listen_ip' 127.0.0.2 is reached
 %%%     there, and its port on 127.0.0.3 refuses connections.</li>
 %%% <li>group `netns' (root only, needs `ip netns'): two nodes in two network
@@ -48,10 +54,10 @@
 
 -export([peer_killed_mid_transfer/1, same_name_comes_back/1,
          stalled_receiver_bounds_memory/1, nosuspend_returns_busy/1,
-         hostile_listener/1, app_restart/1, listen_ip_loopback/1,
+         hostile_listener/1, app_restart/1, stopped_mid_operation/1, listen_ip_loopback/1,
          veth_transfer/1, partition_heal/1, listen_ip_in_namespace/1]).
 %% Run on namespace peers too.
--export([restart_teleport/1]).
+-export([restart_teleport/1, send_batch/4]).
 
 -define(MiB, (1024 * 1024)).
 -define(BIG, (10 * ?MiB)).
@@ -95,6 +101,7 @@ all() ->
      nosuspend_returns_busy,
      hostile_listener,
      app_restart,
+     stopped_mid_operation,
      listen_ip_loopback,
      {group, netns}].
 
@@ -664,6 +671,69 @@ app_restart(_Config) ->
     after ?MSG_TIMEOUT ->
             ct:fail(no_echo_after_restart)
     end.
+
+%%====================================================================
+%% stopped_mid_operation
+%%====================================================================
+
+stopped_mid_operation(_Config) ->
+    %% A small queue limit: every 10 MiB send waits until most of it is written.
+    {S, _} = start_peer("rel_ms", #{send_queue_bytes => ?MiB}),
+    {R, _} = start_peer("rel_mr", #{}),
+    {ok, _} = teleport_rel_remote:start_sink(R, ?SINK, self()),
+    %% The sending side, while its senders stream to R and wait on back-pressure.
+    Tag = make_ref(),
+    {Senders, PerSender} = {3, 30},
+    Parent = self(),
+    Pids = [rpc(S, erlang, spawn, [fun() -> Parent ! {batch_done, self(), send_batch({?SINK, R}, Tag, I, PerSender)} end])
+            || I <- lists:seq(1, Senders)],
+    First = collect(Tag, 5, ?MSG_TIMEOUT),
+    ?assertEqual(5, length(First)),
+    ?assert(teleport_test_peer:wait_until(
+              fun() -> rpc(S, teleport_rel_remote, blocked_senders, []) =/= [] end, ?RPC_TIMEOUT)),
+    {StopS, ok} = timer:tc(fun() -> rpc(S, application, stop, [teleport]) end),
+    Results = [receive {batch_done, Pid, Rs} -> Rs
+               after 10000 -> ct:fail({send_still_waiting_after_stop, Pid})
+               end || Pid <- Pids],
+    Arrived = First ++ collect(Tag, Senders * PerSender, 3000),
+    ct:pal("S stopped in ~b ms; send results ~p;~narrived at R: ~p",
+           [StopS div 1000, Results, [{Id, Seq} || {_, Id, Seq, _} <- Arrived]]),
+    %% Sends after the stop are refused...
+    ?assert(lists:all(fun(Rs) -> lists:last(Rs) =:= {error, noconnection} end, Results)),
+    %% ...and what arrived from each sender is a prefix of what it was told was sent.
+    lists:foreach(
+      fun({Id, Rs}) ->
+              Accepted = [Seq || {Seq, ok} <- lists:zip(lists:seq(1, PerSender), Rs)],
+              Got = [Seq || {_, J, Seq, _} <- Arrived, J =:= Id],
+              ?assertEqual({Id, Got}, {Id, lists:sublist(Accepted, length(Got))})
+      end, lists:zip(lists:seq(1, Senders), Results)),
+    ok = rpc(S, application, start, [teleport]),
+    ?assertEqual(ok, rpc(S, teleport, send, [{?SINK, R}, {Tag, again, 1, <<"s">>}])),
+    ?assertEqual([{R, again, 1, 1}], collect(Tag, 1, ?MSG_TIMEOUT)),
+    %% The receiving side: a message too big to decode on the I/O thread waits for a
+    %% decoder, which is suspended, and the one after it waits behind it.
+    Decoders = rpc(R, teleport_decoder, names, []),
+    _ = [ok = rpc(R, sys, suspend, [D]) || D <- Decoders],
+    Deferred = lists:seq(1, 200000),
+    ?assertEqual(ok, teleport:send({?SINK, R}, {Tag, deferred, 1, Deferred})),
+    ?assertEqual(ok, teleport:send({?SINK, R}, {Tag, deferred, 2, <<"after">>})),
+    ?assertEqual([], collect(Tag, 1, 1000)),
+    {StopR, ok} = timer:tc(fun() -> rpc(R, application, stop, [teleport]) end),
+    ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(R, teleport:nodes()) end, 10000)),
+    Late = collect(Tag, 2, 2000),
+    ct:pal("R stopped in ~b ms with a frame deferred; then arrived: ~p",
+           [StopR div 1000, [{Id, Seq} || {_, Id, Seq, _} <- Late]]),
+    %% Whatever made it through came in order.
+    ?assertEqual(lists:sublist([1, 2], length(Late)), [Seq || {_, deferred, Seq, _} <- Late]),
+    ok = rpc(R, application, start, [teleport]),
+    ?assertEqual(ok, teleport:send({?SINK, R}, {Tag, again, 2, <<"r">>})),
+    ?assertEqual([{R, again, 2, 1}], collect(Tag, 1, ?MSG_TIMEOUT)).
+
+%% On the sending peer: each send's result, or what it raised.
+send_batch(Dest, Tag, Id, Count) ->
+    [try teleport:send(Dest, {Tag, Id, Seq, crypto:strong_rand_bytes(?BIG)})
+     catch Class:Reason -> {Class, Reason}
+     end || Seq <- lists:seq(1, Count)].
 
 %% A peer without teleport started (its code is in the path).
 start_bare_peer(Prefix) ->

@@ -57,13 +57,18 @@
          backoff_after_failure/1, connect_refused/1,
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
          io_chunk_round_trip/1, io_thread_priority_idle/1, reader_busy_wait/1,
-         big_term_waits_for_a_decoder_not_the_io_thread/1,
+         big_term_waits_for_a_decoder_not_the_io_thread/1, io_threads_as_configured/1,
          wrong_cookie_refused/1]).
+%% Run on A.
+-export([io_thread_count/0]).
 
 %% Helpers other suites may reuse.
 -export([collect/2, collect/3]).
 
 -define(POOL_SIZE, 4).
+%% More I/O threads than `auto' gives on CI's 2 cores (1): a pool's connections,
+%% and the peers' inbound ones, spread over threads; other suites run at `auto'.
+-define(IO_THREADS, 3).
 -define(SINK, teleport_ct_sink).
 -define(COLLECTOR, teleport_ct_collector).
 -define(SERVER, teleport_ct_server).
@@ -102,7 +107,7 @@ groups() ->
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
                   connect_refused, io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait,
-                  big_term_waits_for_a_decoder_not_the_io_thread]},
+                  big_term_waits_for_a_decoder_not_the_io_thread, io_threads_as_configured]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -115,7 +120,8 @@ init_per_suite(Config) ->
 
 start_suite(Config) ->
     %% Settings apply at start: restarts teleport if something started it.
-    ok = teleport_test_peer:start_local_teleport("teleport_ct", #{pool_size => ?POOL_SIZE}),
+    ok = teleport_test_peer:start_local_teleport("teleport_ct", #{pool_size => ?POOL_SIZE,
+                                                                  io_threads => ?IO_THREADS}),
     %% Peers are linked to this process until everything is set up: if any
     %% step crashes, they are halted with it (end_per_suite does not run).
     {{PeerA, NodeA}, {PeerB, NodeB}} =
@@ -136,7 +142,8 @@ start_suite(Config) ->
 
 %% A peer for the whole suite: a sink, a gen_server and a gen_statem on it.
 start_suite_peer(Prefix) ->
-    {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name(Prefix)),
+    {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name(Prefix), [],
+                                                #{io_threads => ?IO_THREADS}),
     {ok, _} = teleport_test_peer:start_sink(Node, ?SINK, {?COLLECTOR, node()}),
     {ok, _} = erpc:call(Node, teleport_test_server, start, [?SERVER], ?RPC_TIMEOUT),
     {ok, _} = erpc:call(Node, teleport_test_statem, start, [?STATEM], ?RPC_TIMEOUT),
@@ -145,7 +152,7 @@ start_suite_peer(Prefix) ->
 end_per_suite(Config) ->
     _ = [teleport_test_peer:stop(Peer)
          || Key <- [peer_a, peer_b], {_, Peer} <- [lists:keyfind(Key, 1, Config)]],
-    teleport_test_peer:stop_local_teleport(#{pool_size => ?POOL_SIZE}).
+    teleport_test_peer:stop_local_teleport(#{pool_size => ?POOL_SIZE, io_threads => ?IO_THREADS}).
 
 init_per_group(_Group, Config) ->
     Config.
@@ -712,6 +719,23 @@ stats_counts(Config) ->
 %% of our pool and one inbound entry per connection on the receiver, with counts
 %% that match the traffic (one key: one connection) and add up to the peer's
 %% totals.
+%% The suite runs `io_threads' 3 (not what `auto' gives here): every node has
+%% exactly that many I/O threads, however many connections its pools hold.
+io_threads_as_configured(Config) ->
+    A = ?config(node_a, Config),
+    ok = teleport:connect(A),
+    case os:type() of
+        {unix, linux} ->
+            ?assertEqual(?IO_THREADS, io_thread_count()),
+            ?assertEqual(?IO_THREADS, erpc:call(A, ?MODULE, io_thread_count, [], ?RPC_TIMEOUT));
+        _ ->
+            {skip, "counts threads in /proc"}
+    end.
+
+%% Threads of this VM named by teleport's engine ("teleport-io<N>-<node>").
+io_thread_count() ->
+    length([Name || "teleport-io" ++ _ = Name <- teleport_rel_remote:thread_names()]).
+
 stats_per_connection(Config) ->
     A = ?config(node_a, Config),
     Me = node(),
