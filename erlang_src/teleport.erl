@@ -57,7 +57,8 @@
           connected_ms := non_neg_integer(),
           messages_out := non_neg_integer(),
           bytes_out := non_neg_integer(),
-          queued_bytes := non_neg_integer()}
+          queued_bytes := non_neg_integer(),
+          send_buffer => non_neg_integer()}
       | #{direction := inbound,
           local := address(),
           remote := address(),
@@ -257,6 +258,8 @@ listen_address() ->
 %%     peer's, for this connection.</li>
 %% <li>`messages_in', `bytes_in', `undeliverable_in' (inbound only): as the
 %%     peer's, for this connection.</li>
+%% <li>`send_buffer' (outbound only, where the OS reports it): the socket's
+%%     kernel send buffer in bytes, as sized by the `sndbuf' setting.</li>
 %% </ul>
 %% The per-connection counts of live connections add up to the peer's totals
 %% while no pool has closed since start; afterwards the totals also hold what

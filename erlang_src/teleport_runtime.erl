@@ -18,7 +18,7 @@ start_link() ->
 init([]) ->
     process_flag(trap_exit, true),
     Config = teleport_config:get(),
-    Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes,
+    Opts = maps:with([listen_ip, listen_port, max_frame_bytes, send_queue_bytes, sndbuf,
                       connect_timeout, handshake_timeout, max_pending_handshakes,
                       max_pending_handshakes_per_ip, io_thread_priority,
                       reader_busy_wait_us], Config),

@@ -111,7 +111,7 @@ init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok ->
             AppEnv = teleport_test_peer:app_env_from_os(
-                       "BENCH", [tls, pool_size, io_threads, io_chunk_bytes, io_thread_priority,
+                       "BENCH", [tls, pool_size, io_threads, sndbuf, io_chunk_bytes, io_thread_priority,
                                 reader_busy_wait_us, decode_on_scheduler]),
             {PeerA, A} = start_peer("bench_a", AppEnv),
             {PeerB, B} = try start_peer("bench_b", AppEnv)

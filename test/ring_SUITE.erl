@@ -69,7 +69,7 @@ params(Defaults) ->
     #{nodes => Int("RING_NODES", nodes), workers => Int("RING_WORKERS", workers),
       payload_bytes => Int("RING_PAYLOAD_BYTES", payload_bytes),
       rounds => Int("RING_ROUNDS", rounds), pool_sizes => PoolSizes,
-      app_env => teleport_test_peer:app_env_from_os("RING", [tls, io_threads, io_chunk_bytes, io_thread_priority,
+      app_env => teleport_test_peer:app_env_from_os("RING", [tls, io_threads, sndbuf, io_chunk_bytes, io_thread_priority,
                                                               reader_busy_wait_us]),
       verify => maps:get(verify, Defaults)}.
 

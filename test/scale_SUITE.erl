@@ -151,7 +151,7 @@ params(Defaults) ->
           end,
     PoolSize = Int("SCALE_POOL_SIZE", maps:get(pool_size, Defaults)),
     AppEnv0 = teleport_test_peer:app_env_from_os(
-                "SCALE", [io_threads, io_chunk_bytes, io_thread_priority, reader_busy_wait_us,
+                "SCALE", [io_threads, sndbuf, io_chunk_bytes, io_thread_priority, reader_busy_wait_us,
                           send_queue_bytes, max_pending_handshakes,
                           max_pending_handshakes_per_ip]),
     AppEnv = case PoolSize of

@@ -58,7 +58,7 @@
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
          io_chunk_round_trip/1, io_thread_priority_idle/1, reader_busy_wait/1,
          big_term_waits_for_a_decoder_not_the_io_thread/1, io_threads_as_configured/1,
-         wrong_cookie_refused/1]).
+         sndbuf_sizes_outbound_connections/1, wrong_cookie_refused/1]).
 %% Run on A.
 -export([io_thread_count/0]).
 
@@ -107,7 +107,8 @@ groups() ->
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
                   connect_refused, io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait,
-                  big_term_waits_for_a_decoder_not_the_io_thread, io_threads_as_configured]},
+                  big_term_waits_for_a_decoder_not_the_io_thread, io_threads_as_configured,
+                  sndbuf_sizes_outbound_connections]},
      {security, [], [wrong_cookie_refused]}].
 
 init_per_suite(Config) ->
@@ -732,6 +733,32 @@ io_threads_as_configured(Config) ->
             {skip, "counts threads in /proc"}
     end.
 
+%% `sndbuf': `auto' (the origin's) gives a loopback connection 512 KiB, which Linux
+%% reports doubled; `kernel' leaves the kernel's own; a size sets that size.
+sndbuf_sizes_outbound_connections(_Config) ->
+    case os:type() of
+        {unix, linux} ->
+            {_, K} = start_case_peer("sndbuf_k", #{sndbuf => kernel}),
+            {_, F} = start_case_peer("sndbuf_f", #{sndbuf => 65536}),
+            Buffers = fun(From, To) ->
+                              ok = erpc:call(From, teleport, connect, [To], ?RPC_TIMEOUT),
+                              Stats = erpc:call(From, teleport, stats, [To], ?RPC_TIMEOUT),
+                              [B || #{direction := outbound, send_buffer := B}
+                                        <- maps:get(per_connection, Stats)]
+                      end,
+            Auto = Buffers(node(), K),
+            Kernel = Buffers(K, node()),
+            Fixed = Buffers(F, node()),
+            ct:pal("send buffers: auto ~p, kernel ~p, 65536 ~p", [Auto, Kernel, Fixed]),
+            ?assertEqual(lists:duplicate(?POOL_SIZE, 2 * 512 * 1024), Auto),
+            %% The peers' pools are of the default size.
+            ?assertEqual(lists:duplicate(2, 2 * 65536), Fixed),
+            ?assertEqual(2, length(Kernel)),
+            ?assertEqual([], [B || B <- Kernel, B =:= 2 * 512 * 1024]);
+        _ ->
+            {skip, "send buffer sizing is Linux's"}
+    end.
+
 %% Threads of this VM named by teleport's engine ("teleport-io<N>-<node>").
 io_thread_count() ->
     length([Name || "teleport-io" ++ _ = Name <- teleport_rel_remote:thread_names()]).
@@ -777,7 +804,8 @@ stats_per_connection(Config) ->
     ct:pal("origin's stats for ~p: ~p~n~p's stats for origin: ~p", [A, After, A, AfterA]),
     Out = outbound(After),
     In = inbound(AfterA),
-    OutKeys = [bytes_out, connected_ms, direction, index, local, messages_out, queued_bytes, remote],
+    OutKeys = [bytes_out, connected_ms, direction, index, local, messages_out, queued_bytes, remote]
+        ++ [send_buffer || os:type() =:= {unix, linux}],
     InKeys = [bytes_in, connected_ms, direction, local, messages_in, remote, undeliverable_in],
     ?assertEqual(lists:duplicate(?POOL_SIZE, OutKeys), [lists:sort(maps:keys(C)) || C <- Out]),
     ?assertEqual(lists:duplicate(?POOL_SIZE, InKeys), [lists:sort(maps:keys(C)) || C <- In]),

@@ -32,6 +32,10 @@ io_threads_test() ->
     ?assertEqual(max(1, erlang:system_info(schedulers_online) div 4), Auto),
     ?assertEqual(5, teleport_config:io_threads(5)).
 
+sndbuf_test() ->
+    check_setting(sndbuf, auto, kernel, 1024),
+    check_setting(sndbuf, auto, 262144, big).
+
 io_chunk_test() ->
     check_setting(io_chunk_bytes, infinity, 262144, 100).
 
@@ -62,7 +66,7 @@ invalid_values_raise_test_() ->
            {max_pending_handshakes, 0}, {max_pending_handshakes_per_ip, 0},
            {max_pending_handshakes_per_ip, -1}, {max_pending_handshakes_per_ip, 2.0},
            {max_pending_handshakes_per_ip, infinity}, {io_threads, 0}, {io_threads, many},
-           {io_threads, 1000}],
+           {io_threads, 1000}, {sndbuf, 0}, {sndbuf, 1 bsl 31}, {sndbuf, infinity}],
     [?_assertError({invalid_config, Key, _}, teleport_config:validate(Key, Value))
      || {Key, Value} <- Bad].
 

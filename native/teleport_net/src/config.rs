@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::send_buffer::SendBuffer;
 use crate::thread_priority::IoThreadPriority;
 
 #[derive(Clone, Debug)]
@@ -18,6 +19,8 @@ pub struct Config {
     pub max_frame_bytes: u32,
     /// Per connection: past this many queued bytes, senders are told to wait.
     pub send_queue_bytes: usize,
+    /// The kernel send buffer of each outbound connection (see `send_buffer`).
+    pub sndbuf: SendBuffer,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; further connections are closed at accept.
@@ -98,6 +101,7 @@ impl Config {
             cookie: cookie.to_vec(),
             max_frame_bytes: 64 << 20,
             send_queue_bytes: 8 << 20,
+            sndbuf: SendBuffer::Auto,
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,

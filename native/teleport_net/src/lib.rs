@@ -26,6 +26,7 @@ mod inbound;
 mod listener;
 pub mod pool;
 pub mod runtime;
+pub mod send_buffer;
 pub mod stats;
 pub mod thread_priority;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
@@ -41,5 +42,6 @@ pub use error::{CloseReason, Detail, OpenError};
 pub use framing::FrameKind;
 pub use host::{BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Resume};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
+pub use send_buffer::SendBuffer;
 pub use stats::{ConnDirection, ConnStatsSnapshot, PeerStatsSnapshot};
 pub use thread_priority::IoThreadPriority;

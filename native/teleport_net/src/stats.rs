@@ -127,13 +127,19 @@ pub struct ConnStats {
     bytes: AtomicU64,
     /// Inbound only.
     undeliverable: AtomicU64,
+    /// Outbound only: the kernel's send buffer once sized (`send_buffer::apply`).
+    send_buffer: Option<usize>,
 }
 
 /// Which side opened a connection, and what only that side has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnDirection {
     /// Ours, in slot `index` of our pool to the peer.
-    Outbound { index: usize, queued_bytes: u64 },
+    Outbound {
+        index: usize,
+        queued_bytes: u64,
+        send_buffer: Option<usize>,
+    },
     /// The peer's pool into us.
     Inbound { undeliverable: u64 },
 }
@@ -160,13 +166,19 @@ impl ConnStats {
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
+            send_buffer: None,
         })
+    }
+
+    pub fn with_send_buffer(self, send_buffer: Option<usize>) -> ConnStats {
+        ConnStats { send_buffer, ..self }
     }
 
     pub fn snapshot_outbound(&self, index: usize, queued_bytes: usize) -> ConnStatsSnapshot {
         self.snapshot(ConnDirection::Outbound {
             index,
             queued_bytes: queued_bytes as u64,
+            send_buffer: self.send_buffer,
         })
     }
 

@@ -859,13 +859,19 @@ fn per_connection_counters_add_up_to_the_peer() {
     assert!(none_in.is_empty(), "B never opened a pool to A: {none_in:?}");
     assert_eq!(outbound.len(), SIZE);
     for (slot, conn) in outbound.iter().enumerate() {
-        assert_eq!(
-            conn.direction,
-            ConnDirection::Outbound {
-                index: slot,
-                queued_bytes: 0
-            }
-        );
+        let ConnDirection::Outbound {
+            index,
+            queued_bytes,
+            send_buffer,
+        } = conn.direction
+        else {
+            panic!("not outbound: {conn:?}");
+        };
+        assert_eq!((index, queued_bytes), (slot, 0));
+        // `sndbuf` auto on loopback: 512 KiB, which Linux reports doubled.
+        if cfg!(target_os = "linux") {
+            assert_eq!(send_buffer, Some(2 * teleport_net::send_buffer::AUTO_BYTES));
+        }
         assert_eq!((conn.messages, conn.bytes), expected[slot], "slot {slot}");
         assert_eq!(conn.remote, b.addr());
         assert_eq!(conn.local.ip(), b.addr().ip());

@@ -73,6 +73,17 @@ fn decode_tls(term: Term) -> NifResult<Option<teleport_net::TlsConfig>> {
     }))
 }
 
+/// The `sndbuf` setting: `auto`, `kernel` or a size in bytes.
+fn decode_sndbuf(term: Term) -> NifResult<teleport_net::SendBuffer> {
+    use teleport_net::SendBuffer;
+    match term.decode::<Atom>() {
+        Ok(a) if a == atoms::auto() => Ok(SendBuffer::Auto),
+        Ok(a) if a == atoms::kernel() => Ok(SendBuffer::Kernel),
+        Ok(_) => Err(Error::BadArg),
+        Err(_) => term.decode().map(SendBuffer::Bytes),
+    }
+}
+
 fn decode_ip(term: Term) -> NifResult<IpAddr> {
     if let Ok((a, b, c, d)) = term.decode::<(u8, u8, u8, u8)>() {
         return Ok(IpAddr::V4(Ipv4Addr::new(a, b, c, d)));
@@ -144,6 +155,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         cookie: map_get::<rustler::Binary>(opts, "cookie")?.as_slice().to_vec(),
         max_frame_bytes: map_get(opts, "max_frame_bytes")?,
         send_queue_bytes: map_get(opts, "send_queue_bytes")?,
+        sndbuf: decode_sndbuf(map_get(opts, "sndbuf")?)?,
         connect_timeout: Duration::from_millis(map_get(opts, "connect_timeout")?),
         handshake_timeout: Duration::from_millis(map_get(opts, "handshake_timeout")?),
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
@@ -498,8 +510,12 @@ fn peer_stats_term<'a>(env: Env<'a>, s: &PeerStatsSnapshot) -> NifResult<Term<'a
 
 fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a>> {
     let connected_ms = u64::try_from(c.age.as_millis()).unwrap_or(u64::MAX);
-    let (direction, counters, index) = match c.direction {
-        ConnDirection::Outbound { index, queued_bytes } => (
+    let (direction, counters, index, send_buffer) = match c.direction {
+        ConnDirection::Outbound {
+            index,
+            queued_bytes,
+            send_buffer,
+        } => (
             atoms::outbound(),
             [
                 (atoms::messages_out(), c.messages),
@@ -507,6 +523,7 @@ fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a
                 (atoms::queued_bytes(), queued_bytes),
             ],
             Some(index),
+            send_buffer,
         ),
         ConnDirection::Inbound { undeliverable } => (
             atoms::inbound(),
@@ -516,12 +533,16 @@ fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a
                 (atoms::undeliverable_in(), undeliverable),
             ],
             None,
+            None,
         ),
     };
     let mut pairs = counter_pairs(env, &counters);
     pairs.push((atoms::direction().encode(env), direction.encode(env)));
     if let Some(index) = index {
         pairs.push((atoms::index().encode(env), index.encode(env)));
+    }
+    if let Some(bytes) = send_buffer {
+        pairs.push((atoms::send_buffer().encode(env), bytes.encode(env)));
     }
     pairs.extend([
         (atoms::local().encode(env), encode_addr(env, c.local)),

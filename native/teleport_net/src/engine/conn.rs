@@ -382,8 +382,10 @@ pub(super) fn client_handshake(
     let mut member = member;
     let pool = member.pool.clone();
     let announce = encode_frame(FrameKind::PoolEpoch, &pool.token);
-    let counters =
-        send_all(&conn.socket, &mut conn.tls, &announce).and_then(|()| ConnStats::new(&conn.socket));
+    let send_buffer = crate::send_buffer::apply(&conn.socket, services.config.sndbuf);
+    let counters = send_all(&conn.socket, &mut conn.tls, &announce)
+        .and_then(|()| ConnStats::new(&conn.socket))
+        .map(|counters| counters.with_send_buffer(send_buffer));
     let counters = match counters {
         Ok(counters) => counters,
         Err(e) => {

@@ -1,0 +1,121 @@
+//! The kernel send buffer of an outbound connection (`Config::sndbuf`).
+//!
+//! A peer that reads later than the data arrives gets no ACKs from its kernel until it
+//! reads (the ACK would not open the window), so what our socket holds unacknowledged
+//! is what the peer has not read yet, up to the send buffer. Linux grows that buffer to
+//! `tcp_wmem`'s maximum (4 MiB) per connection; with many busy connections the unread
+//! bytes outgrow the CPU caches and the reader copies them from memory. A buffer of
+//! 512 KiB (the kernel counts it double) keeps them in cache: on the 2-core loopback
+//! ring the mean trip fell from 0.44-0.46 s to 0.31-0.36 s (BENCHMARKS.md, "Send
+//! buffer"). A fixed buffer also caps one connection at about its size per round trip,
+//! so `auto` fixes it only on paths of under a millisecond (loopback, one LAN), where
+//! that cap is above what the link carries, and leaves long paths to the kernel.
+
+use std::time::Duration;
+
+use mio::net::TcpStream;
+
+/// How an outbound connection's send buffer is sized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendBuffer {
+    /// `AUTO_BYTES` on a path whose round trip is under `AUTO_MAX_RTT`, else as `Kernel`.
+    Auto,
+    /// The kernel's own sizing (Linux: autotuned up to `net.ipv4.tcp_wmem`).
+    Kernel,
+    /// `SO_SNDBUF` of this many bytes (the kernel may double or cap it).
+    Bytes(usize),
+}
+
+/// `SO_SNDBUF` that `Auto` sets on a short path.
+pub const AUTO_BYTES: usize = 512 * 1024;
+/// Longest round trip (as TCP measured it while the handshake ran) that `Auto` treats as
+/// short: 1 MiB per millisecond is 1 GB/s per connection at worst.
+pub const AUTO_MAX_RTT: Duration = Duration::from_millis(1);
+
+/// Sizes `socket`'s send buffer as `policy` says (once authenticated: the handshake's
+/// exchanges gave TCP its round-trip estimate). Returns the buffer as the kernel now
+/// reports it, for the connection's stats.
+pub fn apply(socket: &TcpStream, policy: SendBuffer) -> Option<usize> {
+    let socket = socket2::SockRef::from(socket);
+    if let Some(bytes) = choose(policy, || round_trip(&socket)) {
+        // Best effort: a refused size leaves the kernel's own.
+        let _ = socket.set_send_buffer_size(bytes);
+    }
+    socket.send_buffer_size().ok()
+}
+
+/// The size to set, if any; `rtt` is asked only for `Auto`.
+fn choose(policy: SendBuffer, rtt: impl FnOnce() -> Option<Duration>) -> Option<usize> {
+    match policy {
+        SendBuffer::Kernel => None,
+        SendBuffer::Bytes(bytes) => Some(bytes),
+        SendBuffer::Auto => rtt().filter(|rtt| *rtt < AUTO_MAX_RTT).map(|_| AUTO_BYTES),
+    }
+}
+
+/// TCP's smoothed round-trip time for the connection (Linux `TCP_INFO`).
+#[cfg(target_os = "linux")]
+fn round_trip(socket: &socket2::SockRef<'_>) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
+/// Elsewhere the round trip is not read: `Auto` leaves the buffer to the kernel.
+#[cfg(not(target_os = "linux"))]
+fn round_trip(_socket: &socket2::SockRef<'_>) -> Option<Duration> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_fixes_the_buffer_only_on_short_paths() {
+        let us = |n| move || Some(Duration::from_micros(n));
+        assert_eq!(choose(SendBuffer::Auto, us(40)), Some(AUTO_BYTES));
+        assert_eq!(choose(SendBuffer::Auto, us(999)), Some(AUTO_BYTES));
+        assert_eq!(choose(SendBuffer::Auto, us(1000)), None);
+        assert_eq!(choose(SendBuffer::Auto, us(30_000)), None);
+        assert_eq!(choose(SendBuffer::Auto, || None), None);
+    }
+
+    #[test]
+    fn kernel_and_bytes_do_not_look_at_the_path() {
+        let never = || -> Option<Duration> { panic!("round trip read") };
+        assert_eq!(choose(SendBuffer::Kernel, never), None);
+        assert_eq!(choose(SendBuffer::Bytes(65536), never), Some(65536));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_loopback_connection_gets_the_auto_buffer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        // A round trip for TCP to measure.
+        use std::io::{Read, Write};
+        (&client).write_all(b"x").unwrap();
+        server.read_exact(&mut [0u8; 1]).unwrap();
+        server.write_all(b"y").unwrap();
+        (&client).read_exact(&mut [0u8; 1]).unwrap();
+        let client = TcpStream::from_std(client);
+        let before = socket2::SockRef::from(&client).send_buffer_size().unwrap();
+        let after = apply(&client, SendBuffer::Auto).unwrap();
+        // Linux doubles SO_SNDBUF for its bookkeeping.
+        assert_eq!(after, 2 * AUTO_BYTES, "was {before}");
+        assert_eq!(apply(&client, SendBuffer::Bytes(64 * 1024)), Some(2 * 64 * 1024));
+    }
+}
