@@ -5,11 +5,13 @@
 %%
 %% The reader waits for each such frame (so its connection's order holds); the
 %% wait ends even if this process dies, because the ticket it holds is then freed.
+%% Frames still waiting here when teleport stops are not delivered: they are
+%% logged (`undelivered_at_stop'), as the runtime that would count them is gone.
 -module(teleport_decoder).
 -behaviour(gen_server).
 
 -export([start_link/1, names/0]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -include_lib("kernel/include/logger.hrl").
 
@@ -25,6 +27,8 @@ start_link(Name) ->
 
 -spec init([]) -> {ok, no_state}.
 init([]) ->
+    %% So that a shutdown runs terminate/2, which reports what it leaves behind.
+    process_flag(trap_exit, true),
     {ok, no_state}.
 
 -spec handle_call(term(), gen_server:from(), no_state) -> {reply, {error, unsupported}, no_state}.
@@ -42,3 +46,14 @@ handle_info({'$teleport_decode', Ticket, Frame}, State) ->
 handle_info(Other, State) ->
     ?LOG_DEBUG(#{what => unexpected_message, message => Other}, #{domain => [teleport]}),
     {noreply, State}.
+
+-spec terminate(term(), no_state) -> ok.
+terminate(Reason, _State) ->
+    {messages, Queued} = erlang:process_info(self(), messages),
+    case length([Ticket || {'$teleport_decode', Ticket, _} <- Queued]) of
+        0 ->
+            ok;
+        Frames ->
+            ?LOG_WARNING(#{what => undelivered_at_stop, messages => Frames, reason => Reason},
+                         #{domain => [teleport]})
+    end.

@@ -27,7 +27,8 @@
 %%%     SIGSTOPped peer, and on the receiving node while a message waits for a
 %%%     (suspended) decoder. Both stops return, every waiting send ends, what
 %%%     arrives from each sender is a prefix of what it was told was sent, in
-%%%     order, and teleport starts again on both nodes and carries traffic.</li>
+%%%     order, the receiver logs the message it could not deliver, and teleport
+%%%     starts again on both nodes and carries traffic.</li>
 %%% <li>`listen_ip_loopback': a node with `listen_ip' 127.0.0.2 is reached
 %%%     there, and its port on 127.0.0.3 refuses connections.</li>
 %%% <li>group `netns' (root only, needs `ip netns'): two nodes in two network
@@ -718,7 +719,13 @@ stopped_mid_operation(_Config) ->
     ?assertEqual(ok, teleport:send({?SINK, R}, {Tag, deferred, 1, Deferred})),
     ?assertEqual(ok, teleport:send({?SINK, R}, {Tag, deferred, 2, <<"after">>})),
     ?assertEqual([], collect(Tag, 1, 1000)),
+    ok = rpc(R, teleport_rel_remote, forward_reports, [self(), undelivered_at_stop]),
     {StopR, ok} = timer:tc(fun() -> rpc(R, application, stop, [teleport]) end),
+    %% Not delivered, and not silently: the decoder that held it says so.
+    receive
+        {rel_report, R, #{messages := Undelivered}} -> ?assertEqual(1, Undelivered)
+    after ?MSG_TIMEOUT -> ct:fail(no_undelivered_at_stop_report)
+    end,
     ?assert(teleport_test_peer:wait_until(fun() -> not lists:member(R, teleport:nodes()) end, 10000)),
     Late = collect(Tag, 2, 2000),
     ct:pal("R stopped in ~b ms with a frame deferred; then arrived: ~p",

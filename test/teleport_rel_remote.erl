@@ -12,6 +12,7 @@
 %%% <li>A flood: one process sending until teleport refuses.</li>
 %%% <li>A TCP probe: does anything accept connections at an address, seen
 %%%     from this node's network namespace.</li>
+%%% <li>A logger handler that forwards teleport's reports of one kind.</li>
 %%% </ul>
 -module(teleport_rel_remote).
 
@@ -22,6 +23,9 @@
 -export([inbound_connections/0, thread_names/0]).
 -export([blocked_senders/0]).
 -export([tcp_probe/2]).
+-export([forward_reports/2]).
+%% logger handler callback
+-export([log/2]).
 
 -define(RPC_TIMEOUT, 30000).
 
@@ -170,3 +174,20 @@ tcp_probe(Ip, Port) ->
         {ok, Socket} -> gen_tcp:close(Socket);
         {error, _} = Error -> Error
     end.
+
+%%--------------------------------------------------------------------
+%% Reports
+
+%% @doc Sends `{rel_report, node(), Report}' to `Forward' for every report this
+%% node logs with `what => What' (a logger handler, until the node stops).
+-spec forward_reports(pid(), atom()) -> ok.
+forward_reports(Forward, What) ->
+    Id = list_to_atom("rel_reports_" ++ atom_to_list(What)),
+    ok = logger:add_handler(Id, ?MODULE, #{config => #{forward => Forward, what => What}}).
+
+%% @private
+log(#{msg := {report, #{what := What} = Report}}, #{config := #{forward := Forward, what := What}}) ->
+    Forward ! {rel_report, node(), Report},
+    ok;
+log(_Event, _Config) ->
+    ok.
