@@ -4,152 +4,24 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{mpsc, Arc, Barrier, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use teleport_net::faults::{self, Point};
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
-    CloseReason, Config, ConnDirection, ConnStatsSnapshot, Deferral, Delivery, Detail, Event, FrameHandler,
-    FrameKind, Host, OpenError, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
+    CloseReason, Config, ConnDirection, ConnStatsSnapshot, Delivery, Detail, Event, FrameKind, OpenError,
+    OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
-const COOKIE: &[u8] = b"integration-cookie";
+mod nodes;
+use nodes::{eventually, open_to, Node, TestHost, COOKIE, WAIT};
+
 const A: &str = "a@127.0.0.1";
 const B: &str = "b@127.0.0.1";
-/// Upper bound for anything that should happen "soon"; only reached when a test fails.
-const WAIT: Duration = Duration::from_secs(10);
 /// `Config::for_tests`'s I/O threads: all a runtime ever runs, whatever its peers.
 const IO_THREADS: usize = 2;
-
-// ---------------------------------------------------------------------------
-// The test host: records frames and events, with knobs for slow or failing handlers.
-
-struct Frame {
-    peer: String,
-    kind: FrameKind,
-    body: Vec<u8>,
-}
-
-#[derive(Default)]
-struct Log {
-    frames: Vec<Frame>,
-    events: Vec<Event>,
-    /// Frames whose body was `defer`: their handler deferred them (`Delivery::Deferred`).
-    deferred: Vec<teleport_net::Resume>,
-}
-
-#[derive(Default)]
-struct HostState {
-    log: Mutex<Log>,
-    changed: Condvar,
-    /// Each handler sleeps this long per frame (0: not at all); may change mid-test.
-    delay_ms: AtomicU64,
-}
-
-#[derive(Clone, Default)]
-struct TestHost(Arc<HostState>);
-
-impl TestHost {
-    fn log(&self) -> MutexGuard<'_, Log> {
-        self.0.log.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn record(&self, update: impl FnOnce(&mut Log)) {
-        update(&mut self.log());
-        self.0.changed.notify_all();
-    }
-
-    fn set_delay(&self, delay: Duration) {
-        self.0.delay_ms.store(delay.as_millis() as u64, SeqCst);
-    }
-
-    /// Waits until `done` holds for the log; false on timeout.
-    fn wait_for(&self, timeout: Duration, done: impl Fn(&Log) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut log = self.log();
-        loop {
-            if done(&log) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            log = self
-                .0
-                .changed
-                .wait_timeout(log, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    fn count_events(&self, matches: impl Fn(&Event) -> bool) -> usize {
-        self.log().events.iter().filter(|e| matches(e)).count()
-    }
-
-    fn wait_for_event(&self, matches: impl Fn(&Event) -> bool) -> bool {
-        self.wait_for(WAIT, |log| log.events.iter().any(&matches))
-    }
-
-    fn frames_from(&self, peer: &str) -> usize {
-        self.log().frames.iter().filter(|f| f.peer == peer).count()
-    }
-
-    fn events_debug(&self) -> String {
-        format!("{:#?}", self.log().events)
-    }
-}
-
-impl Host for TestHost {
-    fn frame_handler(&self, peer: &str) -> Box<dyn FrameHandler> {
-        Box::new(TestHandler {
-            host: self.clone(),
-            peer: peer.to_string(),
-        })
-    }
-
-    fn event(&self, event: Event) {
-        self.record(|log| log.events.push(event));
-    }
-}
-
-struct TestHandler {
-    host: TestHost,
-    peer: String,
-}
-
-impl FrameHandler for TestHandler {
-    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
-        let delay = self.host.0.delay_ms.load(SeqCst);
-        if delay > 0 {
-            thread::sleep(Duration::from_millis(delay));
-        }
-        match body {
-            b"poison" => return Err("poisoned frame".to_string()),
-            b"nobody" => return Ok(Delivery::Undeliverable("no_process")),
-            b"panic!" => panic!("handler panicked on purpose"),
-            _ => {}
-        }
-        let frame = Frame {
-            peer: self.peer.clone(),
-            kind,
-            body: body.to_vec(),
-        };
-        if body == b"defer" {
-            let resume = deferral.defer();
-            self.host.record(|log| {
-                log.frames.push(frame);
-                log.deferred.push(resume);
-            });
-            return Ok(Delivery::Deferred);
-        }
-        self.host.record(|log| log.frames.push(frame));
-        Ok(Delivery::Delivered)
-    }
-}
 
 fn is_pool_down(event: &Event, of: &str) -> bool {
     matches!(event, Event::PoolDown { peer, .. } if peer == of)
@@ -165,94 +37,6 @@ fn is_inbound_up(event: &Event, of: &str) -> bool {
 
 fn is_inbound_down(event: &Event, of: &str) -> bool {
     matches!(event, Event::InboundDown { peer, .. } if peer == of)
-}
-
-// ---------------------------------------------------------------------------
-// Nodes: a runtime and its host, stopped on drop.
-
-struct Node {
-    rt: Runtime,
-    host: TestHost,
-}
-
-impl Node {
-    fn start(name: &str) -> Node {
-        Node::start_with(name, |_| {})
-    }
-
-    fn start_with(name: &str, configure: impl FnOnce(&mut Config)) -> Node {
-        let mut config = Config::for_tests(name, COOKIE);
-        configure(&mut config);
-        let host = TestHost::default();
-        let rt = Runtime::start(config, Arc::new(host.clone())).expect("runtime starts");
-        Node { rt, host }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.rt.local_addr()
-    }
-
-    fn name(&self) -> &str {
-        &self.rt.config().local_node
-    }
-
-    /// Opens a pool to `peer` under the name `as_name` and waits for the outcome.
-    fn open_as(&self, as_name: &str, peer: &Node, size: usize) -> Result<(), OpenError> {
-        open_to(&self.rt, as_name, peer.addr(), size)
-    }
-
-    fn open(&self, peer: &Node, size: usize) -> Result<(), OpenError> {
-        self.open_as(peer.name(), peer, size)
-    }
-
-    fn send(&self, peer: &str, key: u64, body: Vec<u8>) -> Result<Sent, SendError> {
-        send_bytes(&self.rt, peer, key, body)
-    }
-
-    fn stats_for(&self, peer: &str) -> PeerStatsSnapshot {
-        stats_for(&self.rt, peer)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.rt.stop();
-    }
-}
-
-fn open_to(rt: &Runtime, peer: &str, addr: SocketAddr, size: usize) -> Result<(), OpenError> {
-    let (tx, rx) = mpsc::channel();
-    match rt.open_pool(peer, addr, size, Box::new(move |r| drop(tx.send(r)))) {
-        OpenStatus::AlreadyUp => Ok(()),
-        OpenStatus::Opening => rx.recv_timeout(WAIT).expect("open_pool callback runs"),
-    }
-}
-
-fn send_bytes(rt: &Runtime, peer: &str, key: u64, body: Vec<u8>) -> Result<Sent, SendError> {
-    let frame = OutFrame::new(FrameKind::Send, Box::new(body)).expect("body fits a frame");
-    rt.send(peer, key, frame)
-}
-
-fn stats_for(rt: &Runtime, peer: &str) -> PeerStatsSnapshot {
-    rt.stats()
-        .into_iter()
-        .find(|(p, _)| p == peer)
-        .map(|(_, s)| s)
-        .unwrap_or_default()
-}
-
-/// Polls `done` every few milliseconds; false on timeout.
-fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Waits until `count` has not changed for `quiet`, and returns it.

@@ -4,23 +4,19 @@
 //! name mismatch are refused and counted. Every wait is bounded.
 #![cfg(any(target_os = "linux", target_os = "freebsd"))]
 
-use std::any::Any;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use teleport_net::handshake::{client_handshake, HandshakeConfig};
-use teleport_net::{
-    BodyBuffer, Config, Deferral, Delivery, Detail, Event, FrameHandler, FrameKind, Host, OpenError,
-    OpenStatus, OutFrame, Runtime, TlsConfig,
-};
+use teleport_net::{Config, Delivery, Detail, Event, FrameKind, OpenError, OutFrame, Runtime, TlsConfig};
 
-const COOKIE: &[u8] = b"tls-cookie";
-const WAIT: Duration = Duration::from_secs(10);
+mod nodes;
+use nodes::{Node, TestHost, COOKIE, WAIT};
 
 // ---------------------------------------------------------------------------
 // Certificates
@@ -100,175 +96,16 @@ fn node_tls(dir: &Dir, node: &str, by: &Ca, leaf: Leaf<'_>, trusts: &[&Ca]) -> T
 }
 
 // ---------------------------------------------------------------------------
-// The test host: frames and events, with its own buffers for large bodies.
+// Nodes (tests/nodes), with the handlers' own buffers for large bodies, as the NIF's.
 
-#[derive(Default)]
-struct Log {
-    frames: Vec<(String, Vec<u8>)>,
-    events: Vec<Event>,
-    /// Bodies that were read into a buffer of the handler's own.
-    owned: usize,
-    /// Frames whose body was `defer`, deferred by their handler.
-    deferred: Vec<teleport_net::Resume>,
+fn start(name: &str, tls: Option<TlsConfig>) -> Node {
+    Node::start_hosted(name, TestHost::with_own_buffers(), |config| config.tls = tls)
 }
 
-#[derive(Clone, Default)]
-struct TestHost(Arc<(Mutex<Log>, Condvar)>, Arc<AtomicU64>);
-
-impl TestHost {
-    fn record(&self, update: impl FnOnce(&mut Log)) {
-        update(&mut self.0 .0.lock().unwrap());
-        self.0 .1.notify_all();
-    }
-
-    fn wait_for(&self, done: impl Fn(&Log) -> bool) -> bool {
-        let deadline = Instant::now() + WAIT;
-        let mut log = self.0 .0.lock().unwrap();
-        while !done(&log) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            log = self.0 .1.wait_timeout(log, left).unwrap().0;
-        }
-        true
-    }
-
-    /// Waits for the listener's event for a refusal for `reason`.
-    fn wait_refused(&self, reason: &str) -> bool {
-        self.wait_for(|log| {
-            log.events
-                .iter()
-                .any(|e| matches!(e, Event::HandshakeFailed { reason: r, .. } if *r == reason))
-        })
-    }
-
-    fn events(&self) -> String {
-        format!("{:#?}", self.0 .0.lock().unwrap().events)
-    }
-}
-
-impl Host for TestHost {
-    fn frame_handler(&self, peer: &str) -> Box<dyn FrameHandler> {
-        Box::new(Handler {
-            host: self.clone(),
-            peer: peer.to_string(),
-        })
-    }
-
-    fn event(&self, event: Event) {
-        self.record(|log| log.events.push(event));
-    }
-}
-
-struct Handler {
-    host: TestHost,
-    peer: String,
-}
-
-struct Owned(Vec<u8>);
-
-impl BodyBuffer for Owned {
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.0
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
-    }
-}
-
-impl FrameHandler for Handler {
-    fn handle(&mut self, _kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
-        // A slow handler (back-pressure tests): milliseconds per frame.
-        let delay = self.host.1.load(SeqCst);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        let frame = (self.peer.clone(), body.to_vec());
-        if body == b"defer" {
-            let resume = deferral.defer();
-            self.host.record(|log| {
-                log.frames.push(frame);
-                log.deferred.push(resume);
-            });
-            return Ok(Delivery::Deferred);
-        }
-        self.host.record(|log| log.frames.push(frame));
-        Ok(Delivery::Delivered)
-    }
-
-    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
-        Ok(Some(Box::new(Owned(vec![0; len]))))
-    }
-
-    fn handle_owned(
-        &mut self,
-        _kind: FrameKind,
-        body: Box<dyn BodyBuffer>,
-        _deferral: &Deferral,
-    ) -> Result<Delivery, String> {
-        let body = body.into_any().downcast::<Owned>().map_err(|_| "not ours")?.0;
-        let frame = (self.peer.clone(), body);
-        self.host.record(|log| {
-            log.frames.push(frame);
-            log.owned += 1;
-        });
-        Ok(Delivery::Delivered)
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Nodes
-
-struct Node {
-    rt: Runtime,
-    host: TestHost,
-}
-
-impl Node {
-    fn start(name: &str, tls: Option<TlsConfig>) -> Node {
-        let mut config = Config::for_tests(name, COOKIE);
-        config.tls = tls;
-        let host = TestHost::default();
-        let rt = Runtime::start(config, Arc::new(host.clone())).expect("runtime starts");
-        Node { rt, host }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.rt.local_addr()
-    }
-
-    fn name(&self) -> &str {
-        &self.rt.config().local_node
-    }
-
-    fn open(&self, peer: &Node, size: usize) -> Result<(), OpenError> {
-        let (tx, rx) = mpsc::channel();
-        match self.rt.open_pool(
-            peer.name(),
-            peer.addr(),
-            size,
-            Box::new(move |r| drop(tx.send(r))),
-        ) {
-            OpenStatus::AlreadyUp => Ok(()),
-            OpenStatus::Opening => rx.recv_timeout(WAIT).expect("open_pool callback runs"),
-        }
-    }
-
-    fn send(&self, peer: &str, key: u64, body: Vec<u8>) {
-        let frame = OutFrame::new(FrameKind::Send, Box::new(body)).expect("fits");
-        self.rt.send(peer, key, frame).map(|_| ()).expect("sent");
-    }
-
-    fn failures(&self) -> u64 {
-        self.rt.listener_stats().handshake_failures
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.rt.stop();
-    }
+/// Waits for the listener's event for a refusal for `reason`.
+fn wait_refused(node: &Node, reason: &str) -> bool {
+    node.host
+        .wait_for_event(|e| matches!(e, Event::HandshakeFailed { reason: r, .. } if *r == reason))
 }
 
 fn handshake_reason(result: Result<(), OpenError>) -> &'static str {
@@ -306,11 +143,11 @@ fn body(seq: u32, len: usize) -> Vec<u8> {
 fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
-    let b = Node::start(
+    let b = start(
         "b@127.0.0.1",
         Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
@@ -324,20 +161,20 @@ fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
         .collect();
     let total: usize = sizes.iter().sum();
     for (seq, len) in sizes.iter().enumerate() {
-        a.send(b.name(), 7, body(seq as u32, *len));
-        b.send(a.name(), 7, body(seq as u32, *len));
+        a.send(b.name(), 7, body(seq as u32, *len)).expect("sent");
+        b.send(a.name(), 7, body(seq as u32, *len)).expect("sent");
     }
     for (to, from) in [(&b, a.name()), (&a, b.name())] {
         assert!(
-            to.host.wait_for(|log| log.frames.len() >= sizes.len()),
+            to.host.wait_for(WAIT, |log| log.frames.len() >= sizes.len()),
             "frames arrive; events: {}",
-            to.host.events()
+            to.host.events_debug()
         );
-        let log = to.host.0 .0.lock().unwrap();
-        for (seq, (peer, got)) in log.frames.iter().enumerate() {
-            assert_eq!(peer, from);
+        let log = to.host.log();
+        for (seq, frame) in log.frames.iter().enumerate() {
+            assert_eq!(frame.peer, from);
             assert_eq!(
-                *got,
+                frame.body,
                 body(seq as u32, sizes[seq]),
                 "frame {seq} intact and in order"
             );
@@ -356,11 +193,11 @@ fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
 /// both, so only a's check can refuse.
 fn ours_and_theirs(dir: &Dir) -> (Node, Node) {
     let (ours, theirs) = (ca("ours"), ca("theirs"));
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(dir, "a@127.0.0.1", &ours, LOOPBACK, &[&ours])),
     );
-    let c = Node::start(
+    let c = start(
         "c@127.0.0.1",
         Some(node_tls(dir, "c@127.0.0.1", &theirs, LOOPBACK, &[&ours, &theirs])),
     );
@@ -373,8 +210,8 @@ fn a_server_from_another_ca_is_refused_by_the_client_and_counted_by_the_server()
     let (a, c) = ours_and_theirs(&dir);
     assert_eq!(handshake_reason(a.open(&c, 1)), "tls_unknown_ca");
     assert!(wait_counted(&c, 1), "c counts the refusal");
-    assert!(c.host.wait_refused("tls_unknown_ca"), "{}", c.host.events());
-    assert!(c.host.wait_for(|log| log.frames.is_empty()));
+    assert!(wait_refused(&c, "tls_unknown_ca"), "{}", c.host.events_debug());
+    assert!(c.host.wait_for(WAIT, |log| log.frames.is_empty()));
 }
 
 #[test]
@@ -382,15 +219,19 @@ fn a_client_from_another_ca_is_refused_and_counted() {
     let dir = Dir::new();
     let (a, c) = ours_and_theirs(&dir);
     assert_eq!(handshake_reason(c.open(&a, 1)), "tls_unknown_ca");
-    assert!(wait_counted(&a, 1), "a counts the refusal: {}", a.host.events());
-    assert!(a.host.wait_refused("tls_unknown_ca"), "{}", a.host.events());
+    assert!(
+        wait_counted(&a, 1),
+        "a counts the refusal: {}",
+        a.host.events_debug()
+    );
+    assert!(wait_refused(&a, "tls_unknown_ca"), "{}", a.host.events_debug());
 }
 
 #[test]
 fn an_expired_client_certificate_is_refused_and_counted() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
@@ -398,13 +239,13 @@ fn an_expired_client_certificate_is_refused_and_counted() {
         expired: true,
         ..LOOPBACK
     };
-    let c = Node::start(
+    let c = start(
         "c@127.0.0.1",
         Some(node_tls(&dir, "c@127.0.0.1", &ca, old, &[&ca])),
     );
     assert_eq!(handshake_reason(c.open(&a, 1)), "tls_expired");
     assert!(wait_counted(&a, 1));
-    assert!(a.host.wait_refused("tls_expired"), "{}", a.host.events());
+    assert!(wait_refused(&a, "tls_expired"), "{}", a.host.events_debug());
     // And the other way: a refuses c's expired server certificate.
     assert_eq!(handshake_reason(a.open(&c, 1)), "tls_expired");
 }
@@ -414,7 +255,7 @@ fn a_client_without_a_certificate_is_refused_and_counted() {
     let dir = Dir::new();
     let ca_ = ca("cluster CA");
     let tls = node_tls(&dir, "a@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
-    let a = Node::start("a@127.0.0.1", Some(tls.clone()));
+    let a = start("a@127.0.0.1", Some(tls.clone()));
     // A rustls client that trusts a's CA and has no certificate of its own.
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(&tls.cacertfile).unwrap();
@@ -437,7 +278,11 @@ fn a_client_without_a_certificate_is_refused_and_counted() {
     let mut buf = [0u8; 16];
     assert!(stream.read(&mut buf).is_err() || stream.read(&mut buf).unwrap_or(0) == 0);
     assert!(wait_counted(&a, 1));
-    assert!(a.host.wait_refused("tls_no_certificate"), "{}", a.host.events());
+    assert!(
+        wait_refused(&a, "tls_no_certificate"),
+        "{}",
+        a.host.events_debug()
+    );
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
@@ -451,7 +296,7 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
 fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
@@ -464,8 +309,8 @@ fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
     };
     assert!(client_handshake(&socket, &cfg, a.name()).is_err());
     assert!(wait_counted(&a, 1));
-    assert!(a.host.wait_refused("tls_plaintext"), "{}", a.host.events());
-    let log = a.host.0 .0.lock().unwrap();
+    assert!(wait_refused(&a, "tls_plaintext"), "{}", a.host.events_debug());
+    let log = a.host.log();
     assert!(log.frames.is_empty());
     assert!(!log.events.iter().any(|e| matches!(e, Event::InboundUp { .. })));
 }
@@ -474,18 +319,18 @@ fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
 fn a_tls_client_at_a_plain_text_listener_is_refused_and_counted() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
-    let p = Node::start("p@127.0.0.1", None);
+    let p = start("p@127.0.0.1", None);
     let error = a.open(&p, 1).expect_err("refused");
     assert_eq!(error.class(), "handshake", "{error:?}");
     assert!(wait_counted(&p, 1));
     // And the other way: a plain-text client at a's TLS listener.
     let error = p.open(&a, 1).expect_err("refused");
     assert_eq!(error.class(), "handshake", "{error:?}");
-    assert!(a.host.wait_refused("tls_plaintext"), "{}", a.host.events());
+    assert!(wait_refused(&a, "tls_plaintext"), "{}", a.host.events_debug());
 }
 
 #[test]
@@ -497,11 +342,11 @@ fn the_server_name_is_checked_against_the_dialed_host_unless_turned_off() {
         names: &["b.example.org"],
         expired: false,
     };
-    let b = Node::start(
+    let b = start(
         "b@127.0.0.1",
         Some(node_tls(&dir, "b@127.0.0.1", &ca, elsewhere, &[&ca])),
     );
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
@@ -510,12 +355,12 @@ fn the_server_name_is_checked_against_the_dialed_host_unless_turned_off() {
 
     let mut unchecked = node_tls(&dir, "d@127.0.0.1", &ca, LOOPBACK, &[&ca]);
     unchecked.server_name_check = false;
-    let d = Node::start("d@127.0.0.1", Some(unchecked));
+    let d = start("d@127.0.0.1", Some(unchecked));
     d.open(&b, 1).expect("names not checked");
-    d.send(b.name(), 1, b"over TLS".to_vec());
+    d.send(b.name(), 1, b"over TLS".to_vec()).expect("sent");
     assert!(b
         .host
-        .wait_for(|log| log.frames.iter().any(|(_, body)| body == b"over TLS")));
+        .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"over TLS")));
 }
 
 #[test]
@@ -526,11 +371,11 @@ fn verify_none_still_encrypts_and_connects_without_checks() {
     let mut tb = node_tls(&dir, "b@127.0.0.1", &two, LOOPBACK, &[&two]);
     ta.verify_peer = false;
     tb.verify_peer = false;
-    let a = Node::start("a@127.0.0.1", Some(ta));
-    let b = Node::start("b@127.0.0.1", Some(tb));
+    let a = start("a@127.0.0.1", Some(ta));
+    let b = start("b@127.0.0.1", Some(tb));
     a.open(&b, 1).expect("no checks");
-    a.send(b.name(), 1, b"unchecked".to_vec());
-    assert!(b.host.wait_for(|log| log.frames.len() == 1));
+    a.send(b.name(), 1, b"unchecked".to_vec()).expect("sent");
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
 }
 
 #[test]
@@ -586,11 +431,11 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
         rt: Runtime::start(config, Arc::new(host.clone())).expect("starts"),
         host,
     };
-    let b = Node::start(
+    let b = start(
         "b@127.0.0.1",
         Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
-    b.host.1.store(2, SeqCst);
+    b.host.set_delay(Duration::from_millis(2));
     a.open(&b, 1).expect("pool opens");
 
     let started = Instant::now();
@@ -616,11 +461,10 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
     })) {
         rx.recv_timeout(WAIT).expect("woken once drained");
     }
-    b.host.1.store(0, SeqCst);
-    assert!(b.host.wait_for(|log| log.frames.len() == sent as usize));
-    let log = b.host.0 .0.lock().unwrap();
-    for (seq, (_, got)) in log.frames.iter().enumerate() {
-        assert_eq!(*got, body(seq as u32, FRAME), "frame {seq}");
+    b.host.set_delay(Duration::ZERO);
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == sent as usize));
+    for (seq, frame) in b.host.log().frames.iter().enumerate() {
+        assert_eq!(frame.body, body(seq as u32, FRAME), "frame {seq}");
     }
 }
 
@@ -628,11 +472,11 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
 fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = Node::start(
+    let a = start(
         "a@127.0.0.1",
         Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
-    let b = Node::start(
+    let b = start(
         "b@127.0.0.1",
         Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
     );
@@ -645,27 +489,18 @@ fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
         b"three".to_vec(),
     ];
     for body in &bodies {
-        a.send(b.name(), 5, body.clone());
+        a.send(b.name(), 5, body.clone()).expect("sent");
     }
-    assert!(b.host.wait_for(|log| log.deferred.len() == 1));
+    assert!(b.host.wait_for(WAIT, |log| log.deferred.len() == 1));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
-        b.host.0 .0.lock().unwrap().frames.len(),
+        b.host.log().frames.len(),
         2,
         "nothing after the deferred frame yet"
     );
-    let resume = b.host.0 .0.lock().unwrap().deferred.pop().expect("deferred");
+    let resume = b.host.log().deferred.pop().expect("deferred");
     resume.finish(Ok(Delivery::Delivered));
-    assert!(b.host.wait_for(|log| log.frames.len() == bodies.len()));
-    let got: Vec<Vec<u8>> = b
-        .host
-        .0
-         .0
-        .lock()
-        .unwrap()
-        .frames
-        .iter()
-        .map(|(_, f)| f.clone())
-        .collect();
+    assert!(b.host.wait_for(WAIT, |log| log.frames.len() == bodies.len()));
+    let got: Vec<Vec<u8>> = b.host.log().frames.iter().map(|f| f.body.clone()).collect();
     assert_eq!(got, bodies);
 }
