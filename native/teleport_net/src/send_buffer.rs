@@ -28,8 +28,8 @@ pub enum SendBuffer {
 
 /// `SO_SNDBUF` that `Auto` sets on a short path.
 pub const AUTO_BYTES: usize = 512 * 1024;
-/// Longest round trip (as TCP measured it while the handshake ran) that `Auto` treats as
-/// short: 1 MiB per millisecond is 1 GB/s per connection at worst.
+/// Longest round trip (the least TCP measured while the handshake ran) that `Auto` treats
+/// as short: 1 MiB per millisecond is 1 GB/s per connection at worst.
 pub const AUTO_MAX_RTT: Duration = Duration::from_millis(1);
 
 /// Sizes `socket`'s send buffer as `policy` says (once authenticated: the handshake's
@@ -53,7 +53,9 @@ fn choose(policy: SendBuffer, rtt: impl FnOnce() -> Option<Duration>) -> Option<
     }
 }
 
-/// TCP's smoothed round-trip time for the connection (Linux `TCP_INFO`).
+/// The connection's round trip as TCP measured it (Linux `TCP_INFO`): the minimum seen,
+/// which is the path's and not a moment's queueing or a delayed ACK; the smoothed one on a
+/// kernel older than 4.6, which does not report the minimum.
 #[cfg(target_os = "linux")]
 fn round_trip(socket: &socket2::SockRef<'_>) -> Option<Duration> {
     use std::os::fd::AsRawFd;
@@ -69,7 +71,16 @@ fn round_trip(socket: &socket2::SockRef<'_>) -> Option<Duration> {
             &mut len,
         )
     };
-    (rc == 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
+    if rc != 0 {
+        return None;
+    }
+    let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
+    let micros = if has_min && info.tcpi_min_rtt != 0 {
+        info.tcpi_min_rtt
+    } else {
+        info.tcpi_rtt
+    };
+    Some(Duration::from_micros(u64::from(micros)))
 }
 
 /// Elsewhere the round trip is not read: `Auto` leaves the buffer to the kernel.
