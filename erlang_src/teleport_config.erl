@@ -2,7 +2,7 @@
 %%
 %% <table>
 %% <tr><th>Key</th><th>Default</th><th>Meaning</th></tr>
-%% <tr><td>`pool_size'</td><td>2</td><td>connections per peer node, each one way (ours to the peer; the peer's pool carries the other way). A sender's messages always take one connection; the connections share the node's I/O threads, so more of them than I/O threads add queues, not parallelism (the ring benchmark: 2.05x disterl at 2 against 1.95x at 4, median, one I/O thread). Each costs a descriptor at each end, no thread (a 50-node cluster at 2: 196 descriptors per node)</td></tr>
+%% <tr><td>`pool_size'</td><td>2</td><td>connections per peer node, each one way (ours to the peer; the peer's pool carries the other way). A sender's messages always take one connection; the connections share the node's I/O threads, so more of them than I/O threads add queues, not parallelism (the ring benchmark, one I/O thread, teleport's mean trip: 0.36-0.38 s at 1, 0.37-0.39 s at 2, 0.35 s at 4, interleaved in one run). Each costs a descriptor at each end, no thread (a 50-node cluster at 2: 196 descriptors per node)</td></tr>
 %% <tr><td>`io_threads'</td><td>`auto': a quarter of the schedulers online, at least 1, at most 16</td><td>threads that read and write every teleport socket of this node, whatever the number of peers and connections</td></tr>
 %% <tr><td>`listen_ip'</td><td>`{0,0,0,0}'</td><td>address the listener binds</td></tr>
 %% <tr><td>`listen_port'</td><td>`0' (any)</td><td>port the listener binds</td></tr>
