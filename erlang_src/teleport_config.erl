@@ -8,7 +8,7 @@
 %% <tr><td>`listen_port'</td><td>`0' (any)</td><td>port the listener binds</td></tr>
 %% <tr><td>`max_frame_bytes'</td><td>512 MiB</td><td>largest encoded message sent or accepted</td></tr>
 %% <tr><td>`send_queue_bytes'</td><td>64 MiB</td><td>per connection; past it senders wait</td></tr>
-%% <tr><td>`sndbuf'</td><td>`auto'</td><td>the kernel send buffer (`SO_SNDBUF', as inet's `sndbuf') of each connection this node dials. `auto' (Linux; elsewhere as `kernel'): 512 KiB on a connection whose round trip, as TCP measured it during the handshake, is under 1 ms, else as `kernel'. A peer's kernel does not acknowledge bytes its reader has not read, so this bounds what waits unread at the peer: on loopback with many busy connections it then stays in the CPU caches (the ring's mean trip 0.31-0.36 s against 0.44-0.46 s under `kernel'); it also caps a connection at about 1 MiB per round trip (1 GB/s at 1 ms), hence only on short paths. `kernel': never set (Linux grows it up to `net.ipv4.tcp_wmem''s maximum). Bytes (at least 4096): always that much (the kernel doubles it and caps it at `net.core.wmem_max'). `teleport:stats/1' shows each outbound connection's `send_buffer' as the kernel reports it</td></tr>
+%% <tr><td>`sndbuf'</td><td>`auto'</td><td>the kernel send buffer (`SO_SNDBUF', as inet's `sndbuf') of each connection this node dials. `auto' (Linux; elsewhere as `kernel'): 512 KiB on a connection whose round trip, as TCP measured it during the handshake, is under 1 ms, else as `kernel'. A peer's kernel does not acknowledge bytes its reader has not read, so this bounds what waits unread at the peer: on loopback with many busy connections it then stays in the CPU caches (the ring's mean trip 0.31-0.36 s against 0.44-0.46 s under `kernel'); it also caps a connection at about 1 MiB per round trip (1 GB/s at 1 ms), hence only on short paths. `kernel': never set (Linux grows it up to `net.ipv4.tcp_wmem''s maximum). Bytes (at least 65536): always that much (the kernel doubles it and caps it at `net.core.wmem_max'). `teleport:stats/1' shows each outbound connection's `send_buffer' as the kernel reports it</td></tr>
 %% <tr><td>`connect_timeout'</td><td>5000 ms</td><td>TCP connect to a peer</td></tr>
 %% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
@@ -74,7 +74,9 @@ validate(max_frame_bytes, N) when is_integer(N), N >= 1024, N =< 16#FFFFFFFF -> 
 validate(send_queue_bytes, N) when is_integer(N), N >= 1024 -> N;
 validate(sndbuf, auto) -> auto;
 validate(sndbuf, kernel) -> kernel;
-validate(sndbuf, N) when is_integer(N), N >= 4096, N =< 1 bsl 30 -> N;
+%% Below 64 KiB a loopback sender stalls: one segment can be 64 KiB, and the peer's
+%% delayed ACK (up to 40 ms) is then all that frees the buffer.
+validate(sndbuf, N) when is_integer(N), N >= 65536, N =< 1 bsl 30 -> N;
 validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
 validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
 validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;

@@ -34,6 +34,7 @@ io_threads_test() ->
 
 sndbuf_test() ->
     check_setting(sndbuf, auto, kernel, 1024),
+    check_setting(sndbuf, auto, 65536, 65535),
     check_setting(sndbuf, auto, 262144, big).
 
 io_chunk_test() ->

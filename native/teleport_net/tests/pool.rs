@@ -12,7 +12,7 @@ use teleport_net::faults::{self, Point};
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
     CloseReason, Config, ConnDirection, ConnStatsSnapshot, Delivery, Detail, Event, FrameKind, OpenError,
-    OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
+    OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendBuffer, SendError, Sent,
 };
 
 mod nodes;
@@ -1010,13 +1010,21 @@ fn stop_closes_pending_handshakes() {
 
 /// Frames just under the direct-write size, several senders on one connection and a
 /// slow reader: the socket buffer fills, so direct writes are cut short and the writer
-/// must finish each one before anything else. Every frame must arrive whole, in order.
+/// must finish each one before anything else. Every frame must arrive whole, in order,
+/// whatever the send buffer: the smallest `sndbuf` the Erlang side accepts, `auto`'s, or
+/// the kernel's.
 #[test]
 fn direct_writes_cut_short_keep_frames_whole_and_ordered() {
+    for sndbuf in [SendBuffer::Bytes(64 * 1024), SendBuffer::Auto, SendBuffer::Kernel] {
+        direct_writes_cut_short(sndbuf);
+    }
+}
+
+fn direct_writes_cut_short(sndbuf: SendBuffer) {
     const KEYS: u64 = 3;
     const PER_KEY: u64 = 150;
     const FRAME: usize = 60 * 1024;
-    let (a, b) = (Node::start(A), Node::start(B));
+    let (a, b) = (Node::start_with(A, |c| c.sndbuf = sndbuf), Node::start(B));
     b.host.set_delay(Duration::from_millis(1));
     a.open(&b, 1).expect("pool opens");
 
@@ -1037,7 +1045,7 @@ fn direct_writes_cut_short_keep_frames_whole_and_ordered() {
     let total = (KEYS * PER_KEY) as usize;
     assert!(
         b.host.wait_for(WAIT, |log| log.frames.len() >= total),
-        "not all frames arrived"
+        "not all frames arrived ({sndbuf:?})"
     );
     let mut next = [0u64; KEYS as usize];
     for frame in &b.host.log().frames {
