@@ -178,6 +178,10 @@ pub(crate) fn ended_early(thread: &str) -> String {
 /// A stable name for an i/o error, as Erlang's inet names them (`econnrefused`,
 /// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream.
 pub fn io_reason(e: &io::Error) -> &'static str {
+    // A TLS failure keeps its own name (`tls_unknown_ca`, ...).
+    if let Some(name) = crate::tls::failure_reason(e) {
+        return name;
+    }
     if let Some(name) = e.raw_os_error().and_then(errno_name) {
         return name;
     }

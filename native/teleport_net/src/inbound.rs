@@ -244,11 +244,15 @@ trait Receive {
     const CAN_PEEK: bool;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Puts the socket in delayed-ACK mode for the bytes the next peek finds.
-    fn delay_acks(&mut self);
+    fn delay_acks(&mut self) {}
     /// Copies queued bytes into `buf` and leaves them queued; `WouldBlock` when empty.
-    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Drops `n` queued bytes (already peeked).
-    fn discard(&mut self, n: usize) -> io::Result<()>;
+    fn discard(&mut self, _n: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Whether received bytes are parsed where they already are (`fill`, `consume`:
     /// decrypted TLS records), not copied into the reader's buffer first.
     const BUFFERED: bool = false;
@@ -278,13 +282,6 @@ impl Receive for TlsReceive<'_> {
     }
     fn consume(&mut self, n: usize) {
         self.tls.consume_plain(n)
-    }
-    fn delay_acks(&mut self) {}
-    fn peek(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-    fn discard(&mut self, _n: usize) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -401,10 +398,7 @@ fn would_block(e: io::Error) -> Result<ReadTurn, CloseReason> {
         io::ErrorKind::WouldBlock => Ok(ReadTurn::Drained),
         // Read again at the next turn.
         io::ErrorKind::Interrupted => Ok(ReadTurn::More),
-        _ => Err(match crate::tls::failure_reason(&e) {
-            Some(reason) => CloseReason::Io(reason),
-            None => CloseReason::io(&e),
-        }),
+        _ => Err(CloseReason::io(&e)),
     }
 }
 

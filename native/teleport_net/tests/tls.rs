@@ -102,6 +102,12 @@ fn start(name: &str, tls: Option<TlsConfig>) -> Node {
     Node::start_hosted(name, TestHost::with_own_buffers(), |config| config.tls = tls)
 }
 
+/// A node of a cluster with one CA: its certificate is signed by `ca` and names the
+/// loopback, and it trusts `ca` alone.
+fn start_trusting(dir: &Dir, name: &str, ca: &Ca) -> Node {
+    start(name, Some(node_tls(dir, name, ca, LOOPBACK, &[ca])))
+}
+
 /// Waits for the listener's event for a refusal for `reason`.
 fn wait_refused(node: &Node, reason: &str) -> bool {
     node.host
@@ -143,14 +149,8 @@ fn body(seq: u32, len: usize) -> Vec<u8> {
 fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
-    let b = start(
-        "b@127.0.0.1",
-        Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
+    let b = start_trusting(&dir, "b@127.0.0.1", &ca);
     a.open(&b, 2).expect("a -> b over TLS");
     b.open(&a, 2).expect("b -> a over TLS");
 
@@ -193,10 +193,7 @@ fn pools_over_tls_carry_small_and_large_frames_in_order_both_ways() {
 /// both, so only a's check can refuse.
 fn ours_and_theirs(dir: &Dir) -> (Node, Node) {
     let (ours, theirs) = (ca("ours"), ca("theirs"));
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(dir, "a@127.0.0.1", &ours, LOOPBACK, &[&ours])),
-    );
+    let a = start_trusting(dir, "a@127.0.0.1", &ours);
     let c = start(
         "c@127.0.0.1",
         Some(node_tls(dir, "c@127.0.0.1", &theirs, LOOPBACK, &[&ours, &theirs])),
@@ -231,10 +228,7 @@ fn a_client_from_another_ca_is_refused_and_counted() {
 fn an_expired_client_certificate_is_refused_and_counted() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
     let old = Leaf {
         expired: true,
         ..LOOPBACK
@@ -296,10 +290,7 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
 fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
     // A teleport client without TLS, with the right cookie.
     let socket = TcpStream::connect(a.addr()).unwrap();
     let cfg = HandshakeConfig {
@@ -319,10 +310,7 @@ fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
 fn a_tls_client_at_a_plain_text_listener_is_refused_and_counted() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
     let p = start("p@127.0.0.1", None);
     let error = a.open(&p, 1).expect_err("refused");
     assert_eq!(error.class(), "handshake", "{error:?}");
@@ -346,10 +334,7 @@ fn the_server_name_is_checked_against_the_dialed_host_unless_turned_off() {
         "b@127.0.0.1",
         Some(node_tls(&dir, "b@127.0.0.1", &ca, elsewhere, &[&ca])),
     );
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
     assert_eq!(handshake_reason(a.open(&b, 1)), "tls_bad_hostname");
     assert!(wait_counted(&b, 1));
 
@@ -431,10 +416,7 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
         rt: Runtime::start(config, Arc::new(host.clone())).expect("starts"),
         host,
     };
-    let b = start(
-        "b@127.0.0.1",
-        Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let b = start_trusting(&dir, "b@127.0.0.1", &ca);
     b.host.set_delay(Duration::from_millis(2));
     a.open(&b, 1).expect("pool opens");
 
@@ -472,14 +454,8 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
 fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
     let dir = Dir::new();
     let ca = ca("cluster CA");
-    let a = start(
-        "a@127.0.0.1",
-        Some(node_tls(&dir, "a@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
-    let b = start(
-        "b@127.0.0.1",
-        Some(node_tls(&dir, "b@127.0.0.1", &ca, LOOPBACK, &[&ca])),
-    );
+    let a = start_trusting(&dir, "a@127.0.0.1", &ca);
+    let b = start_trusting(&dir, "b@127.0.0.1", &ca);
     a.open(&b, 1).expect("pool opens");
     let bodies: Vec<Vec<u8>> = vec![
         b"one".to_vec(),

@@ -263,14 +263,6 @@ fn io_or_tls(e: io::Error) -> HandshakeError {
     }
 }
 
-/// Why a connection whose TLS failed after the handshakes closes.
-pub(super) fn close_io(e: &io::Error) -> CloseReason {
-    match tls::failure_reason(e) {
-        Some(reason) => CloseReason::Io(reason),
-        None => CloseReason::io(e),
-    }
-}
-
 /// What a step asks of the thread besides going on.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Next {
@@ -489,7 +481,7 @@ pub(super) fn outbound_readable(conn: &mut Conn) -> Result<Next, End> {
             Ok(_) => Err(End::Close(CloseReason::UnexpectedData)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Next::Wait),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(End::Close(close_io(&e))),
+            Err(e) => Err(End::Close(CloseReason::io(&e))),
         };
     }
 }
@@ -515,7 +507,7 @@ pub(super) fn outbound_flush(conn: &mut Conn, bulk: &mut bool) -> Result<Next, E
             .and_then(|_| connection.flush_to(TURN_BYTES, &mut tls.writer(&conn.socket))),
         None => connection.flush(TURN_BYTES),
     };
-    let (flushed, written) = flushed.map_err(|e| End::Close(close_io(&e)))?;
+    let (flushed, written) = flushed.map_err(|e| End::Close(CloseReason::io(&e)))?;
     *bulk |= written > BULK_BYTES;
     Ok(match flushed {
         Flushed::More => Next::Again,
