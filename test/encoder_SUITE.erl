@@ -19,6 +19,13 @@
 %%%     (written out per release); teleport's decoder reads each atom in all four
 %%%     forms (ATOM_EXT, SMALL_ATOM_EXT and the UTF-8 pair) whatever the
 %%%     release, as peers of other releases send them.</li>
+%%% <li>`every_term_type': the term types the encoder tells apart are exactly
+%%%     those this release's erl_nif.h names (a release that adds one fails
+%%%     here), and a term of every type the release can make, OTP 29's native
+%%%     records included (the NIF API has no type for them: they must reach the
+%%%     VM's own encoder, never `enif_term_type', which aborts on them), encodes
+%%%     byte-identical to `term_to_binary/1', with and without the tag reading,
+%%%     and crosses teleport `=:='.</li>
 %%% <li>`random_terms_match_term_to_binary': ~4,000 terms from decoder_SUITE's
 %%%     seeded generator (every type, nested): each encodes to an iolist of
 %%%     binaries whose concatenation is byte-identical to `term_to_binary/1'
@@ -54,7 +61,7 @@
 
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
--export([probe/1, atom_forms/1, random_terms_changed_layout/1]).
+-export([probe/1, atom_forms/1, every_term_type/1, random_terms_changed_layout/1]).
 -export([random_terms_match_term_to_binary/1, random_terms_without_tags/1, deep_nesting/1,
          long_lists/1, improper_lists_and_strings/1, large_binaries_are_referenced/1,
          scheduling/1, sends_arrive/1]).
@@ -70,7 +77,7 @@ suite() ->
     [{timetrap, {minutes, 10}}].
 
 all() ->
-    [probe, atom_forms, random_terms_match_term_to_binary, random_terms_without_tags,
+    [probe, atom_forms, every_term_type, random_terms_match_term_to_binary, random_terms_without_tags,
      random_terms_changed_layout, deep_nesting, long_lists,
      improper_lists_and_strings, large_binaries_are_referenced, scheduling, sends_arrive].
 
@@ -194,6 +201,36 @@ all_forms(A) ->
 random_terms_match_term_to_binary(Config) ->
     Terms = random_terms(Config, ?RANDOM_TERMS),
     report(check_terms(Terms)).
+
+every_term_type(Config) ->
+    Release = list_to_integer(erlang:system_info(otp_release)),
+    Known = lists:sort(maps:get(term_types, teleport_nif:encoder_info())),
+    Header = filename:join([code:root_dir(), "usr", "include", "erl_nif.h"]),
+    {ok, Text} = file:read_file(Header),
+    {match, Names} = re:run(Text, "ERL_NIF_TERM_TYPE_([A-Z]+) *=",
+                            [global, {capture, all_but_first, list}]),
+    Named = lists:usort([list_to_atom(string:lowercase(Name)) || [Name] <- Names]),
+    ct:pal("OTP ~b: erl_nif.h names ~p; the encoder tells apart ~p", [Release, Named, Known]),
+    ?assertEqual(Named, Known),
+    Examples = teleport_test_terms:every_type(),
+    Types = lists:usort([Type || {Type, _} <- Examples]),
+    %% The NIF API's types, plus native records exactly where the release has them.
+    ?assertEqual(lists:sort(Known ++ [native_record || Release >= 29]), Types),
+    Terms = [T || {_, T} <- Examples],
+    [?assert(identical(teleport_nif:encode(T), T), {Type, T}) || {Type, T} <- Examples],
+    report(erpc:call(?config(plain_node, Config), ?MODULE, check_terms, [Terms], ?RPC_TIMEOUT)),
+    {ok, Echo} = teleport_test_peer:start_echo(?config(node, Config), self()),
+    [begin
+         Tag = make_ref(),
+         ok = teleport:send(Echo, {Tag, T}),
+         receive
+             {teleport_ct_echo, Echo, {Tag, Got}} -> ?assert(Got =:= T, {Type, T});
+             {teleport_ct_echo_error, Echo, Error} -> ct:fail({echo_error, Type, Error})
+         after ?MSG_TIMEOUT ->
+             ct:fail({not_echoed, Type, T})
+         end
+     end || {Type, T} <- Examples],
+    ok.
 
 random_terms_without_tags(Config) ->
     Node = ?config(plain_node, Config),

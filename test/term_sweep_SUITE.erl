@@ -34,7 +34,9 @@
 %%% (tuples, lists, strings, improper lists, deep nesting), `binaries' (every
 %%% size rule of the encoder and the decoder, bitstrings, sub-binaries, 100 MiB),
 %%% `scalars' (integers, bignums, floats, atoms), `identifiers' (pids, refs,
-%%% ports, funs, a mix of everything) and `frame_limit' (peers with
+%%% ports, funs, a mix of everything), `records' (OTP 29's native records, which
+%%% the NIF API has no type for: the VM encodes and decodes them, whole) and
+%%% `frame_limit' (peers with
 %%% `max_frame_bytes' 4 MiB). One summary line per case and per group.
 %%%
 %%% Size rules the steps straddle (see native/teleport_nif/src):
@@ -66,6 +68,7 @@
 -module(term_sweep_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
 
 -export([suite/0, all/0, groups/0,
          init_per_suite/1, end_per_suite/1,
@@ -76,7 +79,7 @@
          tuples/1, lists/1, strings/1, improper_lists/1, deep_nesting/1,
          binary_sizes/1, binary_frame_rules/1, sub_binaries/1, bitstrings/1, binary_100mib/1,
          integers/1, bignums/1, floats/1, atoms/1,
-         pids/1, refs/1, ports/1, funs/1, mixed/1,
+         pids/1, refs/1, ports/1, funs/1, mixed/1, native_records/1,
          max_frame_bytes/1]).
 
 %% Run on the peers.
@@ -100,7 +103,7 @@ suite() ->
 
 all() ->
     [{group, maps}, {group, maps_on_scheduler}, {group, sequences}, {group, binaries},
-     {group, scalars}, {group, identifiers}, {group, frame_limit}].
+     {group, scalars}, {group, identifiers}, {group, records}, {group, frame_limit}].
 
 groups() ->
     [{maps, [], [map_sizes_integer_keys, map_key_kinds, maps_nested]},
@@ -112,6 +115,7 @@ groups() ->
      {binaries, [], [binary_sizes, binary_frame_rules, sub_binaries, bitstrings, binary_100mib]},
      {scalars, [], [integers, bignums, floats, atoms]},
      {identifiers, [], [pids, refs, ports, funs, mixed]},
+     {records, [], [native_records]},
      {frame_limit, [], [max_frame_bytes]}].
 
 init_per_suite(Config) ->
@@ -309,6 +313,31 @@ bitstrings(Config) ->
 
 binary_100mib(Config) ->
     sweep(Config, [step("binary of 100 MiB", {det, bin, 100 bsl 20})]).
+
+%%====================================================================
+%% records
+%%====================================================================
+
+native_records(Config) ->
+    Release = list_to_integer(erlang:system_info(otp_release)),
+    case teleport_test_terms:native_records() of
+        false ->
+            %% Nothing to send: a release that makes them must run the steps.
+            ?assert(Release < 29),
+            {comment, "no native records before OTP 29"};
+        true ->
+            sweep(Config,
+                  [step("empty native record", {det, record, empty}),
+                   step("exported record of 3 fields", {det, record, point}),
+                   step("record of 1000 fields", {det, record, {fields, 1000}}),
+                   step("record holding a 10 MiB binary", {det, record, {binary, 10 bsl 20}}),
+                   step("{record, 20 MiB binary beside it}", {det, record, {beside, 20 bsl 20}}),
+                   step("list of 10^4 records (over the I/O thread's step limit)",
+                        {det, record, {list, 10000}}),
+                   step("records nested 10^5 deep", {det, record, {deep, 100000}}),
+                   step("records as keys and values of a 100-key map", {det, record, {map, 100}}),
+                   step("record holding a pid, a ref and a fun", {ctx, record_of_identifiers})])
+    end.
 
 %%====================================================================
 %% scalars
@@ -758,6 +787,23 @@ build({det, Name, Args}, Seq, _Ctx) ->
 build({ctx, Name}, _Seq, Ctx) ->
     ctx(Name, Ctx).
 
+det(record, empty, _) ->
+    teleport_test_terms:record(sweep, empty, []);
+det(record, point, _) ->
+    teleport_test_terms:record(sweep, point, true, [{x, 1}, {y, -2.5}, {tag, <<"a">>}]);
+det(record, {fields, N}, _) ->
+    teleport_test_terms:record(sweep, wide, [{key(atom, I), I} || I <- lists:seq(1, N)]);
+det(record, {binary, Size}, _) ->
+    teleport_test_terms:record(sweep, blob, [{id, 1}, {payload, bytes(Size, 1)}]);
+det(record, {beside, Size}, Seq) ->
+    {det(record, point, Seq), bytes(Size, 2)};
+det(record, {list, N}, _) ->
+    [teleport_test_terms:record(sweep, item, [{n, I}, {half, I div 2}]) || I <- lists:seq(1, N)];
+det(record, {deep, N}, _) ->
+    teleport_test_terms:nested_records(N);
+det(record, {map, N}, _) ->
+    maps:from_list([{teleport_test_terms:record(sweep, k, [{i, I}]),
+                     teleport_test_terms:record(sweep, v, [{i, I}])} || I <- lists:seq(1, N)]);
 det(map, {Kind, N}, _) ->
     maps:from_list([{key(Kind, I), I} || I <- lists:seq(1, N)]);
 det(list_of_maps, {Count, Keys}, _) ->
@@ -913,6 +959,9 @@ ctx(receiver_port, #{receiver_port := P}) -> P;
 ctx(third_port, #{third_port := P}) -> P;
 ctx(all_ports, Ctx) ->
     [ctx(K, Ctx) || K <- [sender_port, receiver_port, third_port]];
+ctx(record_of_identifiers, Ctx) ->
+    teleport_test_terms:record(sweep, ids, [{pid, ctx(sender_pid, Ctx)}, {ref, ctx(sender_ref, Ctx)},
+                                            {'fun', ctx({local_fun, small}, Ctx)}]);
 ctx(external_fun, _) -> fun lists:reverse/1;
 ctx({local_fun, none}, _) -> fun(X) -> X + 1 end;
 ctx({local_fun, small}, _) ->

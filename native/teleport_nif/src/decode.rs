@@ -54,6 +54,9 @@ pub struct TermDecoder {
     state: BuilderState,
     /// Refuse the terms this VM cannot build off a scheduler (see the module doc).
     off_scheduler_safe_only: bool,
+    /// Made for a thread that is not a scheduler: what needs one is refused with
+    /// `NeedsScheduler`.
+    off_scheduler: bool,
 }
 
 /// `BuilderState::terms` kept between frames up to this many entries (512 KiB).
@@ -88,6 +91,7 @@ impl TermDecoder {
         TermDecoder {
             reader: Reader::with_step_limit(OFF_SCHEDULER_STEPS),
             off_scheduler_safe_only: defer_hash_maps,
+            off_scheduler: true,
             ..TermDecoder::default()
         }
     }
@@ -104,7 +108,13 @@ impl TermDecoder {
             state: &mut self.state,
             off_scheduler_safe_only: self.off_scheduler_safe_only,
         };
-        let decoded = self.reader.read(&mut builder, source.bytes);
+        let decoded = match self.reader.read(&mut builder, source.bytes) {
+            // A tag the parser does not know (a term type newer than this code): the
+            // VM may, so the whole frame goes to its own decoder, on a scheduler.
+            Err(ReadError::UnsupportedTag(_)) if self.off_scheduler => Err(ReadError::NeedsScheduler),
+            Err(ReadError::UnsupportedTag(tag)) => builder.whole(tag),
+            other => other,
+        };
         // One huge map must not pin its arrays for the connection's life.
         if self.state.terms.capacity() > TERMS_KEEP {
             self.state.terms = Vec::new();
@@ -250,12 +260,32 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         scratch.clear();
         scratch.push(VERSION);
         scratch.extend_from_slice(bytes);
-        let mut term: ERL_NIF_TERM = ERL_NIF_TERM::default();
-        // Trusted (atoms may be created): only authenticated peers get here.
-        let used = unsafe { enif_binary_to_term(self.env, scratch.as_ptr(), scratch.len(), &mut term, 0) };
-        if used != scratch.len() {
-            return Err(ReadError::Refused(bytes.first().copied().unwrap_or(0)));
-        }
-        Ok(term)
+        let tag = bytes.first().copied().unwrap_or(0);
+        // SAFETY: the scratch buffer is this builder's own; `env` as for the builder.
+        unsafe { vm_decode(self.env, scratch, tag) }
     }
+}
+
+impl EnvBuilder<'_, '_> {
+    /// The whole input decoded by the VM (`tag`: the first one the parser did not
+    /// know). Copies every binary: for terms only the VM knows.
+    fn whole(&mut self, tag: u8) -> Result<ERL_NIF_TERM, ReadError> {
+        // SAFETY: `env` as for the builder; the source's bytes outlive the call.
+        unsafe { vm_decode(self.env, self.source.bytes, tag) }
+    }
+}
+
+/// `enif_binary_to_term` of one whole external term (version byte first); what it
+/// cannot build is `Refused(tag)`. Trusted (atoms may be created): only authenticated
+/// peers get here.
+///
+/// # Safety
+/// `env` must be a valid env for this thread.
+unsafe fn vm_decode(env: *mut ErlNifEnv, bytes: &[u8], tag: u8) -> Result<ERL_NIF_TERM, ReadError> {
+    let mut term: ERL_NIF_TERM = ERL_NIF_TERM::default();
+    let used = enif_binary_to_term(env, bytes.as_ptr(), bytes.len(), &mut term, 0);
+    if used != bytes.len() {
+        return Err(ReadError::Refused(tag));
+    }
+    Ok(term)
 }

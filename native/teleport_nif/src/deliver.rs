@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use rustler::env::OwnedEnv;
 use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary, ErlNifEnv, ErlNifPid};
 use rustler::types::LocalPid;
-use rustler::{Atom, Encoder, Env, OwnedBinary, Resource, ResourceArc, Term, TermType};
+use rustler::{Atom, Encoder, Env, OwnedBinary, Resource, ResourceArc, Term};
 use teleport_net::etf::read::ReadError;
 use teleport_net::{BodyBuffer, Deferral, Delivery, FrameHandler, FrameKind, Resume};
 
@@ -274,16 +274,20 @@ fn decode_and_deliver(
 }
 
 fn deliver(env: Env, caller_env: *mut ErlNifEnv, dest: Term, msg: Term) -> Result<Delivery, ReadError> {
-    let pid = match dest.get_type() {
-        TermType::Pid => match dest.decode::<LocalPid>() {
+    // Type tests, not `get_type`: that aborts the VM on a type newer than the NIF API
+    // (a peer may send any term, an OTP 29 native record among them).
+    let pid = if dest.is_pid() {
+        match dest.decode::<LocalPid>() {
             Ok(pid) => pid,
             Err(_) => return Ok(Delivery::Undeliverable("not_a_local_pid")),
-        },
-        TermType::Atom => match whereis(caller_env, dest) {
+        }
+    } else if dest.is_atom() {
+        match whereis(caller_env, dest) {
             Some(pid) => pid,
             None => return Ok(Delivery::Undeliverable("noproc")),
-        },
-        _ => return Err(ReadError::Malformed("destination is neither a pid nor an atom")),
+        }
+    } else {
+        return Err(ReadError::Malformed("destination is neither a pid nor an atom"));
     };
     Ok(send_to(env, caller_env, pid, msg))
 }

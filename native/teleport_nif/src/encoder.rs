@@ -26,11 +26,12 @@ use std::sync::OnceLock;
 
 use rustler::sys::{
     enif_alloc_env, enif_free_env, enif_get_atom, enif_get_double, enif_get_int64, enif_get_list_cell,
-    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_make_atom_len,
-    enif_make_copy, enif_make_list_from_array, enif_map_iterator_create, enif_map_iterator_destroy,
-    enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev, enif_release_binary,
-    enif_system_info, enif_term_to_binary, enif_term_type, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
-    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm, ErlNifTermType,
+    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_is_atom, enif_is_binary,
+    enif_is_list, enif_is_map, enif_is_number, enif_is_pid, enif_is_port, enif_is_ref, enif_is_tuple,
+    enif_make_atom_len, enif_make_copy, enif_make_list_from_array, enif_map_iterator_create,
+    enif_map_iterator_destroy, enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev,
+    enif_release_binary, enif_system_info, enif_term_to_binary, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
+    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm,
 };
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use teleport_net::etf::write::{self as w, Body};
@@ -239,7 +240,15 @@ struct Walker {
 enum Visit {
     Written,
     /// A non-empty list, a tuple or a map, of this type: `open` it.
-    Compound(ErlNifTermType),
+    Compound(Compound),
+}
+
+#[derive(Clone, Copy)]
+enum Compound {
+    Tuple,
+    /// Non-empty.
+    List,
+    Map,
 }
 
 impl Walker {
@@ -378,7 +387,7 @@ impl Walker {
                 return Ok(Visit::Written);
             }
             if tags::is_list_cell(term) {
-                return Ok(Visit::Compound(ErlNifTermType::ERL_NIF_TERM_TYPE_LIST));
+                return Ok(Visit::Compound(Compound::List));
             }
         }
         self.other(term)
@@ -394,36 +403,49 @@ impl Walker {
         (enif_get_int64(self.env, term, &mut i) != 0).then_some(i)
     }
 
+    /// Everything but small integers (and, with the tags, atoms and list cells).
+    ///
+    /// Never `enif_term_type`: asked about a term of a type newer than the NIF API it
+    /// was built for (OTP 29's native records, for one), it aborts the VM. The type
+    /// tests below each answer for one type and are false for any other, so a term
+    /// that none of them claims, whatever its type, goes to the VM's own encoder.
     #[inline(never)]
     unsafe fn other(&mut self, term: ErlNifTerm) -> Result<Visit, Stop> {
         let env = self.env;
-        match enif_term_type(env, term) {
-            ErlNifTermType::ERL_NIF_TERM_TYPE_LIST if term == self.nil => w::nil(self.body.buf()),
-            ty @ (ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE
-            | ErlNifTermType::ERL_NIF_TERM_TYPE_LIST
-            | ErlNifTermType::ERL_NIF_TERM_TYPE_MAP) => return Ok(Visit::Compound(ty)),
-            ErlNifTermType::ERL_NIF_TERM_TYPE_ATOM => self.atom(term)?,
-            ErlNifTermType::ERL_NIF_TERM_TYPE_BITSTRING => self.binary(term)?,
-            ErlNifTermType::ERL_NIF_TERM_TYPE_FLOAT => {
-                let mut f = 0.0;
-                enif_get_double(env, term, &mut f);
+        if enif_is_tuple(env, term) != 0 {
+            return Ok(Visit::Compound(Compound::Tuple));
+        }
+        if enif_is_binary(env, term) != 0 {
+            self.binary(term)?;
+        } else if enif_is_list(env, term) != 0 {
+            if term == self.nil {
+                w::nil(self.body.buf());
+            } else {
+                return Ok(Visit::Compound(Compound::List));
+            }
+        } else if enif_is_map(env, term) != 0 {
+            return Ok(Visit::Compound(Compound::Map));
+        } else if enif_is_atom(env, term) != 0 {
+            self.atom(term)?;
+        } else if enif_is_number(env, term) != 0 {
+            let (mut f, mut i, mut u) = (0.0, 0i64, 0u64);
+            if enif_get_double(env, term, &mut f) != 0 {
                 w::float(self.body.buf(), f);
+            } else if enif_get_int64(env, term, &mut i) != 0 {
+                w::int(self.body.buf(), i);
+            } else if enif_get_uint64(env, term, &mut u) != 0 {
+                w::uint(self.body.buf(), u);
+            } else {
+                // A bignum: its size is not known before it is encoded.
+                self.piece(term, true)?;
             }
-            ErlNifTermType::ERL_NIF_TERM_TYPE_INTEGER => {
-                let (mut i, mut u) = (0i64, 0u64);
-                if enif_get_int64(env, term, &mut i) != 0 {
-                    w::int(self.body.buf(), i);
-                } else if enif_get_uint64(env, term, &mut u) != 0 {
-                    w::uint(self.body.buf(), u);
-                } else {
-                    // A bignum: its size is not known before it is encoded.
-                    self.piece(term, true)?;
-                }
-            }
-            // A fun's size is that of what it captured, unknown before it is encoded.
-            ErlNifTermType::ERL_NIF_TERM_TYPE_FUN => self.piece(term, true)?,
-            // Pids, ports and references: small.
-            _ => self.piece(term, false)?,
+        } else if enif_is_pid(env, term) != 0 || enif_is_port(env, term) != 0 || enif_is_ref(env, term) != 0 {
+            // Small.
+            self.piece(term, false)?;
+        } else {
+            // A fun (its size is that of what it captured), a bitstring, or a type
+            // this NIF API does not know: all of unknown size.
+            self.piece(term, true)?;
         }
         Ok(Visit::Written)
     }
@@ -431,9 +453,9 @@ impl Walker {
     /// Writes a compound term's header and its leading scalar children. At its first
     /// compound child it pushes a frame for the rest, from that child on, and returns
     /// false; true if it wrote all of it.
-    unsafe fn open(&mut self, term: ErlNifTerm, ty: ErlNifTermType) -> Result<bool, Stop> {
+    unsafe fn open(&mut self, term: ErlNifTerm, ty: Compound) -> Result<bool, Stop> {
         match ty {
-            ErlNifTermType::ERL_NIF_TERM_TYPE_TUPLE => {
+            Compound::Tuple => {
                 let (mut arity, mut elems): (c_int, *const ErlNifTerm) = (0, ptr::null());
                 enif_get_tuple(self.env, term, &mut arity, &mut elems);
                 let arity = arity.max(0) as usize;
@@ -449,8 +471,8 @@ impl Walker {
                 }
                 Ok(true)
             }
-            ErlNifTermType::ERL_NIF_TERM_TYPE_LIST => self.list(term),
-            _ => self.map(term),
+            Compound::List => self.list(term),
+            Compound::Map => self.map(term),
         }
     }
 
@@ -737,10 +759,29 @@ pub fn large_map_bug() -> bool {
     })
 }
 
+/// The term types `Walker::other` tells apart by the NIF API's type tests: those of
+/// `ErlNifTermType` (as erl_nif.h names them, lower case). A term of any other type is
+/// encoded by the VM. encoder_SUITE checks this list against the running release's
+/// erl_nif.h, so a release that names a new type shows up there.
+const KNOWN_TYPES: [&str; 11] = [
+    "atom",
+    "bitstring",
+    "float",
+    "fun",
+    "integer",
+    "list",
+    "map",
+    "pid",
+    "port",
+    "reference",
+    "tuple",
+];
+
 /// What the encoder found out about this VM, for tests and logs:
 /// `#{tags => on | off | probe_failed, atoms => latin1 | utf8 | vm, word_bits => 64,
-/// large_maps => reader | scheduler}` (the last: where arriving maps over 32 keys are
-/// built with `decode_on_scheduler` auto, see `large_map_bug`).
+/// large_maps => reader | scheduler, term_types => [atom()]}` (`large_maps`: where
+/// arriving maps over 32 keys are built with `decode_on_scheduler` auto, see
+/// `large_map_bug`; `term_types`: `KNOWN_TYPES`).
 #[rustler::nif]
 fn encoder_info(env: Env<'_>) -> NifResult<Term<'_>> {
     let pairs = [
@@ -750,6 +791,14 @@ fn encoder_info(env: Env<'_>) -> NifResult<Term<'_>> {
         (
             "large_maps",
             Atom::from_str(env, if large_map_bug() { "scheduler" } else { "reader" })?.encode(env),
+        ),
+        (
+            "term_types",
+            KNOWN_TYPES
+                .iter()
+                .map(|name| Atom::from_str(env, name))
+                .collect::<NifResult<Vec<_>>>()?
+                .encode(env),
         ),
     ];
     let mut map = rustler::types::map::map_new(env);

@@ -9,6 +9,9 @@ pub mod value;
 pub mod write;
 
 pub const VERSION: u8 = 131;
+/// OTP 29's native records (`#Name{...}`): `[u32 fields][u8 flags]`, module, name,
+/// the field names, the values.
+pub const RECORD_EXT: u8 = 67;
 pub const NEW_FLOAT_EXT: u8 = 70;
 pub const BIT_BINARY_EXT: u8 = 77;
 pub const NEW_PID_EXT: u8 = 88;

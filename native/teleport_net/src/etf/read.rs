@@ -103,9 +103,11 @@ pub struct Reader<T> {
     values: Vec<T>,
     /// Containers waiting for their elements.
     open: Vec<Pending>,
-    /// Most terms (containers included) one `read` builds before it gives up with
-    /// `NeedsScheduler` (see `with_step_limit`).
+    /// Most terms (containers included) one `read` builds or skips before it gives up
+    /// with `NeedsScheduler` (see `with_step_limit`).
     step_limit: usize,
+    /// What is left of it in the current `read`.
+    steps_left: usize,
 }
 
 /// A container whose elements collect on the value stack from `start`.
@@ -136,6 +138,7 @@ impl<T: Copy> Default for Reader<T> {
             values: Vec::new(),
             open: Vec::new(),
             step_limit: usize::MAX,
+            steps_left: usize::MAX,
         }
     }
 }
@@ -164,12 +167,9 @@ impl<T: Copy> Reader<T> {
         }
         self.values.clear();
         self.open.clear();
-        let mut steps = 0usize;
+        self.steps_left = self.step_limit;
         loop {
-            steps += 1;
-            if steps > self.step_limit {
-                return Err(ReadError::NeedsScheduler);
-            }
+            self.step(1)?;
             match self.next(builder, &mut input)? {
                 Step::Done(value) => self.values.push(value),
                 Step::Opened => continue,
@@ -267,12 +267,80 @@ impl<T: Copy> Reader<T> {
                     return Ok(self.open_container(Shape::Map, 2 * pairs));
                 }
             }
+            // OTP 29's native records: no constructor in the NIF API, so the builder
+            // gets the whole record (which the VM's own decoder can build).
+            RECORD_EXT => {
+                let inner = record_inner_terms(input)?;
+                self.skip_terms(input, inner)?;
+                builder.opaque(&input.bytes[start..input.pos])?
+            }
             _ => {
                 skip_opaque(tag, input)?;
                 builder.opaque(&input.bytes[start..input.pos])?
             }
         };
         Ok(Step::Done(term))
+    }
+
+    /// Counts `n` terms against the step limit.
+    fn step(&mut self, n: usize) -> Result<(), ReadError> {
+        self.steps_left = self.steps_left.checked_sub(n).ok_or(ReadError::NeedsScheduler)?;
+        Ok(())
+    }
+
+    /// Advances past `n` whole terms of any type, checking their lengths, without
+    /// building them; each counts against the step limit. Iterative: the terms still
+    /// to skip are a count, not a stack.
+    fn skip_terms(&mut self, input: &mut Input, mut n: usize) -> Result<(), ReadError> {
+        while n > 0 {
+            n -= 1;
+            self.step(1)?;
+            let tag = input.u8()?;
+            // Each count is checked against the bytes left, so `n` stays below the
+            // input's length.
+            let inner = match tag {
+                SMALL_INTEGER_EXT => input.take(1).map(|_| 0)?,
+                INTEGER_EXT => input.take(4).map(|_| 0)?,
+                NEW_FLOAT_EXT => input.take(8).map(|_| 0)?,
+                ATOM_EXT | ATOM_UTF8_EXT => {
+                    let len = input.u16()?;
+                    check_atom(tag == ATOM_UTF8_EXT, input.take(len)?).map(|_| 0)?
+                }
+                SMALL_ATOM_EXT | SMALL_ATOM_UTF8_EXT => {
+                    let len = usize::from(input.u8()?);
+                    check_atom(tag == SMALL_ATOM_UTF8_EXT, input.take(len)?).map(|_| 0)?
+                }
+                NIL_EXT => 0,
+                STRING_EXT => {
+                    let len = input.u16()?;
+                    input.take(len).map(|_| 0)?
+                }
+                BINARY_EXT => {
+                    let len = input.u32()?;
+                    input.take(len).map(|_| 0)?
+                }
+                SMALL_TUPLE_EXT => {
+                    let arity = usize::from(input.u8()?);
+                    input.count(arity, 1)?
+                }
+                LARGE_TUPLE_EXT => {
+                    let arity = input.u32()?;
+                    input.count(arity, 1)?
+                }
+                LIST_EXT => {
+                    let len = input.u32()?;
+                    input.count(len, 1)? + 1
+                }
+                MAP_EXT => {
+                    let pairs = input.u32()?;
+                    2 * input.count(pairs, 2)?
+                }
+                RECORD_EXT => record_inner_terms(input)?,
+                _ => skip_opaque(tag, input).map(|_| 0)?,
+            };
+            n += inner;
+        }
+        Ok(())
     }
 
     fn open_container(&mut self, shape: Shape, needed: usize) -> Step<T> {
@@ -349,6 +417,17 @@ impl<'b> Input<'b> {
     }
 }
 
+/// A native record's header (after its tag): `[u32 fields][u8 flags]`, then come its
+/// module and name (atoms), its field names (atoms) and its values: the number of
+/// terms those are.
+fn record_inner_terms(input: &mut Input) -> Result<usize, ReadError> {
+    let fields = input.u32()?;
+    // Each field is a name (an atom, at least two bytes) and a value (at least one).
+    let fields = input.count(fields, 3)?;
+    input.u8()?;
+    Ok(2 + 2 * fields)
+}
+
 /// Advances past one term of a type the builder gets whole, checking only lengths.
 fn skip_opaque(tag: u8, input: &mut Input) -> Result<(), ReadError> {
     match tag {
@@ -416,7 +495,7 @@ fn skip_atom(input: &mut Input) -> Result<(), ReadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::etf::value::{read_value, ValueBuilder};
+    use crate::etf::value::{read_value, Value, ValueBuilder};
 
     /// `[0, 0, ..., 0]` of `n` small integers: `n` + 2 terms (the list, its nil tail).
     fn list_of_zeros(n: u32) -> Vec<u8> {
@@ -427,6 +506,61 @@ mod tests {
         }
         bytes.push(106);
         bytes
+    }
+
+    /// `#nr:pt{x = 1, y = 2, tag = <<"a">>}` as OTP 29's `term_to_binary/1` writes it.
+    const RECORD: [u8; 36] = [
+        131, 67, 0, 0, 0, 3, 0, 119, 2, 110, 114, 119, 2, 112, 116, 119, 1, 120, 119, 1, 121, 119, 3, 116,
+        97, 103, 97, 1, 97, 2, 109, 0, 0, 0, 1, 97,
+    ];
+
+    #[test]
+    fn a_native_record_is_handed_over_whole() {
+        let value = read_value(&RECORD).expect("a record reads");
+        assert_eq!(value, Value::Opaque(RECORD[1..].to_vec()));
+        // Inside a tuple, with something after it.
+        let mut in_tuple = vec![131, 104, 2];
+        in_tuple.extend_from_slice(&RECORD[1..]);
+        in_tuple.extend([97, 7]);
+        let value = read_value(&in_tuple).expect("a tuple holding a record reads");
+        assert_eq!(
+            value,
+            Value::Tuple(vec![Value::Opaque(RECORD[1..].to_vec()), Value::Int(7)])
+        );
+    }
+
+    #[test]
+    fn a_native_record_is_checked_like_any_term() {
+        for cut in 2..RECORD.len() {
+            let result = read_value(&RECORD[..cut]);
+            assert!(
+                matches!(
+                    result,
+                    Err(ReadError::Truncated { .. } | ReadError::CountTooLarge { .. })
+                ),
+                "cut at {cut}: {result:?}"
+            );
+        }
+        // A field count the input cannot hold is refused before anything is skipped.
+        let mut huge = RECORD.to_vec();
+        huge[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(read_value(&huge), Err(ReadError::CountTooLarge { .. })));
+        // A value that is not a term.
+        let mut bad = RECORD.to_vec();
+        bad[26] = 200;
+        assert_eq!(read_value(&bad), Err(ReadError::UnsupportedTag(200)));
+    }
+
+    #[test]
+    fn what_a_record_holds_counts_against_the_step_limit() {
+        // A record whose one value is a list of 1,000 zeros.
+        let mut record = vec![131, 67, 0, 0, 0, 1, 0, 119, 1, b'm', 119, 1, b'r', 119, 1, b'f'];
+        record.extend_from_slice(&list_of_zeros(1000)[1..]);
+        assert!(read_value(&record).is_ok());
+        let mut builder = ValueBuilder::default();
+        let mut reader = Reader::with_step_limit(500);
+        assert_eq!(reader.read(&mut builder, &record), Err(ReadError::NeedsScheduler));
+        assert!(Reader::with_step_limit(2000).read(&mut builder, &record).is_ok());
     }
 
     #[test]
