@@ -126,16 +126,29 @@ gs_call(Dest, Request) ->
 
 %% @doc `gen_server:call/3' over teleport: works with gen_server and gen_statem.
 %% The request goes over teleport, and so does a reply over 64 KiB (encoded);
-%% smaller replies come back over distributed Erlang, like gen_server's own. Exits like gen_server:call, as
-%% `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}' with Reason
-%% `timeout', `noproc', `{nodedown, Node}', `noconnection', the server's exit
-%% reason, or, when teleport itself lost the call, `{request_lost, Node}' (the
-%% request may never have reached the server) or `{call_keeper_down, Why}' (the
-%% process that held the call on the server's node was killed). The server sees
-%% `From' as `{KeeperPid, Tag}' where KeeperPid is a process teleport started
-%% for this call on the server's node, so `gen_server:reply/2' works as usual.
-%% The reply is not lost when connections drop or teleport restarts on either
-%% node: it is then sent again over distributed Erlang.
+%% smaller replies come back over distributed Erlang, like gen_server's own.
+%% Exits like gen_server:call, as `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}'
+%% with Reason:
+%% <ul>
+%% <li>`timeout', `noproc', the server's exit reason, `{nodedown, Node}' (only
+%%     when distributed Erlang lost the node), as gen_server:call;</li>
+%% <li>`{teleport_unreachable, Node, Why}': distributed Erlang reaches the node
+%%     but teleport could not, for 10 s (`Why': `not_started' when teleport does
+%%     not run there, or a {@link connect/2} reason). A call waits that long for
+%%     teleport restarting on the server's node, within its own timeout;</li>
+%% <li>`{request_lost, Node}': the request was lost on its way to the server
+%%     (a connection closed under it, or a process of teleport's on the
+%%     server's node was killed or stopped while it held it);</li>
+%% <li>`{call_keeper_down, Why}': the process that made the call on the
+%%     server's node was killed; the server may have served the request;</li>
+%% <li>`{teleport, no_reply_relay}': teleport was stopping on the server's node
+%%     and no process there could take the request.</li>
+%% </ul>
+%% Every call ends: with the reply, its timeout, or one of these. The server
+%% sees `From' as `{KeeperPid, Tag}' where KeeperPid is a process teleport
+%% started for this call on the server's node, so `gen_server:reply/2' works as
+%% usual. The reply is not lost when connections drop or teleport restarts on
+%% either node: it is then sent again over distributed Erlang.
 %% A small reply that arrives after the timeout is dropped, as with gen_server
 %% since OTP 24; a large one, arriving over teleport, is left in the caller's
 %% mailbox as `{'$teleport_reply', Ref, KeeperPid, Reply}' (as with gen_server

@@ -3,19 +3,23 @@
 %% process spawned on the server's node for each call (`keeper/5').
 %%
 %% The request travels over teleport, and so does a large reply; small replies
-%% and control messages take disterl. Its aim: a call's answer is never lost while the caller,
-%% the server and both nodes live, whatever happens to relays, connections or
-%% teleport itself on either side; and no side waits forever.
+%% and control messages take disterl. Its aim: a call's answer is never lost while
+%% the caller, the server and both nodes live, whatever happens to relays,
+%% connections or teleport itself on either side; and every wait ends, with the
+%% reply or an exit that says what happened.
 %%
 %% <ol>
 %% <li>The caller makes an alias `Ref', watches the server's node
 %%     (`monitor_node', no message), and sends
-%%     `{Dest, {Caller, Ref, Timeout}, Request}' as a call frame.</li>
+%%     `{Dest, {Caller, Ref, Timeout}, Request}' as a call frame. If teleport
+%%     cannot reach the node although disterl can (teleport restarting there),
+%%     it tries again, within the call's time and at most `?UNREACHABLE_MS'.</li>
 %% <li>On the server's node a relay spawns a keeper (unlinked: killing relays or
-%%     restarting teleport does not touch it). The keeper monitors the server and
-%%     sends it an ordinary `$gen_call' with itself as `From'; if the server has
-%%     not answered within `?ANNOUNCE_AFTER_MS' (at once for an `infinity'
-%%     call), it tells the caller it exists (`started', over disterl).</li>
+%%     restarting teleport does not touch it) and keeps its pid until it ends.
+%%     The keeper monitors the server and sends it an ordinary `$gen_call'
+%%     with itself as `From'; if the server has not answered within
+%%     `?ANNOUNCE_AFTER_MS' (at once for an `infinity' call), it tells the
+%%     caller it exists (`started', over disterl).</li>
 %% <li>An outcome (the reply, or the server's exit reason) of up to
 %%     `?DISTERL_REPLY_MAX' bytes goes back over disterl to the caller's alias,
 %%     as gen_server's own reply would. A larger one goes over teleport, and
@@ -24,9 +28,17 @@
 %%     restarted), the frame may be lost: the keeper sends the outcome again
 %%     over disterl, to the alias, which drops it if the caller already has
 %%     one. If teleport cannot take it at all, it goes over disterl at once.</li>
-%% <li>A caller that never heard of a keeper, while its own pool to the server's
-%%     node changed, gives up after a grace period: the request may be lost.
-%%     A keeper that dies before the caller has the outcome is seen by a
+%% <li>A caller that has not heard of a keeper for `?PROBE_AFTER_MS' sends a
+%%     probe after its request: a call frame to `?PROBE' with the same call
+%%     tuple, so it takes the same connection (behind the request, whatever
+%%     the request's size) and the same relay. Whatever became of the request
+%%     has happened by the time the relay reads the probe: the relay names the
+%%     request's keeper if it has one (`started'), or says it has none
+%%     (`unknown'): the request was lost on the way (a relay or decoder killed
+%%     with it, a connection closed under it, no process to take it), and the
+%%     call exits `{request_lost, Node}'. Probes are repeated, less and less
+%%     often, while none is answered.</li>
+%% <li>A keeper that dies before the caller has the outcome is seen by a
 %%     monitor the caller sets on it once the call has taken a second.</li>
 %% </ol>
 %%
@@ -37,6 +49,8 @@
 
 -export([call/5, keeper/5]).
 
+-include("teleport_call.hrl").
+
 -define(TICK_MS, 1000).
 %% A keeper whose server has not answered by then tells the caller it exists.
 -define(ANNOUNCE_AFTER_MS, 100).
@@ -44,8 +58,16 @@
 %% acknowledgement over disterl cost a small call ~50 us (p50, 2 cores); a
 %% reply this small holds up nothing behind it.
 -define(DISTERL_REPLY_MAX, 65536).
-%% Ticks a caller waits for its keeper after its pool changed under the request.
--define(LOST_REQUEST_TICKS, 2).
+%% A caller without news of a keeper this long probes; unanswered probes are
+%% repeated after twice as long each time, up to `?PROBE_MAX_MS'.
+-define(PROBE_AFTER_MS, ?TICK_MS).
+-define(PROBE_MAX_MS, 16 * ?TICK_MS).
+%% How long a call waits for teleport on a node that disterl reaches (teleport
+%% restarting there), to send its request or a probe.
+-define(UNREACHABLE_MS, 10000).
+%% Pauses between attempts to reach teleport there.
+-define(RETRY_MIN_MS, 20).
+-define(RETRY_MAX_MS, 500).
 
 -type outcome() :: {reply, term()} | {down, term()}.
 
@@ -55,25 +77,58 @@
 %% reply or exits with `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}'.
 -spec call(node(), pid() | atom(), teleport:dest(), term(), timeout()) -> term().
 call(Node, Target, Dest, Request, Timeout) ->
-    Deadline = deadline(Timeout),
     Ref = erlang:alias(),
     true = erlang:monitor_node(Node, true),
-    Before = teleport_nif:pool_generation(Node),
-    Sent = teleport:send_frame(Node, call, {Target, {self(), Ref, Timeout}, Request}),
-    After = teleport_nif:pool_generation(Node),
+    Call = {self(), Ref, Timeout},
     Wait = #{ref => Ref, node => Node, dest => Dest, request => Request, timeout => Timeout,
-             deadline => Deadline, keeper => undefined, keeper_mon => undefined,
-             sent_on => After,
-             %% A pool that closed (or a runtime that changed) while the frame was
-             %% being queued may have taken it along; one opened for it is fine.
-             suspect => case Before =/= none andalso pool_closed_since(Before, After) of
-                            true -> 1;
-                            false -> 0
-                        end},
-    case Sent of
+             deadline => deadline(Timeout), call => Call,
+             keeper => undefined, keeper_mon => undefined,
+             probe_at => now_ms() + ?PROBE_AFTER_MS, probe_every => ?PROBE_AFTER_MS,
+             probed => false},
+    case send_frame({Target, Call, Request}, Wait) of
         ok -> await(Wait);
-        {error, noconnection} -> fail({nodedown, Node}, Wait);
         {error, Reason} -> fail(Reason, Wait)
+    end.
+
+%% Queues a call frame (a request or a probe) to the node. Teleport away on a node
+%% disterl still reaches is waited for, within the call's time.
+send_frame(Frame, Wait) ->
+    send_frame(Frame, Wait, now_ms(), ?RETRY_MIN_MS).
+
+send_frame(Frame, #{node := Node, deadline := Deadline} = Wait, Since, Pause) ->
+    case teleport:send_frame(Node, call, Frame) of
+        {error, noconnection} ->
+            case node_up(Node) of
+                false ->
+                    {error, {nodedown, Node}};
+                true ->
+                    Waited = now_ms() - Since,
+                    case {remaining(Deadline), Waited >= ?UNREACHABLE_MS} of
+                        {0, _} -> {error, timeout};
+                        {_, true} -> {error, {teleport_unreachable, Node, why_unreachable(Node)}};
+                        {Left, false} ->
+                            timer:sleep(lists:min([Pause, Left, ?UNREACHABLE_MS - Waited])),
+                            send_frame(Frame, Wait, Since, min(2 * Pause, ?RETRY_MAX_MS))
+                    end
+            end;
+        Other ->
+            Other
+    end.
+
+%% Whether disterl still reaches the node (a nodedown already delivered counts).
+node_up(Node) ->
+    receive
+        {nodedown, Node} = Down -> self() ! Down, false
+    after 0 ->
+            lists:member(Node, erlang:nodes(connected))
+    end.
+
+%% Why teleport could not open a pool to the node, for the exit reason.
+why_unreachable(Node) ->
+    case teleport_connector:ensure(Node, discover) of
+        ok -> noconnection;
+        {error, {backoff, Reason}} -> Reason;
+        {error, Reason} -> Reason
     end.
 
 await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = Wait) ->
@@ -87,6 +142,12 @@ await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = W
             fail(Reason, Wait);
         {'$teleport_started', Ref, From} when Keeper =:= undefined ->
             await(Wait#{keeper := From});
+        {'$teleport_started', Ref, _From} ->
+            await(Wait);
+        {'$teleport_unknown', Ref} when Keeper =:= undefined ->
+            fail({request_lost, Node}, Wait);
+        {'$teleport_unknown', Ref} ->
+            await(Wait);
         {nodedown, Node} ->
             fail({nodedown, Node}, Wait);
         {'DOWN', KeeperMon, process, _, Reason} when is_reference(KeeperMon) ->
@@ -97,23 +158,34 @@ await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = W
             check(Wait)
     end.
 
-%% A tick: the deadline, the keeper's monitor, a request that may be lost.
+%% A tick: the deadline, the keeper's monitor, a probe due.
 check(#{deadline := Deadline} = Wait) ->
     case remaining(Deadline) of
         0 -> fail(timeout, Wait);
         _ -> await(watch(Wait))
     end.
 
-watch(#{keeper := undefined, node := Node, sent_on := SentOn, suspect := Suspect} = Wait) ->
-    case pool_closed_since(SentOn, teleport_nif:pool_generation(Node)) of
-        false when Suspect =:= 0 -> Wait;
-        _ when Suspect >= ?LOST_REQUEST_TICKS -> fail({request_lost, Node}, Wait);
-        _ -> Wait#{suspect := Suspect + 1}
+watch(#{keeper := undefined, probe_at := ProbeAt} = Wait) ->
+    case now_ms() >= ProbeAt of
+        true -> probe(Wait);
+        false -> Wait
     end;
 watch(#{keeper := Keeper, keeper_mon := undefined} = Wait) ->
     Wait#{keeper_mon := erlang:monitor(process, Keeper)};
 watch(Wait) ->
     Wait.
+
+probe(#{call := Call, probe_every := Every} = Wait) ->
+    case send_frame({?PROBE, Call, probe}, Wait) of
+        ok ->
+            Next = min(2 * Every, ?PROBE_MAX_MS),
+            Wait#{probe_at := now_ms() + Every, probe_every := Next, probed := true};
+        %% Teleport stayed away longer than a restart takes: the request went with it.
+        {error, {teleport_unreachable, Node, _}} ->
+            fail({request_lost, Node}, Wait);
+        {error, Reason} ->
+            fail(Reason, Wait)
+    end.
 
 ack(Keeper, Ref) when is_pid(Keeper) ->
     erlang:send(Keeper, {'$teleport_ack', Ref}, [noconnect]),
@@ -121,11 +193,23 @@ ack(Keeper, Ref) when is_pid(Keeper) ->
 ack(undefined, _Ref) ->
     ok.
 
-done(#{ref := Ref, node := Node, keeper_mon := KeeperMon}) ->
+done(#{ref := Ref, node := Node, keeper_mon := KeeperMon, probed := Probed}) ->
     erlang:unalias(Ref),
     _ = is_reference(KeeperMon) andalso erlang:demonitor(KeeperMon, [flush]),
     erlang:monitor_node(Node, false),
-    receive {nodedown, Node} -> ok after 0 -> ok end.
+    receive {nodedown, Node} -> ok after 0 -> ok end,
+    %% Answers to probes (and a keeper's announcement racing them) that came
+    %% before the alias went: never left in the caller's mailbox.
+    _ = Probed andalso flush_probe_answers(Ref),
+    ok.
+
+flush_probe_answers(Ref) ->
+    receive
+        {'$teleport_started', Ref, _} -> flush_probe_answers(Ref);
+        {'$teleport_unknown', Ref} -> flush_probe_answers(Ref)
+    after 0 ->
+            true
+    end.
 
 -spec fail(term(), map()) -> no_return().
 fail(Reason, #{dest := Dest, request := Request, timeout := Timeout} = Wait) ->
@@ -257,11 +341,13 @@ demonitor_caller(CallerMon) -> erlang:demonitor(CallerMon, [flush]), ok.
 
 %%% Time
 
+now_ms() -> erlang:monotonic_time(millisecond).
+
 deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+deadline(Timeout) -> now_ms() + Timeout.
 
 remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
+remaining(Deadline) -> max(0, Deadline - now_ms()).
 
 tick(#{deadline := Deadline}) ->
     case remaining(Deadline) of

@@ -5,14 +5,27 @@
 %% The NIF hands a relay `{'$teleport_call', Dest, {Caller, CallerRef, Timeout}, Request}'.
 %% The keeper is not linked to the relay, so a relay that dies or is restarted,
 %% and teleport restarting, lose no call already under way. Several relays share
-%% the load; the NIF picks one by hashing the call and skips one being restarted.
+%% the load; the NIF picks one by hashing the call tuple and skips one that is
+%% being restarted.
+%%
+%% A relay remembers the keepers it started until they end, to answer a
+%% caller's probe (`Dest' = `?PROBE', same call tuple, so
+%% the same relay, after the request on the same connection): `started' with
+%% the keeper, or `unknown' when it holds none for that call. A keeper that
+%% ends abnormally (killed) is reported to its caller at once. A relay stopped
+%% by its supervisor (teleport stopping) first starts keepers for the calls
+%% still in its mailbox and answers the probes there.
 -module(teleport_reply_relay).
 -behaviour(gen_server).
 
 -export([start_link/1, names/0]).
--export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -include_lib("kernel/include/logger.hrl").
+-include("teleport_call.hrl").
+
+%% CallerRef => Keeper, and the keeper's monitor => CallerRef.
+-type state() :: #{keepers := #{reference() => pid()}, monitors := #{reference() => reference()}}.
 
 -spec names() -> [atom()].
 names() ->
@@ -23,33 +36,71 @@ names() ->
 start_link(Name) ->
     gen_server:start_link({local, Name}, ?MODULE, [], []).
 
--spec init([]) -> {ok, no_state}.
+-spec init([]) -> {ok, state()}.
 init([]) ->
+    %% So that a shutdown runs terminate/2, which hands on what is still queued.
+    process_flag(trap_exit, true),
     %% Keepers inherit this group leader. Not the application's: stopping the
     %% application kills every process under its group leader, and a keeper
     %% must outlive a restart of teleport (the supervisor still stops relays).
     _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
-    {ok, no_state}.
+    {ok, #{keepers => #{}, monitors => #{}}}.
 
--spec handle_call(term(), gen_server:from(), no_state) -> {reply, {error, unsupported}, no_state}.
+-spec handle_call(term(), gen_server:from(), state()) -> {reply, {error, unsupported}, state()}.
 handle_call(_Request, _From, State) ->
     {reply, {error, unsupported}, State}.
 
--spec handle_cast(term(), no_state) -> {noreply, no_state}.
+-spec handle_cast(term(), state()) -> {noreply, state()}.
 handle_cast(_Request, State) ->
     {noreply, State}.
 
--spec handle_info(term(), no_state) -> {noreply, no_state}.
-handle_info({'$teleport_call', Dest, {Caller, CallerRef, Timeout}, Request}, State)
-  when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(CallerRef),
-       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
-    _ = proc_lib:spawn(teleport_call, keeper, [Dest, Caller, CallerRef, Timeout, Request]),
-    {noreply, State};
-handle_info({'$teleport_call', _Dest, _Call, _Request} = Bad, State) ->
-    %% A peer that passed the cookie check but sent a malformed call: drop it
-    %% rather than crash.
-    ?LOG_NOTICE(#{what => malformed_call, call => Bad}, #{domain => [teleport]}),
-    {noreply, State};
+-spec handle_info(term(), state()) -> {noreply, state()}.
+handle_info({'$teleport_call', _, _, _} = Call, State) ->
+    {noreply, take(Call, State)};
+handle_info({'DOWN', Mon, process, _, Reason}, #{keepers := Keepers, monitors := Monitors} = State) ->
+    case maps:take(Mon, Monitors) of
+        {Ref, Monitors1} ->
+            %% A keeper ends normally once its outcome is out; one that was killed may
+            %% not have told its caller it existed.
+            _ = Reason =:= normal orelse
+                erlang:send(Ref, {'$teleport_down', Ref, undefined, {call_keeper_down, Reason}}),
+            {noreply, State#{keepers := maps:remove(Ref, Keepers), monitors := Monitors1}};
+        error ->
+            {noreply, State}
+    end;
 handle_info(Other, State) ->
     ?LOG_DEBUG(#{what => unexpected_message, message => Other}, #{domain => [teleport]}),
     {noreply, State}.
+
+-spec terminate(term(), state()) -> ok.
+terminate(_Reason, State) ->
+    drain(State).
+
+drain(State) ->
+    receive
+        {'$teleport_call', _, _, _} = Call -> drain(take(Call, State))
+    after 0 ->
+            ok
+    end.
+
+take({'$teleport_call', ?PROBE, {Caller, Ref, _Timeout}, _}, #{keepers := Keepers} = State)
+  when is_pid(Caller), is_reference(Ref) ->
+    erlang:send(Ref, case Keepers of
+                         #{Ref := Keeper} -> {'$teleport_started', Ref, Keeper};
+                         #{} -> {'$teleport_unknown', Ref}
+                     end),
+    State;
+take({'$teleport_call', Dest, {Caller, Ref, Timeout}, Request}, State)
+  when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(Ref),
+       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
+    start_keeper(Dest, Caller, Ref, Timeout, Request, State);
+take({'$teleport_call', Dest, Call, _Request}, State) ->
+    %% A peer that passed the cookie check but sent a malformed call: drop it
+    %% rather than crash. Logged without the request, which may be large.
+    ?LOG_NOTICE(#{what => malformed_call, dest => Dest, call => Call}, #{domain => [teleport]}),
+    State.
+
+start_keeper(Dest, Caller, Ref, Timeout, Request, #{keepers := Keepers, monitors := Monitors} = State) ->
+    {Keeper, Mon} = proc_lib:spawn_opt(teleport_call, keeper, [Dest, Caller, Ref, Timeout, Request],
+                                       [monitor]),
+    State#{keepers := Keepers#{Ref => Keeper}, monitors := Monitors#{Mon => Ref}}.

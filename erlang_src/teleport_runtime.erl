@@ -10,6 +10,8 @@
 
 -include_lib("kernel/include/logger.hrl").
 
+-include("teleport_call.hrl").
+
 -define(META, #{domain => [teleport]}).
 
 start_link() ->
@@ -70,12 +72,18 @@ handle_cast(_Request, State) ->
 handle_info({teleport_event, Event}, State) ->
     log_event(Event),
     {noreply, State};
-handle_info({teleport_call_undeliverable, {_Caller, Ref, _Timeout}}, State) when is_reference(Ref) ->
-    %% A call arrived while no relay was registered: its caller would wait for a
+handle_info({teleport_call_undeliverable, ?PROBE, {_Caller, Ref, _Timeout}}, State)
+  when is_reference(Ref) ->
+    %% A probe no relay could take: no relay holds a keeper for the call either.
+    erlang:send(Ref, {'$teleport_unknown', Ref}),
+    {noreply, State};
+handle_info({teleport_call_undeliverable, _Dest, {_Caller, Ref, _Timeout}}, State)
+  when is_reference(Ref) ->
+    %% A call arrived while no relay could take it: its caller would wait for a
     %% keeper that never starts. Over disterl, to its alias (see teleport_call).
     erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, no_reply_relay}}),
     {noreply, State};
-handle_info({teleport_call_undeliverable, _Malformed}, State) ->
+handle_info({teleport_call_undeliverable, _Dest, _Malformed}, State) ->
     {noreply, State};
 handle_info({nodedown, Node}, State) ->
     %% Calls watch their server over distributed Erlang: without it, the pool is no use.

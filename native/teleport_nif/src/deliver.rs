@@ -256,19 +256,24 @@ fn decode_and_deliver(
             let (dest, call, request): (Term, Term, Term) = term
                 .decode()
                 .map_err(|_| ReadError::Malformed("call frame is not {Dest, Call, Request}"))?;
-            // A relay makes the call on the caller's behalf (teleport_reply_relay). One
-            // being restarted is skipped; with none at all, the runtime tells the caller.
+            // A relay makes the call on the caller's behalf (teleport_reply_relay): the
+            // one the call tuple hashes to, or the next that takes it (one being
+            // restarted has no name, or died since its name was looked up). With none,
+            // the runtime tells the caller.
             let relays = &helpers.relays;
             let first = call.hash_phash2() as usize;
-            let relay = (0..relays.len())
-                .find_map(|i| whereis(caller_env, relays[(first + i) % relays.len()].to_term(env)));
-            let Some(relay) = relay else {
-                let msg = (atoms::teleport_call_undeliverable(), call).encode(env);
-                send_to(env, caller_env, helpers.runtime, msg);
-                return Ok(Delivery::Undeliverable("no_reply_relay"));
-            };
             let msg = (atoms::dollar_teleport_call(), dest, call, request).encode(env);
-            Ok(send_to(env, caller_env, relay, msg))
+            for i in 0..relays.len() {
+                let name = relays[(first + i) % relays.len()];
+                if let Some(relay) = whereis(caller_env, name.to_term(env)) {
+                    if send_to(env, caller_env, relay, msg) == Delivery::Delivered {
+                        return Ok(Delivery::Delivered);
+                    }
+                }
+            }
+            let msg = (atoms::teleport_call_undeliverable(), dest, call).encode(env);
+            send_to(env, caller_env, helpers.runtime, msg);
+            Ok(Delivery::Undeliverable("no_reply_relay"))
         }
     }
 }

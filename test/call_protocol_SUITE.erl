@@ -1,0 +1,497 @@
+%%% @doc The gs_call protocol (erlang_src/teleport_call.erl) disturbed at every
+%%% step, before its first hand-off too: the model says, for each place the
+%%% request can be when a fault strikes, which outcomes a call may have, and
+%%% every call must end with one of them within a bounded time, never wait on
+%%% while both nodes are up, and never exit `nodedown' while the node is up.
+%%%
+%%% The test runner's node (A) calls a gen_server on a peer B over teleport. A
+%%% request passes, in order (the steps):
+%%% <ol>
+%%% <li>`reach': teleport must be running on B. Faults: stopped, started again
+%%%     500 ms later (the call waits: reply); stopped for good (the call exits
+%%%     `{teleport_unreachable, B, not_started}' after 10 s, whatever its
+%%%     timeout).</li>
+%%% <li>`queue': the caller's connection, held on B behind a frame that waits
+%%%     for a suspended decoder. Fault: A closes its pool. Allowed: the reply
+%%%     (the bytes were in B's socket buffer and got through) or
+%%%     `request_lost'.</li>
+%%% <li>`decoder': a decoder process on B (the request has over 50,000 terms,
+%%%     more than an I/O thread builds), held by suspending the decoders.
+%%%     Faults: the decoder holding it killed (`request_lost'); teleport stopped
+%%%     on B and started again (reply or `request_lost').</li>
+%%% <li>`relay': a relay's mailbox on B, held by suspending the relays. Faults:
+%%%     the relay holding it killed (`request_lost'); teleport stopped on B and
+%%%     started again (the relay starts keepers for what it holds as it stops:
+%%%     reply); no relay registered at all (`{teleport, no_reply_relay}').</li>
+%%% <li>`keeper': the process that makes the call on B. Faults: killed as soon
+%%%     as it exists (before it told the caller it exists, for a finite call),
+%%%     and killed once it has: `{call_keeper_down, killed}'.</li>
+%%% <li>`server': killed while it holds the call: its exit reason.</li>
+%%% </ol>
+%%% The answer's way back (relays killed after the keeper started, teleport
+%%% restarted on either node, connections dropped while a small or a large
+%%% reply travels) is faults_SUITE's `calls' groups.
+%%%
+%%% Each step and fault runs with an `infinity' call and a 20 s one. The
+%%% `storm' group then runs the issue that found the holes: 48 processes on A
+%%% loop on `infinity' calls while B's relays are suspended and killed with
+%%% calls queued, decoders are killed, and teleport restarts on B every 2.5 s;
+%%% every call ends, every reply is its own request's, and the exits are only
+%%% `request_lost', `call_keeper_down' and `no_reply_relay' (counts printed).
+%%% `sends_across_restarts': the same restart loop under a stream of
+%%% `teleport:send/2': each returns `ok' or `{error, noconnection}', what
+%%% arrives is in order without duplicates and only ever what returned `ok'
+%%% (what was lost of that is printed, beside `dropped_out'), and the stream
+%%% goes on after the restarts.
+-module(call_protocol_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([suite/0, all/0, groups/0,
+         init_per_suite/1, end_per_suite/1,
+         init_per_group/2, end_per_group/2,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([reach_teleport_restarting/1, reach_teleport_absent/1,
+         queue_pool_closed/1,
+         decoder_killed/1, decoder_teleport_restarted/1,
+         relay_killed/1, relay_teleport_restarted/1, relay_none/1,
+         keeper_killed_at_once/1, keeper_killed_announced/1,
+         server_killed/1,
+         storm_faults/1, storm_restarts/1, sends_across_restarts/1]).
+%% Run on B.
+-export([suspend/1, resume/1, queued/1, keepers/0, seq_sink/1]).
+
+-define(SERVER, protocol_server).
+-define(SINK, protocol_sink).
+-define(RPC_TIMEOUT, 30000).
+-define(MiB, (1024 * 1024)).
+%% Over teleport_call's ?UNREACHABLE_MS: how long an absent teleport is waited for.
+-define(UNREACHABLE_MS, 10000).
+%% A liveness bound, not a measurement: an outcome later than this after the
+%% fault means a wait that would not have ended.
+-define(OUTCOME_BOUND_MS, 20000).
+%% A request the receiving I/O thread leaves to a decoder (over 50,000 terms).
+-define(BIG_TERM, lists:seq(1, 60000)).
+-define(STORM_CALLERS, 48).
+-define(STORM_MS, 15000).
+
+suite() ->
+    [{timetrap, {minutes, 5}}].
+
+all() ->
+    [{group, infinity}, {group, finite}, {group, storm}].
+
+groups() ->
+    Steps = [reach_teleport_restarting, reach_teleport_absent,
+             queue_pool_closed,
+             decoder_killed, decoder_teleport_restarted,
+             relay_killed, relay_teleport_restarted, relay_none,
+             keeper_killed_at_once, keeper_killed_announced,
+             server_killed],
+    [{infinity, [], Steps},
+     {finite, [], Steps},
+     {storm, [], [storm_faults, storm_restarts, sends_across_restarts]}].
+
+init_per_suite(Config) ->
+    case teleport_test_peer:start_local_teleport("protocol") of
+        ok -> Config;
+        {skip, _} = Skip -> Skip
+    end.
+
+end_per_suite(_Config) ->
+    teleport_test_peer:stop_local_teleport().
+
+init_per_group(finite, Config) -> [{timeout, 20000} | Config];
+init_per_group(_, Config) -> [{timeout, infinity} | Config].
+
+end_per_group(_, _Config) -> ok.
+
+init_per_testcase(Case, Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name(atom_to_list(Case))),
+    {ok, _} = erpc:call(B, teleport_test_server, start, [?SERVER], ?RPC_TIMEOUT),
+    %% Warm: the pools both ways are open, so a step's timing is its own.
+    ?assertEqual(B, teleport:gs_call({?SERVER, B}, whoami, 10000)),
+    [{peer, Peer}, {b, B} | Config].
+
+end_per_testcase(_Case, Config) ->
+    {ok, _} = application:ensure_all_started(teleport),
+    teleport_test_peer:stop(?config(peer, Config)).
+
+%%====================================================================
+%% reach: teleport on B
+%%====================================================================
+
+reach_teleport_restarting(Config) ->
+    B = ?config(b, Config),
+    ok = erpc:call(B, application, stop, [teleport]),
+    Caller = call_async(Config, {echo, restarted}),
+    timer:sleep(500),
+    {ok, _} = erpc:call(B, application, ensure_all_started, [teleport]),
+    expect(Caller, [{reply, restarted}]).
+
+reach_teleport_absent(Config) ->
+    B = ?config(b, Config),
+    ok = erpc:call(B, application, stop, [teleport]),
+    Started = erlang:monotonic_time(millisecond),
+    Caller = call_async(Config, {echo, never}),
+    Outcome = outcome(Caller, ?UNREACHABLE_MS + ?OUTCOME_BOUND_MS),
+    Waited = erlang:monotonic_time(millisecond) - Started,
+    ct:pal("teleport absent on B: ~p after ~b ms", [Outcome, Waited]),
+    ?assertMatch({exit, {{teleport_unreachable, B, not_started}, {teleport, gs_call, _}}},
+                 Outcome),
+    %% It waited for teleport to come back before giving up.
+    ?assert(Waited >= ?UNREACHABLE_MS).
+
+%%====================================================================
+%% queue: the caller's connection
+%%====================================================================
+
+queue_pool_closed(Config) ->
+    B = ?config(b, Config),
+    {ok, _} = teleport_rel_remote:start_sink(B, ?SINK, self()),
+    Decoders = erpc:call(B, teleport_decoder, names, []),
+    ok = erpc:call(B, ?MODULE, suspend, [Decoders]),
+    Self = self(),
+    Timeout = ?config(timeout, Config),
+    %% One process sends a frame B's I/O thread leaves to a (suspended) decoder,
+    %% which pauses that connection on B, then calls: its request waits behind.
+    Caller = spawn_link(fun() ->
+                                ok = teleport:send({?SINK, B}, ?BIG_TERM),
+                                Self ! {outcome, self(), call(B, {echo, queued}, Timeout)}
+                        end),
+    ok = wait_for(fun() -> queued_on(B, Decoders) > 0 end),
+    timer:sleep(100),
+    ok = teleport:disconnect(B),
+    %% Resumed once the caller has probed over a new pool.
+    timer:sleep(2500),
+    ok = erpc:call(B, ?MODULE, resume, [Decoders]),
+    expect(Caller, [{reply, queued}, lost(B)]).
+
+%%====================================================================
+%% decoder
+%%====================================================================
+
+decoder_killed(Config) ->
+    B = ?config(b, Config),
+    held_in(Config, teleport_decoder, fun(Holder, _Names) ->
+        exit(Holder, kill)
+    end, [lost(B)]).
+
+decoder_teleport_restarted(Config) ->
+    B = ?config(b, Config),
+    held_in(Config, teleport_decoder, fun(_Holder, Names) ->
+        restart_teleport(B, Names)
+    end, [{reply, ?BIG_TERM}, lost(B)]).
+
+%%====================================================================
+%% relay
+%%====================================================================
+
+relay_killed(Config) ->
+    B = ?config(b, Config),
+    held_in(Config, teleport_reply_relay, fun(Holder, _Names) ->
+        exit(Holder, kill)
+    end, [lost(B)]).
+
+relay_teleport_restarted(Config) ->
+    B = ?config(b, Config),
+    held_in(Config, teleport_reply_relay, fun(_Holder, Names) ->
+        restart_teleport(B, Names)
+    end, [{reply, ?BIG_TERM}]).
+
+relay_none(Config) ->
+    B = ?config(b, Config),
+    Names = erpc:call(B, teleport_reply_relay, names, []),
+    Pids = erpc:call(B, fun() -> [begin P = whereis(N), unregister(N), P end || N <- Names] end),
+    try
+        Caller = call_async(Config, {echo, x}),
+        expect(Caller, [{exit, {teleport, no_reply_relay}}])
+    after
+        erpc:call(B, fun() -> [register(N, P) || {N, P} <- lists:zip(Names, Pids)] end)
+    end.
+
+%%====================================================================
+%% keeper and server
+%%====================================================================
+
+keeper_killed_at_once(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    %% Polled from B itself, so it dies well within the 100 ms a finite call's
+    %% keeper waits before it announces itself.
+    Killed = erpc:call(B, fun() ->
+                                  {ok, K} = poll(fun() ->
+                                                         case keepers() of
+                                                             [K | _] -> {ok, K};
+                                                             [] -> false
+                                                         end
+                                                 end, 1),
+                                  exit(K, kill),
+                                  K
+                          end, ?RPC_TIMEOUT),
+    ct:pal("keeper ~p killed", [Killed]),
+    expect(Caller, [{exit, {call_keeper_down, killed}}]).
+
+keeper_killed_announced(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    timer:sleep(300),
+    ok = wait_for(fun() -> erpc:call(B, ?MODULE, keepers, []) =/= [] end),
+    [exit(K, kill) || K <- erpc:call(B, ?MODULE, keepers, [])],
+    expect(Caller, [{exit, {call_keeper_down, killed}}]).
+
+server_killed(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    timer:sleep(300),
+    exit(erpc:call(B, erlang, whereis, [?SERVER]), boom),
+    expect(Caller, [{exit, boom}]).
+
+%%====================================================================
+%% storm
+%%====================================================================
+
+%% Relays suspended with calls piling up and then killed, decoders killed with
+%% big requests queued, every relay unregistered for a moment.
+storm_faults(Config) ->
+    B = ?config(b, Config),
+    storm(B, fun(I) ->
+        Relays = erpc:call(B, teleport_reply_relay, names, []),
+        Decoders = erpc:call(B, teleport_decoder, names, []),
+        case I rem 3 of
+            0 ->
+                Relay = lists:nth(1 + I rem length(Relays), Relays),
+                ok = erpc:call(B, ?MODULE, suspend, [[Relay]]),
+                timer:sleep(200),
+                erpc:call(B, fun() -> exit(whereis(Relay), kill) end);
+            1 ->
+                ok = erpc:call(B, ?MODULE, suspend, [Decoders]),
+                timer:sleep(200),
+                [Busiest | _] = lists:reverse(lists:keysort(3, erpc:call(B, ?MODULE, queued,
+                                                                          [Decoders]))),
+                exit(element(2, Busiest), kill),
+                ok = erpc:call(B, ?MODULE, resume, [Decoders]);
+            2 ->
+                Pids = erpc:call(B, fun() -> [begin P = whereis(N), unregister(N), P end
+                                              || N <- Relays] end),
+                timer:sleep(50),
+                erpc:call(B, fun() -> [try register(N, P) catch error:badarg -> false end
+                                       || {N, P} <- lists:zip(Relays, Pids)] end)
+        end,
+        %% Slow enough for the relays' supervisor (10 restarts in 10 s): faster,
+        %% teleport itself would go down, which is the supervisor's design.
+        timer:sleep(1200)
+    end, [request_lost, call_keeper_down, {teleport, no_reply_relay}]).
+
+%% The restart loop: teleport stopped and started on B every 2.5 s.
+storm_restarts(Config) ->
+    B = ?config(b, Config),
+    storm(B, fun(_) ->
+        timer:sleep(2500),
+        ok = erpc:call(B, application, stop, [teleport]),
+        {ok, _} = erpc:call(B, application, ensure_all_started, [teleport])
+    end, [request_lost]).
+
+sends_across_restarts(Config) ->
+    B = ?config(b, Config),
+    Sink = erpc:call(B, erlang, spawn, [?MODULE, seq_sink, [[]]]),
+    true = erpc:call(B, erlang, register, [?SINK, Sink]),
+    DroppedBefore = maps:get(dropped_out, teleport:stats(B)),
+    Self = self(),
+    Stop = atomics:new(1, []),
+    Sender = spawn_link(fun() -> Self ! {sent, seq_sender(B, Stop, 1, [])} end),
+    Until = erlang:monotonic_time(millisecond) + ?STORM_MS,
+    Restarts = disturb_until(fun(_) ->
+                                     timer:sleep(2500),
+                                     ok = erpc:call(B, application, stop, [teleport]),
+                                     {ok, _} = erpc:call(B, application, ensure_all_started, [teleport])
+                             end, Until, 0),
+    atomics:put(Stop, 1, 1),
+    Results = receive {sent, R} -> R
+              after ?OUTCOME_BOUND_MS -> ct:fail({sender_stuck, erlang:process_info(Sender, current_stacktrace)})
+              end,
+    %% Afterwards the stream goes on.
+    ok = wait_for(fun() -> teleport:send({?SINK, B}, {after_restarts, 0}) =:= ok end),
+    Sink ! {report, self()},
+    Got = receive {seqs, Sink, Seqs} -> Seqs after ?RPC_TIMEOUT -> ct:fail(sink_silent) end,
+    Oks = [N || {N, ok} <- Results],
+    Refused = [N || {N, {error, noconnection}} <- Results],
+    Other = [X || {_, Res} = X <- Results, Res =/= ok, Res =/= {error, noconnection}],
+    Dropped = maps:get(dropped_out, teleport:stats(B)) - DroppedBefore,
+    ct:pal("~b restarts: ~b sends ok, ~b refused (noconnection), ~b ok'd but not arrived "
+           "(dropped_out counted ~b)",
+           [Restarts, length(Oks), length(Refused), length(Oks -- Got), Dropped]),
+    ?assertEqual([], Other),
+    ?assertEqual(Got, lists:usort(Got)),
+    ?assertEqual([], Got -- Oks),
+    ?assert(length(Refused) > 0),
+    ?assert(length(Got) > 0).
+
+seq_sender(B, Stop, N, Acc) ->
+    case atomics:get(Stop, 1) of
+        1 -> lists:reverse(Acc);
+        0 ->
+            Result = teleport:send({?SINK, B}, {seq, N}),
+            %% Paced (about 10,000 a second): a stream, not a flood that fills the queue.
+            _ = N rem 10 =:= 0 andalso timer:sleep(1),
+            seq_sender(B, Stop, N + 1, [{N, Result} | Acc])
+    end.
+
+%% On B: keeps the sequence numbers it gets, newest first, outside teleport's
+%% supervision (it outlives the restarts).
+-spec seq_sink([integer()]) -> no_return().
+seq_sink(Seqs) ->
+    receive
+        {seq, N} -> seq_sink([N | Seqs]);
+        {report, To} -> To ! {seqs, self(), lists:reverse(Seqs)}, seq_sink(Seqs);
+        _ -> seq_sink(Seqs)
+    end.
+
+%% ?STORM_CALLERS processes loop on infinity calls (every tenth request a big
+%% one, for the decoders) while `Disturb(I)' runs over and over for ?STORM_MS;
+%% then each must finish its call in progress within the bound.
+storm(B, Disturb, AllowedExits) ->
+    Self = self(),
+    Stop = atomics:new(1, []),
+    Callers = [spawn_link(fun() -> storm_caller(B, Self, Stop, N, #{}) end)
+               || N <- lists:seq(1, ?STORM_CALLERS)],
+    Until = erlang:monotonic_time(millisecond) + ?STORM_MS,
+    Faults = disturb_until(Disturb, Until, 0),
+    atomics:put(Stop, 1, 1),
+    Tallies = [receive {storm_done, C, Tally} -> Tally
+               after ?OUTCOME_BOUND_MS + 2 * ?UNREACHABLE_MS ->
+                       ct:fail({caller_still_waiting, C, erlang:process_info(C, current_stacktrace)})
+               end || C <- Callers],
+    Total = lists:foldl(fun(T, Acc) -> maps:merge_with(fun(_, X, Y) -> X + Y end, T, Acc) end,
+                        #{}, Tallies),
+    ct:pal("~b callers, ~b disturbances over ~b ms: ~p", [?STORM_CALLERS, Faults, ?STORM_MS, Total]),
+    Bad = maps:without([replies | AllowedExits], Total),
+    ?assertEqual(#{}, Bad),
+    ?assert(maps:get(replies, Total, 0) > 0).
+
+disturb_until(Disturb, Until, I) ->
+    case erlang:monotonic_time(millisecond) < Until of
+        true -> Disturb(I), disturb_until(Disturb, Until, I + 1);
+        false -> I
+    end.
+
+storm_caller(B, Parent, Stop, N, Tally) ->
+    case atomics:get(Stop, 1) of
+        1 ->
+            Parent ! {storm_done, self(), Tally};
+        0 ->
+            Tag = {N, erlang:unique_integer()},
+            Request = case rand:uniform(10) of
+                          1 -> {Tag, ?BIG_TERM};
+                          _ -> {Tag, small}
+                      end,
+            Key = case call(B, {echo, Request}, infinity) of
+                      {reply, Request} -> replies;
+                      {reply, Other} -> {wrong_reply, Other};
+                      {exit, {{request_lost, B}, _}} -> request_lost;
+                      {exit, {{call_keeper_down, _}, _}} -> call_keeper_down;
+                      {exit, {Reason, _}} -> Reason
+                  end,
+            storm_caller(B, Parent, Stop, N, maps:update_with(Key, fun(C) -> C + 1 end, 1, Tally))
+    end.
+
+%%====================================================================
+%% Helpers
+%%====================================================================
+
+%% Holds a call's request in a process of `Module' (the decoders or the relays:
+%% all suspended), runs `Fault(Holder, Names)' on the one that got it, resumes
+%% the rest, and expects one of `Allowed'.
+held_in(Config, Module, Fault, Allowed) ->
+    B = ?config(b, Config),
+    Names = erpc:call(B, Module, names, []),
+    ok = erpc:call(B, ?MODULE, suspend, [Names]),
+    Caller = call_async(Config, {echo, ?BIG_TERM}),
+    ok = wait_for(fun() -> queued_on(B, Names) > 0 end),
+    [Holder | _] = [P || {_, P, Len} <- erpc:call(B, ?MODULE, queued, [Names]), Len > 0],
+    Fault(Holder, Names),
+    ok = erpc:call(B, ?MODULE, resume, [Names]),
+    expect(Caller, Allowed).
+
+%% Stops teleport on B (while `Suspended' hold what they hold), lets them go on,
+%% and starts it again.
+restart_teleport(B, Suspended) ->
+    Stopper = spawn_link(fun() -> ok = erpc:call(B, application, stop, [teleport], ?RPC_TIMEOUT) end),
+    timer:sleep(100),
+    ok = erpc:call(B, ?MODULE, resume, [Suspended]),
+    ok = wait_for(fun() -> not is_process_alive(Stopper) end),
+    {ok, _} = erpc:call(B, application, ensure_all_started, [teleport]).
+
+lost(B) ->
+    {exit, {request_lost, B}}.
+
+call_async(Config, Request) ->
+    B = ?config(b, Config),
+    Timeout = ?config(timeout, Config),
+    Self = self(),
+    spawn_link(fun() -> Self ! {outcome, self(), call(B, Request, Timeout)} end).
+
+call(B, Request, Timeout) ->
+    try teleport:gs_call({?SERVER, B}, Request, Timeout) of
+        Reply -> {reply, Reply}
+    catch
+        exit:Reason -> {exit, Reason}
+    end.
+
+outcome(Caller, Within) ->
+    receive
+        {outcome, Caller, Outcome} -> Outcome
+    after Within ->
+            ct:fail({no_outcome_after, Within, erlang:process_info(Caller, current_stacktrace)})
+    end.
+
+%% The call's outcome must be one of `Allowed' (`{reply, R}' or `{exit, Reason}'
+%% without gs_call's location), and come within the bound.
+expect(Caller, Allowed) ->
+    Started = erlang:monotonic_time(millisecond),
+    Outcome = case outcome(Caller, ?OUTCOME_BOUND_MS) of
+                  {exit, {Reason, {teleport, gs_call, _}}} -> {exit, Reason};
+                  Other -> Other
+              end,
+    ct:pal("outcome ~P after ~b ms", [Outcome, 12, erlang:monotonic_time(millisecond) - Started]),
+    ?assert(lists:member(Outcome, Allowed), {Outcome, Allowed}).
+
+queued_on(B, Names) ->
+    lists:sum([Len || {_, _, Len} <- erpc:call(B, ?MODULE, queued, [Names])]).
+
+wait_for(Fun) ->
+    case teleport_test_peer:wait_until(Fun, 10000) of
+        true -> ok;
+        false -> ct:fail(condition_never_held)
+    end.
+
+poll(Fun, Ms) ->
+    case Fun() of
+        false -> timer:sleep(Ms), poll(Fun, Ms);
+        Found -> Found
+    end.
+
+%%% On B
+
+-spec suspend([atom()]) -> ok.
+suspend(Names) ->
+    _ = [sys:suspend(whereis(N)) || N <- Names],
+    ok.
+
+-spec resume([atom()]) -> ok.
+resume(Names) ->
+    _ = [try sys:resume(whereis(N)) catch _:_ -> ok end || N <- Names],
+    ok.
+
+%% `{Name, Pid, MessageQueueLen}' of each registered process named.
+-spec queued([atom()]) -> [{atom(), pid(), non_neg_integer()}].
+queued(Names) ->
+    [{N, P, Len} || N <- Names, P <- [whereis(N)], is_pid(P),
+                    {message_queue_len, Len} <- [erlang:process_info(P, message_queue_len)]].
+
+%% The keepers alive on this node.
+-spec keepers() -> [pid()].
+keepers() ->
+    [P || P <- processes(),
+          element(1, proc_lib:translate_initial_call(P)) =:= teleport_call].
