@@ -16,6 +16,7 @@
 start(_Type, _Args) ->
     case safe_to_start() of
         ok ->
+            ok = teleport_log:add_default_handler_filter(),
             teleport_sup:start_link();
         {error, Reason} = Error ->
             ?LOG_ERROR(#{what => refusing_to_start, reason => Reason,
@@ -24,7 +25,7 @@ start(_Type, _Args) ->
     end.
 
 stop(_State) ->
-    ok.
+    teleport_log:remove_default_handler_filter().
 
 safe_to_start() ->
     case {erlang:is_alive(), erlang:get_cookie()} of

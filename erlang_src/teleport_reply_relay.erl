@@ -24,8 +24,12 @@
 -include_lib("kernel/include/logger.hrl").
 -include("teleport_call.hrl").
 
-%% CallerRef => Keeper, and the keeper's monitor => CallerRef.
--type state() :: #{keepers := #{reference() => pid()}, monitors := #{reference() => reference()}}.
+%% CallerRef => Keeper, the keeper's monitor => CallerRef, and when a malformed
+%% call was last logged, with how many came since.
+-type state() :: #{keepers := #{reference() => pid()}, monitors := #{reference() => reference()},
+                   malformed := {integer(), non_neg_integer()}}.
+
+-define(MALFORMED_LOG_MS, 10000).
 
 -spec names() -> [atom()].
 names() ->
@@ -44,7 +48,8 @@ init([]) ->
     %% application kills every process under its group leader, and a keeper
     %% must outlive a restart of teleport (the supervisor still stops relays).
     _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
-    {ok, #{keepers => #{}, monitors => #{}}}.
+    {ok, #{keepers => #{}, monitors => #{},
+           malformed => {erlang:monotonic_time(millisecond) - ?MALFORMED_LOG_MS, 0}}}.
 
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, {error, unsupported}, state()}.
 handle_call(_Request, _From, State) ->
@@ -94,11 +99,20 @@ take({'$teleport_call', Dest, {Caller, Ref, Timeout}, Request}, State)
   when (is_pid(Dest) orelse is_atom(Dest)), is_pid(Caller), is_reference(Ref),
        (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
     start_keeper(Dest, Caller, Ref, Timeout, Request, State);
-take({'$teleport_call', Dest, Call, _Request}, State) ->
-    %% A peer that passed the cookie check but sent a malformed call: drop it
-    %% rather than crash. Logged without the request, which may be large.
-    ?LOG_NOTICE(#{what => malformed_call, dest => Dest, call => Call}, #{domain => [teleport]}),
-    State.
+take({'$teleport_call', Dest, Call, _Request}, #{malformed := {LastLog, Unlogged}} = State) ->
+    %% A peer that passed the cookie check but sent a malformed call: dropped
+    %% rather than crash. Logged at most every ?MALFORMED_LOG_MS, bounded, without
+    %% the request.
+    Now = erlang:monotonic_time(millisecond),
+    case Now - LastLog >= ?MALFORMED_LOG_MS of
+        true ->
+            ?LOG_NOTICE(#{what => malformed_call, dest => teleport_log:bounded(Dest),
+                          call => teleport_log:bounded(Call), unlogged_since_last => Unlogged},
+                        #{domain => [teleport]}),
+            State#{malformed := {Now, 0}};
+        false ->
+            State#{malformed := {LastLog, Unlogged + 1}}
+    end.
 
 start_keeper(Dest, Caller, Ref, Timeout, Request, #{keepers := Keepers, monitors := Monitors} = State) ->
     {Keeper, Mon} = proc_lib:spawn_opt(teleport_call, keeper, [Dest, Caller, Ref, Timeout, Request],

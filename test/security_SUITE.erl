@@ -1,0 +1,116 @@
+%%% @doc What a peer that should not be trusted, or a careless one, can make a
+%%% node do, and whether the node's operator gets to see it.
+%%%
+%%% <ul>
+%%% <li>`logs_reach_default_handler': a peer node whose logging nobody
+%%%     configured (OTP's default handler, its stock filters, writing to a file)
+%%%     shows teleport's notices: a garbage connection to its listener logs
+%%%     `handshake_failed'. 200 malformed call frames of 100 KB each from a
+%%%     client that knows the cookie log one bounded line (at most one per 10 s),
+%%%     not 20 MB; removing teleport's filter from the default handler silences
+%%%     teleport there.</li>
+%%% </ul>
+-module(security_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+-include_lib("kernel/include/file.hrl").
+
+-export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([logs_reach_default_handler/1]).
+
+-define(RPC_TIMEOUT, 30000).
+
+suite() ->
+    [{timetrap, {minutes, 5}}].
+
+all() ->
+    [logs_reach_default_handler].
+
+init_per_suite(Config) ->
+    case teleport_test_peer:start_local_teleport("security") of
+        ok -> Config;
+        {skip, _} = Skip -> Skip
+    end.
+
+end_per_suite(_Config) ->
+    teleport_test_peer:stop_local_teleport().
+
+init_per_testcase(_Case, Config) ->
+    Config.
+
+end_per_testcase(_Case, Config) ->
+    _ = [teleport_test_peer:stop(P) || P <- proplists:get_value(peers, Config, [])],
+    ok.
+
+%%====================================================================
+%% Logging
+%%====================================================================
+
+logs_reach_default_handler(Config) ->
+    Log = filename:join(?config(priv_dir, Config), "default_handler.log"),
+    Handler = lists:flatten(io_lib:format("[{handler,default,logger_std_h,#{config=>#{file=>~p}}}]",
+                                          [Log])),
+    {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name("logs"),
+                                                ["-kernel", "logger", Handler]),
+    try
+        %% The default handler as OTP ships it: only the file differs.
+        {ok, #{filters := Filters, filter_default := stop}} =
+            erpc:call(Node, logger, get_handler_config, [default]),
+        ?assertEqual([domain, no_domain, remote_gl, teleport], lists:sort([Id || {Id, _} <- Filters])),
+        {ok, Address} = erpc:call(Node, teleport_nif, listen_address, []),
+        %% A garbage connection: handshake_failed, at notice.
+        {ok, Garbage} = gen_tcp:connect(element(1, Address), element(2, Address),
+                                        [binary, {active, false}]),
+        ok = gen_tcp:send(Garbage, <<255, 255, "not a handshake">>),
+        {error, closed} = gen_tcp:recv(Garbage, 0, 10000),
+        ok = gen_tcp:close(Garbage),
+        ok = wait_for_text(Node, Log, <<"handshake_failed">>),
+        %% Malformed calls: one line, bounded.
+        {ok, Socket} = teleport_raw_client:connect(Address, Node, erlang:get_cookie(),
+                                                   #{announce => teleport_raw_client:pool_epoch(1, 1)}),
+        Before = file_size(Node, Log),
+        Big = binary:copy(<<"x">>, 100000),
+        [ok = teleport_raw_client:send_frame(Socket, call, term_to_binary({some_server, Big, Big}))
+         || _ <- lists:seq(1, 200)],
+        ok = wait_for_text(Node, Log, <<"malformed_call">>),
+        timer:sleep(500),
+        Grown = file_size(Node, Log) - Before,
+        {ok, Text} = file:read_file(Log),
+        Lines = length(binary:matches(Text, <<"malformed_call">>)),
+        ct:pal("200 malformed call frames of 100 KB: ~b line(s), the log grew by ~b bytes",
+               [Lines, Grown]),
+        ?assertEqual(1, Lines),
+        ?assert(Grown < 4000),
+        teleport_raw_client:close(Socket),
+        %% The operator can silence teleport there.
+        ok = erpc:call(Node, logger, remove_handler_filter, [default, teleport]),
+        SizeBefore = file_size(Node, Log),
+        {ok, Again} = gen_tcp:connect(element(1, Address), element(2, Address), [binary, {active, false}]),
+        ok = gen_tcp:send(Again, <<255, 255, "garbage">>),
+        {error, closed} = gen_tcp:recv(Again, 0, 10000),
+        timer:sleep(500),
+        ?assertEqual(SizeBefore, file_size(Node, Log))
+    after
+        teleport_test_peer:stop(Peer)
+    end.
+
+wait_for_text(Node, Log, Text) ->
+    Found = teleport_test_peer:wait_until(
+              fun() ->
+                      _ = erpc:call(Node, logger_std_h, filesync, [default]),
+                      case file:read_file(Log) of
+                          {ok, Bin} -> binary:match(Bin, Text) =/= nomatch;
+                          _ -> false
+                      end
+              end, 10000),
+    case Found of
+        true -> ok;
+        false -> ct:fail({not_logged, Text, file:read_file(Log)})
+    end.
+
+file_size(Node, Log) ->
+    _ = erpc:call(Node, logger_std_h, filesync, [default]),
+    {ok, #file_info{size = Size}} = file:read_file_info(Log),
+    Size.
