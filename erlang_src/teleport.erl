@@ -89,11 +89,13 @@
 -define(RESUME_RECHECK_MS, 500).
 
 %% @doc Sends `Msg' to `Dest' like `erlang:send/2'; remote destinations go over
-%% teleport. Returns `{error, noconnection}' when the node cannot be reached
-%% and `{error, too_large}' past `max_frame_bytes'. A bad `Dest' raises
+%% teleport. Returns `{error, noconnection}' when the node cannot be reached,
+%% `{error, too_large}' past `max_frame_bytes', and `{error, unsupported_by_peer}'
+%% when `Msg' holds a term the peer's Erlang/OTP release cannot decode (an OTP 29
+%% native record sent to an older release); nothing is sent then. A bad `Dest' raises
 %% `badarg', as does an unregistered local name. When the connection's queue is
 %% full the caller waits until it drains (like a busy distribution port).
--spec send(dest(), term()) -> ok | {error, noconnection | too_large}.
+-spec send(dest(), term()) -> ok | {error, noconnection | too_large | unsupported_by_peer}.
 send(Dest, Msg) ->
     send(Dest, Msg, []).
 
@@ -106,7 +108,8 @@ send(Dest, Msg) ->
 %% <li>`nosuspend': never wait; return `{error, busy}' (nothing sent) if the
 %%     connection's queue is full.</li>
 %% </ul>
--spec send(dest(), term(), [send_option()]) -> ok | {error, noconnection | too_large | busy}.
+-spec send(dest(), term(), [send_option()]) ->
+    ok | {error, noconnection | too_large | unsupported_by_peer | busy}.
 send(Dest, Msg, Opts) ->
     case route(Dest) of
         local ->
@@ -337,7 +340,8 @@ connection_key([Other | _]) -> erlang:error({badarg, Other}).
 %% @private
 %% @doc Queues `Envelope' as a frame of `Kind' to `Node', keyed by the caller
 %% (teleport_call sends its call frames with it).
--spec send_frame(node(), send | call, term()) -> ok | {error, noconnection | too_large | busy}.
+-spec send_frame(node(), send | call, term()) ->
+    ok | {error, noconnection | too_large | unsupported_by_peer | busy}.
 send_frame(Node, Kind, Envelope) ->
     remote_send(Node, Kind, Envelope, erlang:phash2(self()), false).
 
@@ -365,6 +369,7 @@ enqueue(Node, Kind, Key, NoSuspend, Envelope) ->
         suspend -> await_resume(Node, Key);
         not_connected -> not_connected;
         too_large -> {error, too_large};
+        unsupported_by_peer -> {error, unsupported_by_peer};
         busy -> {error, busy}
     end.
 

@@ -36,7 +36,7 @@ open_pool(_Node, _Ip, _Port, _Size, _Notify) -> erlang:nif_error(nif_not_loaded)
 %% @doc Encodes `Msg' (in Rust, byte-identical to term_to_binary/1 where that is
 %% deterministic; large binaries by reference) and queues it to `Node'.
 -spec send(node(), send | call, non_neg_integer(), boolean(), term()) ->
-    ok | suspend | not_connected | too_large | busy.
+    ok | suspend | not_connected | too_large | unsupported_by_peer | busy.
 send(_Node, _Kind, _Key, _NoSuspend, _Msg) -> erlang:nif_error(nif_not_loaded).
 
 -spec close_pool(node()) -> ok.

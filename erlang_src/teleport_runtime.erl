@@ -109,11 +109,15 @@ log_event({inbound_up, Node}) ->
     ?LOG_DEBUG(#{what => inbound_up, peer => Node}, ?META);
 log_event({inbound_down, Node, Reason}) ->
     ?LOG_DEBUG(#{what => inbound_down, peer => Node, reason => Reason}, ?META);
-log_event({handshake_failed, Remote, Reason, Unreported}) ->
+log_event({handshake_failed, Remote, Reason, Detail, Unreported}) ->
     %% At most one per source address per 10 s; `unreported': that source's
     %% failures since the last line (every one is in listener_stats/0).
-    ?LOG_NOTICE(#{what => handshake_failed, remote => Remote, reason => Reason,
-                  unreported_since_last => Unreported}, ?META);
+    ?LOG_NOTICE(maps:merge(#{what => handshake_failed, remote => Remote, reason => Reason,
+                             unreported_since_last => Unreported},
+                           case Detail of
+                               <<>> -> #{};
+                               _ -> #{detail => Detail}
+                           end), ?META);
 log_event({undeliverable, Node, Reason, Total}) ->
     ?LOG_DEBUG(#{what => undeliverable, peer => Node, reason => Reason, total => Total}, ?META);
 log_event({accept_failed, Reason, Count}) ->

@@ -208,6 +208,7 @@ write_peer_erl() {
 #!/bin/sh
 # Erlang/OTP $rel's erl, in $dir (written by scripts/otp_matrix.sh).
 exec chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin \\
+    ERL_EPMD_PORT="\${ERL_EPMD_PORT:-4369}" \\
     erl -pa $TREE_AT/_build/test/lib/teleport/ebin -pa $TREE_AT/_build/test/lib/teleport/test "\$@"
 EOF
     chmod +x "$wrapper"

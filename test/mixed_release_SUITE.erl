@@ -23,6 +23,11 @@
 %%% <li>`large_maps_both_ways': maps of 1,000 to 100,000 keys, both ways.</li>
 %%% <li>`gs_call_both_ways': `teleport:gs_call/3' from here to a gen_server on the
 %%%     peer and from the peer to one here, with replies of every kind above.</li>
+%%% <li>`native_records_by_release': where one side is OTP 29 or later (native
+%%%     records) and the other older, a record sent to the older one, alone or deep
+%%%     in a message, is refused by the sender with `{error, unsupported_by_peer}'
+%%%     (the older VM could not build it), and the connection carries the next
+%%%     message; as a gs_call request it exits with that reason.</li>
 %%% </ul>
 -module(mixed_release_SUITE).
 
@@ -31,10 +36,11 @@
 
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1]).
 -export([releases/1, terms_here_to_peer_and_back/1, terms_peer_to_here_and_back/1,
-         large_maps_both_ways/1, gs_call_both_ways/1]).
+         large_maps_both_ways/1, gs_call_both_ways/1, native_records_by_release/1]).
 %% Run on the peer (compiled by its release).
 -export([release_info/0, terms/2, round_trip/3, watch_origin/1,
-         peer_round_trip/3, peer_send/2, peer_maps_round_trip/1, peer_calls/2]).
+         peer_round_trip/3, peer_send/2, peer_maps_round_trip/1, peer_calls/2,
+         peer_records_to/2]).
 
 -define(RPC_TIMEOUT, 120000).
 -define(MSG_TIMEOUT, 120000).
@@ -47,7 +53,7 @@ suite() ->
 
 all() ->
     [releases, terms_here_to_peer_and_back, terms_peer_to_here_and_back,
-     large_maps_both_ways, gs_call_both_ways].
+     large_maps_both_ways, gs_call_both_ways, native_records_by_release].
 
 init_per_suite(Config) ->
     case os:getenv("TELEPORT_PEER_ERL") of
@@ -60,6 +66,48 @@ init_per_suite(Config) ->
                 {skip, _} = Skip -> Skip
             end
     end.
+
+native_records_by_release(Config) ->
+    Node = ?config(node, Config),
+    Here = teleport_test_terms:native_records(),
+    There = erpc:call(Node, teleport_test_terms, native_records, [], ?RPC_TIMEOUT),
+    ct:pal("native records: here ~p, on the peer ~p", [Here, There]),
+    {ok, Sink} = teleport_rel_remote:spawn_sink(mixed_record_sink, self()),
+    try records_by_release(Node, Here, There)
+    after exit(Sink, kill)
+    end.
+
+records_by_release(Node, Here, There) ->
+    case {Here, There} of
+        {false, true} ->
+            Results = erpc:call(Node, ?MODULE, peer_records_to, [node(), mixed_record_sink],
+                                ?RPC_TIMEOUT),
+            ?assertEqual([{error, unsupported_by_peer}, {error, unsupported_by_peer},
+                          ok, call_refused], Results),
+            %% Only the plain message arrived.
+            receive {rel_sink, _, Got} -> ct:pal("arrived: ~p", [Got]) after 10000 -> ct:fail(nothing_arrived) end,
+            receive {rel_sink, _, More} -> ct:fail({arrived_too, More}) after 500 -> ok end;
+        {Same, Same} ->
+            %% Nothing to refuse between these two releases.
+            {comment, "both releases alike"};
+        {true, false} ->
+            ct:fail(run_the_newer_release_as_the_peer)
+    end.
+
+%% On the peer: a record alone and deep in a message to `Name' on `Node', then a
+%% plain message, then a gs_call with a record in its request.
+-spec peer_records_to(node(), atom()) -> list().
+peer_records_to(Node, Name) ->
+    Record = teleport_test_terms:record(mixed, pt, [{x, 1}]),
+    Alone = teleport:send({Name, Node}, Record),
+    Deep = teleport:send({Name, Node}, {a, [#{k => [Record]}]}),
+    Plain = teleport:send({Name, Node}, plain_after_records),
+    Call = try teleport:gs_call({?SERVER, Node}, {echo, Record}, 10000) of
+               _ -> call_answered
+           catch
+               exit:{unsupported_by_peer, _} -> call_refused
+           end,
+    [Alone, Deep, Plain, Call].
 
 start_suite(Erl, Config) ->
     {ok, Peer, Node} = start_peer(Erl, teleport_test_peer:unique_name("mixed_peer")),

@@ -2,16 +2,22 @@
 %%% (gen_tcp and crypto), for tests that must put exact bytes on the wire:
 %%% what a buggy or hostile peer that knows the cookie could send.
 %%%
-%%% The handshake (native/teleport_net/src/handshake.rs): every message is
-%%% `[u16 BE length][u8 tag][body]', the length counting tag + body:
+%%% The handshake (native/teleport_net/src/handshake.rs), protocol 2: every
+%%% message is `[u16 BE length][u8 tag][body]', the length counting tag + body:
 %%% <ol>
-%%% <li>HELLO (client): tag 1, `[version 1][nonce_c:32][u8 len][client node][u8 len][server node]'</li>
-%%% <li>CHALLENGE (server): tag 2, `[version 1][nonce_s:32]'</li>
-%%% <li>CLIENT_PROOF (client): tag 3, `HMAC-SHA256(Cookie, transcript("client"))'</li>
+%%% <li>HELLO (client): tag 1, `[1][nonce_c:32][u8 len][client node][u8 len][server node]',
+%%%     nonce_c starting with `"teleprt"' and the client's protocol version</li>
+%%% <li>CHALLENGE (server): tag 2, `[version 2][nonce_s:32][capabilities:6]'</li>
+%%% <li>CLIENT_PROOF (client): tag 3, `[HMAC-SHA256(Cookie, transcript("client"))][capabilities:6]'</li>
 %%% <li>SERVER_PROOF (server): tag 4, `HMAC-SHA256(Cookie, transcript("server"))'</li>
 %%% </ol>
-%%% with `transcript(Role) = "teleport-v1 " ++ Role ++ nonce_c ++ nonce_s ++
-%%% [len, client node] ++ [len, server node]'. After it, frames
+%%% with `transcript(Role) = "teleport-v2 " ++ Role ++ [version] ++ nonce_c ++ nonce_s ++
+%%% [len, client node] ++ [len, server node] ++ client capabilities ++ server
+%%% capabilities ++ [0]' (the last byte: no TLS session value), capabilities
+%%% being `[u16 OTP release][u32 flags]'. With `protocol => 1' the client speaks
+%%% protocol 1 (teleport before versions: no mark, `[1][nonce_s]' challenge,
+%%% `"teleport-v1 "' transcript), to see how a node of protocol 2 refuses it.
+%%% After it, frames
 %%% (native/teleport_net/src/framing.rs): `[u32 BE body length][u8 kind]' +
 %%% body; kind 1 (send) carries `term_to_binary({Dest, Msg})', kind 2 (call)
 %%% `term_to_binary({Dest, {Caller, Ref, Timeout}, Request})'.
@@ -29,7 +35,11 @@
          frame/2, pool_epoch/2, send_frame/3, send_bytes/2, send_term/3,
          await_closed/2]).
 
--define(VERSION, 1).
+-define(HELLO_VERSION, 1).
+-define(PROTOCOL, 2).
+-define(MARK, "teleprt").
+%% [u16 OTP release][u32 flags]: an OTP 25 node's.
+-define(CAPABILITIES, <<25:16, 0:32>>).
 -define(TAG_HELLO, 1).
 -define(TAG_CHALLENGE, 2).
 -define(TAG_CLIENT_PROOF, 3).
@@ -46,7 +56,10 @@
                   active => boolean() | once,
                   %% Bytes written right after the handshake, before anything
                   %% else (e.g. a frame a newer protocol expects first).
-                  announce => iodata()}.
+                  announce => iodata(),
+                  %% The protocol version to speak (default 2; 1: as teleport
+                  %% did before the wire had versions).
+                  protocol => 1 | 2}.
 -type kind() :: send | call | byte().
 -export_type([address/0, opts/0, kind/0]).
 
@@ -66,8 +79,8 @@ connect({Ip, Port}, ServerNode, Cookie, Opts) ->
     case gen_tcp:connect(Ip, Port, [binary, {packet, 2}, {active, false}, {nodelay, true}],
                          Timeout) of
         {ok, Socket} ->
-            try handshake(Socket, cookie(Cookie), atom_to_binary(ClientNode),
-                          atom_to_binary(ServerNode), Timeout) of
+            try handshake(maps:get(protocol, Opts, ?PROTOCOL), Socket, cookie(Cookie),
+                          atom_to_binary(ClientNode), atom_to_binary(ServerNode), Timeout) of
                 ok ->
                     ok = inet:setopts(Socket, [{packet, raw}]),
                     ok = gen_tcp:send(Socket, maps:get(announce, Opts, [])),
@@ -130,31 +143,44 @@ await_closed(Socket, Timeout) ->
 
 %%--------------------------------------------------------------------
 
-handshake(Socket, Cookie, Client, Server, Timeout) ->
-    NonceC = crypto:strong_rand_bytes(32),
-    Hello = <<?TAG_HELLO, ?VERSION, NonceC/binary, (byte_size(Client)), Client/binary,
+handshake(Protocol, Socket, Cookie, Client, Server, Timeout) ->
+    Random = crypto:strong_rand_bytes(32),
+    NonceC = case Protocol of
+                 1 -> Random;
+                 _ -> <<?MARK, Protocol, (binary:part(Random, 8, 24))/binary>>
+             end,
+    Hello = <<?TAG_HELLO, ?HELLO_VERSION, NonceC/binary, (byte_size(Client)), Client/binary,
               (byte_size(Server)), Server/binary>>,
     ok = gen_tcp:send(Socket, Hello),
-    case gen_tcp:recv(Socket, 0, Timeout) of
-        {ok, <<?TAG_CHALLENGE, ?VERSION, NonceS:32/binary>>} ->
+    Names = <<(byte_size(Client)), Client/binary, (byte_size(Server)), Server/binary>>,
+    case {Protocol, gen_tcp:recv(Socket, 0, Timeout)} of
+        {1, {ok, <<?TAG_CHALLENGE, 1, NonceS:32/binary>>}} ->
             Transcript = fun(Role) ->
                                  <<"teleport-v1 ", Role/binary, NonceC/binary, NonceS/binary,
-                                   (byte_size(Client)), Client/binary,
-                                   (byte_size(Server)), Server/binary>>
+                                   Names/binary>>
                          end,
-            ok = gen_tcp:send(Socket, <<?TAG_CLIENT_PROOF,
-                                        (crypto:mac(hmac, sha256, Cookie,
-                                                    Transcript(<<"client">>)))/binary>>),
-            Expected = crypto:mac(hmac, sha256, Cookie, Transcript(<<"server">>)),
-            case gen_tcp:recv(Socket, 0, Timeout) of
-                {ok, <<?TAG_SERVER_PROOF, Expected:32/binary>>} -> ok;
-                {ok, Other} -> {error, {bad_server_proof, Other}};
-                {error, Reason} -> {error, {no_server_proof, Reason}}
-            end;
-        {ok, Other} ->
+            prove(Socket, Cookie, Transcript, <<>>, Timeout);
+        {2, {ok, <<?TAG_CHALLENGE, 2, NonceS:32/binary, ServerCaps:6/binary>>}} ->
+            Transcript = fun(Role) ->
+                                 <<"teleport-v2 ", Role/binary, 2, NonceC/binary, NonceS/binary,
+                                   Names/binary, ?CAPABILITIES/binary, ServerCaps/binary, 0>>
+                         end,
+            prove(Socket, Cookie, Transcript, ?CAPABILITIES, Timeout);
+        {_, {ok, Other}} ->
             {error, {bad_challenge, Other}};
-        {error, Reason} ->
+        {_, {error, Reason}} ->
             {error, {no_challenge, Reason}}
+    end.
+
+prove(Socket, Cookie, Transcript, Capabilities, Timeout) ->
+    ok = gen_tcp:send(Socket, <<?TAG_CLIENT_PROOF,
+                                (crypto:mac(hmac, sha256, Cookie, Transcript(<<"client">>)))/binary,
+                                Capabilities/binary>>),
+    Expected = crypto:mac(hmac, sha256, Cookie, Transcript(<<"server">>)),
+    case gen_tcp:recv(Socket, 0, Timeout) of
+        {ok, <<?TAG_SERVER_PROOF, Expected:32/binary>>} -> ok;
+        {ok, Other} -> {error, {bad_server_proof, Other}};
+        {error, Reason} -> {error, {no_server_proof, Reason}}
     end.
 
 cookie(Cookie) when is_atom(Cookie) -> atom_to_binary(Cookie);

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::handshake::Capabilities;
 use crate::send_buffer::SendBuffer;
 use crate::thread_priority::IoThreadPriority;
 
@@ -15,6 +16,8 @@ pub struct Config {
     pub io_threads: usize,
     pub local_node: String,
     pub cookie: Vec<u8>,
+    /// What this node tells its peers about itself in every handshake.
+    pub capabilities: Capabilities,
     /// Cap on one frame body, checked by readers before allocating and by senders.
     pub max_frame_bytes: u32,
     /// Per connection: past this many queued bytes, senders are told to wait.
@@ -99,6 +102,7 @@ impl Config {
             io_threads: 2,
             local_node: local_node.to_string(),
             cookie: cookie.to_vec(),
+            capabilities: Capabilities::default(),
             max_frame_bytes: 64 << 20,
             send_queue_bytes: 8 << 20,
             sndbuf: SendBuffer::Auto,

@@ -12,8 +12,10 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
+use crate::config::Config;
 use crate::conn_ref::ConnRef;
 use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -150,6 +152,8 @@ pub struct Connection {
     created: Instant,
     /// Whether senders may write to the socket themselves (not through TLS).
     direct: bool,
+    /// What the peer told of itself in this connection's handshake.
+    peer_capabilities: Capabilities,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -179,12 +183,13 @@ impl Connection {
     pub(crate) fn new(
         socket: Arc<TcpStream>,
         io: ConnRef,
-        limit: usize,
-        io_chunk: usize,
+        config: &Config,
         stats: Arc<PeerStats>,
         counters: ConnStats,
         direct: bool,
+        peer_capabilities: Capabilities,
     ) -> Connection {
+        let (limit, io_chunk) = (config.send_queue_bytes, config.io_chunk());
         let (tx, rx) = crossbeam_channel::unbounded();
         Connection {
             tx,
@@ -204,6 +209,7 @@ impl Connection {
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
             direct,
+            peer_capabilities,
         }
     }
 
@@ -420,6 +426,11 @@ impl Connection {
 
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(SeqCst)
+    }
+
+    /// What the peer told of itself in this connection's handshake.
+    pub fn peer_capabilities(&self) -> Capabilities {
+        self.peer_capabilities
     }
 
     /// This connection's counters, as slot `index` of its pool.

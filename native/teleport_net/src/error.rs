@@ -13,6 +13,8 @@ pub enum OpenError {
     Connect { reason: &'static str, message: String },
     /// The cookie handshake failed.
     Handshake { reason: &'static str, message: String },
+    /// The peer speaks no protocol version this node does (its version, ours).
+    Version { peer: u8, local: u8 },
     /// A socket call after the handshake failed (writing the pool's first frame).
     Io { reason: &'static str, message: String },
     /// The runtime is stopping.
@@ -30,6 +32,8 @@ pub enum Detail<'a> {
     None,
     Name(&'static str),
     Text(&'a str),
+    /// `{version, Peer, Local}`: the two protocol versions.
+    Versions(u8, u8),
 }
 
 impl OpenError {
@@ -41,6 +45,9 @@ impl OpenError {
     }
 
     pub fn handshake(e: &HandshakeError) -> OpenError {
+        if let HandshakeError::Version { peer, local } = *e {
+            return OpenError::Version { peer, local };
+        }
         let reason = match e {
             // Named after the i/o error: a peer closing on us (over its pending-handshake
             // cap, or refusing our hello) is `closed`.
@@ -65,7 +72,7 @@ impl OpenError {
     pub fn class(&self) -> &'static str {
         match self {
             OpenError::Connect { .. } => "connect",
-            OpenError::Handshake { .. } => "handshake",
+            OpenError::Handshake { .. } | OpenError::Version { .. } => "handshake",
             OpenError::Io { .. } => "io",
             OpenError::Stopping => "stopping",
             OpenError::Closed(_) => "closed",
@@ -80,6 +87,7 @@ impl OpenError {
             OpenError::Connect { reason, .. }
             | OpenError::Handshake { reason, .. }
             | OpenError::Io { reason, .. } => Detail::Name(reason),
+            OpenError::Version { peer, local } => Detail::Versions(*peer, *local),
             OpenError::Stopping => Detail::None,
             OpenError::Closed(why) | OpenError::Internal(why) => Detail::Text(why),
         }
@@ -91,6 +99,14 @@ impl fmt::Display for OpenError {
         match self {
             OpenError::Connect { message, .. } => write!(f, "connect failed: {message}"),
             OpenError::Handshake { message, .. } => write!(f, "handshake failed: {message}"),
+            OpenError::Version { peer, local } => write!(
+                f,
+                "handshake failed: {}",
+                HandshakeError::Version {
+                    peer: *peer,
+                    local: *local
+                }
+            ),
             OpenError::Io { message, .. } => write!(f, "socket error: {message}"),
             OpenError::Stopping => f.write_str("stopping"),
             OpenError::Closed(why) => write!(f, "pool closed as it opened: {why}"),
@@ -161,6 +177,7 @@ impl fmt::Display for CloseReason {
             Detail::None => f.write_str(self.class()),
             Detail::Name(name) => write!(f, "{}: {name}", self.class()),
             Detail::Text(text) => write!(f, "{}: {text}", self.class()),
+            Detail::Versions(peer, local) => write!(f, "{}: protocol {peer} against {local}", self.class()),
         }
     }
 }

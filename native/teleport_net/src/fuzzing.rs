@@ -7,9 +7,9 @@ use crate::etf::read::ReadError;
 use crate::etf::value::{read_value, Value};
 use crate::framing::FrameKind;
 use crate::handshake::{
-    accept_challenge, accept_hello, challenge_body, check_client_proof, check_server_proof, client_proof,
-    encode_hello, encode_message, message_len, HandshakeError, MacBytes, Nonce, TAG_CHALLENGE,
-    TAG_CLIENT_PROOF, TAG_HELLO, TAG_SERVER_PROOF,
+    accept_challenge, accept_hello, challenge_body, check_client_proof, check_server_proof, client_nonce,
+    client_proof_body, encode_hello, encode_message, message_len, Capabilities, HandshakeError, Nonce,
+    Transcript, PROTOCOL_VERSION, TAG_CHALLENGE, TAG_CLIENT_PROOF, TAG_HELLO, TAG_SERVER_PROOF,
 };
 use crate::inbound::parse_stream;
 use crate::runtime::POOL_TOKEN_LEN;
@@ -18,8 +18,13 @@ use crate::runtime::POOL_TOKEN_LEN;
 pub const COOKIE: &[u8] = b"fuzz-cookie";
 pub const CLIENT_NODE: &str = "a@127.0.0.1";
 pub const SERVER_NODE: &str = "b@127.0.0.1";
-const NONCE_C: Nonce = [0x11; 32];
+/// The client's nonce starts with the version mark (`client_nonce`).
+const NONCE_C_RANDOM: Nonce = [0x11; 32];
 const NONCE_S: Nonce = [0x22; 32];
+const CAPABILITIES: Capabilities = Capabilities {
+    otp_release: 29,
+    flags: Capabilities::NATIVE_RECORDS,
+};
 
 /// The frame target's `max_frame_bytes`.
 pub const MAX_FRAME: u32 = 8 * 1024;
@@ -45,12 +50,21 @@ pub fn handshake(data: &[u8]) -> Result<Accepted, HandshakeError> {
     };
     if side % 2 == 0 {
         let hello = accept_hello(next_message(&mut rest)?, SERVER_NODE)?;
-        check_client_proof(COOKIE, &hello, &NONCE_S, next_message(&mut rest)?)?;
+        check_client_proof(
+            COOKIE,
+            &hello,
+            &NONCE_S,
+            CAPABILITIES,
+            None,
+            next_message(&mut rest)?,
+        )?;
         Ok(Accepted::Server(hello.client_node))
     } else {
-        let nonce_s = accept_challenge(next_message(&mut rest)?, &NONCE_C)?;
-        let proof = next_message(&mut rest)?;
-        check_server_proof(COOKIE, &NONCE_C, &nonce_s, CLIENT_NODE, SERVER_NODE, proof)?;
+        let nonce_c = client_nonce(NONCE_C_RANDOM);
+        let challenge = accept_challenge(next_message(&mut rest)?, &nonce_c)?;
+        let transcript =
+            Transcript::client(nonce_c, &challenge, CLIENT_NODE, SERVER_NODE, CAPABILITIES, None);
+        check_server_proof(COOKIE, &transcript, next_message(&mut rest)?)?;
         Ok(Accepted::Client)
     }
 }
@@ -109,19 +123,25 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let hello = encode_hello(&NONCE_C, CLIENT_NODE, SERVER_NODE);
-    let client_mac: MacBytes = client_proof(COOKIE, &NONCE_C, &NONCE_S, CLIENT_NODE, SERVER_NODE);
+    let nonce_c = client_nonce(NONCE_C_RANDOM);
+    let hello = encode_message(TAG_HELLO, &encode_hello(&nonce_c, CLIENT_NODE, SERVER_NODE));
+    let challenge = encode_message(
+        TAG_CHALLENGE,
+        &challenge_body(PROTOCOL_VERSION, &NONCE_S, CAPABILITIES),
+    );
+    let accepted = accept_challenge(&challenge[2..], &nonce_c).expect("valid challenge");
+    let transcript = Transcript::client(nonce_c, &accepted, CLIENT_NODE, SERVER_NODE, CAPABILITIES, None);
+    let client_msg = encode_message(TAG_CLIENT_PROOF, &client_proof_body(COOKIE, &transcript));
     let mut server_side = vec![0];
-    server_side.extend(encode_message(TAG_HELLO, &hello));
-    server_side.extend(encode_message(TAG_CLIENT_PROOF, &client_mac));
+    server_side.extend(&hello);
+    server_side.extend(&client_msg);
 
     // The server's proof is what our server side answers that client with.
-    let hello_msg = &encode_message(TAG_HELLO, &hello)[2..];
-    let client_msg = encode_message(TAG_CLIENT_PROOF, &client_mac);
-    let parsed = accept_hello(hello_msg, SERVER_NODE).expect("valid hello");
-    let server_mac = check_client_proof(COOKIE, &parsed, &NONCE_S, &client_msg[2..]).expect("valid proof");
+    let parsed = accept_hello(&hello[2..], SERVER_NODE).expect("valid hello");
+    let (server_mac, _) = check_client_proof(COOKIE, &parsed, &NONCE_S, CAPABILITIES, None, &client_msg[2..])
+        .expect("valid proof");
     let mut client_side = vec![1];
-    client_side.extend(encode_message(TAG_CHALLENGE, &challenge_body(&NONCE_S)));
+    client_side.extend(challenge);
     client_side.extend(encode_message(TAG_SERVER_PROOF, &server_mac));
     vec![("server-accepts", server_side), ("client-accepts", client_side)]
 }

@@ -3,9 +3,9 @@
 //! Both ends prove they know the shared Erlang cookie by HMAC-SHA256
 //! challenge-response over fresh random nonces, without ever sending the cookie:
 //!
-//! 1. HELLO        client -> server  `[version][nonce_c][len][client_node][len][server_node]`
-//! 2. CHALLENGE    server -> client  `[version][nonce_s]`
-//! 3. CLIENT_PROOF client -> server  `[HMAC(cookie, transcript("client"))]`
+//! 1. HELLO        client -> server  `[1][nonce_c][len][client_node][len][server_node]`
+//! 2. CHALLENGE    server -> client  `[version][nonce_s][capabilities]`
+//! 3. CLIENT_PROOF client -> server  `[HMAC(cookie, transcript("client"))][capabilities]`
 //! 4. SERVER_PROOF server -> client  `[HMAC(cookie, transcript("server"))]`
 //!
 //! Every message is `[u16 big-endian length][u8 tag][body]`, the length counting
@@ -13,6 +13,18 @@
 //! `MAX_HANDSHAKE_MESSAGE` before allocating, parses strictly, and the whole
 //! handshake runs against one deadline, so a peer trickling bytes cannot hold a
 //! socket open forever.
+//!
+//! Versions. HELLO keeps protocol 1's layout, version byte 1 included, so that a node
+//! that speaks only protocol 1 (teleport before the wire had versions) answers it; the
+//! client's highest protocol is marked in the first bytes of its nonce
+//! (`VERSION_MARK`, then the version). The server answers with the version both
+//! speak in CHALLENGE, or refuses; a client that gets protocol 1's CHALLENGE refuses.
+//! Either way the refusal names both versions (`HandshakeError::Version`).
+//!
+//! What the proofs sign (`Transcript`): both roles' nonces, both node names, the
+//! version, both sides' capabilities, and, over TLS, a value exported from the TLS
+//! session (RFC 5705), which binds the proofs to that session: a relay that ends one
+//! TLS session and opens another cannot pass the proofs on.
 //!
 //! The protocol lives in one place, `Handshake`: a state machine fed the peer's bytes,
 //! without a socket or a clock, for the event loop. `client_handshake` and
@@ -26,12 +38,23 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol this code speaks (the framing after the handshake included).
+pub const PROTOCOL_VERSION: u8 = 2;
+/// The oldest protocol it still speaks.
+pub const MIN_PROTOCOL_VERSION: u8 = 2;
+/// HELLO's version byte, whatever the client speaks: protocol 1's (see the module doc).
+const HELLO_VERSION: u8 = 1;
+/// A client of protocol 2 or later starts its nonce with this, then its highest version.
+pub(crate) const VERSION_MARK: [u8; 7] = *b"teleprt";
 pub const NONCE_LEN: usize = 32;
 /// Cap on one message's length field (tag + body). The largest message, HELLO
 /// with two 255-byte names, is 546 bytes.
 pub const MAX_HANDSHAKE_MESSAGE: usize = 600;
 pub const MAX_NODE_NAME: usize = 255;
+/// The value exported from a TLS session for the proofs to sign.
+pub const CHANNEL_BINDING_LEN: usize = 32;
+/// RFC 5705 label of that export.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-teleport-handshake";
 
 pub(crate) const TAG_HELLO: u8 = 1;
 pub(crate) const TAG_CHALLENGE: u8 = 2;
@@ -39,18 +62,56 @@ pub(crate) const TAG_CLIENT_PROOF: u8 = 3;
 pub(crate) const TAG_SERVER_PROOF: u8 = 4;
 
 const MAC_LEN: usize = 32;
-const TRANSCRIPT_PREFIX: &[u8] = b"teleport-v1 ";
+const TRANSCRIPT_PREFIX: &[u8] = b"teleport-v2 ";
 const ROLE_CLIENT: &str = "client";
 const ROLE_SERVER: &str = "server";
 
 type HmacSha256 = Hmac<Sha256>;
 pub(crate) type Nonce = [u8; NONCE_LEN];
 pub(crate) type MacBytes = [u8; MAC_LEN];
+pub type ChannelBinding = [u8; CHANNEL_BINDING_LEN];
+
+/// What a node tells its peer about itself in the handshake, and learns of the peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The Erlang/OTP release its VM runs (0 if unknown): a term of a type a peer's
+    /// release is older than may not be readable there.
+    pub otp_release: u16,
+    /// `CAN_*` bits.
+    pub flags: u32,
+}
+
+impl Capabilities {
+    /// Its VM builds OTP 29's native records.
+    pub const NATIVE_RECORDS: u32 = 1;
+    const LEN: usize = 6;
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.otp_release.to_be_bytes());
+        out.extend_from_slice(&self.flags.to_be_bytes());
+    }
+
+    fn parse(c: &mut Cursor) -> Result<Capabilities, HandshakeError> {
+        let otp_release = u16::from_be_bytes(c.array()?);
+        let flags = u32::from_be_bytes(c.array()?);
+        Ok(Capabilities { otp_release, flags })
+    }
+}
+
+/// Who the handshake authenticated, and what it agreed with them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Server: the client's node name. Client: the server's (the one dialed).
+    pub node: String,
+    pub version: u8,
+    pub capabilities: Capabilities,
+}
 
 pub struct HandshakeConfig<'a> {
     pub cookie: &'a [u8],
     /// This node's name, e.g. "a@127.0.0.1".
     pub local_node: &'a str,
+    pub capabilities: Capabilities,
     /// Deadline for the whole handshake, not for each read.
     pub timeout: Duration,
 }
@@ -64,7 +125,11 @@ pub enum HandshakeError {
     Malformed(&'static str),
     /// A length field of 0 or above `MAX_HANDSHAKE_MESSAGE`.
     Oversized(usize),
-    Version(u8),
+    /// The peer speaks no protocol version we do.
+    Version {
+        peer: u8,
+        local: u8,
+    },
     /// The hello named a server node that is not us.
     WrongNode,
     /// The peer claims our own node name (or we were asked to dial ourselves).
@@ -85,7 +150,7 @@ impl HandshakeError {
             HandshakeError::Timeout => "timeout",
             HandshakeError::Malformed(_) => "malformed",
             HandshakeError::Oversized(_) => "oversized",
-            HandshakeError::Version(_) => "version",
+            HandshakeError::Version { .. } => "version",
             HandshakeError::WrongNode => "wrong_node",
             HandshakeError::OwnNodeName => "own_node_name",
             HandshakeError::BadNodeName => "bad_node_name",
@@ -102,7 +167,11 @@ impl fmt::Display for HandshakeError {
             HandshakeError::Timeout => f.write_str("timed out"),
             HandshakeError::Malformed(what) => write!(f, "malformed message: {what}"),
             HandshakeError::Oversized(len) => write!(f, "message length {len} out of range"),
-            HandshakeError::Version(v) => write!(f, "unsupported protocol version {v}"),
+            HandshakeError::Version { peer, local } => write!(
+                f,
+                "the peer speaks teleport protocol {peer}, this node {local} \
+                 (versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})"
+            ),
             HandshakeError::WrongNode => f.write_str("wrong node"),
             HandshakeError::OwnNodeName => f.write_str("peer claims our own node name"),
             HandshakeError::BadNodeName => f.write_str("bad node name"),
@@ -141,14 +210,15 @@ pub fn client_handshake(
     server_node: &str,
 ) -> Result<(), HandshakeError> {
     let deadline = Deadline::after(cfg.timeout);
-    let (mut handshake, hello) = Handshake::client(cfg.cookie, cfg.local_node, server_node)?;
-    run(stream, &deadline, &mut handshake, hello).map(|_server_node| ())
+    let (mut handshake, hello) =
+        Handshake::client(cfg.cookie, cfg.local_node, server_node, cfg.capabilities)?;
+    run(stream, &deadline, &mut handshake, hello).map(|_server| ())
 }
 
-/// Server side, run on an accepted socket. Returns the authenticated client's node name.
-pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<String, HandshakeError> {
+/// Server side, run on an accepted socket. Returns the authenticated client.
+pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<Peer, HandshakeError> {
     let deadline = Deadline::after(cfg.timeout);
-    let mut handshake = Handshake::server(cfg.cookie, cfg.local_node);
+    let mut handshake = Handshake::server(cfg.cookie, cfg.local_node, cfg.capabilities);
     run(stream, &deadline, &mut handshake, Vec::new())
 }
 
@@ -160,8 +230,8 @@ pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<Str
 pub enum Progress {
     /// Needs more bytes from the peer.
     Continue,
-    /// Authenticated. Server: the client's node name. Client: the server's node name (the one dialed).
-    Done(String),
+    /// Authenticated.
+    Done(Peer),
 }
 
 /// One side of a handshake, without a socket: bytes in, bytes out. Time is the caller's
@@ -169,6 +239,9 @@ pub enum Progress {
 pub struct Handshake {
     cookie: Vec<u8>,
     local_node: String,
+    capabilities: Capabilities,
+    /// Over TLS, what the session exported (`bind_channel`); the proofs sign it.
+    channel: Option<ChannelBinding>,
     state: State,
     incoming: Reassembly,
 }
@@ -177,27 +250,28 @@ pub struct Handshake {
 enum State {
     /// Client, HELLO sent.
     AwaitChallenge { server_node: String, nonce_c: Nonce },
-    /// Client, proof sent.
-    AwaitServerProof {
-        server_node: String,
-        nonce_c: Nonce,
-        nonce_s: Nonce,
-    },
+    /// Client, proof sent: what the server's proof must sign.
+    AwaitServerProof { transcript: Transcript },
     /// Server, nothing received yet.
     AwaitHello,
     /// Server, CHALLENGE sent.
-    AwaitClientProof { hello: Hello, nonce_s: Nonce },
+    AwaitClientProof {
+        hello: Hello,
+        nonce_s: Nonce,
+        version: u8,
+    },
     /// Done or failed.
     Over,
 }
 
 impl Handshake {
-    /// Client: validates both names (BadNodeName, OwnNodeName as client_handshake does now),
-    /// draws the nonce; returns the machine and the HELLO message bytes to send first.
+    /// Client: validates both names (BadNodeName, OwnNodeName), draws the nonce; returns
+    /// the machine and the HELLO message bytes to send first.
     pub fn client(
         cookie: &[u8],
         local_node: &str,
         server_node: &str,
+        capabilities: Capabilities,
     ) -> Result<(Handshake, Vec<u8>), HandshakeError> {
         // Names go on the wire with a u8 length, so they must be checked before encoding.
         if !valid_node_name(local_node) || !valid_node_name(server_node) {
@@ -206,27 +280,40 @@ impl Handshake {
         if server_node == local_node {
             return Err(HandshakeError::OwnNodeName);
         }
-        let nonce_c = random_nonce()?;
+        let nonce_c = client_nonce(random_nonce()?);
         let hello = encode_message(TAG_HELLO, &encode_hello(&nonce_c, local_node, server_node));
         let state = State::AwaitChallenge {
             server_node: server_node.to_owned(),
             nonce_c,
         };
-        Ok((Handshake::new(cookie, local_node, state), hello))
+        Ok((Handshake::new(cookie, local_node, capabilities, state), hello))
     }
 
     /// Server: waits for a HELLO.
-    pub fn server(cookie: &[u8], local_node: &str) -> Handshake {
-        Handshake::new(cookie, local_node, State::AwaitHello)
+    pub fn server(cookie: &[u8], local_node: &str, capabilities: Capabilities) -> Handshake {
+        Handshake::new(cookie, local_node, capabilities, State::AwaitHello)
     }
 
-    fn new(cookie: &[u8], local_node: &str, state: State) -> Handshake {
+    fn new(cookie: &[u8], local_node: &str, capabilities: Capabilities, state: State) -> Handshake {
         Handshake {
             cookie: cookie.to_vec(),
             local_node: local_node.to_owned(),
+            capabilities,
+            channel: None,
             state,
             incoming: Reassembly::default(),
         }
+    }
+
+    /// Over TLS: the value exported from the session (`CHANNEL_BINDING_LABEL`), for the
+    /// proofs to sign. Given before the first `feed`, on both sides.
+    pub fn bind_channel(&mut self, binding: ChannelBinding) {
+        self.channel = Some(binding);
+    }
+
+    /// Whether `bind_channel` was called.
+    pub fn is_bound(&self) -> bool {
+        self.channel.is_some()
     }
 
     /// Feeds bytes received from the peer. Consumes at most up to the end of the handshake's
@@ -264,7 +351,13 @@ impl Handshake {
                 return Ok((consumed, Progress::Continue));
             };
             let state = std::mem::replace(&mut self.state, State::Over);
-            let (next, progress) = state.step(&self.cookie, &self.local_node, msg, out)?;
+            let local = Local {
+                cookie: &self.cookie,
+                node: &self.local_node,
+                capabilities: self.capabilities,
+                channel: self.channel,
+            };
+            let (next, progress) = state.step(&local, msg, out)?;
             self.state = next;
             self.incoming.clear();
             if let Progress::Done(_) = progress {
@@ -317,48 +410,83 @@ impl fmt::Debug for Handshake {
     }
 }
 
+/// What a side brings to each step of its handshake.
+struct Local<'a> {
+    cookie: &'a [u8],
+    node: &'a str,
+    capabilities: Capabilities,
+    channel: Option<ChannelBinding>,
+}
+
 impl State {
     /// One received message (tag + body): what to send (appended to `out`), and the state
     /// that waits for the next one.
-    fn step(
-        self,
-        cookie: &[u8],
-        local_node: &str,
-        msg: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(State, Progress), HandshakeError> {
+    fn step(self, local: &Local, msg: &[u8], out: &mut Vec<u8>) -> Result<(State, Progress), HandshakeError> {
         match self {
             State::AwaitHello => {
-                let hello = accept_hello(msg, local_node)?;
+                let hello = accept_hello(msg, local.node)?;
+                let version = hello.version;
                 let nonce_s = random_nonce()?;
-                out.extend(encode_message(TAG_CHALLENGE, &challenge_body(&nonce_s)));
-                Ok((State::AwaitClientProof { hello, nonce_s }, Progress::Continue))
+                out.extend(encode_message(
+                    TAG_CHALLENGE,
+                    &challenge_body(version, &nonce_s, local.capabilities),
+                ));
+                Ok((
+                    State::AwaitClientProof {
+                        hello,
+                        nonce_s,
+                        version,
+                    },
+                    Progress::Continue,
+                ))
             }
-            State::AwaitClientProof { hello, nonce_s } => {
+            State::AwaitClientProof {
+                hello,
+                nonce_s,
+                version,
+            } => {
                 // On a bad proof this returns before anything is sent: the client learns
                 // no more than that it failed.
-                let proof = check_client_proof(cookie, &hello, &nonce_s, msg)?;
+                let (proof, client) = check_client_proof(
+                    local.cookie,
+                    &hello,
+                    &nonce_s,
+                    local.capabilities,
+                    local.channel.as_ref(),
+                    msg,
+                )?;
                 out.extend(encode_message(TAG_SERVER_PROOF, &proof));
-                Ok((State::Over, Progress::Done(hello.client_node)))
+                let peer = Peer {
+                    node: hello.client_node,
+                    version,
+                    capabilities: client,
+                };
+                Ok((State::Over, Progress::Done(peer)))
             }
             State::AwaitChallenge { server_node, nonce_c } => {
-                let nonce_s = accept_challenge(msg, &nonce_c)?;
-                let proof = client_proof(cookie, &nonce_c, &nonce_s, local_node, &server_node);
-                out.extend(encode_message(TAG_CLIENT_PROOF, &proof));
-                let next = State::AwaitServerProof {
-                    server_node,
+                let challenge = accept_challenge(msg, &nonce_c)?;
+                let transcript = Transcript::client(
                     nonce_c,
-                    nonce_s,
-                };
-                Ok((next, Progress::Continue))
+                    &challenge,
+                    local.node,
+                    &server_node,
+                    local.capabilities,
+                    local.channel,
+                );
+                out.extend(encode_message(
+                    TAG_CLIENT_PROOF,
+                    &client_proof_body(local.cookie, &transcript),
+                ));
+                Ok((State::AwaitServerProof { transcript }, Progress::Continue))
             }
-            State::AwaitServerProof {
-                server_node,
-                nonce_c,
-                nonce_s,
-            } => {
-                check_server_proof(cookie, &nonce_c, &nonce_s, local_node, &server_node, msg)?;
-                Ok((State::Over, Progress::Done(server_node)))
+            State::AwaitServerProof { transcript } => {
+                check_server_proof(local.cookie, &transcript, msg)?;
+                let peer = Peer {
+                    node: transcript.server_node,
+                    version: transcript.version,
+                    capabilities: transcript.server,
+                };
+                Ok((State::Over, Progress::Done(peer)))
             }
             State::Over => Err(HandshakeError::Malformed("handshake over")),
         }
@@ -412,9 +540,15 @@ impl Reassembly {
 // ---------------------------------------------------------------------------
 // Each step on received bytes, without the socket (the fuzz targets drive these too)
 
-/// Server: a HELLO (tag + body) that names us.
+/// Server: a HELLO (tag + body) that names us, from a client that speaks a version we do.
 pub(crate) fn accept_hello(msg: &[u8], local_node: &str) -> Result<Hello, HandshakeError> {
     let hello = parse_hello(msg)?;
+    if hello.version < MIN_PROTOCOL_VERSION {
+        return Err(HandshakeError::Version {
+            peer: hello.version,
+            local: PROTOCOL_VERSION,
+        });
+    }
     if hello.server_node != local_node {
         return Err(HandshakeError::WrongNode);
     }
@@ -426,68 +560,71 @@ pub(crate) fn accept_hello(msg: &[u8], local_node: &str) -> Result<Hello, Handsh
     Ok(hello)
 }
 
-pub(crate) fn challenge_body(nonce_s: &Nonce) -> Vec<u8> {
-    let mut challenge = Vec::with_capacity(1 + NONCE_LEN);
-    challenge.push(PROTOCOL_VERSION);
+pub(crate) fn challenge_body(version: u8, nonce_s: &Nonce, capabilities: Capabilities) -> Vec<u8> {
+    let mut challenge = Vec::with_capacity(1 + NONCE_LEN + Capabilities::LEN);
+    challenge.push(version);
     challenge.extend_from_slice(nonce_s);
+    capabilities.encode(&mut challenge);
     challenge
 }
 
-/// Server: checks the CLIENT_PROOF (tag + body) and returns the server's proof.
+/// Server: checks the CLIENT_PROOF (tag + body); returns the server's proof and the
+/// client's capabilities.
 pub(crate) fn check_client_proof(
     cookie: &[u8],
     hello: &Hello,
     nonce_s: &Nonce,
+    server: Capabilities,
+    channel: Option<&ChannelBinding>,
     msg: &[u8],
-) -> Result<MacBytes, HandshakeError> {
-    let client_mac = parse_proof(msg, TAG_CLIENT_PROOF)?;
-    let (nonce_c, client, server) = (&hello.nonce_c, &hello.client_node, &hello.server_node);
-    verify(
-        cookie,
-        &transcript(ROLE_CLIENT, nonce_c, nonce_s, client, server),
-        &client_mac,
-    )?;
-    Ok(prove(
-        cookie,
-        &transcript(ROLE_SERVER, nonce_c, nonce_s, client, server),
-    ))
+) -> Result<(MacBytes, Capabilities), HandshakeError> {
+    let (client_mac, client) = parse_client_proof(msg)?;
+    let transcript = Transcript {
+        version: hello.version,
+        nonce_c: hello.nonce_c,
+        nonce_s: *nonce_s,
+        client_node: hello.client_node.clone(),
+        server_node: hello.server_node.clone(),
+        client,
+        server,
+        channel: channel.copied(),
+    };
+    verify(cookie, &transcript.signed(ROLE_CLIENT), &client_mac)?;
+    Ok((prove(cookie, &transcript.signed(ROLE_SERVER)), client))
 }
 
-/// Client: the server's nonce from a CHALLENGE (tag + body).
-pub(crate) fn accept_challenge(msg: &[u8], nonce_c: &Nonce) -> Result<Nonce, HandshakeError> {
-    let nonce_s = parse_challenge(msg)?;
+/// What a CHALLENGE told the client.
+pub(crate) struct Challenge {
+    version: u8,
+    nonce_s: Nonce,
+    capabilities: Capabilities,
+}
+
+/// Client: the server's CHALLENGE (tag + body), in a version we speak.
+pub(crate) fn accept_challenge(msg: &[u8], nonce_c: &Nonce) -> Result<Challenge, HandshakeError> {
+    let challenge = parse_challenge(msg)?;
     // A server echoing our nonce back could be replaying our own messages at us.
-    if nonce_s == *nonce_c {
+    if challenge.nonce_s == *nonce_c {
         return Err(HandshakeError::Malformed("challenge reflects our nonce"));
     }
-    Ok(nonce_s)
+    Ok(challenge)
 }
 
-pub(crate) fn client_proof(
-    cookie: &[u8],
-    nonce_c: &Nonce,
-    nonce_s: &Nonce,
-    client_node: &str,
-    server_node: &str,
-) -> MacBytes {
-    prove(
-        cookie,
-        &transcript(ROLE_CLIENT, nonce_c, nonce_s, client_node, server_node),
-    )
+/// Client: the CLIENT_PROOF body for `transcript`: the proof, then our capabilities.
+pub(crate) fn client_proof_body(cookie: &[u8], transcript: &Transcript) -> Vec<u8> {
+    let mut body = prove(cookie, &transcript.signed(ROLE_CLIENT)).to_vec();
+    transcript.client.encode(&mut body);
+    body
 }
 
 /// Client: checks the SERVER_PROOF (tag + body).
 pub(crate) fn check_server_proof(
     cookie: &[u8],
-    nonce_c: &Nonce,
-    nonce_s: &Nonce,
-    client_node: &str,
-    server_node: &str,
+    transcript: &Transcript,
     msg: &[u8],
 ) -> Result<(), HandshakeError> {
-    let server_mac = parse_proof(msg, TAG_SERVER_PROOF)?;
-    let server_transcript = transcript(ROLE_SERVER, nonce_c, nonce_s, client_node, server_node);
-    verify(cookie, &server_transcript, &server_mac)
+    let server_mac = parse_server_proof(msg)?;
+    verify(cookie, &transcript.signed(ROLE_SERVER), &server_mac)
 }
 
 // ---------------------------------------------------------------------------
@@ -523,7 +660,7 @@ fn run(
     deadline: &Deadline,
     handshake: &mut Handshake,
     first: Vec<u8>,
-) -> Result<String, HandshakeError> {
+) -> Result<Peer, HandshakeError> {
     let mut out = first;
     let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
     loop {
@@ -649,15 +786,6 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Checks the version; done before the rest of the body, whose layout a
-    /// different version may change.
-    fn version(&mut self) -> Result<(), HandshakeError> {
-        match self.byte()? {
-            PROTOCOL_VERSION => Ok(()),
-            v => Err(HandshakeError::Version(v)),
-        }
-    }
-
     /// Bodies have an exact length; anything left over is an error.
     fn finish(self) -> Result<(), HandshakeError> {
         if self.0.is_empty() {
@@ -673,6 +801,9 @@ pub(crate) struct Hello {
     nonce_c: Nonce,
     pub client_node: String,
     server_node: String,
+    /// The client's highest protocol version (1 without `VERSION_MARK`), or ours if
+    /// that is lower: what the server answers in.
+    version: u8,
 }
 
 /// Appends `[u8 len][name]`; callers pass names that passed `valid_node_name`.
@@ -683,11 +814,19 @@ fn push_name(out: &mut Vec<u8>, name: &str) {
 
 pub(crate) fn encode_hello(nonce_c: &Nonce, client_node: &str, server_node: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(1 + NONCE_LEN + 2 + client_node.len() + server_node.len());
-    body.push(PROTOCOL_VERSION);
+    body.push(HELLO_VERSION);
     body.extend_from_slice(nonce_c);
     push_name(&mut body, client_node);
     push_name(&mut body, server_node);
     body
+}
+
+/// A client's nonce: the version mark and our version, then random bytes.
+pub(crate) fn client_nonce(random: Nonce) -> Nonce {
+    let mut nonce = random;
+    nonce[..VERSION_MARK.len()].copy_from_slice(&VERSION_MARK);
+    nonce[VERSION_MARK.len()] = PROTOCOL_VERSION;
+    nonce
 }
 
 fn node_name(bytes: &[u8]) -> Result<String, HandshakeError> {
@@ -701,34 +840,69 @@ fn node_name(bytes: &[u8]) -> Result<String, HandshakeError> {
 fn parse_hello(msg: &[u8]) -> Result<Hello, HandshakeError> {
     let mut c = Cursor(msg);
     c.tag(TAG_HELLO, "expected hello")?;
-    c.version()?;
+    match c.byte()? {
+        HELLO_VERSION => {}
+        v => {
+            return Err(HandshakeError::Version {
+                peer: v,
+                local: PROTOCOL_VERSION,
+            })
+        }
+    }
     let nonce_c = c.array::<NONCE_LEN>()?;
     let client_len = usize::from(c.byte()?);
     let client_node = c.take(client_len)?;
     let server_len = usize::from(c.byte()?);
     let server_node = c.take(server_len)?;
     c.finish()?;
+    let version = match nonce_c.split_at(VERSION_MARK.len()) {
+        (mark, [version, ..]) if mark == VERSION_MARK => (*version).min(PROTOCOL_VERSION),
+        _ => 1,
+    };
     Ok(Hello {
         nonce_c,
         client_node: node_name(client_node)?,
         server_node: node_name(server_node)?,
+        version,
     })
 }
 
-/// Parses a CHALLENGE message and returns the server's nonce.
-fn parse_challenge(msg: &[u8]) -> Result<Nonce, HandshakeError> {
+/// Parses a CHALLENGE message.
+fn parse_challenge(msg: &[u8]) -> Result<Challenge, HandshakeError> {
     let mut c = Cursor(msg);
     c.tag(TAG_CHALLENGE, "expected challenge")?;
-    c.version()?;
+    // Checked before the rest, whose layout another version may change.
+    let version = c.byte()?;
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        return Err(HandshakeError::Version {
+            peer: version,
+            local: PROTOCOL_VERSION,
+        });
+    }
     let nonce_s = c.array::<NONCE_LEN>()?;
+    let capabilities = Capabilities::parse(&mut c)?;
     c.finish()?;
-    Ok(nonce_s)
+    Ok(Challenge {
+        version,
+        nonce_s,
+        capabilities,
+    })
 }
 
-/// Parses a CLIENT_PROOF or SERVER_PROOF message and returns the MAC.
-fn parse_proof(msg: &[u8], tag: u8) -> Result<MacBytes, HandshakeError> {
+/// Parses a CLIENT_PROOF message: the MAC and the client's capabilities.
+fn parse_client_proof(msg: &[u8]) -> Result<(MacBytes, Capabilities), HandshakeError> {
     let mut c = Cursor(msg);
-    c.tag(tag, "expected proof")?;
+    c.tag(TAG_CLIENT_PROOF, "expected proof")?;
+    let mac = c.array::<MAC_LEN>()?;
+    let capabilities = Capabilities::parse(&mut c)?;
+    c.finish()?;
+    Ok((mac, capabilities))
+}
+
+/// Parses a SERVER_PROOF message and returns the MAC.
+fn parse_server_proof(msg: &[u8]) -> Result<MacBytes, HandshakeError> {
+    let mut c = Cursor(msg);
+    c.tag(TAG_SERVER_PROOF, "expected proof")?;
     let mac = c.array::<MAC_LEN>()?;
     c.finish()?;
     Ok(mac)
@@ -744,19 +918,63 @@ fn random_nonce() -> Result<Nonce, HandshakeError> {
     Ok(nonce)
 }
 
-/// What a proof signs. The role keeps one side's proof from being replayed as the
-/// other's; both nonces make it fresh; the names bind it to this pair of nodes.
-fn transcript(role: &str, nonce_c: &Nonce, nonce_s: &Nonce, client_node: &str, server_node: &str) -> Vec<u8> {
-    let mut t = Vec::with_capacity(
-        TRANSCRIPT_PREFIX.len() + role.len() + 2 * NONCE_LEN + 2 + client_node.len() + server_node.len(),
-    );
-    t.extend_from_slice(TRANSCRIPT_PREFIX);
-    t.extend_from_slice(role.as_bytes());
-    t.extend_from_slice(nonce_c);
-    t.extend_from_slice(nonce_s);
-    push_name(&mut t, client_node);
-    push_name(&mut t, server_node);
-    t
+/// What the proofs sign. The role keeps one side's proof from being replayed as the
+/// other's; both nonces make it fresh; the names bind it to this pair of nodes; the
+/// version and the capabilities to what the two agreed; the channel binding to the TLS
+/// session it runs in.
+pub(crate) struct Transcript {
+    version: u8,
+    nonce_c: Nonce,
+    nonce_s: Nonce,
+    client_node: String,
+    server_node: String,
+    client: Capabilities,
+    server: Capabilities,
+    channel: Option<ChannelBinding>,
+}
+
+impl Transcript {
+    /// The client's, once the server's CHALLENGE is in.
+    pub(crate) fn client(
+        nonce_c: Nonce,
+        challenge: &Challenge,
+        client_node: &str,
+        server_node: &str,
+        client: Capabilities,
+        channel: Option<ChannelBinding>,
+    ) -> Transcript {
+        Transcript {
+            version: challenge.version,
+            nonce_c,
+            nonce_s: challenge.nonce_s,
+            client_node: client_node.to_owned(),
+            server_node: server_node.to_owned(),
+            client,
+            server: challenge.capabilities,
+            channel,
+        }
+    }
+
+    fn signed(&self, role: &str) -> Vec<u8> {
+        let mut t = Vec::with_capacity(TRANSCRIPT_PREFIX.len() + 200);
+        t.extend_from_slice(TRANSCRIPT_PREFIX);
+        t.extend_from_slice(role.as_bytes());
+        t.push(self.version);
+        t.extend_from_slice(&self.nonce_c);
+        t.extend_from_slice(&self.nonce_s);
+        push_name(&mut t, &self.client_node);
+        push_name(&mut t, &self.server_node);
+        self.client.encode(&mut t);
+        self.server.encode(&mut t);
+        match &self.channel {
+            Some(binding) => {
+                t.push(CHANNEL_BINDING_LEN as u8);
+                t.extend_from_slice(binding);
+            }
+            None => t.push(0),
+        }
+        t
+    }
 }
 
 fn keyed_mac(cookie: &[u8]) -> HmacSha256 {
@@ -789,11 +1007,26 @@ mod tests {
     const CLIENT: &str = "a@127.0.0.1";
     const SERVER: &str = "b@127.0.0.1";
 
+    const CAPS: Capabilities = Capabilities {
+        otp_release: 29,
+        flags: Capabilities::NATIVE_RECORDS,
+    };
+
     fn cfg(cookie: &'static [u8], node: &'static str, timeout: Duration) -> HandshakeConfig<'static> {
         HandshakeConfig {
             cookie,
             local_node: node,
+            capabilities: CAPS,
             timeout,
+        }
+    }
+
+    /// What a side learns of a peer of this code.
+    fn peer(node: &str) -> Peer {
+        Peer {
+            node: node.to_owned(),
+            version: PROTOCOL_VERSION,
+            capabilities: CAPS,
         }
     }
 
@@ -810,13 +1043,24 @@ mod tests {
         server: TcpStream,
         cookie: &'static [u8],
         timeout: Duration,
-    ) -> thread::JoinHandle<Result<String, HandshakeError>> {
+    ) -> thread::JoinHandle<Result<Peer, HandshakeError>> {
         thread::spawn(move || server_handshake(&server, &cfg(cookie, SERVER, timeout)))
     }
 
+    /// A HELLO from a client of protocol `version` (1: no version mark in the nonce).
     fn hello_message(version: u8, client_node: &[u8], server_node: &[u8]) -> Vec<u8> {
-        let mut body = vec![version];
-        body.extend_from_slice(&[7u8; NONCE_LEN]);
+        let mut nonce = [7u8; NONCE_LEN];
+        if version >= 2 {
+            nonce[..VERSION_MARK.len()].copy_from_slice(&VERSION_MARK);
+            nonce[VERSION_MARK.len()] = version;
+        }
+        hello_with_byte(HELLO_VERSION, &nonce, client_node, server_node)
+    }
+
+    /// A HELLO whose version byte is `byte`.
+    fn hello_with_byte(byte: u8, nonce: &Nonce, client_node: &[u8], server_node: &[u8]) -> Vec<u8> {
+        let mut body = vec![byte];
+        body.extend_from_slice(nonce);
         body.push(client_node.len() as u8);
         body.extend_from_slice(client_node);
         body.push(server_node.len() as u8);
@@ -852,7 +1096,7 @@ mod tests {
         let (server_result, server_timeout) = srv.join().unwrap();
 
         assert!(client_result.is_ok(), "client: {client_result:?}");
-        assert_eq!(server_result.unwrap(), CLIENT);
+        assert_eq!(server_result.unwrap(), peer(CLIENT));
         // Timeouts are restored so the connection's owner can block freely.
         assert_eq!(client.read_timeout().unwrap(), None);
         assert_eq!(client.write_timeout().unwrap(), None);
@@ -998,25 +1242,89 @@ mod tests {
 
     #[test]
     fn handshake_version_mismatch_rejected() {
-        let hello = hello_message(2, CLIENT.as_bytes(), SERVER.as_bytes());
+        // HELLO's version byte is 1 whatever the protocol: another one is refused.
+        let hello = hello_with_byte(2, &[7u8; NONCE_LEN], CLIENT.as_bytes(), SERVER.as_bytes());
         assert!(matches!(
             parse_hello(&hello[2..]),
-            Err(HandshakeError::Version(2))
+            Err(HandshakeError::Version {
+                peer: 2,
+                local: PROTOCOL_VERSION
+            })
         ));
+        // A client of protocol 1 (no version mark): named with both versions.
+        let v1 = hello_message(1, CLIENT.as_bytes(), SERVER.as_bytes());
+        assert!(matches!(
+            accept_hello(&v1[2..], SERVER),
+            Err(HandshakeError::Version {
+                peer: 1,
+                local: PROTOCOL_VERSION
+            })
+        ));
+        let said = accept_hello(&v1[2..], SERVER).unwrap_err().to_string();
+        assert!(
+            said.contains("protocol 1") && said.contains(&format!("node {PROTOCOL_VERSION}")),
+            "{said}"
+        );
 
+        // Protocol 1's CHALLENGE (`[1][nonce]`), and one of a version too new.
+        let mut challenge = vec![TAG_CHALLENGE, 1];
+        challenge.extend_from_slice(&[1u8; NONCE_LEN]);
+        assert!(matches!(
+            parse_challenge(&challenge),
+            Err(HandshakeError::Version {
+                peer: 1,
+                local: PROTOCOL_VERSION
+            })
+        ));
         let mut challenge = vec![TAG_CHALLENGE, 9];
         challenge.extend_from_slice(&[1u8; NONCE_LEN]);
         assert!(matches!(
             parse_challenge(&challenge),
-            Err(HandshakeError::Version(9))
+            Err(HandshakeError::Version {
+                peer: 9,
+                local: PROTOCOL_VERSION
+            })
         ));
 
         // And over a socket.
         let (mut client, server) = pair();
         let srv = spawn_server(server, COOKIE, Duration::from_secs(5));
-        client.write_all(&hello).unwrap();
+        client.write_all(&v1).unwrap();
         let result = srv.join().unwrap();
-        assert!(matches!(result, Err(HandshakeError::Version(2))), "{result:?}");
+        assert!(
+            matches!(result, Err(HandshakeError::Version { peer: 1, .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn a_client_of_a_newer_protocol_is_answered_in_ours() {
+        let hello = hello_message(PROTOCOL_VERSION + 1, CLIENT.as_bytes(), SERVER.as_bytes());
+        let mut server = Handshake::server(COOKIE, SERVER, CAPS);
+        let mut challenge = Vec::new();
+        server.feed(&hello, &mut challenge).unwrap();
+        assert_eq!(challenge[3], PROTOCOL_VERSION, "the challenge's version");
+    }
+
+    /// A node of protocol 1 (teleport before versions): it answers any HELLO whose first
+    /// byte is 1 with `[1][nonce_s]`. Our client refuses it, naming both versions.
+    #[test]
+    fn a_server_of_protocol_1_is_refused_by_name() {
+        let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+        assert_eq!(hello[3], 1, "a HELLO protocol 1 parses");
+        let mut v1_challenge = vec![1];
+        v1_challenge.extend_from_slice(&[9u8; NONCE_LEN]);
+        let result = client.feed(&encode_message(TAG_CHALLENGE, &v1_challenge), &mut Vec::new());
+        assert!(
+            matches!(
+                result,
+                Err(HandshakeError::Version {
+                    peer: 1,
+                    local: PROTOCOL_VERSION
+                })
+            ),
+            "{result:?}"
+        );
     }
 
     #[test]
@@ -1035,6 +1343,7 @@ mod tests {
         // As the client: dialing ourselves is refused before anything is sent.
         let (client, _server) = pair();
         let c = HandshakeConfig {
+            capabilities: CAPS,
             cookie: COOKIE,
             local_node: CLIENT,
             timeout: Duration::from_secs(1),
@@ -1070,6 +1379,7 @@ mod tests {
         assert_eq!(long.len(), 300);
         let (client, _server) = pair();
         let c = HandshakeConfig {
+            capabilities: CAPS,
             cookie: COOKIE,
             local_node: &long,
             timeout: Duration::from_secs(1),
@@ -1106,7 +1416,8 @@ mod tests {
         let parsed = parse_hello(&hello[2..]).unwrap();
         assert_eq!(parsed.client_node, CLIENT);
         assert_eq!(parsed.server_node, SERVER);
-        assert_eq!(parsed.nonce_c, [7u8; NONCE_LEN]);
+        assert_eq!(parsed.nonce_c, client_nonce([7u8; NONCE_LEN]));
+        assert_eq!(parsed.version, PROTOCOL_VERSION);
 
         // Trailing byte, missing byte, wrong tag.
         let mut long = hello[2..].to_vec();
@@ -1125,17 +1436,25 @@ mod tests {
 
         let mut proof = vec![TAG_CLIENT_PROOF];
         proof.extend_from_slice(&[3u8; MAC_LEN]);
-        assert_eq!(parse_proof(&proof, TAG_CLIENT_PROOF).unwrap(), [3u8; MAC_LEN]);
+        proof.extend_from_slice(&[0, 29, 0, 0, 0, 1]);
+        assert_eq!(parse_client_proof(&proof).unwrap(), ([3u8; MAC_LEN], CAPS));
         assert!(matches!(
-            parse_proof(&proof, TAG_SERVER_PROOF),
+            parse_client_proof(&proof[..1 + MAC_LEN]),
             Err(HandshakeError::Malformed(_))
         ));
         assert!(matches!(
-            parse_proof(&proof[..MAC_LEN], TAG_CLIENT_PROOF),
+            parse_client_proof(&[]),
+            Err(HandshakeError::Malformed(_))
+        ));
+        let mut server_proof = vec![TAG_SERVER_PROOF];
+        server_proof.extend_from_slice(&[3u8; MAC_LEN]);
+        assert_eq!(parse_server_proof(&server_proof).unwrap(), [3u8; MAC_LEN]);
+        assert!(matches!(
+            parse_server_proof(&proof),
             Err(HandshakeError::Malformed(_))
         ));
         assert!(matches!(
-            parse_proof(&[], TAG_CLIENT_PROOF),
+            parse_server_proof(&server_proof[..MAC_LEN]),
             Err(HandshakeError::Malformed(_))
         ));
     }
@@ -1148,21 +1467,19 @@ mod tests {
             // Give half of them a plausible tag and version so parsing gets past the first bytes.
             if i % 2 == 0 && buf.len() >= 2 {
                 buf[0] = TAG_HELLO;
-                buf[1] = PROTOCOL_VERSION;
+                buf[1] = HELLO_VERSION;
             }
             assert!(parse_hello(&buf).is_err(), "garbage #{i} parsed as hello");
             if i % 2 == 1 && buf.len() >= 2 {
                 buf[0] = TAG_CHALLENGE;
                 buf[1] = PROTOCOL_VERSION;
             }
-            let challenge_ok = buf.len() == 2 + NONCE_LEN && buf[..2] == [TAG_CHALLENGE, PROTOCOL_VERSION];
+            // Capabilities are any six bytes: only the shape decides.
+            let challenge_ok = buf.len() == 2 + NONCE_LEN + Capabilities::LEN
+                && buf[..2] == [TAG_CHALLENGE, PROTOCOL_VERSION];
             assert_eq!(parse_challenge(&buf).is_ok(), challenge_ok, "garbage #{i}");
-            let proof_ok = buf.len() == 1 + MAC_LEN && buf[0] == TAG_CLIENT_PROOF;
-            assert_eq!(
-                parse_proof(&buf, TAG_CLIENT_PROOF).is_ok(),
-                proof_ok,
-                "garbage #{i}"
-            );
+            let proof_ok = buf.len() == 1 + MAC_LEN + Capabilities::LEN && buf[0] == TAG_CLIENT_PROOF;
+            assert_eq!(parse_client_proof(&buf).is_ok(), proof_ok, "garbage #{i}");
         }
     }
 
@@ -1208,8 +1525,7 @@ mod tests {
                 return;
             };
             let hello = parse_hello(&msg).unwrap();
-            let mut body = vec![PROTOCOL_VERSION];
-            body.extend_from_slice(&challenge(&hello.nonce_c));
+            let body = challenge_body(PROTOCOL_VERSION, &challenge(&hello.nonce_c), CAPS);
             server.write_all(&encode_message(TAG_CHALLENGE, &body)).unwrap();
             if read_raw_message(&mut server).is_ok() {
                 let _ = server.write_all(&encode_message(TAG_SERVER_PROOF, &proof));
@@ -1236,20 +1552,116 @@ mod tests {
         assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
     }
 
+    fn transcript(channel: Option<ChannelBinding>) -> Transcript {
+        Transcript {
+            version: PROTOCOL_VERSION,
+            nonce_c: [1u8; NONCE_LEN],
+            nonce_s: [2u8; NONCE_LEN],
+            client_node: CLIENT.to_owned(),
+            server_node: SERVER.to_owned(),
+            client: CAPS,
+            server: Capabilities::default(),
+            channel,
+        }
+    }
+
     #[test]
-    fn handshake_proofs_bind_role_and_names() {
-        let (nc, ns) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
-        let client_t = transcript(ROLE_CLIENT, &nc, &ns, CLIENT, SERVER);
+    fn handshake_proofs_bind_role_names_nonces_versions_capabilities_and_channel() {
+        let base = transcript(None);
+        let client_t = base.signed(ROLE_CLIENT);
         let mac = prove(COOKIE, &client_t);
         assert!(verify(COOKIE, &client_t, &mac).is_ok());
         assert!(verify(b"other", &client_t, &mac).is_err());
-        // A client proof is not a server proof, and does not carry over to other nodes or nonces.
-        assert!(verify(COOKIE, &transcript(ROLE_SERVER, &nc, &ns, CLIENT, SERVER), &mac).is_err());
-        assert!(verify(COOKIE, &transcript(ROLE_CLIENT, &nc, &ns, CLIENT, "c@h"), &mac).is_err());
-        assert!(verify(COOKIE, &transcript(ROLE_CLIENT, &ns, &nc, CLIENT, SERVER), &mac).is_err());
+        // A client proof is not a server proof, and does not carry over to anything else.
+        assert!(verify(COOKIE, &base.signed(ROLE_SERVER), &mac).is_err());
+        let changes: [fn(&mut Transcript); 8] = [
+            |t| t.server_node = "c@h".to_owned(),
+            |t| t.client_node = "c@h".to_owned(),
+            |t| std::mem::swap(&mut t.nonce_c, &mut t.nonce_s),
+            |t| t.version = 3,
+            |t| t.client.flags = 0,
+            |t| t.server.otp_release = 27,
+            |t| t.channel = Some([0u8; CHANNEL_BINDING_LEN]),
+            |t| t.nonce_s[31] ^= 1,
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut other = transcript(None);
+            change(&mut other);
+            assert!(
+                verify(COOKIE, &other.signed(ROLE_CLIENT), &mac).is_err(),
+                "change {i}"
+            );
+        }
+        // Two TLS sessions export different values: a proof for one fails in the other.
+        let in_one = transcript(Some([1u8; CHANNEL_BINDING_LEN])).signed(ROLE_CLIENT);
+        let in_other = transcript(Some([2u8; CHANNEL_BINDING_LEN])).signed(ROLE_CLIENT);
+        assert!(verify(COOKIE, &in_other, &prove(COOKIE, &in_one)).is_err());
         // Empty cookies are keys like any other.
         let empty = prove(b"", &client_t);
         assert!(verify(b"", &client_t, &empty).is_ok());
+    }
+
+    #[test]
+    fn machines_exchange_capabilities_and_check_the_channel() {
+        let server_caps = Capabilities {
+            otp_release: 25,
+            flags: 0,
+        };
+        let run = |client_channel: Option<ChannelBinding>, server_channel: Option<ChannelBinding>| {
+            let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+            let mut server = Handshake::server(COOKIE, SERVER, server_caps);
+            if let Some(b) = client_channel {
+                client.bind_channel(b);
+            }
+            if let Some(b) = server_channel {
+                server.bind_channel(b);
+            }
+            let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
+            server.feed(&hello, &mut to_client)?;
+            client.feed(&to_client, &mut to_server)?;
+            to_client.clear();
+            let at_server = server.feed(&to_server, &mut to_client)?.1;
+            let at_client = client.feed(&to_client, &mut Vec::new())?.1;
+            Ok::<_, HandshakeError>((at_server, at_client))
+        };
+        let (at_server, at_client) = run(None, None).unwrap();
+        let Progress::Done(client_peer) = at_server else {
+            panic!("{at_server:?}")
+        };
+        let Progress::Done(server_peer) = at_client else {
+            panic!("{at_client:?}")
+        };
+        assert_eq!(client_peer.capabilities, CAPS);
+        assert_eq!(server_peer.capabilities, server_caps);
+        assert_eq!(
+            (client_peer.version, server_peer.version),
+            (PROTOCOL_VERSION, PROTOCOL_VERSION)
+        );
+        let same = [4u8; CHANNEL_BINDING_LEN];
+        assert!(run(Some(same), Some(same)).is_ok());
+        // A relay between two TLS sessions: each side signs its own session's value.
+        for (c, s) in [
+            (Some(same), Some([5u8; CHANNEL_BINDING_LEN])),
+            (Some(same), None),
+            (None, Some(same)),
+        ] {
+            let result = run(c, s);
+            assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
+        }
+    }
+
+    #[test]
+    fn a_challenge_whose_capabilities_were_changed_on_the_way_fails() {
+        let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+        let mut server = Handshake::server(COOKIE, SERVER, CAPS);
+        let mut challenge = Vec::new();
+        server.feed(&hello, &mut challenge).unwrap();
+        // The last byte of the capabilities (flags): a peer in the middle lies about them.
+        *challenge.last_mut().unwrap() ^= 1;
+        let mut proof = Vec::new();
+        client.feed(&challenge, &mut proof).unwrap();
+        let result = server.feed(&proof, &mut Vec::new());
+        assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
     }
 
     #[test]
@@ -1276,7 +1688,7 @@ mod tests {
             (HandshakeError::Timeout, "timeout"),
             (HandshakeError::Malformed("x"), "malformed"),
             (HandshakeError::Oversized(9), "oversized"),
-            (HandshakeError::Version(3), "version"),
+            (HandshakeError::Version { peer: 3, local: 2 }, "version"),
             (HandshakeError::WrongNode, "wrong_node"),
             (HandshakeError::OwnNodeName, "own_node_name"),
             (HandshakeError::BadNodeName, "bad_node_name"),
@@ -1318,8 +1730,8 @@ mod tests {
 
     /// A client and a server machine up to the client's proof: (client, server, the proof).
     fn up_to_client_proof(client_cookie: &[u8]) -> (Handshake, Handshake, Vec<u8>) {
-        let (mut client, hello) = Handshake::client(client_cookie, CLIENT, SERVER).unwrap();
-        let mut server = Handshake::server(COOKIE, SERVER);
+        let (mut client, hello) = Handshake::client(client_cookie, CLIENT, SERVER, CAPS).unwrap();
+        let mut server = Handshake::server(COOKIE, SERVER, CAPS);
         let mut challenge = Vec::new();
         assert_eq!(
             server.feed(&hello, &mut challenge).unwrap(),
@@ -1341,23 +1753,31 @@ mod tests {
     #[test]
     fn machines_in_memory_succeed_whole_and_byte_by_byte() {
         for chunk in [usize::MAX, 1, 2, 3, 7] {
-            let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
-            let mut server = Handshake::server(COOKIE, SERVER);
+            let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+            let mut server = Handshake::server(COOKIE, SERVER, CAPS);
             let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
 
             let p = feed_in(&mut server, &hello, chunk, &mut to_client).unwrap();
             assert_eq!(p, Progress::Continue);
-            assert_eq!(to_client.len(), 2 + 1 + 1 + NONCE_LEN, "the challenge");
+            assert_eq!(
+                to_client.len(),
+                2 + 1 + 1 + NONCE_LEN + Capabilities::LEN,
+                "the challenge"
+            );
             let p = feed_in(&mut client, &to_client, chunk, &mut to_server).unwrap();
             assert_eq!(p, Progress::Continue);
-            assert_eq!(to_server.len(), 2 + 1 + MAC_LEN, "the client's proof");
+            assert_eq!(
+                to_server.len(),
+                2 + 1 + MAC_LEN + Capabilities::LEN,
+                "the client's proof"
+            );
             to_client.clear();
             let p = feed_in(&mut server, &to_server, chunk, &mut to_client).unwrap();
-            assert_eq!(p, Progress::Done(CLIENT.to_owned()), "chunk {chunk}");
+            assert_eq!(p, Progress::Done(peer(CLIENT)), "chunk {chunk}");
             assert_eq!(to_client.len(), 2 + 1 + MAC_LEN, "the server's proof");
             to_server.clear();
             let p = feed_in(&mut client, &to_client, chunk, &mut to_server).unwrap();
-            assert_eq!(p, Progress::Done(SERVER.to_owned()), "chunk {chunk}");
+            assert_eq!(p, Progress::Done(peer(SERVER)), "chunk {chunk}");
             assert!(to_server.is_empty());
         }
     }
@@ -1379,13 +1799,13 @@ mod tests {
                 (split, Progress::Continue)
             );
             let (consumed, p) = server.feed(&tail, &mut to_client).unwrap();
-            assert_eq!(p, Progress::Done(CLIENT.to_owned()));
+            assert_eq!(p, Progress::Done(peer(CLIENT)));
             assert_eq!(consumed, tail.len() - extra.len(), "split {split}");
 
             // Client: the same behind the server's proof.
             to_client.extend_from_slice(extra);
             let (consumed, p) = client.feed(&to_client, &mut Vec::new()).unwrap();
-            assert_eq!(p, Progress::Done(SERVER.to_owned()));
+            assert_eq!(p, Progress::Done(peer(SERVER)));
             assert_eq!(consumed, to_client.len() - extra.len());
         }
     }
@@ -1403,9 +1823,9 @@ mod tests {
 
     #[test]
     fn machine_closed_before_the_proof_is_eof() {
-        let (client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+        let (client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
         assert_eof(client.closed_error());
-        let mut server = Handshake::server(COOKIE, SERVER);
+        let mut server = Handshake::server(COOKIE, SERVER, CAPS);
         assert_eof(server.closed_error());
         server.feed(&hello, &mut Vec::new()).unwrap();
         assert_eof(server.closed_error());
@@ -1419,8 +1839,8 @@ mod tests {
             (too_long, MAX_HANDSHAKE_MESSAGE + 1),
             (u16::MAX, 65535),
         ] {
-            let (client, _) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
-            for mut hs in [Handshake::server(COOKIE, SERVER), client] {
+            let (client, _) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+            for mut hs in [Handshake::server(COOKIE, SERVER, CAPS), client] {
                 let mut out = Vec::new();
                 // The first byte alone cannot tell yet.
                 let [hi, lo] = len.to_be_bytes();
@@ -1440,7 +1860,7 @@ mod tests {
 
     #[test]
     fn machine_buffers_at_most_the_largest_message() {
-        let mut server = Handshake::server(COOKIE, SERVER);
+        let mut server = Handshake::server(COOKIE, SERVER, CAPS);
         let len = (MAX_HANDSHAKE_MESSAGE as u16).to_be_bytes();
         assert_eq!(
             server.feed(&len, &mut Vec::new()).unwrap(),
@@ -1462,35 +1882,37 @@ mod tests {
 
     #[test]
     fn machine_wrong_server_node_and_own_node_name() {
-        let (_, hello) = Handshake::client(COOKIE, CLIENT, "c@127.0.0.1").unwrap();
-        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
+        let (_, hello) = Handshake::client(COOKIE, CLIENT, "c@127.0.0.1", CAPS).unwrap();
+        let result = Handshake::server(COOKIE, SERVER, CAPS).feed(&hello, &mut Vec::new());
         assert!(matches!(result, Err(HandshakeError::WrongNode)), "{result:?}");
 
         // A hello from "us" to us.
         let hello = hello_message(PROTOCOL_VERSION, SERVER.as_bytes(), SERVER.as_bytes());
-        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
+        let result = Handshake::server(COOKIE, SERVER, CAPS).feed(&hello, &mut Vec::new());
         assert!(matches!(result, Err(HandshakeError::OwnNodeName)), "{result:?}");
 
         // Dialing ourselves, or bad names, is refused before there is anything to send.
-        let result = Handshake::client(COOKIE, CLIENT, CLIENT);
+        let result = Handshake::client(COOKIE, CLIENT, CLIENT, CAPS);
         assert!(matches!(result, Err(HandshakeError::OwnNodeName)), "{result:?}");
-        let result = Handshake::client(COOKIE, "noat", SERVER);
+        let result = Handshake::client(COOKIE, "noat", SERVER, CAPS);
         assert!(matches!(result, Err(HandshakeError::BadNodeName)), "{result:?}");
-        let result = Handshake::client(COOKIE, CLIENT, "a@b c");
+        let result = Handshake::client(COOKIE, CLIENT, "a@b c", CAPS);
         assert!(matches!(result, Err(HandshakeError::BadNodeName)), "{result:?}");
     }
 
     #[test]
     fn machine_version_and_reflected_nonce_refused() {
-        let hello = hello_message(2, CLIENT.as_bytes(), SERVER.as_bytes());
-        let result = Handshake::server(COOKIE, SERVER).feed(&hello, &mut Vec::new());
-        assert!(matches!(result, Err(HandshakeError::Version(2))), "{result:?}");
+        let hello = hello_message(1, CLIENT.as_bytes(), SERVER.as_bytes());
+        let result = Handshake::server(COOKIE, SERVER, CAPS).feed(&hello, &mut Vec::new());
+        assert!(
+            matches!(result, Err(HandshakeError::Version { peer: 1, .. })),
+            "{result:?}"
+        );
 
         // A server echoing the client's nonce as its own.
-        let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
-        let nonce_c = &hello[2 + 2..2 + 2 + NONCE_LEN];
-        let mut body = vec![PROTOCOL_VERSION];
-        body.extend_from_slice(nonce_c);
+        let (mut client, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
+        let nonce_c: Nonce = hello[2 + 2..2 + 2 + NONCE_LEN].try_into().unwrap();
+        let body = challenge_body(PROTOCOL_VERSION, &nonce_c, CAPS);
         let result = client.feed(&encode_message(TAG_CHALLENGE, &body), &mut Vec::new());
         assert!(matches!(result, Err(HandshakeError::Malformed(_))), "{result:?}");
     }
@@ -1512,7 +1934,7 @@ mod tests {
             assert!(format!("{hs:?}").contains("over"));
         }
 
-        let mut failed = Handshake::server(COOKIE, SERVER);
+        let mut failed = Handshake::server(COOKIE, SERVER, CAPS);
         assert!(failed.feed(&[0, 0], &mut Vec::new()).is_err());
         let result = failed.feed(
             &hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes()),
@@ -1527,16 +1949,19 @@ mod tests {
     #[test]
     fn machine_a_pipelined_bad_proof_gets_no_challenge_either() {
         let mut input = hello_message(PROTOCOL_VERSION, CLIENT.as_bytes(), SERVER.as_bytes());
-        input.extend(encode_message(TAG_CLIENT_PROOF, &[0u8; MAC_LEN]));
+        input.extend(encode_message(
+            TAG_CLIENT_PROOF,
+            &[0u8; MAC_LEN + Capabilities::LEN],
+        ));
         let mut out = Vec::new();
-        let result = Handshake::server(COOKIE, SERVER).feed(&input, &mut out);
+        let result = Handshake::server(COOKIE, SERVER, CAPS).feed(&input, &mut out);
         assert!(matches!(result, Err(HandshakeError::BadCookie)), "{result:?}");
         assert!(out.is_empty());
     }
 
     #[test]
     fn machine_debug_hides_the_cookie() {
-        let hs = Handshake::server(COOKIE, SERVER);
+        let hs = Handshake::server(COOKIE, SERVER, CAPS);
         let shown = format!("{hs:?}");
         assert!(shown.contains(SERVER) && !shown.contains("monster"), "{shown}");
     }
@@ -1574,11 +1999,11 @@ mod tests {
                 1 if !garbage.is_empty() => encode_message(garbage[0], &garbage[1..garbage.len().min(500)]),
                 _ => [hello.as_slice(), &garbage].concat(),
             };
-            let mut server = Handshake::server(COOKIE, SERVER);
+            let mut server = Handshake::server(COOKIE, SERVER, CAPS);
             let result = feed_randomly(&mut server, &input, &mut rng);
             assert!(!matches!(result, Ok(Progress::Done(_))), "garbage #{i} got in");
 
-            let (mut client, _) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+            let (mut client, _) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
             let result = feed_randomly(&mut client, &input, &mut rng);
             assert!(!matches!(result, Ok(Progress::Done(_))), "garbage #{i} got in");
         }
@@ -1612,20 +2037,17 @@ mod tests {
             (&server).read_exact(&mut rest).unwrap();
             (result.unwrap(), rest)
         });
-        let (mut hs, hello) = Handshake::client(COOKIE, CLIENT, SERVER).unwrap();
+        let (mut hs, hello) = Handshake::client(COOKIE, CLIENT, SERVER, CAPS).unwrap();
         client.write_all(&hello).unwrap();
         let mut out = Vec::new();
         assert_eq!(pump(&mut client, &mut hs, &mut out), Progress::Continue);
         out.extend_from_slice(FIRST_FRAME);
         client.write_all(&out).unwrap();
         out.clear();
-        assert_eq!(
-            pump(&mut client, &mut hs, &mut out),
-            Progress::Done(SERVER.to_owned())
-        );
+        assert_eq!(pump(&mut client, &mut hs, &mut out), Progress::Done(peer(SERVER)));
 
-        let (name, rest) = srv.join().unwrap();
-        assert_eq!(name, CLIENT);
+        let (client_peer, rest) = srv.join().unwrap();
+        assert_eq!(client_peer, peer(CLIENT));
         assert_eq!(rest, FIRST_FRAME);
     }
 
@@ -1633,7 +2055,7 @@ mod tests {
     fn blocking_client_does_not_read_past_the_server_proof() {
         let (client, mut server) = pair();
         let srv = thread::spawn(move || {
-            let mut hs = Handshake::server(COOKIE, SERVER);
+            let mut hs = Handshake::server(COOKIE, SERVER, CAPS);
             let mut out = Vec::new();
             assert_eq!(pump(&mut server, &mut hs, &mut out), Progress::Continue);
             server.write_all(&out).unwrap();
@@ -1648,6 +2070,6 @@ mod tests {
         client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         (&client).read_exact(&mut rest).unwrap();
         assert_eq!(rest, FIRST_FRAME);
-        assert_eq!(srv.join().unwrap(), Progress::Done(CLIENT.to_owned()));
+        assert_eq!(srv.join().unwrap(), Progress::Done(peer(CLIENT)));
     }
 }

@@ -121,6 +121,8 @@ pub enum Event {
     HandshakeFailed {
         remote: String,
         reason: &'static str,
+        /// The error in words (empty if the reason says it all).
+        detail: String,
         unreported: u64,
     },
     Undeliverable {

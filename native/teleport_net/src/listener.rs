@@ -72,12 +72,19 @@ impl ListenerState {
 
     /// A failed inbound handshake: counted, and an event at most once per source per
     /// `failure_log::INTERVAL`.
-    pub fn handshake_failed(&self, host: &dyn Host, remote: SocketAddr, reason: &'static str) {
+    pub fn handshake_failed(
+        &self,
+        host: &dyn Host,
+        remote: SocketAddr,
+        reason: &'static str,
+        detail: String,
+    ) {
         self.handshake_failures.fetch_add(1, SeqCst);
         if let Some(unreported) = self.failure_log.note(remote.ip(), Instant::now()) {
             host.event(Event::HandshakeFailed {
                 remote: remote.to_string(),
                 reason,
+                detail,
                 unreported,
             });
         }

@@ -321,6 +321,18 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The value the handshake's proofs sign (RFC 5705 export): the same at both ends
+    /// of one TLS session, different for any other session.
+    pub fn channel_binding(&self) -> io::Result<crate::handshake::ChannelBinding> {
+        self.conn
+            .export_keying_material(
+                [0u8; crate::handshake::CHANNEL_BINDING_LEN],
+                crate::handshake::CHANNEL_BINDING_LABEL,
+                None,
+            )
+            .map_err(io::Error::other)
+    }
+
     fn new(mut conn: rustls::Connection, server: bool) -> Session {
         conn.set_buffer_limit(Some(PENDING_TLS_BYTES));
         Session {

@@ -61,6 +61,7 @@ fn settled_count(quiet: Duration, mut count: impl FnMut() -> usize) -> usize {
 fn raw_authenticated(addr: SocketAddr, local_node: &str, server_node: &str) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
     let config = HandshakeConfig {
+        capabilities: Default::default(),
         cookie: COOKIE,
         local_node,
         timeout: WAIT,
@@ -889,6 +890,7 @@ fn one_source_cannot_take_every_handshake_slot() {
     // Other addresses are not locked out: a handshake by hand from 127.0.0.3, and a pool from A.
     let other = connect_from([127, 0, 0, 3], b.addr());
     let config = HandshakeConfig {
+        capabilities: Default::default(),
         cookie: COOKIE,
         local_node: "c@127.0.0.3",
         timeout: WAIT,
@@ -905,6 +907,7 @@ fn one_source_cannot_take_every_handshake_slot() {
     assert!(eventually(WAIT, || pending() == PER_IP - 1 && failures() == 2));
     let again = connect_from([127, 0, 0, 2], b.addr());
     let config = HandshakeConfig {
+        capabilities: Default::default(),
         local_node: "d@127.0.0.2",
         ..config
     };
@@ -933,6 +936,7 @@ fn slow_handshake_peer(name: &'static str, delay: Duration) -> (SocketAddr, mpsc
         let (stream, _) = listener.accept().unwrap();
         thread::sleep(delay);
         let config = HandshakeConfig {
+            capabilities: Default::default(),
             cookie: COOKIE,
             local_node: name,
             timeout: WAIT,

@@ -294,6 +294,7 @@ fn a_plain_text_client_is_refused_and_counted_and_nothing_is_delivered() {
     // A teleport client without TLS, with the right cookie.
     let socket = TcpStream::connect(a.addr()).unwrap();
     let cfg = HandshakeConfig {
+        capabilities: Default::default(),
         cookie: COOKIE,
         local_node: "c@127.0.0.1",
         timeout: WAIT,
@@ -479,4 +480,126 @@ fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == bodies.len()));
     let got: Vec<Vec<u8>> = b.host.log().frames.iter().map(|f| f.body.clone()).collect();
     assert_eq!(got, bodies);
+}
+
+// ---------------------------------------------------------------------------
+// A relay in the middle
+
+/// rustls configurations of a holder of `tls`'s certificate, trusting its CA file: as a
+/// server that asks for a client certificate, and as a client presenting it.
+fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.certfile)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(&tls.keyfile).expect("key");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&tls.cacertfile).expect("CA file") {
+        roots.add(ca.expect("CA")).expect("root");
+    }
+    let roots = Arc::new(roots);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .expect("client verifier");
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key.clone_key())
+        .expect("server config");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .expect("client config");
+    (Arc::new(server), Arc::new(client))
+}
+
+/// One handshake message (`[u16 length][tag][body]`), whole.
+fn relay_message(from: &mut (impl Read + ?Sized)) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    from.read_exact(&mut len)?;
+    let mut msg = len.to_vec();
+    msg.resize(2 + usize::from(u16::from_be_bytes(len)), 0);
+    from.read_exact(&mut msg[2..])?;
+    Ok(msg)
+}
+
+/// A relay that holds a cluster certificate and not the cookie: it ends the TLS
+/// session of whoever dials it, opens its own to `target`, and passes the cookie
+/// handshake on, message by message, reading everything in clear. Returns how far
+/// it got: the messages it passed on.
+fn spawn_tls_relay(
+    listener: std::net::TcpListener,
+    target: std::net::SocketAddr,
+    tls: &TlsConfig,
+) -> std::thread::JoinHandle<usize> {
+    let (server_config, client_config) = relay_configs(tls);
+    std::thread::spawn(move || {
+        let Ok((inner, _)) = listener.accept() else {
+            return 0;
+        };
+        let _ = inner.set_read_timeout(Some(WAIT));
+        let server = rustls::ServerConnection::new(server_config).expect("server session");
+        let mut from_dialer = rustls::StreamOwned::new(server, inner);
+        let Ok(outer) = TcpStream::connect(target) else {
+            return 0;
+        };
+        let _ = outer.set_read_timeout(Some(WAIT));
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let client = rustls::ClientConnection::new(client_config, name).expect("client session");
+        let mut to_target = rustls::StreamOwned::new(client, outer);
+        let mut passed = 0;
+        // HELLO, CHALLENGE, CLIENT_PROOF, SERVER_PROOF: in turns, each passed on whole.
+        for turn in 0..4 {
+            let (from, to): (&mut dyn ReadWrite, &mut dyn ReadWrite) = if turn % 2 == 0 {
+                (&mut from_dialer, &mut to_target)
+            } else {
+                (&mut to_target, &mut from_dialer)
+            };
+            let Ok(msg) = relay_message(from) else { break };
+            if to.write_all(&msg).and_then(|()| to.flush()).is_err() {
+                break;
+            }
+            passed += 1;
+        }
+        passed
+    })
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A node that does not check the server's name (several nodes share a certificate
+/// for one host) dials through a relay holding a cluster certificate: both TLS
+/// sessions are valid, but the cookie proofs sign the session they run in, so the
+/// target refuses the relayed proof and nothing gets through.
+#[test]
+fn a_relay_between_two_tls_sessions_cannot_pass_the_handshake_on() {
+    let dir = Dir::new();
+    let ca_ = ca("cluster CA");
+    let mut tw = node_tls(&dir, "w@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
+    tw.server_name_check = false;
+    let w = start("w@127.0.0.1", Some(tw));
+    let y = start_trusting(&dir, "y@127.0.0.1", &ca_);
+    let relay_tls = node_tls(&dir, "relay@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("relay listener");
+    let relay_addr = listener.local_addr().expect("relay address");
+    let relay = spawn_tls_relay(listener, y.addr(), &relay_tls);
+
+    let opened = nodes::open_to(&w.rt, y.name(), relay_addr, 1);
+    let passed = relay.join().expect("relay");
+    // The relay passed the hello, the challenge and the client's proof; y refused it.
+    assert_eq!(passed, 3, "messages the relay passed on");
+    assert_eq!(handshake_reason(opened), "bad_cookie");
+    assert!(wait_refused(&y, "bad_cookie"));
+    assert!(y.host.log().frames.is_empty());
+    // Dialed directly, the same two nodes connect.
+    w.open(&y, 1).expect("direct");
 }

@@ -7,6 +7,8 @@ rustler::atoms! {
     not_started,
     not_connected,
     too_large,
+    unsupported_by_peer,
+    version,
     suspend,
     busy,
     opening,

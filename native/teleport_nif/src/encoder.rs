@@ -25,16 +25,17 @@ use std::ptr;
 use std::sync::OnceLock;
 
 use rustler::sys::{
-    enif_alloc_env, enif_free_env, enif_get_atom, enif_get_double, enif_get_int64, enif_get_list_cell,
-    enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary, enif_is_atom, enif_is_binary,
-    enif_is_list, enif_is_map, enif_is_number, enif_is_pid, enif_is_port, enif_is_ref, enif_is_tuple,
-    enif_make_atom_len, enif_make_copy, enif_make_list_from_array, enif_map_iterator_create,
-    enif_map_iterator_destroy, enif_map_iterator_get_pair, enif_map_iterator_next, enif_map_iterator_prev,
-    enif_release_binary, enif_system_info, enif_term_to_binary, ErlNifBinary, ErlNifCharEncoding, ErlNifEnv,
-    ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm,
+    enif_alloc_env, enif_binary_to_term, enif_free_env, enif_get_atom, enif_get_double, enif_get_int64,
+    enif_get_list_cell, enif_get_map_size, enif_get_tuple, enif_get_uint64, enif_inspect_binary,
+    enif_is_atom, enif_is_binary, enif_is_list, enif_is_map, enif_is_number, enif_is_pid, enif_is_port,
+    enif_is_ref, enif_is_tuple, enif_make_atom_len, enif_make_copy, enif_make_list_from_array,
+    enif_map_iterator_create, enif_map_iterator_destroy, enif_map_iterator_get_pair, enif_map_iterator_next,
+    enif_map_iterator_prev, enif_release_binary, enif_system_info, enif_term_to_binary, ErlNifBinary,
+    ErlNifCharEncoding, ErlNifEnv, ErlNifMapIterator, ErlNifMapIteratorEntry, ErlNifSysInfo, ErlNifTerm,
 };
 use rustler::{Atom, Encoder, Env, NifResult, Term};
 use teleport_net::etf::write::{self as w, Body};
+use teleport_net::handshake::Capabilities;
 
 /// Binaries over this size are referenced, not copied. Referencing pins the binary in
 /// an env of its own per message (allocated, copied into, freed by the writer), which
@@ -89,6 +90,9 @@ pub struct Encoded {
     pub referenced: Vec<ErlNifTerm>,
     /// Work units spent, for `enif_consume_timeslice`.
     pub work: u64,
+    /// The oldest Erlang/OTP release that can read every term in it
+    /// (`etf::release_reading`): 0 unless the VM encoded a newer type (a native record).
+    pub needs_release: u16,
 }
 
 /// A process-independent env holding the copies of the referenced binaries.
@@ -194,6 +198,7 @@ pub unsafe fn encode(
         },
         tagged: tags::usable(),
         atom_form: atom_form(),
+        needs_release: 0,
     };
     w::version(enc.body.buf());
     let outcome = enc.run(term);
@@ -202,6 +207,7 @@ pub unsafe fn encode(
         body,
         referenced,
         mut scratch,
+        needs_release,
         ..
     } = enc;
     scratch.frames.clear();
@@ -217,6 +223,7 @@ pub unsafe fn encode(
         body,
         referenced,
         work,
+        needs_release,
     })
 }
 
@@ -232,6 +239,8 @@ struct Walker {
     limit: u64,
     /// `tags::usable()`: small integers and atoms are recognised without a call.
     tagged: bool,
+    /// See `Encoded::needs_release`.
+    needs_release: u16,
     /// How this VM's `term_to_binary/1` writes an atom (`atom_form()`).
     atom_form: AtomForm,
 }
@@ -673,9 +682,11 @@ impl Walker {
         }
         let mut bin = bin.assume_init();
         // Without the version byte.
-        self.body
-            .buf()
-            .extend_from_slice(slice(&bin).get(1..).unwrap_or_default());
+        let piece = slice(&bin).get(1..).unwrap_or_default();
+        if let Some(&tag) = piece.first() {
+            self.needs_release = self.needs_release.max(teleport_net::etf::release_reading(tag));
+        }
+        self.body.buf().extend_from_slice(piece);
         enif_release_binary(&mut bin);
         Ok(())
     }
@@ -730,6 +741,45 @@ pub fn atom_form() -> AtomForm {
         };
         enif_free_env(env);
         form
+    })
+}
+
+/// What this node tells its peers of itself in every handshake: its Erlang/OTP release,
+/// and whether its VM builds native records (asked by decoding one).
+pub fn capabilities() -> Capabilities {
+    static CAPABILITIES: OnceLock<Capabilities> = OnceLock::new();
+    *CAPABILITIES.get_or_init(|| {
+        let mut info = MaybeUninit::<ErlNifSysInfo>::zeroed();
+        // SAFETY: the VM fills at most `size` bytes of the struct; the strings it points
+        // to are static.
+        let otp_release = unsafe {
+            enif_system_info(info.as_mut_ptr(), std::mem::size_of::<ErlNifSysInfo>());
+            let info = info.assume_init();
+            if info.otp_release.is_null() {
+                0
+            } else {
+                std::ffi::CStr::from_ptr(info.otp_release)
+                    .to_str()
+                    .ok()
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0)
+            }
+        };
+        // `#m:r{}` (no fields), as OTP 29 writes it.
+        const EMPTY_RECORD: [u8; 12] = [131, 67, 0, 0, 0, 0, 0, 119, 1, b'm', 119, 1];
+        let record = [&EMPTY_RECORD[..], b"r"].concat();
+        // SAFETY: a fresh env, freed below; the bytes outlive the call.
+        let records = unsafe {
+            let env = enif_alloc_env();
+            let mut term = ErlNifTerm::default();
+            let used = enif_binary_to_term(env, record.as_ptr(), record.len(), &mut term, 0);
+            enif_free_env(env);
+            used == record.len()
+        };
+        Capabilities {
+            otp_release,
+            flags: if records { Capabilities::NATIVE_RECORDS } else { 0 },
+        }
     })
 }
 

@@ -151,11 +151,13 @@ impl Host for NifHost {
                 Event::HandshakeFailed {
                     remote,
                     reason,
+                    detail,
                     unreported,
                 } => (
                     atoms::handshake_failed(),
                     remote,
                     reason_atom(env, reason),
+                    detail,
                     unreported,
                 )
                     .encode(env),

@@ -153,6 +153,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         io_threads: map_get(opts, "io_threads")?,
         local_node: map_get::<String>(opts, "local_node")?,
         cookie: map_get::<rustler::Binary>(opts, "cookie")?.as_slice().to_vec(),
+        capabilities: encoder::capabilities(),
         max_frame_bytes: map_get(opts, "max_frame_bytes")?,
         send_queue_bytes: map_get(opts, "send_queue_bytes")?,
         sndbuf: decode_sndbuf(map_get(opts, "sndbuf")?)?,
@@ -329,8 +330,9 @@ fn open_pool(env: Env, peer: Atom, ip: Term, port: u16, size: usize, notify: Loc
 }
 
 /// A failed open as a term to match: `stopping`, `{connect | handshake | io, Name}`
-/// (e.g. `{connect, econnrefused}`, `{handshake, bad_cookie}`), or `{closed | internal,
-/// Text}` where the causes have no fixed names.
+/// (e.g. `{connect, econnrefused}`, `{handshake, bad_cookie}`), `{handshake, {version,
+/// Peer, Local}}` (protocol versions), or `{closed | internal, Text}` where the causes
+/// have no fixed names.
 fn open_error_term<'a>(env: Env<'a>, e: &OpenError) -> Term<'a> {
     reason_term(env, e.class(), e.detail())
 }
@@ -342,6 +344,7 @@ pub(crate) fn reason_term<'a>(env: Env<'a>, class: &str, detail: Detail) -> Term
         Detail::None => class,
         Detail::Name(name) => (class, atom_or_text(env, name)).encode(env),
         Detail::Text(text) => (class, text).encode(env),
+        Detail::Versions(peer, local) => (class, (atoms::version(), peer, local)).encode(env),
     }
 }
 
@@ -397,6 +400,11 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
         Err(Stop::TooLarge) => return Ok(atoms::too_large().encode(env)),
     };
     encode::account(env, &encoded, limit);
+    // A term of a type the peer's release cannot build (a native record for a release
+    // before 29) would only make it close the connection: refused here instead.
+    if encoded.needs_release > conn.peer_capabilities().otp_release {
+        return Ok(atoms::unsupported_by_peer().encode(env));
+    }
     let Some(frame) = OutFrame::new(kind, Box::new(encoded.body)) else {
         return Ok(atoms::too_large().encode(env));
     };

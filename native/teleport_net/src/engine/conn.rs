@@ -19,7 +19,7 @@ use mio::net::TcpStream;
 use crate::connection::{Connection, Flushed};
 use crate::error::{CloseReason, OpenError};
 use crate::framing::{encode_frame, FrameKind};
-use crate::handshake::{Handshake, HandshakeError, Progress};
+use crate::handshake::{Handshake, HandshakeError, Peer, Progress};
 use crate::host::Event;
 use crate::inbound::{Inbound, ReadTurn};
 use crate::listener::{HandshakeSlot, OpenSocket};
@@ -133,8 +133,9 @@ impl Drop for PoolMember {
 pub(super) enum End {
     /// Dialing failed (only meaningful while dialing; otherwise a close).
     Dial(OpenError),
-    /// An inbound handshake failed: counted and reported (rate-limited) as this.
-    Handshake(&'static str),
+    /// An inbound handshake failed: counted and reported (rate-limited) as this, with
+    /// what the error says (the two versions of a version mismatch, say).
+    Handshake(&'static str, String),
     Close(CloseReason),
 }
 
@@ -187,7 +188,7 @@ impl Conn {
             (State::Connecting { member, .. } | State::ClientHandshake { member, .. }, end) => {
                 member.fail(match end {
                     End::Dial(error) => error,
-                    End::Handshake(reason) => OpenError::Closed(reason.to_string()),
+                    End::Handshake(reason, _) => OpenError::Closed(reason.to_string()),
                     End::Close(CloseReason::Stopping) => OpenError::Stopping,
                     End::Close(reason) => OpenError::Closed(reason.to_string()),
                 });
@@ -196,15 +197,15 @@ impl Conn {
                 let remote = *remote;
                 // Its slot and socket count go back before the failure is reported.
                 self.state = State::Gone;
-                let reason = match end {
-                    End::Handshake(reason) => reason,
+                let (reason, detail) = match end {
+                    End::Handshake(reason, detail) => (reason, detail),
                     // Stopping: not the peer's failure.
                     End::Close(CloseReason::Stopping) => return,
-                    End::Close(_) | End::Dial(_) => "internal",
+                    End::Close(_) | End::Dial(_) => ("internal", String::new()),
                 };
                 services
                     .listener
-                    .handshake_failed(&*services.host, remote, reason);
+                    .handshake_failed(&*services.host, remote, reason, detail);
             }
             (State::Outbound { member, .. }, end) => member.closed(close_reason(end)),
             (State::Inbound { inbound, .. }, end) => {
@@ -219,7 +220,7 @@ fn close_reason(end: End) -> CloseReason {
     match end {
         End::Close(reason) => reason,
         End::Dial(error) => CloseReason::Malformed(error.to_string()),
-        End::Handshake(reason) => CloseReason::Malformed(reason.to_string()),
+        End::Handshake(reason, _) => CloseReason::Malformed(reason.to_string()),
     }
 }
 
@@ -290,7 +291,12 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
         unreachable!("connected() is only called while connecting");
     };
     let config = &services.config;
-    let started = Handshake::client(&config.cookie, &config.local_node, &member.pool.peer);
+    let started = Handshake::client(
+        &config.cookie,
+        &config.local_node,
+        &member.pool.peer,
+        config.capabilities,
+    );
     let (handshake, hello) = match started {
         Ok(started) => started,
         Err(e) => {
@@ -320,13 +326,13 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
 }
 
 /// Reads handshake bytes: at most what the handshake still needs is consumed, so
-/// bytes after it (the first frames) stay for the next state. Returns the progress and
-/// the bytes read past the handshake's end.
+/// bytes after it (the first frames) stay for the next state. Returns the peer and
+/// the bytes read past the handshake's end, once done.
 fn read_handshake(
     socket: &TcpStream,
     tls: &mut Option<Box<Session>>,
     handshake: &mut Handshake,
-) -> Result<Option<(String, Vec<u8>)>, HandshakeError> {
+) -> Result<Option<(Peer, Vec<u8>)>, HandshakeError> {
     let mut buf = [0u8; 2048];
     loop {
         let n = match receive(socket, tls, &mut buf) {
@@ -336,6 +342,11 @@ fn read_handshake(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_or_tls(e)),
         };
+        // Plain text comes out of TLS only once its handshake is done: the session's
+        // exported value is there for the proofs to sign.
+        if let (Some(tls), false) = (tls.as_deref(), handshake.is_bound()) {
+            handshake.bind_channel(tls.channel_binding().map_err(io_or_tls)?);
+        }
         let mut out = Vec::new();
         let (used, progress) = handshake.feed(&buf[..n], &mut out)?;
         if !out.is_empty() {
@@ -358,7 +369,7 @@ pub(super) fn client_handshake(
     };
     let done = read_handshake(&conn.socket, &mut conn.tls, handshake)
         .map_err(|e| End::Dial(OpenError::handshake(&e)))?;
-    let Some((_, extra)) = done else {
+    let Some((server, extra)) = done else {
         return Ok(Next::Wait);
     };
     // The server writes nothing after its proof on a connection only we write on.
@@ -389,11 +400,11 @@ pub(super) fn client_handshake(
     let connection = Arc::new(Connection::new(
         conn.socket.clone(),
         io,
-        config.send_queue_bytes,
-        config.io_chunk(),
+        config,
         pool.stats.clone(),
         counters,
         conn.tls.is_none(),
+        server.capabilities,
     ));
     member.conn = Some(connection.clone());
     crate::faults::check(crate::faults::Point::Watcher, &pool.peer);
@@ -438,9 +449,9 @@ pub(super) fn server_handshake(
         return Ok(Next::Wait);
     }
     *not_before = None;
-    let done =
-        read_handshake(&conn.socket, &mut conn.tls, handshake).map_err(|e| End::Handshake(e.reason()))?;
-    let Some((peer, early)) = done else {
+    let done = read_handshake(&conn.socket, &mut conn.tls, handshake)
+        .map_err(|e| End::Handshake(e.reason(), e.to_string()))?;
+    let Some((client, early)) = done else {
         return Ok(Next::Wait);
     };
     // The handshake slot goes back to the listener here.
@@ -452,8 +463,8 @@ pub(super) fn server_handshake(
     crate::listener::keep_alive(&conn.socket);
     let config = &services.config;
     let inbound = Inbound::new(crate::inbound::InboundSetup {
-        stats: services.stats.of(&peer),
-        peer,
+        stats: services.stats.of(&client.node),
+        peer: client.node,
         socket: conn.socket.clone(),
         deferral,
         host: services.host.clone(),

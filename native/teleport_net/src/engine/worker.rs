@@ -327,7 +327,7 @@ impl Worker {
                 self.services.report_panic(&self.name, &*panic);
                 services
                     .listener
-                    .handshake_failed(&*services.host, remote, "internal");
+                    .handshake_failed(&*services.host, remote, "internal", String::new());
                 return;
             }
         };
@@ -336,7 +336,7 @@ impl Worker {
             Some(Err(_)) => {
                 services
                     .listener
-                    .handshake_failed(&*services.host, remote, "tls_error");
+                    .handshake_failed(&*services.host, remote, "tls_error", String::new());
                 return;
             }
             None => None,
@@ -346,7 +346,7 @@ impl Worker {
         let _ = self.insert(
             stream,
             || State::ServerHandshake {
-                handshake: Handshake::server(&config.cookie, &config.local_node),
+                handshake: Handshake::server(&config.cookie, &config.local_node, config.capabilities),
                 remote,
                 _slot: slot,
                 open,
@@ -455,7 +455,7 @@ fn timeout_end(state: &State) -> End {
     match state {
         State::Connecting { .. } => End::Dial(OpenError::connect(&io::ErrorKind::TimedOut.into())),
         State::ClientHandshake { .. } => End::Dial(OpenError::handshake(&HandshakeError::Timeout)),
-        _ => End::Handshake("timeout"),
+        _ => End::Handshake("timeout", String::new()),
     }
 }
 

@@ -41,6 +41,22 @@ pub const ATOM_UTF8_EXT: u8 = 118;
 pub const SMALL_ATOM_UTF8_EXT: u8 = 119;
 pub const V4_PORT_EXT: u8 = 120;
 
+/// The oldest Erlang/OTP release that reads a term whose external format starts with
+/// `tag`: 0 for the tags every supported release reads, `u16::MAX` for a tag this
+/// code does not know (a type newer than it). A sender checks what it sends against
+/// the release its peer runs.
+pub fn release_reading(tag: u8) -> u16 {
+    match tag {
+        RECORD_EXT => 29,
+        NEW_FLOAT_EXT | BIT_BINARY_EXT | NEW_PID_EXT | NEW_PORT_EXT | NEWER_REFERENCE_EXT
+        | SMALL_INTEGER_EXT | INTEGER_EXT | FLOAT_EXT | ATOM_EXT | REFERENCE_EXT | PORT_EXT | PID_EXT
+        | SMALL_TUPLE_EXT | LARGE_TUPLE_EXT | NIL_EXT | STRING_EXT | LIST_EXT | BINARY_EXT
+        | SMALL_BIG_EXT | LARGE_BIG_EXT | NEW_FUN_EXT | EXPORT_EXT | NEW_REFERENCE_EXT | SMALL_ATOM_EXT
+        | MAP_EXT | ATOM_UTF8_EXT | SMALL_ATOM_UTF8_EXT | V4_PORT_EXT => 0,
+        _ => u16::MAX,
+    }
+}
+
 /// Whether a VM of this erts version ("13.1.5") crashes building a map of over 128 keys
 /// on a thread that is not a scheduler (erlang/otp GH-8208, fixed by OTP-19495 in erts
 /// 13.2.2.14, 14.2.5.8 and 15.2.3; introduced in 13.1). The NIF's decoder runs on such
