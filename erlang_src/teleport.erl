@@ -42,6 +42,7 @@
                         bytes_in := non_neg_integer(),
                         connections := non_neg_integer(),
                         queued_bytes := non_neg_integer(),
+                        partial_bytes := non_neg_integer(),
                         dropped_out := non_neg_integer(),
                         undeliverable_in := non_neg_integer(),
                         connects := non_neg_integer(),
@@ -65,7 +66,8 @@
           connected_ms := non_neg_integer(),
           messages_in := non_neg_integer(),
           bytes_in := non_neg_integer(),
-          undeliverable_in := non_neg_integer()}.
+          undeliverable_in := non_neg_integer(),
+          partial_bytes := non_neg_integer()}.
 %% One live connection's counters; see {@link stats/0} for every key.
 -type address() :: {inet:ip_address(), inet:port_number()}.
 %% `{Ip, Port}' of one end of a connection.
@@ -250,6 +252,10 @@ listen_address() ->
 %% <li>`messages_in', `bytes_in': read whole from the peer.</li>
 %% <li>`connections': connections of our pool to the peer now (0 without one).</li>
 %% <li>`queued_bytes': bytes accepted by `send' and not yet written, now.</li>
+%% <li>`partial_bytes': bytes held now for large messages the peer has sent
+%%     part of (a message over 64 KiB travels in chunks, with others' smaller
+%%     messages between them; the receiver holds at most one such message per
+%%     connection, in the buffer it is delivered in).</li>
 %% <li>`dropped_out': messages accepted by `send' but never written because
 %%     the pool closed first.</li>
 %% <li>`undeliverable_in': arrivals from the peer with no live destination
@@ -272,8 +278,8 @@ listen_address() ->
 %% <li>`connected_ms': milliseconds since it was authenticated.</li>
 %% <li>`messages_out', `bytes_out', `queued_bytes' (outbound only): as the
 %%     peer's, for this connection.</li>
-%% <li>`messages_in', `bytes_in', `undeliverable_in' (inbound only): as the
-%%     peer's, for this connection.</li>
+%% <li>`messages_in', `bytes_in', `undeliverable_in', `partial_bytes' (inbound
+%%     only): as the peer's, for this connection.</li>
 %% <li>`send_buffer' (outbound only, where the OS reports it): the socket's
 %%     kernel send buffer in bytes, as sized by the `sndbuf' setting.</li>
 %% </ul>
@@ -291,7 +297,7 @@ stats(Node) when is_atom(Node) ->
     case teleport_nif:stats() of
         #{Node := Stats} -> Stats;
         #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
-                 connections => 0, queued_bytes => 0, dropped_out => 0,
+                 connections => 0, queued_bytes => 0, partial_bytes => 0, dropped_out => 0,
                  undeliverable_in => 0, connects => 0, disconnects => 0,
                  handshake_failures => 0, per_connection => []}
     end.

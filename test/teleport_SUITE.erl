@@ -806,10 +806,14 @@ stats_per_connection(Config) ->
     In = inbound(AfterA),
     OutKeys = [bytes_out, connected_ms, direction, index, local, messages_out, queued_bytes, remote]
         ++ [send_buffer || os:type() =:= {unix, linux}],
-    InKeys = [bytes_in, connected_ms, direction, local, messages_in, remote, undeliverable_in],
+    InKeys = [bytes_in, connected_ms, direction, local, messages_in, partial_bytes, remote,
+              undeliverable_in],
     ?assertEqual(lists:duplicate(?POOL_SIZE, OutKeys), [lists:sort(maps:keys(C)) || C <- Out]),
     ?assertEqual(lists:duplicate(?POOL_SIZE, InKeys), [lists:sort(maps:keys(C)) || C <- In]),
     ?assertEqual(lists:seq(0, ?POOL_SIZE - 1), [I || #{index := I} <- Out]),
+    %% No large body is under way once everything arrived.
+    ?assertEqual([0], lists:usort([P || #{partial_bytes := P} <- In])),
+    ?assertEqual(0, maps:get(partial_bytes, AfterA)),
     %% The connections add up to the peer's totals over this case.
     Delta = fun(Key, S0, S1) -> maps:get(Key, S1) - maps:get(Key, S0) end,
     ?assertEqual(Delta(messages_out, Before, After), Sum(messages_out, Out)),

@@ -312,7 +312,14 @@ code_path_args() ->
                    Path when is_list(Path) -> [filename:dirname(Path)];
                    _ -> []
                end,
-    ["-pa" | dedup(Build ++ Teleport ++ Own)].
+    %% TELEPORT_PEER_EBIN: peers run another build of teleport (benchmarks
+    %% against an earlier commit, scripts/build_old_main.sh).
+    case os:getenv("TELEPORT_PEER_EBIN") of
+        Other when is_list(Other), Other =/= "" ->
+            ["-pa" | dedup([Other | (Build ++ Own) -- Teleport])];
+        _ ->
+            ["-pa" | dedup(Build ++ Teleport ++ Own)]
+    end.
 
 %% @doc A node name (without host) that no other run or test uses.
 -spec unique_name(string()) -> string().

@@ -1,8 +1,14 @@
-//! One outbound connection as senders see it: a queue of frames bounded by bytes,
-//! drained with vectored writes by the connection's I/O thread (engine.rs), or a small
-//! frame written directly by its sender when nothing is queued.
+//! One outbound connection as senders see it: two queues of frames bounded by bytes
+//! together, drained with vectored writes by the connection's I/O thread (engine/), or
+//! a small frame written directly by its sender when nothing is queued.
+//!
+//! The express lane takes small frames; the bulk lane takes frames over
+//! `framing::EXPRESS_MAX`, which go out in chunks (`framing`), and the small frames of a
+//! sender whose large frame is still queued (its frames keep their order). Between two
+//! chunks the writer puts out every express frame queued, so a small message waits for
+//! at most one chunk of another sender's large one, however large that is.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
@@ -10,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+
 use mio::net::TcpStream;
 
 use crate::config::Config;
 use crate::conn_ref::ConnRef;
-use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::framing::{self, FrameHeader, FrameKind, BULK_START_LEN, CHUNK_MAX, EXPRESS_MAX, HEADER_LEN};
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
@@ -25,7 +32,7 @@ use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 pub trait FrameBody: Send {
     fn len(&self) -> usize;
     /// The body's pieces in order; after `embed_header` returned true, the header first.
-    fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>);
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>);
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -45,12 +52,13 @@ impl FrameBody for Vec<u8> {
     fn len(&self) -> usize {
         Vec::len(self)
     }
-    fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
-        out.push(IoSlice::new(self));
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+        out.push(self);
     }
 }
 
 pub struct OutFrame {
+    kind: FrameKind,
     header: [u8; HEADER_LEN],
     /// The body holds the header in front of its own bytes.
     header_in_body: bool,
@@ -64,6 +72,7 @@ impl OutFrame {
         let header = FrameHeader { kind, body_len }.encode();
         let header_in_body = body.embed_header(&header);
         Some(OutFrame {
+            kind,
             header,
             header_in_body,
             body,
@@ -75,7 +84,30 @@ impl OutFrame {
         if !self.header_in_body {
             out.push(IoSlice::new(&self.header));
         }
-        self.body.push_chunks(out);
+        let mut pieces = Vec::with_capacity(4);
+        self.body.push_pieces(&mut pieces);
+        out.extend(pieces.into_iter().map(IoSlice::new));
+    }
+
+    /// Body bytes `from..from + len`, as slices of the body's pieces (a chunk's).
+    fn push_body_range<'a>(&'a self, from: usize, len: usize, out: &mut Vec<IoSlice<'a>>) {
+        let mut pieces = Vec::with_capacity(4);
+        self.body.push_pieces(&mut pieces);
+        let mut skip = from + if self.header_in_body { HEADER_LEN } else { 0 };
+        let mut left = len;
+        for bytes in pieces {
+            if left == 0 {
+                break;
+            }
+            if skip >= bytes.len() {
+                skip -= bytes.len();
+                continue;
+            }
+            let take = (bytes.len() - skip).min(left);
+            out.push(IoSlice::new(&bytes[skip..skip + take]));
+            left -= take;
+            skip = 0;
+        }
     }
 
     /// The whole frame, if it is one slice.
@@ -107,43 +139,110 @@ const DIRECT_WRITE_MAX: usize = 64 * 1024;
 /// made 1.1-1.2x (BENCHMARKS.md); a 32-byte ping-pong's gaps are >= 40 us.
 const STREAM_GAP_NS: u64 = 30_000;
 
-/// A batch taken from the queue holds at most this much, so a long queue is written in
+/// Express frames taken at once hold at most this much, so a long queue is written in
 /// turns with the I/O thread's other connections.
 const BATCH_BYTES: usize = 4 << 20;
 const BATCH_FRAMES: usize = 256;
 
-/// Frames taken from the queue and not yet wholly on the wire; the first has its first
-/// `offset` bytes out.
+/// The two queues of a connection (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Express,
+    Bulk,
+}
+
+/// A frame as queued, and whose (the sender's key, for its order).
+struct Queued {
+    frame: OutFrame,
+    key: u64,
+}
+
+/// What goes on the wire, in order.
+enum Unit {
+    /// A whole frame. `key`: from the bulk lane, whose count it holds.
+    Whole { frame: OutFrame, key: Option<u64> },
+    /// The `BulkStart` of the bulk frame under way.
+    Start([u8; HEADER_LEN + BULK_START_LEN]),
+    /// Body bytes `from..from + len` of the bulk frame under way, with their header.
+    Chunk {
+        header: [u8; HEADER_LEN],
+        from: usize,
+        len: usize,
+    },
+}
+
+impl Unit {
+    fn wire_len(&self) -> usize {
+        match self {
+            Unit::Whole { frame, .. } => frame.wire_len(),
+            Unit::Start(bytes) => bytes.len(),
+            Unit::Chunk { len, .. } => HEADER_LEN + len,
+        }
+    }
+}
+
+/// The bulk frame whose chunks are going out.
+struct BulkOut {
+    frame: OutFrame,
+    key: u64,
+    /// Body bytes put into chunks so far.
+    framed: usize,
+}
+
+/// What is going on the wire: units taken from the lanes, the first with `offset`
+/// bytes out, and the bulk frame they may be chunks of.
 #[derive(Default)]
 struct Batch {
-    frames: VecDeque<OutFrame>,
+    units: VecDeque<Unit>,
     offset: usize,
+    bulk: Option<BulkOut>,
+}
+
+impl Batch {
+    fn is_idle(&self) -> bool {
+        self.units.is_empty() && self.bulk.is_none()
+    }
+
+    /// Whether a bulk unit is among those to write.
+    fn holds_bulk_unit(&self) -> bool {
+        self.units
+            .iter()
+            .any(|u| !matches!(u, Unit::Whole { key: None, .. }))
+    }
 }
 
 /// One outbound connection as senders see it: a queue bounded by bytes, written by its
 /// I/O thread, or directly by a sender when nothing is queued.
 pub struct Connection {
-    tx: Sender<OutFrame>,
-    /// Drained by the I/O thread; frames left when the connection ends are counted
-    /// dropped (also those slipped in after the final drain, when it is dropped).
-    rx: Receiver<OutFrame>,
+    express: (Sender<Queued>, Receiver<Queued>),
+    /// Drained by the I/O thread; frames left in either lane when the connection ends
+    /// are counted dropped (also those slipped in after the final drain, when it is
+    /// dropped).
+    bulk: (Sender<Queued>, Receiver<Queued>),
+    /// Senders (by key) with frames in the bulk lane, and how many each.
+    bulk_senders: Mutex<HashMap<u64, usize>>,
+    /// Frames in the bulk lane: a small frame looks its sender up only when some are.
+    bulk_queued: AtomicUsize,
     stats: Arc<PeerStats>,
     counters: ConnStats,
     /// Shared with the I/O thread, which registered it: one descriptor.
     socket: Arc<TcpStream>,
     /// Whoever writes to the socket holds this: the I/O thread, or a sender writing
-    /// directly. It holds the frames under way, the rest of a direct write first.
+    /// directly. It holds the units under way, the rest of a direct write first.
     writing: Mutex<Batch>,
-    /// Bytes accepted and not yet written.
+    /// Bytes accepted and not yet written (chunk headers aside), and of those, the
+    /// express lane's: each lane holds at most `limit`, so other senders' bulk never
+    /// makes a sender of small frames wait.
     queued_bytes: AtomicUsize,
+    express_bytes: AtomicUsize,
     limit: usize,
     closed: AtomicBool,
     /// Set while the I/O thread has been asked to write, until it finds nothing left: a
     /// sender that sets it sends the one request.
     flush_requested: AtomicBool,
     io: ConnRef,
-    /// Callers told to wait for the queue to drain; run once it falls to half the limit.
-    waiters: Mutex<Vec<Callback<()>>>,
+    /// Callers told to wait for their lane to drain; run once it falls to half the limit.
+    waiters: Mutex<Vec<(Lane, Callback<()>)>>,
     has_waiters: AtomicBool,
     /// Most bytes per write system call (`Config::io_chunk_bytes`).
     io_chunk: usize,
@@ -190,15 +289,17 @@ impl Connection {
         peer_capabilities: Capabilities,
     ) -> Connection {
         let (limit, io_chunk) = (config.send_queue_bytes, config.io_chunk());
-        let (tx, rx) = crossbeam_channel::unbounded();
         Connection {
-            tx,
-            rx,
+            express: crossbeam_channel::unbounded(),
+            bulk: crossbeam_channel::unbounded(),
+            bulk_senders: Mutex::new(HashMap::new()),
+            bulk_queued: AtomicUsize::new(0),
             stats,
             counters,
             socket,
             writing: Mutex::new(Batch::default()),
             queued_bytes: AtomicUsize::new(0),
+            express_bytes: AtomicUsize::new(0),
             limit,
             closed: AtomicBool::new(false),
             flush_requested: AtomicBool::new(false),
@@ -213,28 +314,86 @@ impl Connection {
         }
     }
 
-    /// Queues a frame. Memory stays bounded because callers that get `OverLimit`
-    /// wait before sending more: each overshoots by at most one frame.
-    pub fn enqueue(&self, frame: OutFrame) -> Result<Enqueued, Closed> {
+    /// Queues a frame of the sender `key`. Memory stays bounded because callers that
+    /// get `OverLimit` wait before sending more: each overshoots by at most one frame.
+    pub fn enqueue(&self, frame: OutFrame, key: u64) -> Result<Enqueued, Closed> {
         if self.closed.load(SeqCst) {
             return Err(Closed);
         }
-        let frame = match self.try_direct_write(frame) {
-            None => return Ok(Enqueued::Ok),
-            Some(frame) => frame,
+        let large = frame.body_len() > EXPRESS_MAX;
+        let frame = if large {
+            frame
+        } else {
+            match self.try_direct_write(frame) {
+                None => return Ok(Enqueued::Ok),
+                Some(frame) => frame,
+            }
         };
         let wire_len = frame.wire_len();
-        let queued = self.queued_bytes.fetch_add(wire_len, SeqCst) + wire_len;
-        if self.tx.send(frame).is_err() {
+        self.queued_bytes.fetch_add(wire_len, SeqCst);
+        let lane = if large || self.has_bulk_queued(key) {
+            let mut senders = self.bulk_senders.lock().unwrap_or_else(|p| p.into_inner());
+            *senders.entry(key).or_default() += 1;
+            self.bulk_queued.fetch_add(1, SeqCst);
+            Lane::Bulk
+        } else {
+            self.express_bytes.fetch_add(wire_len, SeqCst);
+            Lane::Express
+        };
+        let sent = match lane {
+            Lane::Express => self.express.0.send(Queued { frame, key }),
+            Lane::Bulk => self.bulk.0.send(Queued { frame, key }),
+        };
+        if sent.is_err() {
             self.queued_bytes.fetch_sub(wire_len, SeqCst);
             return Err(Closed);
         }
         self.request_flush();
-        Ok(if queued > self.limit {
+        Ok(if self.lane_bytes(lane) > self.limit {
             Enqueued::OverLimit
         } else {
             Enqueued::Ok
         })
+    }
+
+    /// What a lane holds now.
+    fn lane_bytes(&self, lane: Lane) -> usize {
+        let express = self.express_bytes.load(SeqCst);
+        match lane {
+            Lane::Express => express,
+            Lane::Bulk => self.queued_bytes.load(SeqCst).saturating_sub(express),
+        }
+    }
+
+    /// The lane `key`'s next frame goes to, if small.
+    fn lane_of(&self, key: u64) -> Lane {
+        if self.has_bulk_queued(key) {
+            Lane::Bulk
+        } else {
+            Lane::Express
+        }
+    }
+
+    /// Whether `key` has a frame in the bulk lane, which a small frame of its must follow.
+    fn has_bulk_queued(&self, key: u64) -> bool {
+        self.bulk_queued.load(SeqCst) > 0
+            && self
+                .bulk_senders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&key)
+    }
+
+    /// A bulk-lane frame of `key` is on the wire whole.
+    fn bulk_sent(&self, key: u64) {
+        let mut senders = self.bulk_senders.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = senders.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                senders.remove(&key);
+            }
+        }
+        self.bulk_queued.fetch_sub(1, SeqCst);
     }
 
     fn request_flush(&self) {
@@ -262,9 +421,9 @@ impl Connection {
         let Ok(mut batch) = self.writing.try_lock() else {
             return Some(frame);
         };
-        // Re-checked under the lock: an empty queue now means none of this sender's
+        // Re-checked under the lock: empty queues now mean none of this sender's
         // earlier frames is still waiting, so writing this one first keeps its order.
-        if !batch.frames.is_empty() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
+        if !batch.is_idle() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
             return Some(frame);
         }
         let socket = socket2::SockRef::from(&*self.socket);
@@ -285,8 +444,9 @@ impl Connection {
         let wire_len = frame.wire_len();
         if sent < wire_len {
             // The rest must follow before any other frame: the I/O thread finishes it.
-            self.queued_bytes.fetch_add(wire_len - sent, SeqCst);
-            batch.frames.push_back(frame);
+            self.queued_bytes.fetch_add(wire_len, SeqCst);
+            self.express_bytes.fetch_add(wire_len, SeqCst);
+            batch.units.push_back(Unit::Whole { frame, key: None });
             batch.offset = sent;
             drop(batch);
             self.request_flush();
@@ -309,11 +469,11 @@ impl Connection {
         let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut written = 0;
         loop {
-            if batch.frames.is_empty() && !self.refill(&mut batch) {
+            if batch.units.is_empty() && !self.refill(&mut batch) {
                 // Asked again meanwhile (the sender saw the flag set and sent no
                 // request): this thread goes on; otherwise the next sender asks.
                 self.flush_requested.store(false, SeqCst);
-                if self.rx.is_empty() || self.flush_requested.swap(true, SeqCst) {
+                if self.nothing_queued() || self.flush_requested.swap(true, SeqCst) {
                     drop(batch);
                     self.wake_waiters(false);
                     return Ok((Flushed::Idle, written));
@@ -339,46 +499,122 @@ impl Connection {
         }
     }
 
-    /// Moves queued frames into the batch; false if there were none.
+    fn nothing_queued(&self) -> bool {
+        self.express.1.is_empty() && self.bulk.1.is_empty()
+    }
+
+    /// Takes what goes out next: every express frame queued (up to a batch), then one
+    /// bulk unit (a chunk, or a frame of the bulk lane). False if there was nothing to take.
     fn refill(&self, batch: &mut Batch) -> bool {
         let mut bytes = 0;
-        while bytes < BATCH_BYTES && batch.frames.len() < BATCH_FRAMES {
-            match self.rx.try_recv() {
-                Ok(frame) => {
+        while bytes < BATCH_BYTES && batch.units.len() < BATCH_FRAMES {
+            match self.express.1.try_recv() {
+                Ok(Queued { frame, .. }) => {
                     bytes += frame.wire_len();
-                    batch.frames.push_back(frame);
+                    batch.units.push_back(Unit::Whole { frame, key: None });
                 }
                 Err(_) => break,
             }
         }
-        !batch.frames.is_empty()
+        if !batch.holds_bulk_unit() {
+            self.next_bulk_unit(batch);
+        }
+        !batch.units.is_empty()
     }
 
-    /// One write system call of the batch; frames wholly out leave it (dropping them
-    /// releases their bodies, and the binaries they reference).
+    /// The next unit of the bulk lane: the next chunk of the frame under way, or the
+    /// lane's next frame (whole if small, else its `BulkStart` and first chunk).
+    fn next_bulk_unit(&self, batch: &mut Batch) {
+        if batch.bulk.is_none() {
+            let Ok(Queued { frame, key }) = self.bulk.1.try_recv() else {
+                return;
+            };
+            if frame.body_len() <= EXPRESS_MAX {
+                batch.units.push_back(Unit::Whole {
+                    frame,
+                    key: Some(key),
+                });
+                return;
+            }
+            batch.units.push_back(Unit::Start(framing::bulk_start(
+                frame.kind,
+                frame.body_len() as u32,
+            )));
+            batch.bulk = Some(BulkOut {
+                frame,
+                key,
+                framed: 0,
+            });
+        }
+        if let Some(bulk) = &mut batch.bulk {
+            let len = (bulk.frame.body_len() - bulk.framed).min(CHUNK_MAX);
+            let header = FrameHeader {
+                kind: FrameKind::BulkChunk,
+                body_len: len as u32,
+            }
+            .encode();
+            batch.units.push_back(Unit::Chunk {
+                header,
+                from: bulk.framed,
+                len,
+            });
+            bulk.framed += len;
+        }
+    }
+
+    /// One write system call of the batch's units; units wholly out leave it (a frame
+    /// that leaves releases its body, and the binaries it references).
     fn write_some_of(&self, batch: &mut Batch, mut out: &mut dyn Write) -> io::Result<usize> {
         let n = {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.frames.len() * 3);
-            for frame in &batch.frames {
-                frame.push_slices(&mut slices);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.units.len() * 3);
+            for unit in &batch.units {
+                match unit {
+                    Unit::Whole { frame, .. } => frame.push_slices(&mut slices),
+                    Unit::Start(bytes) => slices.push(IoSlice::new(bytes)),
+                    Unit::Chunk { header, from, len } => {
+                        slices.push(IoSlice::new(header));
+                        if let Some(bulk) = &batch.bulk {
+                            bulk.frame.push_body_range(*from, *len, &mut slices);
+                        }
+                    }
+                }
             }
             let mut slices = &mut slices[..];
             IoSlice::advance_slices(&mut slices, batch.offset);
             write_some(&mut out, slices, self.io_chunk)?
         };
-        self.queued_bytes.fetch_sub(n, SeqCst);
         let mut left = batch.offset + n;
-        let (mut frames, mut bodies) = (0u64, 0u64);
-        while let Some(front) = batch.frames.front() {
+        let (mut frames, mut bodies, mut done_bytes, mut express_done) = (0u64, 0u64, 0usize, 0usize);
+        while let Some(front) = batch.units.front() {
             if front.wire_len() > left {
                 break;
             }
             left -= front.wire_len();
-            frames += 1;
-            bodies += front.body_len() as u64;
-            batch.frames.pop_front();
+            match batch.units.pop_front() {
+                Some(Unit::Whole { frame, key }) => {
+                    done_bytes += frame.wire_len();
+                    frames += 1;
+                    bodies += frame.body_len() as u64;
+                    match key {
+                        Some(key) => self.bulk_sent(key),
+                        None => express_done += frame.wire_len(),
+                    }
+                }
+                Some(Unit::Start(_)) => done_bytes += HEADER_LEN,
+                Some(Unit::Chunk { from, len, .. }) => {
+                    done_bytes += len;
+                    if let Some(bulk) = batch.bulk.take_if(|b| from + len == b.frame.body_len()) {
+                        frames += 1;
+                        bodies += bulk.frame.body_len() as u64;
+                        self.bulk_sent(bulk.key);
+                    }
+                }
+                None => {}
+            }
         }
         batch.offset = left;
+        self.express_bytes.fetch_sub(express_done, SeqCst);
+        self.queued_bytes.fetch_sub(done_bytes, SeqCst);
         if frames > 0 {
             self.stats.count_out(&self.counters, frames, bodies);
         }
@@ -392,35 +628,44 @@ impl Connection {
         self.closed.store(true, SeqCst);
         let _ = self.socket.shutdown(Shutdown::Both);
         let mut batch = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let mut unsent = batch.frames.len() as u64;
-        let mut bytes: usize = batch.frames.iter().map(OutFrame::wire_len).sum::<usize>() - batch.offset;
-        batch.frames.clear();
+        let mut unsent = batch
+            .units
+            .iter()
+            .filter(|u| matches!(u, Unit::Whole { .. }))
+            .count() as u64;
+        if batch.bulk.is_some() {
+            unsent += 1;
+        }
+        batch.units.clear();
+        batch.bulk = None;
         batch.offset = 0;
         drop(batch);
-        for frame in self.rx.try_iter() {
+        for _ in self.express.1.try_iter().chain(self.bulk.1.try_iter()) {
             unsent += 1;
-            bytes += frame.wire_len();
         }
-        self.queued_bytes.fetch_sub(bytes, SeqCst);
+        self.queued_bytes.store(0, SeqCst);
+        self.express_bytes.store(0, SeqCst);
         PeerStats::add(&self.stats.dropped_out, unsent);
         self.wake_waiters(true);
         unsent
     }
 
-    /// Registers `wake` to run once the queue has drained to half its limit or the
-    /// connection closed. Returns false (and drops `wake`) if that is already so.
-    pub fn wait_for_drain(&self, wake: Callback<()>) -> bool {
+    /// Registers `wake` to run once the lane the sender `key` uses has drained to half
+    /// its limit, or the connection closed. Returns false (and drops `wake`) if that is
+    /// already so.
+    pub fn wait_for_drain(&self, key: u64, wake: Callback<()>) -> bool {
+        let lane = self.lane_of(key);
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         // Publish first, then re-check: the I/O thread reads `has_waiters` after it
-        // lowers `queued_bytes`, so one of the two sides always sees the other.
+        // lowers the byte counts, so one of the two sides always sees the other.
         self.has_waiters.store(true, SeqCst);
-        if self.closed.load(SeqCst) || self.drained() {
+        if self.closed.load(SeqCst) || self.drained(lane) {
             if waiters.is_empty() {
                 self.has_waiters.store(false, SeqCst);
             }
             return false;
         }
-        waiters.push(wake);
+        waiters.push((lane, wake));
         true
     }
 
@@ -438,29 +683,33 @@ impl Connection {
         self.counters.snapshot_outbound(index, self.queued_bytes())
     }
 
-    pub fn is_over_limit(&self) -> bool {
-        self.queued_bytes.load(SeqCst) >= self.limit
+    /// Whether the lane the sender `key` uses is at its limit.
+    pub fn is_over_limit(&self, key: u64) -> bool {
+        self.lane_bytes(self.lane_of(key)) >= self.limit
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(SeqCst)
     }
 
-    fn drained(&self) -> bool {
-        self.queued_bytes.load(SeqCst) <= self.limit / 2
+    fn drained(&self, lane: Lane) -> bool {
+        self.lane_bytes(lane) <= self.limit / 2
     }
 
     fn wake_waiters(&self, force: bool) {
         if !self.has_waiters.load(SeqCst) {
             return;
         }
-        let ready = {
+        let ready: Vec<Callback<()>> = {
             let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            if !(force || self.drained()) {
-                return;
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut *waiters)
+                .into_iter()
+                .partition(|(lane, _)| force || self.drained(*lane));
+            if waiting.is_empty() {
+                self.has_waiters.store(false, SeqCst);
             }
-            self.has_waiters.store(false, SeqCst);
-            std::mem::take(&mut *waiters)
+            *waiters = waiting;
+            ready.into_iter().map(|(_, wake)| wake).collect()
         };
         for wake in ready {
             wake(());
@@ -479,7 +728,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         // Frames that slipped in after the I/O thread's final drain.
-        let late = self.rx.try_iter().count();
+        let late = self.express.1.try_iter().chain(self.bulk.1.try_iter()).count();
         PeerStats::add(&self.stats.dropped_out, late as u64);
     }
 }
@@ -563,8 +812,8 @@ mod tests {
         fn len(&self) -> usize {
             self.0.iter().map(Vec::len).sum()
         }
-        fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
-            out.extend(self.0.iter().map(|c| IoSlice::new(c)));
+        fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+            out.extend(self.0.iter().map(Vec::as_slice));
         }
     }
 

@@ -1,14 +1,29 @@
 //! Frames on an authenticated connection: a 5-byte header (body length, kind)
 //! followed by the body. The reader checks the length against its own cap
 //! before it allocates anything.
+//!
+//! A body over `EXPRESS_MAX` bytes does not go whole: a `BulkStart` frame announces
+//! it (its kind and length), and `BulkChunk` frames of at most `CHUNK_MAX` bytes carry
+//! it, with other frames (of other senders) between them. So a small message never
+//! waits behind more than one chunk of someone else's large one. One bulk body is
+//! under way per connection at a time: the receiver holds at most one partial body
+//! per connection, in the buffer it will be delivered in.
 
 use std::fmt;
-use std::io::{self, Read};
 
 /// `[u32 big-endian body length][u8 kind]`.
 pub const HEADER_LEN: usize = 5;
 
-/// What a frame's body holds. Both bodies are one external-format term.
+/// Bodies up to this size go in one frame; larger ones in chunks.
+pub const EXPRESS_MAX: usize = 64 * 1024;
+
+/// Most bytes of a bulk body one `BulkChunk` carries.
+pub const CHUNK_MAX: usize = 256 * 1024;
+
+/// A `BulkStart` body: `[u8 kind][u32 big-endian body length]`.
+pub const BULK_START_LEN: usize = 5;
+
+/// What a frame's body holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
@@ -20,16 +35,28 @@ pub enum FrameKind {
     /// `[u64 incarnation][u64 epoch]`, the first frame on every connection: which pool
     /// of the sending runtime it belongs to. Handled by the reader, never delivered.
     PoolEpoch = 3,
+    /// `[u8 kind][u32 length]`: a body of that kind and length follows in chunks.
+    /// Handled by the reader, never delivered.
+    BulkStart = 4,
+    /// The next bytes of the bulk body under way. Handled by the reader.
+    BulkChunk = 5,
 }
 
 impl FrameKind {
-    fn from_byte(byte: u8) -> Option<FrameKind> {
+    pub(crate) fn from_byte(byte: u8) -> Option<FrameKind> {
         match byte {
             1 => Some(FrameKind::Send),
             2 => Some(FrameKind::Call),
             3 => Some(FrameKind::PoolEpoch),
+            4 => Some(FrameKind::BulkStart),
+            5 => Some(FrameKind::BulkChunk),
             _ => None,
         }
+    }
+
+    /// A kind whose body is delivered (a bulk body is one of these).
+    pub fn is_message(self) -> bool {
+        matches!(self, FrameKind::Send | FrameKind::Call)
     }
 }
 
@@ -41,7 +68,6 @@ pub struct FrameHeader {
 
 #[derive(Debug)]
 pub enum FrameError {
-    Io(io::Error),
     TooLarge { len: u32, max: u32 },
     Empty,
     UnknownKind(u8),
@@ -50,7 +76,6 @@ pub enum FrameError {
 impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            FrameError::Io(e) => write!(f, "io: {e}"),
             FrameError::TooLarge { len, max } => write!(f, "frame of {len} bytes over the cap of {max}"),
             FrameError::Empty => write!(f, "empty frame"),
             FrameError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
@@ -64,7 +89,6 @@ impl FrameError {
     /// Short name for logs and events.
     pub fn reason(&self) -> &'static str {
         match self {
-            FrameError::Io(_) => "io",
             FrameError::TooLarge { .. } => "frame_too_large",
             FrameError::Empty => "empty_frame",
             FrameError::UnknownKind(_) => "unknown_frame_kind",
@@ -82,6 +106,19 @@ pub fn encode_frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&header.encode());
     out.extend_from_slice(body);
     out
+}
+
+/// The `BulkStart` frame (header and body) of a bulk body of `kind` and `len` bytes.
+pub fn bulk_start(kind: FrameKind, len: u32) -> [u8; HEADER_LEN + BULK_START_LEN] {
+    let header = FrameHeader {
+        kind: FrameKind::BulkStart,
+        body_len: BULK_START_LEN as u32,
+    }
+    .encode();
+    let len = len.to_be_bytes();
+    [
+        header[0], header[1], header[2], header[3], header[4], kind as u8, len[0], len[1], len[2], len[3],
+    ]
 }
 
 impl FrameHeader {
@@ -106,38 +143,47 @@ impl FrameHeader {
     }
 }
 
-/// Reads the next header. `Ok(None)` is a clean end of stream between frames.
-pub fn read_header<R: Read>(reader: &mut R, max_body: u32) -> Result<Option<FrameHeader>, FrameError> {
-    let mut bytes = [0u8; HEADER_LEN];
-    let mut filled = 0;
-    while filled < HEADER_LEN {
-        match reader.read(&mut bytes[filled..]) {
-            Ok(0) if filled == 0 => return Ok(None),
-            Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-    }
-    FrameHeader::decode(&bytes, max_body).map(Some)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{self, Read};
+
+    #[derive(Debug)]
+    enum ReadError {
+        Io(#[allow(dead_code)] io::Error),
+        Frame(FrameError),
+    }
+
+    /// Reads the next header. `Ok(None)` is a clean end of stream between frames.
+    fn read_header<R: Read>(reader: &mut R, max_body: u32) -> Result<Option<FrameHeader>, ReadError> {
+        let mut bytes = [0u8; HEADER_LEN];
+        let mut filled = 0;
+        while filled < HEADER_LEN {
+            match reader.read(&mut bytes[filled..]) {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        FrameHeader::decode(&bytes, max_body)
+            .map(Some)
+            .map_err(ReadError::Frame)
+    }
 
     /// Reads a header and its body into `body` (reused between frames).
     fn read_frame<R: Read>(
         reader: &mut R,
         max_body: u32,
         body: &mut Vec<u8>,
-    ) -> Result<Option<FrameKind>, FrameError> {
+    ) -> Result<Option<FrameKind>, ReadError> {
         let Some(header) = read_header(reader, max_body)? else {
             return Ok(None);
         };
         body.clear();
         body.resize(header.body_len as usize, 0);
-        reader.read_exact(body).map_err(FrameError::Io)?;
+        reader.read_exact(body).map_err(ReadError::Io)?;
         Ok(Some(header.kind))
     }
 
@@ -181,7 +227,7 @@ mod tests {
         let wire = vec![0xff, 0xff, 0xff, 0xff, 1];
         let mut body = Vec::new();
         match read_frame(&mut Cursor::new(wire), 1 << 20, &mut body) {
-            Err(FrameError::TooLarge { len, max }) => {
+            Err(ReadError::Frame(FrameError::TooLarge { len, max })) => {
                 assert_eq!(len, u32::MAX);
                 assert_eq!(max, 1 << 20);
             }
@@ -194,20 +240,20 @@ mod tests {
     fn truncated_header_and_body_are_errors() {
         let mut body = Vec::new();
         let r = read_frame(&mut Cursor::new(vec![0, 0]), 100, &mut body);
-        assert!(matches!(r, Err(FrameError::Io(_))));
+        assert!(matches!(r, Err(ReadError::Io(_))));
         let mut wire = frame(FrameKind::Send, b"hello");
         wire.truncate(7);
         let r = read_frame(&mut Cursor::new(wire), 100, &mut body);
-        assert!(matches!(r, Err(FrameError::Io(_))));
+        assert!(matches!(r, Err(ReadError::Io(_))));
     }
 
     #[test]
     fn empty_and_unknown_kind_are_errors() {
         let mut body = Vec::new();
         let r = read_frame(&mut Cursor::new(vec![0, 0, 0, 0, 1]), 100, &mut body);
-        assert!(matches!(r, Err(FrameError::Empty)));
+        assert!(matches!(r, Err(ReadError::Frame(FrameError::Empty))));
         let r = read_frame(&mut Cursor::new(vec![0, 0, 0, 1, 9, 0]), 100, &mut body);
-        assert!(matches!(r, Err(FrameError::UnknownKind(9))));
+        assert!(matches!(r, Err(ReadError::Frame(FrameError::UnknownKind(9)))));
     }
 
     #[test]

@@ -158,10 +158,22 @@ fn frames_seeds() -> Vec<(&'static str, Vec<u8>)> {
     for (_, term) in TERMS {
         several.extend(send(term));
     }
+    // A bulk body in two chunks with a small frame between them.
+    let mut bulk_body = SEND_TERM[..SEND_TERM.len() - 5].to_vec();
+    bulk_body.extend_from_slice(b"hello");
+    let mut bulk = token.clone();
+    bulk.extend(crate::framing::bulk_start(
+        FrameKind::Send,
+        bulk_body.len() as u32,
+    ));
+    bulk.extend(frame(FrameKind::BulkChunk, &bulk_body[..6]));
+    bulk.extend(send(SEND_TERM));
+    bulk.extend(frame(FrameKind::BulkChunk, &bulk_body[6..]));
     vec![
         ("token-only", token),
         ("one-send", one),
         ("send-call-and-more", several),
+        ("bulk-in-chunks", bulk),
     ]
 }
 

@@ -13,7 +13,7 @@ use mio::net::TcpStream;
 
 use crate::error::CloseReason;
 use crate::faults::{self, Point};
-use crate::framing::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::framing::{FrameHeader, FrameKind, BULK_START_LEN, HEADER_LEN};
 use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
 use crate::pool::{PoolToken, POOL_TOKEN_LEN};
 use crate::stats::{ConnStats, PeerStats};
@@ -194,6 +194,8 @@ trait FrameSink {
     /// A buffer of the handler's own for a body of `len` bytes, if it wants one.
     fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason>;
     fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason>;
+    /// Bytes held for a bulk body under way: `len` from its start to its end.
+    fn partial(&mut self, _len: usize, _started: bool) {}
 }
 
 enum Body<'a> {
@@ -214,6 +216,10 @@ impl FrameSink for Recipient {
 
     fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
         self.handler.body_buffer(len).map_err(CloseReason::Malformed)
+    }
+
+    fn partial(&mut self, len: usize, started: bool) {
+        self.counters.partial(len, started);
     }
 
     fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason> {
@@ -335,8 +341,8 @@ impl FrameReader {
             if read >= budget {
                 return Ok(ReadTurn::More);
             }
-            // A large body: straight into its buffer.
-            if let Some(rest) = self.parser.owned_body_rest(self.buf.len()) {
+            // A large body, or a chunk of one: straight into its buffer.
+            if let Some(rest) = self.parser.direct_rest(self.buf.len()) {
                 let n = rest.len().min(self.chunk);
                 let n = match socket.read(&mut rest[..n]) {
                     Ok(0) => return Err(CloseReason::Io("closed")),
@@ -344,7 +350,7 @@ impl FrameReader {
                     Err(e) => return would_block(e),
                 };
                 read += n;
-                if self.parser.owned_body_filled(n, sink)? == Flow::Pause {
+                if self.parser.direct_filled(n, sink)? == Flow::Pause {
                     return Ok(ReadTurn::Paused);
                 }
                 continue;
@@ -366,7 +372,9 @@ impl FrameReader {
                 }
                 continue;
             }
-            let n = self.buf.len().min(self.chunk);
+            // While a bulk body is under way, no further than the frame being read:
+            // the next chunk's bytes then go straight into the body, not through here.
+            let n = self.parser.read_limit(self.buf.len()).min(self.chunk);
             let got = if R::CAN_PEEK {
                 socket.delay_acks();
                 socket.peek(&mut self.buf[..n])
@@ -412,6 +420,24 @@ enum PartialBody {
         buffer: Box<dyn BodyBuffer>,
         filled: usize,
     },
+    /// The next `left` bytes of the stream are a chunk of the bulk body.
+    Chunk { left: usize },
+}
+
+/// A bulk body under way (`framing`: a `BulkStart`, then chunks): at most one per
+/// connection, so a peer makes the node hold at most one partial body per connection.
+struct Bulk {
+    kind: FrameKind,
+    len: usize,
+    filled: usize,
+    buffer: BulkBuffer,
+}
+
+enum BulkBuffer {
+    /// The handler's own, which the body is delivered in.
+    Owned(Box<dyn BodyBuffer>),
+    /// The handler lends none (tests, fuzzing): gathered here, growing with the chunks.
+    Gathered(Vec<u8>),
 }
 
 /// Frames from bytes: the header (5 bytes, checked before any allocation) and the body,
@@ -420,6 +446,7 @@ struct Parser {
     header: [u8; HEADER_LEN],
     header_len: usize,
     body: Option<PartialBody>,
+    bulk: Option<Bulk>,
     /// Bodies split over reads are gathered here (reused between frames).
     scratch: Vec<u8>,
     epoch_seen: bool,
@@ -432,6 +459,7 @@ impl Parser {
             header: [0; HEADER_LEN],
             header_len: 0,
             body: None,
+            bulk: None,
             scratch: Vec::new(),
             epoch_seen: false,
             max_frame_bytes,
@@ -439,7 +467,22 @@ impl Parser {
     }
 
     fn between_frames(&self) -> bool {
-        self.header_len == 0 && self.body.is_none()
+        self.header_len == 0 && self.body.is_none() && self.bulk.is_none()
+    }
+
+    /// How many bytes a read should take at most, `max` at most: while a bulk body is
+    /// under way, only up to the end of the header or small body being read.
+    fn read_limit(&mut self, max: usize) -> usize {
+        if self.bulk.is_none() {
+            return max;
+        }
+        let left = match &mut self.body {
+            None => HEADER_LEN - self.header_len,
+            Some(PartialBody::Small { len, .. }) => *len - self.scratch.len(),
+            Some(PartialBody::Owned { buffer, filled, .. }) => buffer.as_mut_slice().len() - *filled,
+            Some(PartialBody::Chunk { left }) => *left,
+        };
+        left.clamp(1, max)
     }
 
     /// Parses `bytes`, delivering every frame completed; returns how many bytes were
@@ -459,7 +502,11 @@ impl Parser {
                     }
                     self.header_len = 0;
                     let (kind, len) = self.start_frame()?;
-                    if kind != FrameKind::PoolEpoch && len >= OWN_BUFFER_MIN {
+                    if kind == FrameKind::BulkChunk {
+                        self.body = Some(PartialBody::Chunk { left: len });
+                        continue;
+                    }
+                    if kind.is_message() && len >= OWN_BUFFER_MIN {
                         if let Some(buffer) = sink.body_buffer(len)? {
                             self.body = Some(PartialBody::Owned {
                                 kind,
@@ -502,7 +549,25 @@ impl Parser {
                     let take = dest.len().min(bytes.len() - at);
                     dest[..take].copy_from_slice(&bytes[at..at + take]);
                     at += take;
-                    match self.owned_body_filled(take, sink)? {
+                    match self.direct_filled(take, sink)? {
+                        Flow::Go => continue,
+                        Flow::Pause => Flow::Pause,
+                    }
+                }
+                Some(PartialBody::Chunk { left }) => {
+                    let take = (*left).min(bytes.len() - at);
+                    let chunk = &bytes[at..at + take];
+                    at += take;
+                    let Some(bulk) = &mut self.bulk else {
+                        return Err(CloseReason::Internal("a chunk without its bulk body".to_string()));
+                    };
+                    match &mut bulk.buffer {
+                        BulkBuffer::Owned(buffer) => {
+                            buffer.as_mut_slice()[bulk.filled..bulk.filled + take].copy_from_slice(chunk)
+                        }
+                        BulkBuffer::Gathered(gathered) => gathered.extend_from_slice(chunk),
+                    }
+                    match self.chunk_filled(take, sink)? {
                         Flow::Go => continue,
                         Flow::Pause => Flow::Pause,
                     }
@@ -515,7 +580,8 @@ impl Parser {
         Ok((at, Flow::Go))
     }
 
-    /// Checks a complete header: the first frame names the sender's pool, no other does.
+    /// Checks a complete header: the first frame names the sender's pool, no other does;
+    /// a chunk belongs to a bulk body under way and does not go past its end.
     fn start_frame(&mut self) -> Result<(FrameKind, usize), CloseReason> {
         let max = if self.epoch_seen {
             self.max_frame_bytes
@@ -523,11 +589,21 @@ impl Parser {
             POOL_TOKEN_LEN as u32
         };
         let header = FrameHeader::decode(&self.header, max).map_err(|e| CloseReason::BadFrame(e.reason()))?;
-        let is_epoch = header.kind == FrameKind::PoolEpoch;
-        if is_epoch == self.epoch_seen || (is_epoch && header.body_len as usize != POOL_TOKEN_LEN) {
+        let (kind, len) = (header.kind, header.body_len as usize);
+        let is_epoch = kind == FrameKind::PoolEpoch;
+        if is_epoch == self.epoch_seen || (is_epoch && len != POOL_TOKEN_LEN) {
             return Err(CloseReason::BadFrame("pool_epoch"));
         }
-        Ok((header.kind, header.body_len as usize))
+        match kind {
+            FrameKind::BulkStart if len != BULK_START_LEN || self.bulk.is_some() => {
+                Err(CloseReason::BadFrame("bulk_start"))
+            }
+            FrameKind::BulkChunk => match &self.bulk {
+                Some(bulk) if len <= bulk.len - bulk.filled => Ok((kind, len)),
+                _ => Err(CloseReason::BadFrame("bulk_chunk")),
+            },
+            _ => Ok((kind, len)),
+        }
     }
 
     fn complete(
@@ -536,43 +612,117 @@ impl Parser {
         body: Body<'_>,
         sink: &mut dyn FrameSink,
     ) -> Result<Flow, CloseReason> {
-        if kind == FrameKind::PoolEpoch {
-            let Body::Slice(bytes) = body else {
-                return Err(CloseReason::BadFrame("pool_epoch"));
-            };
-            let mut token = [0u8; POOL_TOKEN_LEN];
-            token.copy_from_slice(bytes);
-            sink.pool_token(token)?;
-            self.epoch_seen = true;
-            return Ok(Flow::Go);
+        let Body::Slice(bytes) = body else {
+            return sink.frame(kind, body);
+        };
+        match kind {
+            FrameKind::PoolEpoch => {
+                let mut token = [0u8; POOL_TOKEN_LEN];
+                token.copy_from_slice(bytes);
+                sink.pool_token(token)?;
+                self.epoch_seen = true;
+                Ok(Flow::Go)
+            }
+            FrameKind::BulkStart => {
+                self.start_bulk(bytes, sink)?;
+                Ok(Flow::Go)
+            }
+            _ => sink.frame(kind, body),
         }
-        sink.frame(kind, body)
     }
 
-    /// The unfilled rest of a large body under way, if more than `min` bytes are left.
-    fn owned_body_rest(&mut self, min: usize) -> Option<&mut [u8]> {
-        match &mut self.body {
-            Some(PartialBody::Owned { buffer, filled, .. }) => {
+    /// A `BulkStart`: the body's kind and length, checked; its buffer, taken now, is
+    /// what the chunks are read into.
+    fn start_bulk(&mut self, start: &[u8], sink: &mut dyn FrameSink) -> Result<(), CloseReason> {
+        let bad = CloseReason::BadFrame("bulk_start");
+        let (&kind, len) = start.split_first().ok_or(bad.clone())?;
+        let kind = FrameKind::from_byte(kind)
+            .filter(|k| k.is_message())
+            .ok_or(bad.clone())?;
+        let len = u32::from_be_bytes(len.try_into().map_err(|_| bad.clone())?);
+        if len == 0 {
+            return Err(bad);
+        }
+        if len > self.max_frame_bytes {
+            return Err(CloseReason::BadFrame("frame_too_large"));
+        }
+        let len = len as usize;
+        let buffer = match sink.body_buffer(len)? {
+            Some(buffer) => BulkBuffer::Owned(buffer),
+            None => BulkBuffer::Gathered(Vec::new()),
+        };
+        sink.partial(len, true);
+        self.bulk = Some(Bulk {
+            kind,
+            len,
+            filled: 0,
+            buffer,
+        });
+        Ok(())
+    }
+
+    /// Where the bytes being read can go straight, if more than `min` of them are left
+    /// (a large body's rest), or any (a chunk of a bulk body the handler lent a buffer for).
+    fn direct_rest(&mut self, min: usize) -> Option<&mut [u8]> {
+        match (&mut self.body, &mut self.bulk) {
+            (Some(PartialBody::Owned { buffer, filled, .. }), _) => {
                 let rest = &mut buffer.as_mut_slice()[*filled..];
                 (rest.len() > min).then_some(rest)
             }
+            (
+                Some(PartialBody::Chunk { left }),
+                Some(Bulk {
+                    buffer: BulkBuffer::Owned(buffer),
+                    filled,
+                    ..
+                }),
+            ) if *left > 0 => Some(&mut buffer.as_mut_slice()[*filled..*filled + *left]),
             _ => None,
         }
     }
 
-    /// `n` more bytes of the large body under way are in; delivers it once whole.
-    fn owned_body_filled(&mut self, n: usize, sink: &mut dyn FrameSink) -> Result<Flow, CloseReason> {
-        let Some(PartialBody::Owned { buffer, filled, .. }) = &mut self.body else {
+    /// `n` bytes went to where `direct_rest` said.
+    fn direct_filled(&mut self, n: usize, sink: &mut dyn FrameSink) -> Result<Flow, CloseReason> {
+        match &mut self.body {
+            Some(PartialBody::Chunk { .. }) => self.chunk_filled(n, sink),
+            Some(PartialBody::Owned { buffer, filled, .. }) => {
+                *filled += n;
+                if *filled < buffer.as_mut_slice().len() {
+                    return Ok(Flow::Go);
+                }
+                let Some(PartialBody::Owned { kind, buffer, .. }) = self.body.take() else {
+                    return Ok(Flow::Go);
+                };
+                self.complete(kind, Body::Owned(buffer), sink)
+            }
+            _ => Ok(Flow::Go),
+        }
+    }
+
+    /// `n` more bytes of the chunk under way are in the bulk body; delivers it once whole.
+    fn chunk_filled(&mut self, n: usize, sink: &mut dyn FrameSink) -> Result<Flow, CloseReason> {
+        let (Some(PartialBody::Chunk { left }), Some(bulk)) = (&mut self.body, &mut self.bulk) else {
             return Ok(Flow::Go);
         };
-        *filled += n;
-        if *filled < buffer.as_mut_slice().len() {
+        *left -= n;
+        bulk.filled += n;
+        if *left == 0 {
+            self.body = None;
+        }
+        if bulk.filled < bulk.len {
             return Ok(Flow::Go);
         }
-        let Some(PartialBody::Owned { kind, buffer, .. }) = self.body.take() else {
+        let Some(Bulk {
+            kind, len, buffer, ..
+        }) = self.bulk.take()
+        else {
             return Ok(Flow::Go);
         };
-        self.complete(kind, Body::Owned(buffer), sink)
+        sink.partial(len, false);
+        match buffer {
+            BulkBuffer::Owned(buffer) => sink.frame(kind, Body::Owned(buffer)),
+            BulkBuffer::Gathered(gathered) => sink.frame(kind, Body::Slice(&gathered)),
+        }
     }
 }
 
@@ -874,6 +1024,117 @@ mod tests {
                 assert_eq!(lent, vec![false, false, lend.is_some(), false]);
             }
         }
+    }
+
+    /// `body` as a bulk body of `chunks` chunks, with `between` (a Send) after each.
+    fn bulk(body: &[u8], chunks: usize, between: &[u8]) -> Vec<u8> {
+        let mut wire = crate::framing::bulk_start(FrameKind::Send, body.len() as u32).to_vec();
+        for chunk in body.chunks(body.len().div_ceil(chunks)) {
+            wire.extend(encode_frame(FrameKind::BulkChunk, chunk));
+            wire.extend(encode_frame(FrameKind::Send, between));
+        }
+        wire
+    }
+
+    #[test]
+    fn a_bulk_body_arrives_whole_after_the_frames_between_its_chunks() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = stream(&[b"first"]);
+        wire.extend(bulk(&big, 3, b"between"));
+        wire.extend(encode_frame(FrameKind::Send, b"last"));
+        for step in [1, 7, 4096, 70_000, wire.len()] {
+            for lend in [None, Some(OWN_BUFFER_MIN)] {
+                let mut parser = Parser::new(1 << 20);
+                let mut sink = Recorder {
+                    lend_from: lend,
+                    ..Recorder::default()
+                };
+                for chunk in wire.chunks(step) {
+                    assert_eq!(parser.consume(chunk, &mut sink).unwrap(), (chunk.len(), Flow::Go));
+                }
+                assert!(parser.between_frames());
+                let got: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
+                // The body is delivered as its last chunk completes it.
+                let expected: Vec<&[u8]> = vec![b"first", b"between", b"between", &big, b"between", b"last"];
+                assert!(got == expected, "step {step}, lend {lend:?}");
+                assert_eq!(
+                    sink.frames[3].2,
+                    lend.is_some(),
+                    "the bulk body in the lent buffer"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bulk_frames_out_of_place_close_the_connection() {
+        let refused = |tail: Vec<u8>, max: u32| {
+            let mut wire = stream(&[]);
+            wire.extend(tail);
+            Parser::new(max)
+                .consume(&wire, &mut Recorder::default())
+                .unwrap_err()
+        };
+        let start = |len: u32| crate::framing::bulk_start(FrameKind::Send, len).to_vec();
+        let chunk = |bytes: &[u8]| encode_frame(FrameKind::BulkChunk, bytes);
+        // A chunk with no bulk body under way, and one past the body's end.
+        assert_eq!(refused(chunk(b"x"), 1024), CloseReason::BadFrame("bulk_chunk"));
+        assert_eq!(
+            refused([start(3), chunk(b"four")].concat(), 1024),
+            CloseReason::BadFrame("bulk_chunk")
+        );
+        // A second body before the first is whole.
+        assert_eq!(
+            refused([start(8), chunk(b"ab"), start(4)].concat(), 1024),
+            CloseReason::BadFrame("bulk_start")
+        );
+        // A body over the cap is refused at its start, before any buffer is taken.
+        assert_eq!(
+            refused(start(2048), 1024),
+            CloseReason::BadFrame("frame_too_large")
+        );
+        // An empty body, a kind that is not a message, a start of the wrong size.
+        assert_eq!(refused(start(0), 1024), CloseReason::BadFrame("bulk_start"));
+        let mut pool = start(4);
+        pool[5] = FrameKind::PoolEpoch as u8;
+        assert_eq!(refused(pool, 1024), CloseReason::BadFrame("bulk_start"));
+        assert_eq!(
+            refused(encode_frame(FrameKind::BulkStart, &[1, 0, 0, 0, 4, 0]), 1024),
+            CloseReason::BadFrame("bulk_start")
+        );
+        // The stream ending inside a bulk body is not a clean end.
+        let mut parser = Parser::new(1024);
+        let mut wire = stream(&[]);
+        wire.extend([start(8), chunk(b"abcd")].concat());
+        parser.consume(&wire, &mut Recorder::default()).unwrap();
+        assert!(!parser.between_frames());
+    }
+
+    #[test]
+    fn a_bulk_chunk_is_read_straight_into_the_bodys_buffer() {
+        let big = vec![3u8; 4 * READ_BUFFER_BYTES];
+        let mut wire = stream(&[]);
+        wire.extend(bulk(&big, 2, b"between"));
+        let mut socket = Script::new(wire);
+        let mut sink = Recorder {
+            lend_from: Some(OWN_BUFFER_MIN),
+            ..Recorder::default()
+        };
+        let turn = reader().read_turn(&mut sink, &mut socket, usize::MAX);
+        assert_eq!(turn, Ok(ReadTurn::Drained));
+        assert_eq!(sink.frames.len(), 3);
+        assert!(sink.frames[1].1 == big && sink.frames[1].2);
+        // While the body is under way, no peek takes more than a header or a small
+        // frame: chunk bytes never pass through the read buffer.
+        let peeks: Vec<usize> = socket
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Peek(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        assert!(peeks.iter().skip(1).all(|&n| n <= HEADER_LEN + 7), "{peeks:?}");
     }
 
     #[test]

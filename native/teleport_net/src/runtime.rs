@@ -127,7 +127,7 @@ impl Runtime {
     /// Queues a frame on the connection `key` picks in `peer`'s pool.
     pub fn send(&self, peer: &str, key: u64, frame: OutFrame) -> Result<Sent, SendError> {
         let conn = self.connection(peer, key).ok_or(SendError::NotConnected)?;
-        self.send_on(conn, frame, false)
+        self.send_on(conn, key, frame, false)
     }
 
     /// The connection `key` picks in `peer`'s pool, if it is up: looked up before a
@@ -138,21 +138,22 @@ impl Runtime {
         self.services.pools.connection(peer, key)
     }
 
-    /// Queues a frame on `conn` (from `connection`); with `nosuspend`, refuses
-    /// (`SendError::Busy`) instead of queueing past the limit.
+    /// Queues a frame of the sender `key` on `conn` (from `connection`); with
+    /// `nosuspend`, refuses (`SendError::Busy`) instead of queueing past the limit.
     pub fn send_on(
         &self,
         conn: Arc<Connection>,
+        key: u64,
         frame: OutFrame,
         nosuspend: bool,
     ) -> Result<Sent, SendError> {
         if frame.body_len() > self.services.config.max_frame_bytes as usize {
             return Err(SendError::TooLarge);
         }
-        if nosuspend && conn.is_over_limit() {
+        if nosuspend && conn.is_over_limit(key) {
             return Err(SendError::Busy);
         }
-        match conn.enqueue(frame) {
+        match conn.enqueue(frame, key) {
             Ok(Enqueued::Ok) => Ok(Sent::Queued),
             Ok(Enqueued::OverLimit) if nosuspend => Ok(Sent::Queued),
             Ok(Enqueued::OverLimit) => Ok(Sent::OverLimit(conn)),
@@ -191,6 +192,13 @@ impl Runtime {
                     snapshot.per_connection = pool.connection_stats();
                 }
                 if let Some(conns) = inbound.remove(&peer) {
+                    snapshot.partial_bytes = conns
+                        .iter()
+                        .map(|c| match c.direction {
+                            crate::stats::ConnDirection::Inbound { partial_bytes, .. } => partial_bytes,
+                            _ => 0,
+                        })
+                        .sum();
                     snapshot.per_connection.extend(conns);
                 }
                 (peer, snapshot)

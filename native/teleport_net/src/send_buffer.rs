@@ -32,16 +32,45 @@ pub const AUTO_BYTES: usize = 512 * 1024;
 /// as short: 1 MiB per millisecond is 1 GB/s per connection at worst.
 pub const AUTO_MAX_RTT: Duration = Duration::from_millis(1);
 
+/// Bytes not yet sent that the kernel takes on an outbound connection before a write
+/// fails with `WouldBlock` (Linux `TCP_NOTSENT_LOWAT`; the socket is writable again
+/// below it). A frame written now waits behind what the kernel holds not yet sent, so
+/// this bounds how long an express frame waits behind bulk already handed to the
+/// kernel: about 1 ms at 1 Gbit/s. Bytes in flight (sent, not yet acknowledged) are not
+/// counted, so a long path still gets its window.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// Sizes `socket`'s send buffer as `policy` says (once authenticated: the handshake's
-/// exchanges gave TCP its round-trip estimate). Returns the buffer as the kernel now
-/// reports it, for the connection's stats.
+/// exchanges gave TCP its round-trip estimate), and bounds what it holds not yet sent
+/// (`NOTSENT_LOWAT`). Returns the buffer as the kernel now reports it, for the
+/// connection's stats.
 pub fn apply(socket: &TcpStream, policy: SendBuffer) -> Option<usize> {
     let socket = socket2::SockRef::from(socket);
+    #[cfg(target_os = "linux")]
+    bound_not_sent(&socket);
     if let Some(bytes) = choose(policy, || round_trip(&socket)) {
         // Best effort: a refused size leaves the kernel's own.
         let _ = socket.set_send_buffer_size(bytes);
     }
     socket.send_buffer_size().ok()
+}
+
+/// Sets `TCP_NOTSENT_LOWAT` to `NOTSENT_LOWAT` (best effort: without it, only the
+/// send buffer bounds what the kernel holds).
+#[cfg(target_os = "linux")]
+fn bound_not_sent(socket: &socket2::SockRef<'_>) {
+    use std::os::fd::AsRawFd;
+    let value = NOTSENT_LOWAT as libc::c_int;
+    // SAFETY: a valid socket descriptor, and an int option of the size given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// The size to set, if any; `rtt` is asked only for `Auto`.

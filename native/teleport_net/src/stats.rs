@@ -41,6 +41,8 @@ pub struct PeerStatsSnapshot {
     pub handshake_failures: u64,
     pub connections: u64,
     pub queued_bytes: u64,
+    /// Held now for bulk bodies the peer has sent part of (one at most per connection).
+    pub partial_bytes: u64,
     /// Every live connection with the peer: our pool's (by slot), then the peer's into us.
     pub per_connection: Vec<ConnStatsSnapshot>,
 }
@@ -85,6 +87,7 @@ impl PeerStats {
             handshake_failures: self.handshake_failures.load(Relaxed),
             connections: 0,
             queued_bytes: 0,
+            partial_bytes: 0,
             per_connection: Vec::new(),
         }
     }
@@ -127,6 +130,8 @@ pub struct ConnStats {
     bytes: AtomicU64,
     /// Inbound only.
     undeliverable: AtomicU64,
+    /// Inbound only: the length of the bulk body under way (reserved for it), or 0.
+    partial_bytes: AtomicU64,
     /// Outbound only: the kernel's send buffer once sized (`send_buffer::apply`).
     send_buffer: Option<usize>,
 }
@@ -141,7 +146,11 @@ pub enum ConnDirection {
         send_buffer: Option<usize>,
     },
     /// The peer's pool into us.
-    Inbound { undeliverable: u64 },
+    Inbound {
+        undeliverable: u64,
+        /// Held for a bulk body under way (its whole length), or 0.
+        partial_bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,8 +175,15 @@ impl ConnStats {
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             undeliverable: AtomicU64::new(0),
+            partial_bytes: AtomicU64::new(0),
             send_buffer: None,
         })
+    }
+
+    /// A bulk body of `len` bytes started (held from now) or ended.
+    pub fn partial(&self, len: usize, started: bool) {
+        self.partial_bytes
+            .store(if started { len as u64 } else { 0 }, Relaxed);
     }
 
     pub fn with_send_buffer(self, send_buffer: Option<usize>) -> ConnStats {
@@ -185,6 +201,7 @@ impl ConnStats {
     pub fn snapshot_inbound(&self) -> ConnStatsSnapshot {
         self.snapshot(ConnDirection::Inbound {
             undeliverable: self.undeliverable.load(Relaxed),
+            partial_bytes: self.partial_bytes.load(Relaxed),
         })
     }
 

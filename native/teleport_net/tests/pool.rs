@@ -102,9 +102,12 @@ fn send_or_wait(a: &Node, key: u64, body: Vec<u8>) {
         Ok(Sent::Queued) => {}
         Ok(Sent::OverLimit(conn)) => {
             let (tx, rx) = mpsc::channel();
-            if conn.wait_for_drain(Box::new(move |()| {
-                let _ = tx.send(());
-            })) {
+            if conn.wait_for_drain(
+                key,
+                Box::new(move |()| {
+                    let _ = tx.send(());
+                }),
+            ) {
                 rx.recv_timeout(WAIT).expect("queue drains");
             }
         }
@@ -432,9 +435,12 @@ fn over_limit_then_drain_wakes() {
         };
         let (tx, rx) = mpsc::channel();
         let watched = conn.clone();
-        let waiting = conn.wait_for_drain(Box::new(move |()| {
-            let _ = tx.send(watched.queued_bytes());
-        }));
+        let waiting = conn.wait_for_drain(
+            7,
+            Box::new(move |()| {
+                let _ = tx.send(watched.queued_bytes());
+            }),
+        );
         assert!(waiting, "queue was already drained");
         let queued_at_wake = rx.recv_timeout(WAIT).expect("woken once drained");
         assert!(
@@ -683,7 +689,8 @@ fn per_connection_counters_add_up_to_the_peer() {
         assert_eq!(
             conn.direction,
             ConnDirection::Inbound {
-                undeliverable: expected_undeliverable[slot]
+                undeliverable: expected_undeliverable[slot],
+                partial_bytes: 0,
             }
         );
     }
@@ -1301,9 +1308,12 @@ fn writer_panic_wakes_waiting_senders_and_counts_dropped() {
     };
     let (tx, rx) = mpsc::channel();
     assert!(
-        conn.wait_for_drain(Box::new(move |()| {
-            let _ = tx.send(());
-        })),
+        conn.wait_for_drain(
+            0,
+            Box::new(move |()| {
+                let _ = tx.send(());
+            })
+        ),
         "queue already drained"
     );
     faults::panic_next(Point::Writer, &peer, 1);
@@ -1510,8 +1520,8 @@ impl teleport_net::FrameBody for Pieces {
     fn len(&self) -> usize {
         self.0.iter().map(Vec::len).sum()
     }
-    fn push_chunks<'a>(&'a self, out: &mut Vec<std::io::IoSlice<'a>>) {
-        out.extend(self.0.iter().map(|p| std::io::IoSlice::new(p)));
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+        out.extend(self.0.iter().map(Vec::as_slice));
     }
 }
 

@@ -439,9 +439,12 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
         }
     };
     let (tx, rx) = mpsc::channel();
-    if conn.wait_for_drain(Box::new(move |()| {
-        let _ = tx.send(());
-    })) {
+    if conn.wait_for_drain(
+        3,
+        Box::new(move |()| {
+            let _ = tx.send(());
+        }),
+    ) {
         rx.recv_timeout(WAIT).expect("woken once drained");
     }
     b.host.set_delay(Duration::ZERO);

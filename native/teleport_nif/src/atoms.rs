@@ -35,6 +35,7 @@ rustler::atoms! {
     bytes_in,
     connections,
     queued_bytes,
+    partial_bytes,
     send_buffer,
     auto,
     kernel,

@@ -244,8 +244,10 @@ fn decode_and_deliver(
     let raw = unsafe { decoder.decode(env.as_c_arg(), source)? };
     let term = unsafe { Term::new(env, raw) };
     match kind {
-        // The reader consumes it; one reaching delivery is a protocol error.
-        FrameKind::PoolEpoch => Err(ReadError::Malformed("unexpected pool epoch frame")),
+        // The reader consumes these; one reaching delivery is a protocol error.
+        FrameKind::PoolEpoch | FrameKind::BulkStart | FrameKind::BulkChunk => {
+            Err(ReadError::Malformed("a frame of the reader's own kind"))
+        }
         FrameKind::Send => {
             let (dest, msg): (Term, Term) = term
                 .decode()

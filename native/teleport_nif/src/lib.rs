@@ -408,7 +408,7 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     let Some(frame) = OutFrame::new(kind, Box::new(encoded.body)) else {
         return Ok(atoms::too_large().encode(env));
     };
-    let outcome = match node.runtime.send_on(conn, frame, nosuspend) {
+    let outcome = match node.runtime.send_on(conn, key, frame, nosuspend) {
         Ok(Sent::Queued) => atoms::ok(),
         Ok(Sent::OverLimit(conn)) => {
             let (jobs, caller) = (node.jobs.clone(), env.pid());
@@ -418,7 +418,7 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
                     (atoms::teleport_resume(), peer).encode(env)
                 })
             });
-            if conn.wait_for_drain(wake) {
+            if conn.wait_for_drain(key, wake) {
                 atoms::suspend()
             } else {
                 atoms::ok()
@@ -449,7 +449,7 @@ fn pool_generation(env: Env, peer: Atom) -> NifResult<Term> {
 fn over_limit(env: Env, peer: Atom, key: u64) -> NifResult<bool> {
     let Some(node) = node() else { return Ok(false) };
     let conn = with_atom_text(peer.to_term(env), |name| node.runtime.connection(name, key))?;
-    Ok(conn.is_some_and(|conn| conn.is_over_limit()))
+    Ok(conn.is_some_and(|conn| conn.is_over_limit(key)))
 }
 
 /// Test-only: the next `count` messages the event pump would send are dropped.
@@ -505,6 +505,7 @@ fn peer_stats_term<'a>(env: Env<'a>, s: &PeerStatsSnapshot) -> NifResult<Term<'a
             (atoms::bytes_in(), s.bytes_in),
             (atoms::connections(), s.connections),
             (atoms::queued_bytes(), s.queued_bytes),
+            (atoms::partial_bytes(), s.partial_bytes),
             (atoms::dropped_out(), s.dropped_out),
             (atoms::undeliverable_in(), s.undeliverable_in),
             (atoms::connects(), s.connects),
@@ -525,7 +526,7 @@ fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a
             send_buffer,
         } => (
             atoms::outbound(),
-            [
+            vec![
                 (atoms::messages_out(), c.messages),
                 (atoms::bytes_out(), c.bytes),
                 (atoms::queued_bytes(), queued_bytes),
@@ -533,12 +534,16 @@ fn conn_stats_term<'a>(env: Env<'a>, c: &ConnStatsSnapshot) -> NifResult<Term<'a
             Some(index),
             send_buffer,
         ),
-        ConnDirection::Inbound { undeliverable } => (
+        ConnDirection::Inbound {
+            undeliverable,
+            partial_bytes,
+        } => (
             atoms::inbound(),
-            [
+            vec![
                 (atoms::messages_in(), c.messages),
                 (atoms::bytes_in(), c.bytes),
                 (atoms::undeliverable_in(), undeliverable),
+                (atoms::partial_bytes(), partial_bytes),
             ],
             None,
             None,

@@ -8,7 +8,6 @@
 //! them, so everything here is testable without a VM.
 
 use std::any::Any;
-use std::io::IoSlice;
 
 use super::*;
 use crate::connection::FrameBody;
@@ -323,18 +322,18 @@ impl FrameBody for Body {
         Body::len(self)
     }
 
-    fn push_chunks<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
         let first = self.first_start();
         let own = |start: usize, end: usize| {
             // Only the first piece can start at `front`: the buffer begins with the version byte.
             let start = if start == self.front { first } else { start };
-            IoSlice::new(&self.buf[start..end])
+            &self.buf[start..end]
         };
         for chunk in &self.chunks {
             out.push(match *chunk {
                 Chunk::Own(start, end) => own(start, end),
                 // SAFETY: see `push_external`: valid while `self` lives.
-                Chunk::External(ptr, len) => IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) }),
+                Chunk::External(ptr, len) => unsafe { std::slice::from_raw_parts(ptr, len) },
             });
         }
         if self.buf.len() > self.tail_start || self.chunks.is_empty() {
@@ -604,7 +603,7 @@ mod tests {
 
     fn written_chunks(body: &Body) -> Vec<u8> {
         let mut slices = Vec::new();
-        body.push_chunks(&mut slices);
+        body.push_pieces(&mut slices);
         slices.iter().flat_map(|s| s.iter().copied()).collect()
     }
 
