@@ -17,7 +17,7 @@
 %% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the I/O threads run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
 %% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long an I/O thread that finds nothing to do polls its sockets (giving the core to any thread that wants it) before sleeping, 0 to never poll. Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
 %% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: OTP GH-8208); `always' for every message holding such a map or a fun (slower: one more hand-off per message; for tests)</td></tr>
-%% <tr><td>`tls'</td><td>`disabled'</td><td>TLS 1.3 on every teleport connection, both ways, with mutual certificates: `#{certfile => Path, keyfile => Path, cacertfile => Path}' (PEM; each side presents its certificate and checks the other's chain against `cacertfile'; the cookie handshake still runs, inside TLS). Optional keys: `verify' (`verify_peer', the default, or `verify_none': no certificate is checked, still encrypted; for tests only), `server_name_check' (`true', the default: a dialing node checks the server's certificate names the host part of the node name it dials, as `server_name_indication' does in `inet_tls_dist'; `false' for clusters whose certificates carry no host names), `ciphers' (TLS 1.3 suites as strings, of `"TLS_AES_256_GCM_SHA384"', `"TLS_AES_128_GCM_SHA256"', `"TLS_CHACHA20_POLY1305_SHA256"'; default all). Every node of the cluster needs the same setting. Unreadable files or a key that does not match: `application:start(teleport)' returns `{error, _}'. Linux and FreeBSD builds only</td></tr>
+%% <tr><td>`tls'</td><td>`disabled'</td><td>TLS 1.3 on every teleport connection, both ways, with mutual certificates: `#{certfile => Path, keyfile => Path, cacertfile => Path}' (PEM; each side presents its certificate and checks the other's chain against `cacertfile'; the cookie handshake still runs, inside TLS). Optional keys: `verify' (`verify_peer', the default, or `verify_none': no certificate is checked, still encrypted; for tests only), `server_name_check' (`true', the default: a dialing node checks the server's certificate names the host part of the node name it dials, as `server_name_indication' does in `inet_tls_dist'; `false' for clusters whose certificates carry no host names), `client_name_check' (`true', the default: a listener checks the dialing node's certificate names the host part of the node name it claims, so a holder of one node's certificate cannot speak as a node of another host; `false' likewise), `ciphers' (TLS 1.3 suites as strings, of `"TLS_AES_256_GCM_SHA384"', `"TLS_AES_128_GCM_SHA256"', `"TLS_CHACHA20_POLY1305_SHA256"'; default all). Every node of the cluster needs the same setting. Unreadable files or a key that does not match: `application:start(teleport)' returns `{error, _}'. Linux and FreeBSD builds only</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -118,7 +118,8 @@ io_threads(N) when is_integer(N) ->
 
 %% The `tls' map with its defaults filled in.
 valid_tls(M) ->
-    Defaults = #{verify => verify_peer, server_name_check => true, ciphers => ?TLS_SUITES},
+    Defaults = #{verify => verify_peer, server_name_check => true, client_name_check => true,
+                 ciphers => ?TLS_SUITES},
     Known = [certfile, keyfile, cacertfile | maps:keys(Defaults)],
     Tls = maps:merge(Defaults, M),
     Ciphers = maps:get(ciphers, Tls),
@@ -131,6 +132,7 @@ valid_tls(M) ->
                           [certfile, keyfile, cacertfile])
         andalso lists:member(maps:get(verify, Tls), [verify_peer, verify_none])
         andalso is_boolean(maps:get(server_name_check, Tls))
+        andalso is_boolean(maps:get(client_name_check, Tls))
         andalso Suites =/= []
         andalso lists:all(fun(S) -> lists:member(S, ?TLS_SUITES) end, Suites),
     case Valid of

@@ -5,6 +5,7 @@
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
 -export([encode/1, encode_measured/1, encoder_info/0, decode/1, listener_stats/0]).
 -export([deliver_frame/2, pool_generation/1, over_limit/2, debug_drop_events/1]).
+-export([pool_token/1, confirm_pool/2]).
 
 -on_load(load/0).
 
@@ -88,6 +89,16 @@ pool_generation(_Node) -> erlang:nif_error(nif_not_loaded).
 %% @doc Whether the connection `Key' picks towards `Node' is over its queue limit.
 -spec over_limit(node(), non_neg_integer()) -> boolean().
 over_limit(_Node, _Key) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc The token our pool to `Node' announces on its connections (dialing or up),
+%% or `none': a peer asks, over distributed Erlang, before a new pool of ours may
+%% replace a live one there.
+-spec pool_token(node()) -> binary() | none.
+pool_token(_Node) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc Answers a `{teleport_confirm_pool, Peer, Token, Ticket}' (teleport_runtime).
+-spec confirm_pool(reference(), boolean()) -> ok.
+confirm_pool(_Ticket, _Confirmed) -> erlang:nif_error(nif_not_loaded).
 
 %% @doc Test-only fault injection: the event pump loses its next `Count' messages.
 -spec debug_drop_events(non_neg_integer()) -> ok.

@@ -55,12 +55,14 @@ init([]) ->
 nif_tls(disabled) ->
     disabled;
 nif_tls(#{certfile := Cert, keyfile := Key, cacertfile := CA, verify := Verify,
-          server_name_check := NameCheck, ciphers := Ciphers}) ->
+          server_name_check := NameCheck, client_name_check := ClientCheck,
+          ciphers := Ciphers}) ->
     #{certfile => unicode:characters_to_binary(Cert),
       keyfile => unicode:characters_to_binary(Key),
       cacertfile => unicode:characters_to_binary(CA),
       verify_peer => Verify =:= verify_peer,
       server_name_check => NameCheck,
+      client_name_check => ClientCheck,
       ciphers => [unicode:characters_to_binary(C) || C <- Ciphers]}.
 
 handle_call(_Request, _From, State) ->
@@ -85,6 +87,13 @@ handle_info({teleport_call_undeliverable, _Dest, {_Caller, Ref, _Timeout}}, Stat
     {noreply, State};
 handle_info({teleport_call_undeliverable, _Dest, _Malformed}, State) ->
     {noreply, State};
+handle_info({teleport_confirm_pool, Peer, Token, Ticket}, State) ->
+    %% A connection claiming to be Peer announces a pool other than Peer's live one:
+    %% only Peer may replace it, so Peer is asked over distributed Erlang (where it
+    %% is the node of that name). Not in this process: the answer may take a while.
+    Timeout = teleport_config:get(handshake_timeout),
+    _ = spawn(fun() -> teleport_nif:confirm_pool(Ticket, pool_confirmed(Peer, Token, Timeout)) end),
+    {noreply, State};
 handle_info({nodedown, Node}, State) ->
     %% Calls watch their server over distributed Erlang: without it, the pool is no use.
     teleport_nif:close_pool(Node),
@@ -94,6 +103,18 @@ handle_info({nodeup, _Node}, State) ->
 handle_info(Other, State) ->
     ?LOG_DEBUG(#{what => unexpected_message, message => Other}, ?META),
     {noreply, State}.
+
+pool_confirmed(Peer, Token, Timeout) ->
+    Confirmed = try erpc:call(Peer, teleport_nif, pool_token, [node()], Timeout) of
+                    Token -> true;
+                    _ -> false
+                catch
+                    _:_ -> false
+                end,
+    _ = Confirmed orelse ?LOG_NOTICE(#{what => pool_not_confirmed, peer => Peer,
+                                       text => "a connection announced a pool of this node "
+                                               "that the node did not open"}, ?META),
+    Confirmed.
 
 terminate(_Reason, _State) ->
     teleport_nif:stop().

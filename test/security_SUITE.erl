@@ -9,6 +9,12 @@
 %%%     client that knows the cookie log one bounded line (at most one per 10 s),
 %%%     not 20 MB; removing teleport's filter from the default handler silences
 %%%     teleport there.</li>
+%%% <li>`made_up_pool_cannot_evict': a client that knows the cookie connects to
+%%%     this node as peer B (whose pool here is live) and announces a pool B
+%%%     never opened (counter 2^64-1): this node asks B over distributed Erlang,
+%%%     B denies it, the connection is closed, and B's pool still carries B's
+%%%     messages, before and after. Without a live pool of B here nothing is
+%%%     asked (B's own next pool is accepted as it comes).</li>
 %%% </ul>
 -module(security_SUITE).
 
@@ -18,7 +24,7 @@
 
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
--export([logs_reach_default_handler/1]).
+-export([logs_reach_default_handler/1, made_up_pool_cannot_evict/1]).
 
 -define(RPC_TIMEOUT, 30000).
 
@@ -26,7 +32,7 @@ suite() ->
     [{timetrap, {minutes, 5}}].
 
 all() ->
-    [logs_reach_default_handler].
+    [logs_reach_default_handler, made_up_pool_cannot_evict].
 
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("security") of
@@ -95,6 +101,48 @@ logs_reach_default_handler(Config) ->
     after
         teleport_test_peer:stop(Peer)
     end.
+
+%%====================================================================
+%% Pools
+%%====================================================================
+
+made_up_pool_cannot_evict(_Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("evict_b")),
+    try
+        Self = self(),
+        Sink = spawn_link(fun() -> forward(Self) end),
+        true = register(evict_sink, Sink),
+        %% B's pool to us, live.
+        ok = erpc:call(B, teleport, send, [{evict_sink, node()}, before]),
+        receive {forwarded, before} -> ok after 10000 -> ct:fail(nothing_before) end,
+        Failures = maps:get(handshake_failures, teleport:listener_stats()),
+        %% A client that knows the cookie, speaking as B, with a pool B never opened.
+        {ok, Address} = teleport_nif:listen_address(),
+        {ok, Socket} = teleport_raw_client:connect(
+                         Address, node(), erlang:get_cookie(),
+                         #{client_node => B,
+                           announce => teleport_raw_client:pool_epoch(1 bsl 62, (1 bsl 64) - 1)}),
+        ok = teleport_raw_client:send_term(Socket, evict_sink, from_the_impostor),
+        ?assertEqual(closed, teleport_raw_client:await_closed(Socket, 15000)),
+        %% Refused after the handshake: not a handshake failure.
+        ?assertEqual(Failures, maps:get(handshake_failures, teleport:listener_stats())),
+        %% B's pool was not touched: its messages still arrive, and the impostor's never did.
+        [ok = erpc:call(B, teleport, send, [{evict_sink, node()}, {'after', I}]) || I <- lists:seq(1, 50)],
+        [receive {forwarded, {'after', I}} -> ok after 10000 -> ct:fail({lost, I}) end
+         || I <- lists:seq(1, 50)],
+        receive {forwarded, from_the_impostor} -> ct:fail(impostor_delivered) after 200 -> ok end,
+        #{connects := Connects} = erpc:call(B, teleport, stats, [node()]),
+        ?assertEqual(1, Connects)
+    after
+        catch_unregister(evict_sink),
+        teleport_test_peer:stop(Peer)
+    end.
+
+forward(To) ->
+    receive Msg -> To ! {forwarded, Msg}, forward(To) end.
+
+catch_unregister(Name) ->
+    try unregister(Name) catch error:badarg -> ok end.
 
 wait_for_text(Node, Log, Text) ->
     Found = teleport_test_peer:wait_until(

@@ -81,7 +81,7 @@ tls_test() ->
     ?assertEqual(disabled, maps:get(tls, teleport_config:get())),
     Files = #{certfile => "n.pem", keyfile => <<"n.key">>, cacertfile => "ca.pem"},
     %% Defaults filled in; suites kept as strings.
-    ?assertEqual(Files#{verify => verify_peer, server_name_check => true,
+    ?assertEqual(Files#{verify => verify_peer, server_name_check => true, client_name_check => true,
                         ciphers => ["TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256",
                                     "TLS_CHACHA20_POLY1305_SHA256"]},
                  teleport_config:validate(tls, Files)),
@@ -92,6 +92,7 @@ tls_test() ->
                                                       ciphers => [<<"TLS_AES_128_GCM_SHA256">>]})),
     Bad = [enabled, #{}, maps:remove(cacertfile, Files), Files#{certfile => ""},
            Files#{keyfile => 42}, Files#{verify => sometimes}, Files#{server_name_check => yes},
+           Files#{client_name_check => maybe},
            Files#{ciphers => []}, Files#{ciphers => ["TLS_RSA_WITH_RC4_128_MD5"]},
            Files#{ciphers => "TLS_AES_128_GCM_SHA256"}, Files#{versions => ['tlsv1.3']}],
     [?assertError({invalid_config, tls, _}, teleport_config:validate(tls, B)) || B <- Bad].

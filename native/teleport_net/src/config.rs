@@ -64,6 +64,10 @@ pub struct TlsConfig {
     /// Whether a client checks the server's certificate names the host it dialed (the
     /// host part of the peer's node name).
     pub server_name_check: bool,
+    /// Whether a listener checks the client's certificate names the host of the node
+    /// name the client claims: a holder of another node's certificate cannot speak as
+    /// a node of another host.
+    pub client_name_check: bool,
     /// TLS 1.3 suites by their IANA names; empty for all.
     pub ciphers: Vec<String>,
 }
@@ -81,6 +85,7 @@ impl TlsConfig {
             cacertfile: cacertfile.into(),
             verify_peer: true,
             server_name_check: true,
+            client_name_check: true,
             ciphers: Vec::new(),
         }
     }

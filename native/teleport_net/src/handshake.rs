@@ -70,6 +70,8 @@ type HmacSha256 = Hmac<Sha256>;
 pub(crate) type Nonce = [u8; NONCE_LEN];
 pub(crate) type MacBytes = [u8; MAC_LEN];
 pub type ChannelBinding = [u8; CHANNEL_BINDING_LEN];
+/// Whether the peer may claim this node name (over TLS: its certificate names the host).
+pub type PeerNameCheck = Box<dyn Fn(&str) -> bool + Send>;
 
 /// What a node tells its peer about itself in the handshake, and learns of the peer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -242,6 +244,8 @@ pub struct Handshake {
     capabilities: Capabilities,
     /// Over TLS, what the session exported (`bind_channel`); the proofs sign it.
     channel: Option<ChannelBinding>,
+    /// Server: what the client's claimed name must pass (`check_peer_name`).
+    peer_check: Option<PeerNameCheck>,
     state: State,
     incoming: Reassembly,
 }
@@ -300,9 +304,16 @@ impl Handshake {
             local_node: local_node.to_owned(),
             capabilities,
             channel: None,
+            peer_check: None,
             state,
             incoming: Reassembly::default(),
         }
+    }
+
+    /// Server: a client whose claimed name fails `check` is refused at its HELLO
+    /// (`HandshakeError::Tls("tls_node_name", ..)`), before the challenge.
+    pub fn check_peer_name(&mut self, check: PeerNameCheck) {
+        self.peer_check = Some(check);
     }
 
     /// Over TLS: the value exported from the session (`CHANNEL_BINDING_LABEL`), for the
@@ -356,6 +367,7 @@ impl Handshake {
                 node: &self.local_node,
                 capabilities: self.capabilities,
                 channel: self.channel,
+                peer_check: self.peer_check.as_ref(),
             };
             let (next, progress) = state.step(&local, msg, out)?;
             self.state = next;
@@ -416,6 +428,7 @@ struct Local<'a> {
     node: &'a str,
     capabilities: Capabilities,
     channel: Option<ChannelBinding>,
+    peer_check: Option<&'a PeerNameCheck>,
 }
 
 impl State {
@@ -425,6 +438,15 @@ impl State {
         match self {
             State::AwaitHello => {
                 let hello = accept_hello(msg, local.node)?;
+                if local.peer_check.is_some_and(|check| !check(&hello.client_node)) {
+                    return Err(HandshakeError::Tls(
+                        "tls_node_name",
+                        format!(
+                            "the client's certificate does not name the host of {}",
+                            hello.client_node
+                        ),
+                    ));
+                }
                 let version = hello.version;
                 let nonce_s = random_nonce()?;
                 out.extend(encode_message(

@@ -150,6 +150,19 @@ pub trait Host: Send + Sync + 'static {
     fn frame_handler(&self, peer: &str) -> Box<dyn FrameHandler>;
     /// Never blocks for long; may be called from any thread.
     fn event(&self, event: Event);
+    /// An inbound connection of `peer` announces a pool (`token`) other than its live
+    /// one: whether `peer` itself opened it (it holds that token now). `newer`: the token
+    /// is later than the live pool's, as a node's own pools follow each other (a made-up
+    /// token can be too). `resume` reports the answer: `Ok(Delivery::Delivered)` for yes;
+    /// anything else, or dropping it, is no (the connection closes). Must not block. By
+    /// default (a host that cannot ask the peer), `newer`.
+    fn confirm_pool(&self, _peer: &str, _token: crate::pool::PoolToken, newer: bool, resume: Resume) {
+        resume.finish(if newer {
+            Ok(Delivery::Delivered)
+        } else {
+            Err("an older pool".to_string())
+        });
+    }
 }
 
 /// One-shot callbacks, run on an I/O thread, or on the caller's own thread when the

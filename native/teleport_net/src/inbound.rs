@@ -65,6 +65,9 @@ struct Recipient {
     pools: Arc<InboundPools>,
     socket: Arc<TcpStream>,
     membership: Option<Membership>,
+    /// The pool token the host is asked to confirm (`Host::confirm_pool`), and whether
+    /// it is later than the live pool's.
+    unconfirmed: Option<(PoolToken, bool)>,
     last_undeliverable_event: Option<Instant>,
     /// A large body was read since this was last cleared.
     bulk: bool,
@@ -102,6 +105,7 @@ impl Inbound {
                 pools: setup.pools,
                 socket: setup.socket,
                 membership: None,
+                unconfirmed: None,
                 last_undeliverable_event: None,
                 bulk: false,
             },
@@ -138,6 +142,11 @@ impl Inbound {
     /// A deferred frame's outcome; the caller reads on unless it is an error.
     pub fn resume(&mut self, outcome: Result<Delivery, String>) -> Result<(), CloseReason> {
         self.paused = false;
+        if let Some((token, newer)) = self.to.unconfirmed.take() {
+            return self
+                .to
+                .confirmed(token, newer, outcome == Ok(Delivery::Delivered));
+        }
         self.to.delivered(outcome).map(|_| ())
     }
 
@@ -148,6 +157,27 @@ impl Inbound {
 }
 
 impl Recipient {
+    /// The host's answer about the pool token `token`: confirmed, it replaces the
+    /// peer's live pool; else the connection closes.
+    fn confirmed(&mut self, token: PoolToken, newer: bool, confirmed: bool) -> Result<(), CloseReason> {
+        match (confirmed, newer) {
+            (true, _) => {}
+            // A late connection of an earlier pool.
+            (false, false) => return Err(CloseReason::Superseded),
+            (false, true) => return Err(CloseReason::BadFrame("pool_not_confirmed")),
+        }
+        match self
+            .pools
+            .join(&self.peer, token, &self.socket, self.counters.clone(), true)
+        {
+            Join::Member(membership) => {
+                self.membership = Some(membership);
+                Ok(())
+            }
+            _ => Err(CloseReason::Superseded),
+        }
+    }
+
     /// Counts a delivery's outcome; `Pause` for a deferred frame.
     fn delivered(&mut self, outcome: Result<Delivery, String>) -> Result<Flow, CloseReason> {
         match outcome {
@@ -190,7 +220,8 @@ impl Drop for Inbound {
 
 /// What the frame reader hands complete frames to.
 trait FrameSink {
-    fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason>;
+    /// The connection's pool; `Pause` while the host confirms it.
+    fn pool_token(&mut self, token: PoolToken) -> Result<Flow, CloseReason>;
     /// A buffer of the handler's own for a body of `len` bytes, if it wants one.
     fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason>;
     fn frame(&mut self, kind: FrameKind, body: Body<'_>) -> Result<Flow, CloseReason>;
@@ -204,14 +235,25 @@ enum Body<'a> {
 }
 
 impl FrameSink for Recipient {
-    fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason> {
-        let membership = self
+    fn pool_token(&mut self, token: PoolToken) -> Result<Flow, CloseReason> {
+        match self
             .pools
-            .join(&self.peer, token, &self.socket, self.counters.clone())
-            .ok_or(CloseReason::Superseded)?;
-        self.membership = Some(membership);
+            .join(&self.peer, token, &self.socket, self.counters.clone(), false)
+        {
+            Join::Member(membership) => self.membership = Some(membership),
+            Join::Stale => return Err(CloseReason::Superseded),
+            Join::Unconfirmed { newer } => {
+                // Another pool of this node is live: only the node itself may replace it
+                // (a made-up token would lock the real one out). Asked, and read on
+                // once it answers.
+                self.unconfirmed = Some((token, newer));
+                self.host
+                    .confirm_pool(&self.peer, token, newer, self.deferral.defer());
+                return Ok(Flow::Pause);
+            }
+        }
         faults::check(Point::Reader, &self.peer);
-        Ok(())
+        Ok(Flow::Go)
     }
 
     fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
@@ -619,9 +661,8 @@ impl Parser {
             FrameKind::PoolEpoch => {
                 let mut token = [0u8; POOL_TOKEN_LEN];
                 token.copy_from_slice(bytes);
-                sink.pool_token(token)?;
                 self.epoch_seen = true;
-                Ok(Flow::Go)
+                sink.pool_token(token)
             }
             FrameKind::BulkStart => {
                 self.start_bulk(bytes, sink)?;
@@ -739,8 +780,8 @@ pub(crate) fn parse_stream(
 ) -> Result<(), String> {
     struct Collect<'a, 'b>(&'a mut OnFrame<'b>);
     impl FrameSink for Collect<'_, '_> {
-        fn pool_token(&mut self, _token: PoolToken) -> Result<(), CloseReason> {
-            Ok(())
+        fn pool_token(&mut self, _token: PoolToken) -> Result<Flow, CloseReason> {
+            Ok(Flow::Go)
         }
         fn body_buffer(&mut self, _len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
             Ok(None)
@@ -862,14 +903,17 @@ impl InboundPools {
     /// peer's current one is a newer pool (a sender opens a pool only once its previous
     /// one is closed): every connection of the older pool is marked stale and shut down,
     /// so bytes it still holds (a partition, a slow close) are never delivered after the
-    /// new pool's. `None` if this connection's own pool was already superseded.
+    /// new pool's. While the current pool has live connections, though, the new token
+    /// must be `confirmed` first (`Join::Unconfirmed`): a connection that made its token
+    /// up (a larger counter) would otherwise shut the real pool out.
     fn join(
         self: &Arc<Self>,
         peer: &str,
         token: PoolToken,
         socket: &Arc<TcpStream>,
         counters: Arc<ConnStats>,
-    ) -> Option<Membership> {
+        confirmed: bool,
+    ) -> Join {
         let stale = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, SeqCst);
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
@@ -878,16 +922,19 @@ impl InboundPools {
             members: HashMap::new(),
         });
         if pool.token != token {
-            if pool.members.is_empty() || token > pool.token || token[..8] != pool.token[..8] {
-                for old in pool.members.values() {
-                    old.stale.store(true, SeqCst);
-                    let _ = old.socket.shutdown(std::net::Shutdown::Both);
-                }
-                pool.members.clear();
-                pool.token = token;
-            } else {
-                return None; // an older pool of the same runtime, arriving late
+            let newer = token > pool.token || token[..8] != pool.token[..8];
+            if !pool.members.is_empty() && !confirmed {
+                return Join::Unconfirmed { newer };
             }
+            if !(pool.members.is_empty() || newer || confirmed) {
+                return Join::Stale; // an older pool of the same runtime, arriving late
+            }
+            for old in pool.members.values() {
+                old.stale.store(true, SeqCst);
+                let _ = old.socket.shutdown(std::net::Shutdown::Both);
+            }
+            pool.members.clear();
+            pool.token = token;
         }
         let member = Member {
             stale: stale.clone(),
@@ -895,7 +942,7 @@ impl InboundPools {
             counters,
         };
         pool.members.insert(id, member);
-        Some(Membership {
+        Join::Member(Membership {
             pools: self.clone(),
             peer: peer.to_string(),
             id,
@@ -919,6 +966,18 @@ impl InboundPools {
             })
             .collect()
     }
+}
+
+/// How joining the peer's inbound pool went.
+enum Join {
+    Member(Membership),
+    /// This connection's own pool was superseded already.
+    Stale,
+    /// Another pool of the peer is live: the host must confirm this one (`newer` than it,
+    /// or not).
+    Unconfirmed {
+        newer: bool,
+    },
 }
 
 /// An inbound connection's place in its peer's current pool; leaves it on drop.
@@ -969,9 +1028,9 @@ mod tests {
     }
 
     impl FrameSink for Recorder {
-        fn pool_token(&mut self, token: PoolToken) -> Result<(), CloseReason> {
+        fn pool_token(&mut self, token: PoolToken) -> Result<Flow, CloseReason> {
             self.tokens.push(token);
-            Ok(())
+            Ok(Flow::Go)
         }
         fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
             Ok(self

@@ -308,6 +308,15 @@ impl Pools {
         pools.get(peer)?.live()?.connection(key).cloned()
     }
 
+    /// The token of `peer`'s pool, dialing or up, unless it is closing.
+    pub fn token(&self, peer: &str) -> Option<PoolToken> {
+        let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
+        match pools.get(peer)? {
+            PoolSlot::Up(pool) | PoolSlot::Opening(pool, _) if !pool.is_closing() => Some(pool.token),
+            _ => None,
+        }
+    }
+
     /// Peers whose pool is up.
     pub fn peers(&self) -> Vec<String> {
         let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());

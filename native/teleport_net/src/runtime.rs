@@ -161,6 +161,11 @@ impl Runtime {
         }
     }
 
+    /// The token of our pool to `peer` (dialing or up), which its connections announce.
+    pub fn pool_token(&self, peer: &str) -> Option<PoolToken> {
+        self.services.pools.token(peer)
+    }
+
     /// Closes the pool to `peer`, if any. Frames still queued are counted as dropped.
     pub fn close_pool(&self, peer: &str) -> bool {
         let Some(pool) = self.services.pools.live(peer) else {

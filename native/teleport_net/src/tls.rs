@@ -252,6 +252,18 @@ impl ServerCertVerifier for ServerVerifier {
     }
 }
 
+/// Whether the certificate (DER) names the host part of `node` (`name@host`), as a DNS
+/// name or an IP address, by the rules a server's name is checked with (its chain was
+/// checked by the TLS handshake).
+pub fn certifies_host(cert: &[u8], node: &str) -> bool {
+    let host = node.split_once('@').map_or(node, |(_, host)| host);
+    let der = CertificateDer::from(cert);
+    let (Ok(name), Ok(cert)) = (ServerName::try_from(host), webpki::EndEntityCert::try_from(&der)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 /// A TLS failure: its stable name and, for logs, rustls' words.
 #[derive(Debug)]
 struct TlsFailure {
@@ -321,6 +333,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// The peer's certificate (DER), once the TLS handshake is done.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        self.conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|cert| cert.as_ref().to_vec())
+    }
+
     /// The value the handshake's proofs sign (RFC 5705 export): the same at both ends
     /// of one TLS session, different for any other session.
     pub fn channel_binding(&self) -> io::Result<crate::handshake::ChannelBinding> {

@@ -606,3 +606,48 @@ fn a_relay_between_two_tls_sessions_cannot_pass_the_handshake_on() {
     // Dialed directly, the same two nodes connect.
     w.open(&y, 1).expect("direct");
 }
+
+/// A listener checks that a client's certificate names the host of the node name it
+/// claims (`client_name_check`, on by default): x, whose certificate names the loopback,
+/// cannot speak as a node of another host; as another node of its own host it can
+/// (the certificate names hosts, not nodes). With the check off, any name goes.
+#[test]
+fn a_node_name_must_be_of_a_host_its_certificate_names() {
+    let dir = Dir::new();
+    let ca_ = ca("cluster CA");
+    let x = start_trusting(&dir, "x@127.0.0.1", &ca_);
+    let z = start_trusting(&dir, "z@127.0.0.1", &ca_);
+    x.open(&z, 1).expect("as itself");
+    for claimed in ["y@127.0.0.2", "admin@db.example.com"] {
+        // A runtime under the claimed name, holding a certificate for the loopback.
+        let mut config = Config::for_tests(claimed, COOKIE);
+        config.tls = Some(node_tls(&dir, "x2@127.0.0.1", &ca_, LOOPBACK, &[&ca_]));
+        let impostor = Node {
+            rt: Runtime::start(config, Arc::new(TestHost::default())).expect("starts"),
+            host: TestHost::default(),
+        };
+        let refused = impostor.open(&z, 1);
+        assert!(refused.is_err(), "{claimed}: {refused:?}");
+        assert!(wait_refused(&z, "tls_node_name"), "{claimed}");
+        assert!(z.host.log().frames.is_empty());
+    }
+    // Another node of the certificate's own host: accepted.
+    let mut config = Config::for_tests("y@127.0.0.1", COOKIE);
+    config.tls = Some(node_tls(&dir, "x3@127.0.0.1", &ca_, LOOPBACK, &[&ca_]));
+    let same_host = Node {
+        rt: Runtime::start(config, Arc::new(TestHost::default())).expect("starts"),
+        host: TestHost::default(),
+    };
+    same_host.open(&z, 1).expect("a node of the certificate's host");
+    // With the check off, a node of another host gets in.
+    let mut unchecked = node_tls(&dir, "w@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
+    unchecked.client_name_check = false;
+    let w = start("w@127.0.0.1", Some(unchecked));
+    let mut config = Config::for_tests("y@127.0.0.2", COOKIE);
+    config.tls = Some(node_tls(&dir, "x4@127.0.0.1", &ca_, LOOPBACK, &[&ca_]));
+    let elsewhere = Node {
+        rt: Runtime::start(config, Arc::new(TestHost::default())).expect("starts"),
+        host: TestHost::default(),
+    };
+    elsewhere.open(&w, 1).expect("no client name check");
+}

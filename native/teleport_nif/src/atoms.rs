@@ -17,6 +17,7 @@ rustler::atoms! {
     teleport_pool,
     teleport_resume,
     teleport_event,
+    teleport_confirm_pool,
     dollar_teleport_call = "$teleport_call",
     dollar_teleport_decode = "$teleport_decode",
     noproc,

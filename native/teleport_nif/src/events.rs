@@ -6,15 +6,16 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use rustler::env::OwnedEnv;
 use rustler::sys::enif_send;
 use rustler::types::LocalPid;
-use rustler::{Atom, Encoder, Env, Term};
-use teleport_net::{Event, FrameHandler, Host};
+use rustler::{Atom, Encoder, Env, ResourceArc, Term};
+use teleport_net::pool::PoolToken;
+use teleport_net::{Delivery, Event, FrameHandler, Host, Resume};
 
 use crate::atoms;
 use crate::deliver::{Deliverer, Helpers};
@@ -121,9 +122,46 @@ fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
     }
 }
 
+/// A pool confirmation under way (`Host::confirm_pool`): answered once, by
+/// `teleport_nif:confirm_pool/2`; dropped unanswered (the runtime gone), it is a no.
+pub struct PoolTicket(Mutex<Option<Resume>>);
+
+#[rustler::resource_impl]
+impl rustler::Resource for PoolTicket {}
+
+impl PoolTicket {
+    pub fn answer(&self, confirmed: bool) {
+        if let Some(resume) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            resume.finish(if confirmed {
+                Ok(Delivery::Delivered)
+            } else {
+                Err("not confirmed".to_string())
+            });
+        }
+    }
+}
+
 impl Host for NifHost {
     fn frame_handler(&self, _peer: &str) -> Box<dyn FrameHandler> {
         Box::new(Deliverer::new(self.helpers.clone()))
+    }
+
+    /// teleport_runtime asks the peer over disterl for its pool token
+    /// (`teleport_nif:pool_token/1`) and answers with `confirm_pool/2`.
+    fn confirm_pool(&self, peer: &str, token: PoolToken, _newer: bool, resume: Resume) {
+        let ticket = ResourceArc::new(PoolTicket(Mutex::new(Some(resume))));
+        let peer = peer.to_string();
+        post(&self.jobs, self.helpers.runtime, move |env| {
+            let mut bin = rustler::OwnedBinary::new(token.len());
+            bin.as_mut_slice().copy_from_slice(&token);
+            (
+                atoms::teleport_confirm_pool(),
+                node_atom(env, &peer),
+                bin.release(env),
+                ticket,
+            )
+                .encode(env)
+        });
     }
 
     fn event(&self, event: Event) {

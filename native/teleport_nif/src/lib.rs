@@ -69,6 +69,7 @@ fn decode_tls(term: Term) -> NifResult<Option<teleport_net::TlsConfig>> {
         cacertfile: path("cacertfile")?,
         verify_peer: map_get(term, "verify_peer")?,
         server_name_check: map_get(term, "server_name_check")?,
+        client_name_check: map_get(term, "client_name_check")?,
         ciphers: map_get(term, "ciphers")?,
     }))
 }
@@ -288,6 +289,31 @@ impl rustler::Resource for Owner {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn deliver_frame<'a>(env: Env<'a>, ticket: ResourceArc<DecodeTicket>, frame: rustler::Binary<'a>) -> Atom {
     ticket.run(env, frame);
+    atoms::ok()
+}
+
+/// This node's pool to `peer`, as its connections announce it (dialing or up), or
+/// `none`: a peer asks before it lets a new pool of ours replace a live one.
+#[rustler::nif]
+fn pool_token<'a>(env: Env<'a>, peer: Atom) -> NifResult<Term<'a>> {
+    let Some(node) = node() else {
+        return Ok(atoms::none().encode(env));
+    };
+    let token = with_atom_text(peer.to_term(env), |name| node.runtime.pool_token(name))?;
+    Ok(match token {
+        Some(token) => {
+            let mut bin = rustler::OwnedBinary::new(token.len());
+            bin.as_mut_slice().copy_from_slice(&token);
+            bin.release(env).encode(env)
+        }
+        None => atoms::none().encode(env),
+    })
+}
+
+/// teleport_runtime's answer to `{teleport_confirm_pool, Peer, Token, Ticket}`.
+#[rustler::nif]
+fn confirm_pool(ticket: ResourceArc<events::PoolTicket>, confirmed: bool) -> Atom {
+    ticket.answer(confirmed);
     atoms::ok()
 }
 

@@ -332,6 +332,7 @@ fn read_handshake(
     socket: &TcpStream,
     tls: &mut Option<Box<Session>>,
     handshake: &mut Handshake,
+    check_client_name: bool,
 ) -> Result<Option<(Peer, Vec<u8>)>, HandshakeError> {
     let mut buf = [0u8; 2048];
     loop {
@@ -346,6 +347,10 @@ fn read_handshake(
         // exported value is there for the proofs to sign.
         if let (Some(tls), false) = (tls.as_deref(), handshake.is_bound()) {
             handshake.bind_channel(tls.channel_binding().map_err(io_or_tls)?);
+            if check_client_name {
+                let cert = tls.peer_certificate().unwrap_or_default();
+                handshake.check_peer_name(Box::new(move |node| crate::tls::certifies_host(&cert, node)));
+            }
         }
         let mut out = Vec::new();
         let (used, progress) = handshake.feed(&buf[..n], &mut out)?;
@@ -367,7 +372,7 @@ pub(super) fn client_handshake(
     let State::ClientHandshake { handshake, .. } = &mut conn.state else {
         return Ok(Next::Wait);
     };
-    let done = read_handshake(&conn.socket, &mut conn.tls, handshake)
+    let done = read_handshake(&conn.socket, &mut conn.tls, handshake, false)
         .map_err(|e| End::Dial(OpenError::handshake(&e)))?;
     let Some((server, extra)) = done else {
         return Ok(Next::Wait);
@@ -449,7 +454,12 @@ pub(super) fn server_handshake(
         return Ok(Next::Wait);
     }
     *not_before = None;
-    let done = read_handshake(&conn.socket, &mut conn.tls, handshake)
+    let check_client_name = services
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.verify_peer && tls.client_name_check);
+    let done = read_handshake(&conn.socket, &mut conn.tls, handshake, check_client_name)
         .map_err(|e| End::Handshake(e.reason(), e.to_string()))?;
     let Some((client, early)) = done else {
         return Ok(Next::Wait);
