@@ -43,6 +43,7 @@
                         connections := non_neg_integer(),
                         queued_bytes := non_neg_integer(),
                         partial_bytes := non_neg_integer(),
+                        refused_calls := non_neg_integer(),
                         dropped_out := non_neg_integer(),
                         undeliverable_in := non_neg_integer(),
                         connects := non_neg_integer(),
@@ -252,6 +253,8 @@ listen_address() ->
 %% <li>`messages_in', `bytes_in': read whole from the peer.</li>
 %% <li>`connections': connections of our pool to the peer now (0 without one).</li>
 %% <li>`queued_bytes': bytes accepted by `send' and not yet written, now.</li>
+%% <li>`refused_calls': gs_calls from the peer refused because it had 10,000
+%%     under way here (its callers exited `{teleport, too_many_calls}').</li>
 %% <li>`partial_bytes': bytes held now for large messages the peer has sent
 %%     part of (a message over 64 KiB travels in chunks, with others' smaller
 %%     messages between them; the receiver holds at most one such message per
@@ -288,16 +291,20 @@ listen_address() ->
 %% earlier connections carried.
 -spec stats() -> #{node() => peer_stats()}.
 stats() ->
-    teleport_nif:stats().
+    Refused = teleport_relay_sup:counters(),
+    maps:map(fun(Node, Stats) ->
+                     Stats#{refused_calls => maps:get(refused_calls, maps:get(Node, Refused, #{}), 0)}
+             end, teleport_nif:stats()).
 
 %% @doc The counters for one peer, as in {@link stats/0}; all zero (and no
 %% connections) if teleport never exchanged with it.
 -spec stats(node()) -> peer_stats().
 stats(Node) when is_atom(Node) ->
-    case teleport_nif:stats() of
+    case stats() of
         #{Node := Stats} -> Stats;
         #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
-                 connections => 0, queued_bytes => 0, partial_bytes => 0, dropped_out => 0,
+                 connections => 0, queued_bytes => 0, partial_bytes => 0, refused_calls => 0,
+                 dropped_out => 0,
                  undeliverable_in => 0, connects => 0, disconnects => 0,
                  handshake_failures => 0, per_connection => []}
     end.

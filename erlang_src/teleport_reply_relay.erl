@@ -24,12 +24,20 @@
 -include_lib("kernel/include/logger.hrl").
 -include("teleport_call.hrl").
 
-%% CallerRef => Keeper, the keeper's monitor => CallerRef, and when a malformed
-%% call was last logged, with how many came since.
--type state() :: #{keepers := #{reference() => pid()}, monitors := #{reference() => reference()},
-                   malformed := {integer(), non_neg_integer()}}.
+%% CallerRef => Keeper, the keeper's monitor => {CallerRef, the caller's node},
+%% the keepers alive per caller node, and when a malformed call or a refusal was
+%% last logged, with how many came since.
+-type state() :: #{keepers := #{reference() => pid()},
+                   monitors := #{reference() => {reference(), node()}},
+                   per_node := #{node() => pos_integer()},
+                   malformed := {integer(), non_neg_integer()},
+                   refused := {integer(), non_neg_integer()}}.
 
 -define(MALFORMED_LOG_MS, 10000).
+%% Calls one peer node may have under way at once on this node, shared evenly by the
+%% relays (the NIF spreads a peer's calls over them): a peer cannot make the node
+%% spawn keepers until it runs out of processes.
+-define(MAX_CALLS_PER_PEER, 10000).
 
 -spec names() -> [atom()].
 names() ->
@@ -48,8 +56,9 @@ init([]) ->
     %% application kills every process under its group leader, and a keeper
     %% must outlive a restart of teleport (the supervisor still stops relays).
     _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
-    {ok, #{keepers => #{}, monitors => #{},
-           malformed => {erlang:monotonic_time(millisecond) - ?MALFORMED_LOG_MS, 0}}}.
+    LongAgo = erlang:monotonic_time(millisecond) - ?MALFORMED_LOG_MS,
+    {ok, #{keepers => #{}, monitors => #{}, per_node => #{},
+           malformed => {LongAgo, 0}, refused => {LongAgo, 0}}}.
 
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, {error, unsupported}, state()}.
 handle_call(_Request, _From, State) ->
@@ -62,14 +71,20 @@ handle_cast(_Request, State) ->
 -spec handle_info(term(), state()) -> {noreply, state()}.
 handle_info({'$teleport_call', _, _, _} = Call, State) ->
     {noreply, take(Call, State)};
-handle_info({'DOWN', Mon, process, _, Reason}, #{keepers := Keepers, monitors := Monitors} = State) ->
+handle_info({'DOWN', Mon, process, _, Reason},
+            #{keepers := Keepers, monitors := Monitors, per_node := PerNode} = State) ->
     case maps:take(Mon, Monitors) of
-        {Ref, Monitors1} ->
+        {{Ref, Node}, Monitors1} ->
             %% A keeper ends normally once its outcome is out; one that was killed may
             %% not have told its caller it existed.
             _ = Reason =:= normal orelse
                 erlang:send(Ref, {'$teleport_down', Ref, undefined, {call_keeper_down, Reason}}),
-            {noreply, State#{keepers := maps:remove(Ref, Keepers), monitors := Monitors1}};
+            PerNode1 = case PerNode of
+                           #{Node := 1} -> maps:remove(Node, PerNode);
+                           #{Node := N} -> PerNode#{Node := N - 1}
+                       end,
+            {noreply, State#{keepers := maps:remove(Ref, Keepers), monitors := Monitors1,
+                             per_node := PerNode1}};
         error ->
             {noreply, State}
     end;
@@ -114,7 +129,32 @@ take({'$teleport_call', Dest, Call, _Request}, #{malformed := {LastLog, Unlogged
             State#{malformed := {LastLog, Unlogged + 1}}
     end.
 
-start_keeper(Dest, Caller, Ref, Timeout, Request, #{keepers := Keepers, monitors := Monitors} = State) ->
-    {Keeper, Mon} = proc_lib:spawn_opt(teleport_call, keeper, [Dest, Caller, Ref, Timeout, Request],
-                                       [monitor]),
-    State#{keepers := Keepers#{Ref => Keeper}, monitors := Monitors#{Mon => Ref}}.
+start_keeper(Dest, Caller, Ref, Timeout, Request,
+             #{keepers := Keepers, monitors := Monitors, per_node := PerNode} = State) ->
+    Node = node(Caller),
+    Count = maps:get(Node, PerNode, 0),
+    case Count >= ?MAX_CALLS_PER_PEER div length(names()) of
+        true ->
+            refuse(Node, Ref, State);
+        false ->
+            {Keeper, Mon} = proc_lib:spawn_opt(teleport_call, keeper,
+                                               [Dest, Caller, Ref, Timeout, Request], [monitor]),
+            State#{keepers := Keepers#{Ref => Keeper}, monitors := Monitors#{Mon => {Ref, Node}},
+                   per_node := PerNode#{Node => Count + 1}}
+    end.
+
+%% Over its share of ?MAX_CALLS_PER_PEER: the caller exits with the reason at once,
+%% the refusal is counted (teleport:stats/1, refused_calls) and logged at most
+%% every ?MALFORMED_LOG_MS.
+refuse(Node, Ref, #{refused := {LastLog, Unlogged}} = State) ->
+    erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, too_many_calls}}),
+    teleport_relay_sup:count(refused_calls, Node),
+    Now = erlang:monotonic_time(millisecond),
+    case Now - LastLog >= ?MALFORMED_LOG_MS of
+        true ->
+            ?LOG_WARNING(#{what => too_many_calls, peer => Node, limit => ?MAX_CALLS_PER_PEER,
+                           unlogged_since_last => Unlogged}, #{domain => [teleport]}),
+            State#{refused := {Now, 0}};
+        false ->
+            State#{refused := {LastLog, Unlogged + 1}}
+    end.

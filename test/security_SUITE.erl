@@ -15,6 +15,16 @@
 %%%     B denies it, the connection is closed, and B's pool still carries B's
 %%%     messages, before and after. Without a live pool of B here nothing is
 %%%     asked (B's own next pool is accepted as it comes).</li>
+%%% <li>`calls_per_peer_capped': 10,500 gs_calls at once from one peer to a
+%%%     slow server: about 10,000 run, the rest exit `{teleport, too_many_calls}'
+%%%     at once, counted in `refused_calls'; the node keeps serving.</li>
+%%% <li>`connections_per_peer_capped': a peer's 65th connection is closed.</li>
+%%% <li>`partial_frame_times_out': a client that starts a large body and stops
+%%%     sending is closed once `handshake_timeout' (plus a second per MiB) has
+%%%     passed; what the node held for the body is let go.</li>
+%%% <li>`claimed_names_make_no_atoms': a client that knows the cookie and names
+%%%     itself with a made-up node name creates no atom for it (stats key it by
+%%%     a binary).</li>
 %%% </ul>
 -module(security_SUITE).
 
@@ -24,7 +34,9 @@
 
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
--export([logs_reach_default_handler/1, made_up_pool_cannot_evict/1]).
+-export([logs_reach_default_handler/1, made_up_pool_cannot_evict/1, calls_per_peer_capped/1,
+         connections_per_peer_capped/1, partial_frame_times_out/1,
+         claimed_names_make_no_atoms/1]).
 
 -define(RPC_TIMEOUT, 30000).
 
@@ -32,7 +44,8 @@ suite() ->
     [{timetrap, {minutes, 5}}].
 
 all() ->
-    [logs_reach_default_handler, made_up_pool_cannot_evict].
+    [logs_reach_default_handler, made_up_pool_cannot_evict, calls_per_peer_capped,
+     connections_per_peer_capped, partial_frame_times_out, claimed_names_make_no_atoms].
 
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("security") of
@@ -136,6 +149,102 @@ made_up_pool_cannot_evict(_Config) ->
     after
         catch_unregister(evict_sink),
         teleport_test_peer:stop(Peer)
+    end.
+
+%%====================================================================
+%% Caps
+%%====================================================================
+
+calls_per_peer_capped(_Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("calls_b"), ["+P", "100000"]),
+    try
+        {ok, _} = erpc:call(B, teleport_test_server, start, [capped_server]),
+        ?assertEqual(B, teleport:gs_call({capped_server, B}, whoami, 10000)),
+        Self = self(),
+        N = 10500,
+        Callers = [spawn(fun() ->
+                                 Self ! {outcome, try teleport:gs_call({capped_server, B},
+                                                                        {delayed_reply, 4000, ok}, 30000)
+                                                  catch exit:{Reason, _} -> Reason
+                                                  end}
+                         end) || _ <- lists:seq(1, N)],
+        Outcomes = [receive {outcome, O} -> O after 60000 -> ct:fail(calls_hung) end || _ <- Callers],
+        Counts = lists:foldl(fun(O, Acc) -> maps:update_with(O, fun(C) -> C + 1 end, 1, Acc) end,
+                             #{}, Outcomes),
+        Refused = maps:get(refused_calls, erpc:call(B, teleport, stats, [node()])),
+        ct:pal("~b calls at once: ~p; refused_calls on B ~p", [N, Counts, Refused]),
+        ?assertEqual([ok, {teleport, too_many_calls}], lists:sort(maps:keys(Counts))),
+        ?assert(maps:get(ok, Counts) =< 10000),
+        ?assert(maps:get(ok, Counts) >= 9000),
+        ?assertEqual(maps:get({teleport, too_many_calls}, Counts), Refused),
+        %% And it serves again.
+        ?assertEqual(B, teleport:gs_call({capped_server, B}, whoami, 10000))
+    after
+        teleport_test_peer:stop(Peer)
+    end.
+
+connections_per_peer_capped(_Config) ->
+    {ok, Address} = teleport_nif:listen_address(),
+    Name = 'capped_conns@127.0.0.1',
+    Epoch = teleport_raw_client:pool_epoch(77, 1),
+    Sockets = [begin
+                   {ok, S} = teleport_raw_client:connect(Address, node(), erlang:get_cookie(),
+                                                         #{client_node => Name, announce => Epoch}),
+                   S
+               end || _ <- lists:seq(1, 65)],
+    try
+        Closed = [S || S <- Sockets, teleport_raw_client:await_closed(S, 500) =:= closed],
+        ?assertEqual([lists:last(Sockets)], Closed),
+        ?assertEqual(64, length([C || #{direction := inbound} = C
+                                          <- maps:get(per_connection, stats_of(Name))]))
+    after
+        [teleport_raw_client:close(S) || S <- Sockets]
+    end.
+
+partial_frame_times_out(_Config) ->
+    {ok, Peer, B} = teleport_test_peer:start(teleport_test_peer:unique_name("partial_b"), [],
+                                             #{handshake_timeout => 500}),
+    try
+        {ok, Address} = erpc:call(B, teleport_nif, listen_address, []),
+        {ok, S} = teleport_raw_client:connect(Address, B, erlang:get_cookie(),
+                                              #{announce => teleport_raw_client:pool_epoch(5, 1)}),
+        %% BulkStart (kind 4): a Send body of 200,000 bytes; then 10 of them, and no more.
+        ok = teleport_raw_client:send_frame(S, 4, <<1, 200000:32>>),
+        ok = teleport_raw_client:send_frame(S, 5, binary:copy(<<0>>, 10)),
+        Partial = fun() -> maps:get(partial_bytes, erpc:call(B, teleport, stats, ['teleport_raw_client@127.0.0.1'])) end,
+        ok = wait_until(fun() -> Partial() =:= 200000 end),
+        Started = erlang:monotonic_time(millisecond),
+        ?assertEqual(closed, teleport_raw_client:await_closed(S, 10000)),
+        Took = erlang:monotonic_time(millisecond) - Started,
+        ct:pal("the stalled body's connection closed after ~b ms", [Took]),
+        ?assert(Took < 5000),
+        ok = wait_until(fun() -> Partial() =:= 0 end)
+    after
+        teleport_test_peer:stop(Peer)
+    end.
+
+claimed_names_make_no_atoms(_Config) ->
+    {ok, Address} = teleport_nif:listen_address(),
+    Made = "made_up_" ++ integer_to_list(erlang:unique_integer([positive])) ++ "@127.0.0.9",
+    ?assertError(badarg, list_to_existing_atom(Made)),
+    {ok, S} = teleport_raw_client:connect(Address, node(), erlang:get_cookie(),
+                                          #{client_node => list_to_binary(Made),
+                                            announce => teleport_raw_client:pool_epoch(9, 1)}),
+    try
+        ok = teleport_raw_client:send_term(S, nobody_here, hello),
+        ok = wait_until(fun() -> is_map_key(list_to_binary(Made), teleport:stats()) end),
+        ?assertError(badarg, list_to_existing_atom(Made))
+    after
+        teleport_raw_client:close(S)
+    end.
+
+stats_of(Name) ->
+    maps:get(Name, teleport:stats(), #{per_connection => []}).
+
+wait_until(Fun) ->
+    case teleport_test_peer:wait_until(Fun, 10000) of
+        true -> ok;
+        false -> ct:fail(condition_never_held)
     end.
 
 forward(To) ->

@@ -49,7 +49,7 @@
 -define(KIND_POOL_EPOCH, 3).
 
 -type address() :: {inet:ip_address(), inet:port_number()}.
--type opts() :: #{client_node => atom(),
+-type opts() :: #{client_node => atom() | binary(),
                   timeout => timeout(),
                   %% Socket mode after the handshake (default `true': the
                   %% owner gets `{tcp_closed, Socket}' when the server closes).
@@ -80,7 +80,7 @@ connect({Ip, Port}, ServerNode, Cookie, Opts) ->
                          Timeout) of
         {ok, Socket} ->
             try handshake(maps:get(protocol, Opts, ?PROTOCOL), Socket, cookie(Cookie),
-                          atom_to_binary(ClientNode), atom_to_binary(ServerNode), Timeout) of
+                          name(ClientNode), atom_to_binary(ServerNode), Timeout) of
                 ok ->
                     ok = inet:setopts(Socket, [{packet, raw}]),
                     ok = gen_tcp:send(Socket, maps:get(announce, Opts, [])),
@@ -182,6 +182,10 @@ prove(Socket, Cookie, Transcript, Capabilities, Timeout) ->
         {ok, Other} -> {error, {bad_server_proof, Other}};
         {error, Reason} -> {error, {no_server_proof, Reason}}
     end.
+
+%% A name given as a binary makes no atom.
+name(Name) when is_atom(Name) -> atom_to_binary(Name);
+name(Name) when is_binary(Name) -> Name.
 
 cookie(Cookie) when is_atom(Cookie) -> atom_to_binary(Cookie);
 cookie(Cookie) when is_binary(Cookie) -> Cookie.

@@ -81,6 +81,9 @@ pub(crate) struct InboundSetup {
     pub stats: Arc<PeerStats>,
     pub pools: Arc<InboundPools>,
     pub max_frame_bytes: u32,
+    /// A large body under way must be whole this long after it starts, plus a second
+    /// per MiB.
+    pub partial_grace: Duration,
     pub io_chunk: usize,
     /// Bytes that came with the handshake's last message.
     pub early: Vec<u8>,
@@ -94,7 +97,12 @@ impl Inbound {
             peer: setup.peer.clone(),
         });
         Ok(Inbound {
-            reader: FrameReader::new(setup.max_frame_bytes, setup.io_chunk, setup.early),
+            reader: FrameReader::new(
+                setup.max_frame_bytes,
+                setup.partial_grace,
+                setup.io_chunk,
+                setup.early,
+            ),
             to: Recipient {
                 peer: setup.peer,
                 handler,
@@ -150,6 +158,11 @@ impl Inbound {
         self.to.delivered(outcome).map(|_| ())
     }
 
+    /// When the large body under way must be whole (see `partial_deadline`), if one is.
+    pub fn partial_deadline(&self) -> Option<Instant> {
+        self.reader.parser.bulk.as_ref().map(|bulk| bulk.deadline)
+    }
+
     /// Whether a large body was read since the last call.
     pub fn take_bulk(&mut self) -> bool {
         std::mem::take(&mut self.to.bulk)
@@ -174,6 +187,7 @@ impl Recipient {
                 self.membership = Some(membership);
                 Ok(())
             }
+            Join::TooMany => Err(CloseReason::BadFrame("too_many_connections")),
             _ => Err(CloseReason::Superseded),
         }
     }
@@ -242,6 +256,7 @@ impl FrameSink for Recipient {
         {
             Join::Member(membership) => self.membership = Some(membership),
             Join::Stale => return Err(CloseReason::Superseded),
+            Join::TooMany => return Err(CloseReason::BadFrame("too_many_connections")),
             Join::Unconfirmed { newer } => {
                 // Another pool of this node is live: only the node itself may replace it
                 // (a made-up token would lock the real one out). Asked, and read on
@@ -353,11 +368,13 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    fn new(max_frame_bytes: u32, chunk: usize, early: Vec<u8>) -> FrameReader {
+    fn new(max_frame_bytes: u32, partial_grace: Duration, chunk: usize, early: Vec<u8>) -> FrameReader {
+        let mut parser = Parser::new(max_frame_bytes);
+        parser.partial_grace = partial_grace;
         FrameReader {
             buf: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
             early,
-            parser: Parser::new(max_frame_bytes),
+            parser,
             chunk,
         }
     }
@@ -473,6 +490,18 @@ struct Bulk {
     len: usize,
     filled: usize,
     buffer: BulkBuffer,
+    /// It must be whole by then (`partial_deadline`).
+    deadline: Instant,
+}
+
+/// A large body must be whole `handshake_timeout` after it starts, plus a second per
+/// `PARTIAL_MIN_RATE` bytes: a peer that starts one and stalls (or trickles) cannot
+/// make the node hold its buffer for ever. 512 MiB may take 9 minutes.
+const PARTIAL_MIN_RATE: u64 = 1 << 20;
+
+/// When a large body of `len` bytes started now must be whole.
+fn partial_deadline(grace: Duration, len: usize) -> Instant {
+    Instant::now() + grace + Duration::from_secs(len as u64 / PARTIAL_MIN_RATE)
 }
 
 enum BulkBuffer {
@@ -493,11 +522,14 @@ struct Parser {
     scratch: Vec<u8>,
     epoch_seen: bool,
     max_frame_bytes: u32,
+    /// See `partial_deadline`.
+    partial_grace: Duration,
 }
 
 impl Parser {
     fn new(max_frame_bytes: u32) -> Parser {
         Parser {
+            partial_grace: Duration::from_secs(5),
             header: [0; HEADER_LEN],
             header_len: 0,
             body: None,
@@ -698,6 +730,7 @@ impl Parser {
             len,
             filled: 0,
             buffer,
+            deadline: partial_deadline(self.partial_grace, len),
         });
         Ok(())
     }
@@ -936,6 +969,9 @@ impl InboundPools {
             pool.members.clear();
             pool.token = token;
         }
+        if pool.members.len() >= MAX_INBOUND_PER_PEER {
+            return Join::TooMany;
+        }
         let member = Member {
             stale: stale.clone(),
             socket: socket.clone(),
@@ -948,6 +984,12 @@ impl InboundPools {
             id,
             stale,
         })
+    }
+
+    /// Whether `peer` has an inbound connection.
+    pub fn has(&self, peer: &str) -> bool {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.get(peer).is_some_and(|pool| !pool.members.is_empty())
     }
 
     /// The live inbound connections' counters of every peer, in join order.
@@ -968,6 +1010,10 @@ impl InboundPools {
     }
 }
 
+/// Most connections one peer's pool may have into us: far above any `pool_size`, and
+/// a bound on the partial bodies it can make us hold (one per connection).
+pub(crate) const MAX_INBOUND_PER_PEER: usize = 64;
+
 /// How joining the peer's inbound pool went.
 enum Join {
     Member(Membership),
@@ -978,6 +1024,8 @@ enum Join {
     Unconfirmed {
         newer: bool,
     },
+    /// The peer has `MAX_INBOUND_PER_PEER` connections already.
+    TooMany,
 }
 
 /// An inbound connection's place in its peer's current pool; leaves it on drop.
@@ -1298,7 +1346,7 @@ mod tests {
     }
 
     fn reader() -> FrameReader {
-        FrameReader::new(64 << 20, usize::MAX, Vec::new())
+        FrameReader::new(64 << 20, Duration::from_secs(5), usize::MAX, Vec::new())
     }
 
     #[test]
@@ -1366,7 +1414,7 @@ mod tests {
         let wire = stream(&refs);
         let mut socket = Script::new(wire);
         let mut sink = Recorder::default();
-        let mut reader = FrameReader::new(64 << 20, 4096, Vec::new());
+        let mut reader = FrameReader::new(64 << 20, Duration::from_secs(5), 4096, Vec::new());
         assert_eq!(
             reader.read_turn(&mut sink, &mut socket, 10_000),
             Ok(ReadTurn::More)
@@ -1382,7 +1430,7 @@ mod tests {
         let split = stream(&[b"early"]).len() + 2;
         let mut socket = Script::new(wire[split..].to_vec());
         let mut sink = Recorder::default();
-        let mut reader = FrameReader::new(1024, usize::MAX, wire[..split].to_vec());
+        let mut reader = FrameReader::new(1024, Duration::from_secs(5), usize::MAX, wire[..split].to_vec());
         assert_eq!(
             reader.read_turn(&mut sink, &mut socket, usize::MAX),
             Ok(ReadTurn::Drained)

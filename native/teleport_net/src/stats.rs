@@ -100,10 +100,32 @@ pub(crate) struct PeerStatsTable {
     peers: Mutex<HashMap<String, Arc<PeerStats>>>,
 }
 
+/// Most peers (by name) whose counters are kept: a peer that makes up names (it knows
+/// the cookie) cannot grow the table, or `stats()`, without bound.
+pub const MAX_PEERS: usize = 4096;
+
 impl PeerStatsTable {
     pub fn of(&self, peer: &str) -> Arc<PeerStats> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.entry(peer.to_string()).or_default().clone()
+    }
+
+    /// `peer`'s counters for a connection it opened to us, unless `MAX_PEERS` names are
+    /// kept already: then the counters of peers `is_gone` says have nothing open make
+    /// room, and if none does, `None` (the connection is refused).
+    pub fn admit(&self, peer: &str, is_gone: impl Fn(&str) -> bool) -> Option<Arc<PeerStats>> {
+        self.admit_within(MAX_PEERS, peer, is_gone)
+    }
+
+    fn admit_within(&self, max: usize, peer: &str, is_gone: impl Fn(&str) -> bool) -> Option<Arc<PeerStats>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if !peers.contains_key(peer) && peers.len() >= max {
+            peers.retain(|name, _| !is_gone(name));
+            if peers.len() >= max {
+                return None;
+            }
+        }
+        Some(peers.entry(peer.to_string()).or_default().clone())
     }
 
     /// Every peer's counters, under the table's lock once.
@@ -214,5 +236,27 @@ impl ConnStats {
             messages: self.messages.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_past_the_cap_are_refused_unless_gone_ones_make_room() {
+        let table = PeerStatsTable::default();
+        for i in 0..3 {
+            assert!(table.admit_within(3, &format!("p{i}@h"), |_| false).is_some());
+        }
+        // A name already kept always gets in; a new one does not while all are live.
+        assert!(table.admit_within(3, "p1@h", |_| false).is_some());
+        assert!(table.admit_within(3, "new@h", |_| false).is_none());
+        // Once one has nothing open, it makes room (and its counters go).
+        table.of("p0@h").messages_in.fetch_add(5, Relaxed);
+        assert!(table.admit_within(3, "new@h", |name| name == "p0@h").is_some());
+        let names: Vec<String> = table.all().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names.len(), 3);
+        assert!(!names.contains(&"p0@h".to_string()));
     }
 }

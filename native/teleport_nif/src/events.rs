@@ -108,8 +108,10 @@ impl NifHost {
 
 /// Node names arrive as text; as atoms they are what Erlang code matches on.
 /// Only names that passed the handshake (or that Erlang gave us) get here.
+/// A peer's node name as the atom it is, if that atom exists (a node distributed
+/// Erlang knows), else as a binary: names a peer claims create no atoms.
 pub fn node_atom<'a>(env: Env<'a>, name: &str) -> Term<'a> {
-    match Atom::from_str(env, name) {
+    match Atom::existing_from_bytes(env, name.as_bytes()) {
         Ok(atom) => atom.encode(env),
         Err(_) => name.encode(env),
     }

@@ -472,14 +472,21 @@ pub(super) fn server_handshake(
     let _ = conn.socket.set_nodelay(true);
     crate::listener::keep_alive(&conn.socket);
     let config = &services.config;
+    let admitted = services.stats.admit(&client.node, |peer| {
+        services.pools.token(peer).is_none() && !services.inbound.has(peer)
+    });
+    let Some(stats) = admitted else {
+        return Err(End::Close(CloseReason::BadFrame("too_many_peers")));
+    };
     let inbound = Inbound::new(crate::inbound::InboundSetup {
-        stats: services.stats.of(&client.node),
+        stats,
         peer: client.node,
         socket: conn.socket.clone(),
         deferral,
         host: services.host.clone(),
         pools: services.inbound.clone(),
         max_frame_bytes: config.max_frame_bytes,
+        partial_grace: config.handshake_timeout,
         io_chunk: config.io_chunk(),
         early,
     })
@@ -544,6 +551,9 @@ pub(super) fn inbound_read(conn: &mut Conn) -> Result<(Next, bool), End> {
     let turn = inbound
         .read(TURN_BYTES, conn.tls.as_deref_mut())
         .map_err(End::Close)?;
+    // A large body under way must be whole by then, or the connection ends: a peer
+    // cannot make the node hold its buffer forever.
+    conn.deadline = inbound.partial_deadline();
     let bulk = inbound.take_bulk();
     Ok((
         if turn == ReadTurn::More {

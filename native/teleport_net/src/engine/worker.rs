@@ -204,6 +204,8 @@ impl Worker {
         let stepped = catch_unwind(AssertUnwindSafe(|| {
             step(conn, services, handle, slot, readable, writable, &mut bulk)
         }));
+        // A step may have set a deadline (a large body under way): ticks check it.
+        self.timed |= conn.deadline.is_some();
         self.bulk |= bulk;
         match stepped {
             Ok(Ok(Next::Wait)) => {}
@@ -455,6 +457,7 @@ fn timeout_end(state: &State) -> End {
     match state {
         State::Connecting { .. } => End::Dial(OpenError::connect(&io::ErrorKind::TimedOut.into())),
         State::ClientHandshake { .. } => End::Dial(OpenError::handshake(&HandshakeError::Timeout)),
+        State::Inbound { .. } => End::Close(CloseReason::BadFrame("frame_timeout")),
         _ => End::Handshake("timeout", String::new()),
     }
 }
