@@ -60,7 +60,7 @@
          server_killed/1,
          storm_faults/1, storm_restarts/1, sends_across_restarts/1]).
 %% Run on B.
--export([suspend/1, resume/1, queued/1, keepers/0, seq_sink/1]).
+-export([suspend/1, resume/1, queued/1, keepers/0, keeper_watches_server/0, seq_sink/1]).
 
 -define(SERVER, protocol_server).
 -define(SINK, protocol_sink).
@@ -125,6 +125,7 @@ end_per_testcase(_Case, Config) ->
 reach_teleport_restarting(Config) ->
     B = ?config(b, Config),
     ok = erpc:call(B, application, stop, [teleport]),
+    pool_gone(B),
     Caller = call_async(Config, {echo, restarted}),
     timer:sleep(500),
     {ok, _} = erpc:call(B, application, ensure_all_started, [teleport]),
@@ -133,6 +134,7 @@ reach_teleport_restarting(Config) ->
 reach_teleport_absent(Config) ->
     B = ?config(b, Config),
     ok = erpc:call(B, application, stop, [teleport]),
+    pool_gone(B),
     Started = erlang:monotonic_time(millisecond),
     Caller = call_async(Config, {echo, never}),
     Outcome = outcome(Caller, ?UNREACHABLE_MS + ?OUTCOME_BOUND_MS),
@@ -244,7 +246,9 @@ keeper_killed_announced(Config) ->
 server_killed(Config) ->
     B = ?config(b, Config),
     Caller = call_async(Config, {delayed_reply, 5000, late}),
-    timer:sleep(300),
+    %% Killed before its keeper watches it, the server is gone when the call comes:
+    %% noproc, not its exit reason.
+    ok = wait_for(fun() -> erpc:call(B, ?MODULE, keeper_watches_server, []) end),
     exit(erpc:call(B, erlang, whereis, [?SERVER]), boom),
     expect(Caller, [{exit, boom}]).
 
@@ -426,6 +430,12 @@ restart_teleport(B, Suspended) ->
 lost(B) ->
     {exit, {request_lost, B}}.
 
+%% B's teleport stopped: this node has seen its connections close. Until then a
+%% request is queued on the old pool and lost with it (the queue step's request_lost),
+%% which a busy machine makes likely.
+pool_gone(B) ->
+    ok = wait_for(fun() -> not lists:member(B, teleport:nodes()) end).
+
 call_async(Config, Request) ->
     B = ?config(b, Config),
     Timeout = ?config(timeout, Config),
@@ -489,6 +499,17 @@ resume(Names) ->
 queued(Names) ->
     [{N, P, Len} || N <- Names, P <- [whereis(N)], is_pid(P),
                     {message_queue_len, Len} <- [erlang:process_info(P, message_queue_len)]].
+
+%% Whether a keeper on this node monitors its server (its first step: the call
+%% reached the server's node and the server's end will be seen with its reason).
+-spec keeper_watches_server() -> boolean().
+keeper_watches_server() ->
+    lists:any(fun(K) ->
+                      case erlang:process_info(K, monitors) of
+                          {monitors, [_ | _]} -> true;
+                          _ -> false
+                      end
+              end, keepers()).
 
 %% The keepers alive on this node.
 -spec keepers() -> [pid()].

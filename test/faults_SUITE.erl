@@ -141,7 +141,10 @@ connections_dropped(Config) ->
 server_dies(Config) ->
     Srv = ?config(server, Config),
     Caller = call_async(Config, {delayed_reply, 5000, late}),
-    timer:sleep(300),
+    %% Killed before its keeper watches it, the server is gone when the call comes:
+    %% noproc, not its exit reason.
+    ?assert(teleport_test_peer:wait_until(fun() -> keeper_watches_server(?config(b, Config)) end,
+                                          10000)),
     exit(Srv, boom),
     ?assertMatch({exit, {boom, {teleport, gs_call, _}}}, outcome(Caller)).
 
@@ -191,7 +194,10 @@ answered_despite(Config, Disturb) ->
     Big = binary:copy(<<"r">>, ?MiB),
     Small = call_async(Config, {delayed_reply, ?REPLY_AFTER, {Tag, answered}}),
     Large = call_async(Config, {delayed_reply, ?REPLY_AFTER, {Tag, Big}}),
-    timer:sleep(300),
+    %% Both requests are with their keepers: a fault before that may lose one
+    %% (request_lost), which is request_lost's case, not this one.
+    ?assert(teleport_test_peer:wait_until(
+              fun() -> length(keeper_on(?config(b, Config))) >= 2 end, 10000)),
     Disturb(),
     ?assertEqual({reply, {Tag, answered}}, outcome(Small)),
     ?assertEqual({reply, {Tag, Big}}, outcome(Large)),
@@ -218,6 +224,16 @@ outcome(Caller) ->
     after ?OUTCOME_TIMEOUT ->
             ct:fail({no_outcome_after, ?OUTCOME_TIMEOUT, erlang:process_info(Caller)})
     end.
+
+%% Whether a keeper on B monitors its server (its first step: the server's end is
+%% then seen with its reason).
+keeper_watches_server(B) ->
+    lists:any(fun(K) ->
+                      case erpc:call(B, erlang, process_info, [K, monitors]) of
+                          {monitors, [_ | _]} -> true;
+                          _ -> false
+                      end
+              end, keeper_on(B)).
 
 keeper_on(B) ->
     erpc:call(B, fun() ->
