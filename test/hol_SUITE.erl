@@ -89,6 +89,13 @@ params(Group) ->
                      end
              end, Defaults).
 
+%% HOL_CONDITIONS (e.g. "idle,full") runs only those.
+conditions(All) ->
+    case os:getenv("HOL_CONDITIONS") of
+        Set when Set =:= false; Set =:= "" -> All;
+        Set -> [C || C <- All, lists:member(atom_to_list(C), string:lexemes(Set, ","))]
+    end.
+
 app_env() ->
     teleport_test_peer:app_env_from_os("HOL", [tls, pool_size, io_threads]).
 
@@ -100,7 +107,7 @@ calls_under_bulk(Config) ->
     P = ?config(params, Config),
     {Peers, A, B} = start_pair(app_env(), []),
     try
-        Conditions = [idle, full, paced, disterl_paced],
+        Conditions = conditions([idle, full, paced, disterl_paced]),
         Results = [{Cond, R, run_round(A, B, Cond, P)}
                    || R <- lists:seq(1, maps:get(rounds, P)), Cond <- Conditions],
         report("calls_under_bulk", P, Conditions, Results)
@@ -137,7 +144,7 @@ slow_link(Config) ->
             ct:pal("slow link: ~p MB/s, ~p ms each way (relays ~p, ~p)",
                    [maps:get(mbps, Link), maps:get(delay_ms, Link),
                     hol_relay:port(TeleportRelay), hol_relay:port(DistRelay)]),
-            Conditions = [idle, paced_link, disterl_paced_link],
+            Conditions = conditions([idle, paced_link, disterl_paced_link]),
             Results = [{Cond, R, run_round(A, B, Cond, P)}
                        || R <- lists:seq(1, maps:get(rounds, P)), Cond <- Conditions],
             report("slow_link", P, Conditions, Results)
