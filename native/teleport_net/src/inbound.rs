@@ -16,6 +16,7 @@ use crate::faults::{self, Point};
 use crate::framing::{FrameHeader, FrameKind, BULK_START_LEN, HEADER_LEN};
 use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
 use crate::pool::{PoolToken, POOL_TOKEN_LEN};
+use crate::socket;
 use crate::stats::{ConnStats, PeerStats};
 use crate::tls::Session;
 
@@ -851,71 +852,23 @@ pub(crate) fn parse_stream(
 const OWN_BUFFER_MIN: usize = 64 * 1024;
 
 impl Receive for &TcpStream {
-    // Discarding with MSG_TRUNC (no copy) is Linux's; elsewhere TCP may ignore the flag.
-    const CAN_PEEK: bool = cfg!(target_os = "linux");
+    const CAN_PEEK: bool = socket::CAN_PEEK;
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Read::read(self, buf)
     }
 
     fn delay_acks(&mut self) {
-        #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(*self).set_quickack(false);
+        socket::delay_acks(self)
     }
 
-    #[cfg(target_os = "linux")]
     fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        socket2::SockRef::from(*self).recv_with_flags(as_uninit(buf), libc::MSG_PEEK)
+        socket::peek(self, buf)
     }
 
-    // Unused: without CAN_PEEK, refills read.
-    #[cfg(not(target_os = "linux"))]
-    fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        TcpStream::peek(self, buf)
+    fn discard(&mut self, n: usize) -> io::Result<()> {
+        socket::discard(self, n)
     }
-
-    #[cfg(target_os = "linux")]
-    fn discard(&mut self, mut n: usize) -> io::Result<()> {
-        // With MSG_TRUNC the kernel copies nothing; the buffer only gives the length.
-        let mut none = [0u8; 0];
-        while n > 0 {
-            let len = n.min(isize::MAX as usize);
-            // SAFETY: with MSG_TRUNC, recv writes nothing into the (empty) buffer and
-            // returns how many bytes it dropped, up to `len`.
-            let dropped = unsafe {
-                libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(*self),
-                    none.as_mut_ptr().cast(),
-                    len,
-                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                )
-            };
-            if dropped < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if dropped == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            n -= dropped as usize;
-        }
-        Ok(())
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn discard(&mut self, _n: usize) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
-    // SAFETY: initialised bytes are valid `MaybeUninit<u8>`s, and `recv` writes nothing
-    // but bytes into them.
-    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
 }
 
 /// The inbound connections of one peer, all from its latest pool.

@@ -27,6 +27,7 @@ mod listener;
 pub mod pool;
 pub mod runtime;
 pub mod send_buffer;
+mod socket;
 pub mod stats;
 pub mod thread_priority;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
@@ -37,8 +38,9 @@ pub mod tls;
 
 pub use config::{Config, TlsConfig};
 pub use conn_ref::Slot;
-pub use connection::{FrameBody, OutFrame};
+pub use connection::OutFrame;
 pub use error::{CloseReason, Detail, OpenError};
+pub use framing::FrameBody;
 pub use framing::FrameKind;
 pub use host::{BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Resume};
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};

@@ -14,10 +14,7 @@ use crate::error::{CloseReason, OpenError};
 use crate::host::Callback;
 use crate::stats::{ConnStatsSnapshot, PeerStats};
 
-/// Which pool of which runtime a connection belongs to: the runtime's random
-/// incarnation and a per-runtime pool counter.
-pub type PoolToken = [u8; POOL_TOKEN_LEN];
-pub const POOL_TOKEN_LEN: usize = 16;
+pub use crate::framing::{PoolToken, POOL_TOKEN_LEN};
 
 /// At most this many connections of one pool connect and handshake at once. The peer
 /// closes at accept what goes over its cap of handshakes per source

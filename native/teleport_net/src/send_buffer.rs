@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use mio::net::TcpStream;
 
+use crate::socket;
+
 /// How an outbound connection's send buffer is sized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendBuffer {
@@ -52,41 +54,20 @@ pub const BOUNDED_BY_BUFFER: usize = 1 << 20;
 /// (`NOTSENT_LOWAT`) unless the buffer itself does. Returns the buffer as the kernel
 /// now reports it, for the connection's stats.
 pub fn apply(socket: &TcpStream, policy: SendBuffer) -> Option<usize> {
-    let socket = socket2::SockRef::from(socket);
-    let fixed = choose(policy, || round_trip(&socket));
+    let fixed = choose(policy, || socket::round_trip(socket));
     if let Some(bytes) = fixed {
-        // Best effort: a refused size leaves the kernel's own.
-        let _ = socket.set_send_buffer_size(bytes);
+        socket::set_send_buffer(socket, bytes);
     }
-    #[cfg(target_os = "linux")]
     if needs_not_sent_bound(fixed) {
-        bound_not_sent(&socket);
+        socket::set_not_sent_bound(socket, NOTSENT_LOWAT);
     }
-    socket.send_buffer_size().ok()
+    socket::send_buffer(socket)
 }
 
 /// Whether the kernel may hold more not yet sent than an express frame should wait
 /// behind: unless the buffer was fixed at `BOUNDED_BY_BUFFER` or less.
 fn needs_not_sent_bound(fixed: Option<usize>) -> bool {
     fixed.is_none_or(|bytes| bytes > BOUNDED_BY_BUFFER)
-}
-
-/// Sets `TCP_NOTSENT_LOWAT` to `NOTSENT_LOWAT` (best effort: without it, only the
-/// send buffer bounds what the kernel holds).
-#[cfg(target_os = "linux")]
-fn bound_not_sent(socket: &socket2::SockRef<'_>) {
-    use std::os::fd::AsRawFd;
-    let value = NOTSENT_LOWAT as libc::c_int;
-    // SAFETY: a valid socket descriptor, and an int option of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// The size to set, if any; `rtt` is asked only for `Auto`.
@@ -96,42 +77,6 @@ fn choose(policy: SendBuffer, rtt: impl FnOnce() -> Option<Duration>) -> Option<
         SendBuffer::Bytes(bytes) => Some(bytes),
         SendBuffer::Auto => rtt().filter(|rtt| *rtt < AUTO_MAX_RTT).map(|_| AUTO_BYTES),
     }
-}
-
-/// The connection's round trip as TCP measured it (Linux `TCP_INFO`): the minimum seen,
-/// which is the path's and not a moment's queueing or a delayed ACK; the smoothed one on a
-/// kernel older than 4.6, which does not report the minimum.
-#[cfg(target_os = "linux")]
-fn round_trip(socket: &socket2::SockRef<'_>) -> Option<Duration> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
-    let micros = if has_min && info.tcpi_min_rtt != 0 {
-        info.tcpi_min_rtt
-    } else {
-        info.tcpi_rtt
-    };
-    Some(Duration::from_micros(u64::from(micros)))
-}
-
-/// Elsewhere the round trip is not read: `Auto` leaves the buffer to the kernel.
-#[cfg(not(target_os = "linux"))]
-fn round_trip(_socket: &socket2::SockRef<'_>) -> Option<Duration> {
-    None
 }
 
 #[cfg(test)]
@@ -180,29 +125,9 @@ mod tests {
         let after = apply(&client, SendBuffer::Auto).unwrap();
         // Linux doubles SO_SNDBUF for its bookkeeping.
         assert_eq!(after, 2 * AUTO_BYTES, "was {before}");
-        assert_eq!(not_sent_bound(&client), 0, "set on a short path");
+        assert_eq!(socket::not_sent_bound(&client), 0, "set on a short path");
         assert_eq!(apply(&client, SendBuffer::Bytes(64 * 1024)), Some(2 * 64 * 1024));
         apply(&client, SendBuffer::Kernel);
-        assert_eq!(not_sent_bound(&client), NOTSENT_LOWAT);
-    }
-
-    /// The socket's own `TCP_NOTSENT_LOWAT` (0: the system's default).
-    #[cfg(target_os = "linux")]
-    fn not_sent_bound(socket: &TcpStream) -> u32 {
-        use std::os::fd::AsRawFd;
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: an int option into an int of the size given.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
-        value as u32
+        assert_eq!(socket::not_sent_bound(&client), NOTSENT_LOWAT);
     }
 }

@@ -25,10 +25,10 @@ use crate::inbound::{Inbound, ReadTurn};
 use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
 use crate::stats::{ConnStats, PeerStats};
-use crate::tls::{self, Session};
+use crate::tls::Session;
 
 use super::{Services, Threads};
-use crate::error::ended_early;
+use crate::error::{ended_early, NamedFailure};
 
 /// Bytes a connection may read or write per turn before its thread serves the others.
 pub(super) const TURN_BYTES: usize = 1 << 20;
@@ -258,8 +258,8 @@ fn receive(socket: &TcpStream, tls: &mut Option<Box<Session>>, buf: &mut [u8]) -
 
 /// A TLS failure keeps its name; anything else is the socket's.
 fn io_or_tls(e: io::Error) -> HandshakeError {
-    match tls::failure_reason(&e) {
-        Some(reason) => HandshakeError::Tls(reason, e.to_string()),
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<NamedFailure>()) {
+        Some(named) => HandshakeError::Tls(named.reason, e.to_string()),
         None => HandshakeError::Io(e),
     }
 }

@@ -10,8 +10,7 @@
 use std::any::Any;
 
 use super::*;
-use crate::connection::FrameBody;
-use crate::framing::HEADER_LEN;
+use crate::framing::{FrameBody, HEADER_LEN};
 
 /// Proper lists of bytes shorter than this are written as STRING_EXT (as OTP 25 does,
 /// which takes lists of up to 65535 bytes).
