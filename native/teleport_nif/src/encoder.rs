@@ -720,6 +720,8 @@ impl AtomForm {
 /// over 127 (whose bytes differ between the forms).
 pub fn atom_form() -> AtomForm {
     static FORM: OnceLock<AtomForm> = OnceLock::new();
+    // SAFETY: an env of our own, freed before the closure returns; `bin` is read only
+    // after `enif_term_to_binary` filled it, and released.
     *FORM.get_or_init(|| unsafe {
         let env = enif_alloc_env();
         // 'caf\xe9' (café) in Latin-1.
@@ -942,6 +944,7 @@ mod tags {
                 Some(v) if v == "simulate_changed_layout" => 0x30,
                 _ => 0,
             };
+            // SAFETY: `probe` needs a 64-bit VM, checked first; it reads only terms it made.
             if usize::BITS == 64 && unsafe { probe(distort) } {
                 Status::On
             } else {

@@ -66,6 +66,8 @@ fn pump(rx: Receiver<Job>) {
             env.run(|env| {
                 if let Some((pid, msg)) = job(env) {
                     // NULL caller env: this is our own thread.
+                    // SAFETY: a null caller env, as `enif_send` requires off a scheduler; `msg` is a
+                    // term of `env`, this thread's own process-independent env.
                     unsafe { enif_send(ptr::null_mut(), pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
                 }
             })

@@ -257,6 +257,7 @@ fn stop_node(node: Arc<Node>) {
 }
 
 fn is_alive(env: Env, pid: LocalPid) -> bool {
+    // SAFETY: a NIF's env, on the scheduler that runs the NIF.
     unsafe { rustler::sys::enif_is_process_alive(env.as_c_arg(), pid.as_c_arg()) != 0 }
 }
 
@@ -420,6 +421,7 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     let Some(conn) = with_atom_text(peer, |name| node.runtime.connection(name, key))? else {
         return Ok(atoms::not_connected().encode(env));
     };
+    // SAFETY: the NIF's env, on its scheduler, and `msg` a term of it, as `encode` needs.
     let encoded = match unsafe { encoder::encode(env.as_c_arg(), msg.as_c_arg(), limit, true) } {
         Ok(encoded) => encoded,
         Err(Stop::OverBudget) => return Ok(encode::reschedule(env, c"send", send_dirty, args)),
@@ -633,7 +635,10 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
         bytes: bin.as_slice(),
         binary: Some(bin.to_term(env).as_c_arg()),
     };
+    // SAFETY: the NIF's env on its (dirty) scheduler; `source.binary` is `bin`'s term in
+    // it, and `source.bytes` its bytes.
     match unsafe { decode::TermDecoder::default().decode(env.as_c_arg(), &source) } {
+        // SAFETY: `term` was made in `env`.
         Ok(term) => Ok(unsafe { Term::new(env, term) }),
         Err(reason) => Ok((atoms::error(), reason.to_string()).encode(env)),
     }
@@ -666,6 +671,7 @@ fn encode_to_iolist<'a, const MEASURED: bool>(
     let &[term] = args else {
         return Err(Error::BadArg);
     };
+    // SAFETY: the NIF's env, on its scheduler, and `term` a term of it.
     match unsafe { encoder::encode(env.as_c_arg(), term.as_c_arg(), limit, false) } {
         Ok(encoded) => {
             encode::account(env, &encoded, limit);

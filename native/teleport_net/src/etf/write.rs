@@ -699,6 +699,7 @@ mod tests {
         let mut body = Body::new(0, true);
         version(body.buf());
         let big = vec![7u8; 100];
+        // SAFETY: `big` moves into the body right after, so it lives as long as the body.
         unsafe { body.push_external(&big) };
         body.keep_alive(Box::new(big));
         nil(body.buf());
