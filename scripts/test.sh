@@ -12,10 +12,11 @@ echo "== Erlang/OTP $(erl -noshell -eval 'io:format("~s (~s)", [erlang:system_in
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+echo "== cargo clippy (the release build, then with the test hooks)"
 cargo clippy --locked --workspace --all-targets --release -- -D warnings
+cargo clippy --locked --workspace --all-targets --release --all-features -- -D warnings
 echo "== cargo test"
-cargo test --locked --workspace --release
+cargo test --locked --workspace --release --all-features
 
 echo "== rebar3 eunit"
 rebar3 eunit

@@ -908,7 +908,7 @@ mod tags {
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Status {
         On,
-        /// `TELEPORT_ENCODER_TAGS=off`.
+        /// `TELEPORT_ENCODER_TAGS=off` (test builds).
         Off,
         /// The probe found the VM's tags other than these functions read them.
         ProbeFailed,
@@ -929,14 +929,18 @@ mod tags {
         status() == Status::On
     }
 
-    /// `TELEPORT_ENCODER_TAGS` in the VM's environment: `off` turns the tag reading
-    /// off (tests use it to run the API-only path); `simulate_changed_layout` probes as
-    /// if the VM had moved its atom tag, which the probe must catch (tests use it to
-    /// show the fallback taking over where a future release changes the layout).
+    /// Probed once. In a test build (`test-hooks`), `TELEPORT_ENCODER_TAGS` in the VM's
+    /// environment can turn the tag reading `off` (tests use it to run the API-only
+    /// path), or `simulate_changed_layout`: probe as if the VM had moved its atom tag,
+    /// which the probe must catch (tests use it to show the fallback taking over where
+    /// a future release changes the layout).
     pub fn status() -> Status {
         static STATUS: OnceLock<Status> = OnceLock::new();
         *STATUS.get_or_init(|| {
+            #[cfg(feature = "test-hooks")]
             let setting = std::env::var_os("TELEPORT_ENCODER_TAGS");
+            #[cfg(not(feature = "test-hooks"))]
+            let setting: Option<std::ffi::OsString> = None;
             if setting.as_deref().is_some_and(|v| v == "off") {
                 return Status::Off;
             }

@@ -5,7 +5,6 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -82,13 +81,8 @@ pub fn post(
     pid: LocalPid,
     msg: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
 ) {
-    // Never below zero: a decrement racing `drop_next(0)` must not wrap to u64::MAX
-    // (which would drop every event from then on).
-    if DROP_NEXT.load(Relaxed) > 0
-        && DROP_NEXT
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-    {
+    #[cfg(feature = "test-hooks")]
+    if dropping::take_one() {
         return;
     }
     let _ = jobs.send(Box::new(move |env| Some((pid, msg(env)))));
@@ -96,10 +90,25 @@ pub fn post(
 
 /// Test-only fault injection: how many of the next posted messages to lose, as a
 /// pump that failed would (whoever waits for one must not wait forever).
-static DROP_NEXT: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "test-hooks")]
+pub mod dropping {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-pub fn drop_next(count: u64) {
-    DROP_NEXT.store(count, Relaxed);
+    static DROP_NEXT: AtomicU64 = AtomicU64::new(0);
+
+    pub fn drop_next(count: u64) {
+        DROP_NEXT.store(count, Relaxed);
+    }
+
+    /// Whether to lose this message. Never below zero: a decrement racing
+    /// `drop_next(0)` must not wrap to u64::MAX (which would drop every event from
+    /// then on).
+    pub(super) fn take_one() -> bool {
+        DROP_NEXT.load(Relaxed) > 0
+            && DROP_NEXT
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
 }
 
 impl NifHost {

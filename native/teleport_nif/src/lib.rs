@@ -481,9 +481,10 @@ fn over_limit(env: Env, peer: Atom, key: u64) -> NifResult<bool> {
 }
 
 /// Test-only: the next `count` messages the event pump would send are dropped.
+#[cfg(feature = "test-hooks")]
 #[rustler::nif]
 fn debug_drop_events(count: u64) -> Atom {
-    events::drop_next(count);
+    events::dropping::drop_next(count);
     atoms::ok()
 }
 
@@ -653,6 +654,7 @@ fn encode<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
 }
 
 /// `encode/1`, and how: `{Iolist, Work, inline | dirty}` (tests and the budget's calibration).
+#[cfg(feature = "test-hooks")]
 #[rustler::nif]
 fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
     encode_to_iolist::<true>(env, &[term], Limit::Inline)
@@ -660,7 +662,17 @@ fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
 
 encode::continuation!(encode_dirty, encode_to_iolist::<false>);
 
+#[cfg(feature = "test-hooks")]
 encode::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
+
+/// Goes on with `encode_to_iolist::<MEASURED>` on a dirty scheduler.
+fn encode_on_dirty<'a, const MEASURED: bool>(env: Env<'a>, args: &[Term<'a>]) -> Term<'a> {
+    #[cfg(feature = "test-hooks")]
+    if MEASURED {
+        return encode::reschedule(env, c"encode_measured", encode_measured_dirty, args);
+    }
+    encode::reschedule(env, c"encode", encode_dirty, args)
+}
 
 /// `MEASURED`: `encode_measured/1`'s result, else `encode/1`'s.
 fn encode_to_iolist<'a, const MEASURED: bool>(
@@ -682,10 +694,7 @@ fn encode_to_iolist<'a, const MEASURED: bool>(
             let how = Atom::from_str(env, if limit == Limit::Inline { "inline" } else { "dirty" })?;
             Ok((iolist, encoded.work, how).encode(env))
         }
-        Err(Stop::OverBudget) => Ok(match MEASURED {
-            false => encode::reschedule(env, c"encode", encode_dirty, args),
-            true => encode::reschedule(env, c"encode_measured", encode_measured_dirty, args),
-        }),
+        Err(Stop::OverBudget) => Ok(encode_on_dirty::<MEASURED>(env, args)),
         Err(Stop::TooLarge) => Err(Error::RaiseAtom("system_limit")),
     }
 }
