@@ -78,7 +78,7 @@ decode(_Bin) -> erlang:nif_error(nif_not_loaded).
 -spec listener_stats() -> #{atom() => non_neg_integer()}.
 listener_stats() -> erlang:nif_error(nif_not_loaded).
 
-%% @doc Decodes and delivers a frame a reader thread handed over (teleport_decoder).
+%% @doc Decodes and delivers a frame an I/O thread handed over (teleport_decoder).
 -spec deliver_frame(reference(), binary()) -> ok.
 deliver_frame(_Ticket, _Frame) -> erlang:nif_error(nif_not_loaded).
 

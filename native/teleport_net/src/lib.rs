@@ -17,12 +17,14 @@ pub mod etf;
 pub mod failure_log;
 #[doc(hidden)]
 pub mod faults;
+mod frame_reader;
 pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
 pub mod host;
 mod inbound;
+mod inbound_pools;
 mod listener;
 pub mod pool;
 pub mod runtime;

@@ -1,5 +1,6 @@
 //! Receive side: read a frame body, decode it (decode.rs), and hand the message
-//! to the local process from the reader thread (no Erlang process in the data path).
+//! to the local process from the connection's I/O thread (no Erlang process in the data
+//! path).
 //!
 //! The exception: a frame this VM cannot decode off a scheduler (decode.rs) is
 //! handed whole to a decoder process (teleport_decoder), which decodes and delivers
@@ -46,7 +47,7 @@ pub struct Helpers {
     pub relays: Vec<Atom>,
     /// Registered names of the processes that decode frames on a dirty scheduler.
     pub decoders: Vec<Atom>,
-    /// Whether reader threads must leave hash maps and funs to a scheduler (decode.rs).
+    /// Whether I/O threads must leave hash maps and funs to a scheduler (decode.rs).
     pub defer_hash_maps: bool,
     /// teleport_runtime: receives the core's events, and calls no relay could take
     /// (so their callers hear of it).

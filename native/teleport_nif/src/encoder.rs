@@ -790,7 +790,7 @@ pub fn capabilities() -> Capabilities {
 /// random pivot from the scheduler's state; erlang/otp GH-8208, OTP-19495). Affected:
 /// erts 13.1 to 13.2.2.13 (OTP 25.1 to 25.3.2.17, Debian bookworm's 25.2.3 among them),
 /// 14.0 to 14.2.5.7 (OTP 26 before 26.2.5.9), 15.0 to 15.2.2 (OTP 27 before 27.3). The
-/// reader threads then leave maps over 32 keys (and funs) to a dirty scheduler
+/// I/O threads then leave maps over 32 keys (and funs) to a dirty scheduler
 /// (deliver.rs, `decode_on_scheduler`).
 pub fn large_map_bug() -> bool {
     static AFFECTED: OnceLock<bool> = OnceLock::new();

@@ -285,7 +285,7 @@ impl rustler::Resource for Owner {
     }
 }
 
-/// Decodes and delivers a frame a reader thread could not (deliver.rs), on a
+/// Decodes and delivers a frame an I/O thread could not (deliver.rs), on a
 /// dirty scheduler; called by teleport_decoder with what the reader sent it.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn deliver_frame<'a>(env: Env<'a>, ticket: ResourceArc<DecodeTicket>, frame: rustler::Binary<'a>) -> Atom {

@@ -18,10 +18,11 @@ use mio::net::TcpStream;
 
 use crate::connection::{Connection, Flushed};
 use crate::error::{CloseReason, OpenError};
+use crate::frame_reader::ReadTurn;
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{Handshake, HandshakeError, Peer, Progress};
 use crate::host::Event;
-use crate::inbound::{Inbound, ReadTurn};
+use crate::inbound::Inbound;
 use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
 use crate::stats::{ConnStats, PeerStats};

@@ -47,7 +47,7 @@ use crate::config::Config;
 use crate::conn_ref::{IoThread, Slot};
 use crate::faults;
 use crate::host::{Delivery, Event, Host, ResumeTarget};
-use crate::inbound::InboundPools;
+use crate::inbound_pools::InboundPools;
 use crate::listener::{HandshakeSlot, ListenerState};
 use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
 use crate::stats::PeerStatsTable;
