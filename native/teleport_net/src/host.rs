@@ -5,9 +5,9 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use crate::conn_ref::Slot;
 use crate::error::CloseReason;
 use crate::framing::FrameKind;
+use crate::io_slot::Slot;
 
 /// How one arriving frame ended.
 #[derive(Debug, PartialEq, Eq)]

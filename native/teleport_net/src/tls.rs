@@ -490,7 +490,7 @@ impl Session {
         self.push(socket).map(|_| ())
     }
 
-    /// As a writer of frames for `Connection::flush_to`.
+    /// As a writer of frames for `SendQueue::flush_to`.
     pub fn writer<'a>(&'a mut self, socket: &'a TcpStream) -> PlainWriter<'a> {
         PlainWriter {
             session: self,

@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::connection::{Connection, Flushed};
 use crate::error::{CloseReason, OpenError};
 use crate::frame_reader::ReadTurn;
 use crate::framing::{encode_frame, FrameKind};
@@ -25,6 +24,7 @@ use crate::host::Event;
 use crate::inbound::Inbound;
 use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
+use crate::send_queue::{Flushed, SendQueue};
 use crate::stats::{ConnStats, PeerStats};
 use crate::tls::Session;
 
@@ -47,7 +47,7 @@ pub(crate) struct PoolMember {
     pub(super) threads: Arc<Threads>,
     pub(super) pool: Arc<Pool>,
     index: usize,
-    conn: Option<Arc<Connection>>,
+    conn: Option<Arc<SendQueue>>,
     end: Option<MemberEnd>,
 }
 
@@ -162,7 +162,7 @@ pub(super) enum State {
     },
     Outbound {
         member: PoolMember,
-        conn: Arc<Connection>,
+        conn: Arc<SendQueue>,
     },
     Inbound {
         _open: OpenSocket,
@@ -368,7 +368,7 @@ fn read_handshake(
 pub(super) fn client_handshake(
     conn: &mut Conn,
     services: &Services,
-    io: crate::conn_ref::ConnRef,
+    io: crate::io_slot::IoSlot,
 ) -> Result<Next, End> {
     let State::ClientHandshake { handshake, .. } = &mut conn.state else {
         return Ok(Next::Wait);
@@ -403,7 +403,7 @@ pub(super) fn client_handshake(
         }
     };
     let config = &services.config;
-    let connection = Arc::new(Connection::new(
+    let connection = Arc::new(SendQueue::new(
         conn.socket.clone(),
         io,
         config,

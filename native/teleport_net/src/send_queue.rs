@@ -20,12 +20,12 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
 use crate::config::Config;
-use crate::conn_ref::ConnRef;
 use crate::framing::{
     self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, CHUNK_MAX, EXPRESS_MAX, HEADER_LEN,
 };
 use crate::handshake::Capabilities;
 use crate::host::Callback;
+use crate::io_slot::IoSlot;
 use crate::socket::SendNoSignal;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -185,7 +185,7 @@ impl Batch {
 
 /// One outbound connection as senders see it: a queue bounded by bytes, written by its
 /// I/O thread, or directly by a sender when nothing is queued.
-pub struct Connection {
+pub struct SendQueue {
     express: (Sender<Queued>, Receiver<Queued>),
     /// Drained by the I/O thread; frames left in either lane when the connection ends
     /// are counted dropped (also those slipped in after the final drain, when it is
@@ -212,7 +212,7 @@ pub struct Connection {
     /// Set while the I/O thread has been asked to write, until it finds nothing left: a
     /// sender that sets it sends the one request.
     flush_requested: AtomicBool,
-    io: ConnRef,
+    io: IoSlot,
     /// Callers told to wait for their lane to drain; run once it falls to half the limit.
     waiters: Mutex<Vec<(Lane, Callback<()>)>>,
     has_waiters: AtomicBool,
@@ -250,18 +250,18 @@ pub(crate) enum Flushed {
     More,
 }
 
-impl Connection {
+impl SendQueue {
     pub(crate) fn new(
         socket: Arc<TcpStream>,
-        io: ConnRef,
+        io: IoSlot,
         config: &Config,
         stats: Arc<PeerStats>,
         counters: ConnStats,
         direct: bool,
         peer_capabilities: Capabilities,
-    ) -> Connection {
+    ) -> SendQueue {
         let (limit, io_chunk) = (config.send_queue_bytes, config.io_chunk());
-        Connection {
+        SendQueue {
             express: crossbeam_channel::unbounded(),
             bulk: crossbeam_channel::unbounded(),
             bulk_senders: Mutex::new(HashMap::new()),
@@ -696,7 +696,7 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl Drop for SendQueue {
     fn drop(&mut self) {
         // Frames that slipped in after the I/O thread's final drain.
         let late = self.express.1.try_iter().chain(self.bulk.1.try_iter()).count();
