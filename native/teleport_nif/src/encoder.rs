@@ -13,7 +13,7 @@
 //!   a writable binary read-only, so the bytes cannot move or be freed until that env
 //!   goes, with the body, after the frame is on the wire.
 //! - Work is counted (`Limit::Inline`): on a normal scheduler the encoder gives up past
-//!   a budget and the caller starts over on a dirty scheduler (see encode.rs).
+//!   a budget and the caller starts over on a dirty scheduler (see schedule.rs).
 //! - What the NIF API cannot take apart (pids, ports, refs, funs, integers over 64
 //!   bits, bitstrings, atoms outside Latin-1) is encoded by `enif_term_to_binary` and
 //!   spliced in without its version byte.

@@ -2,14 +2,14 @@
 //! arguments, calls into `teleport_net::Runtime`, and encodes the answer.
 //! Every entry here returns quickly: `stop` joins threads and so runs dirty, and
 //! `send` and `encode` continue on a dirty scheduler when the term is too large to
-//! encode within the inline budget (encode.rs).
+//! encode within the inline budget (schedule.rs).
 
 mod atoms;
 mod decode;
 mod deliver;
-mod encode;
 mod encoder;
 mod events;
+mod schedule;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::raw::c_char;
@@ -386,7 +386,7 @@ fn atom_or_text<'a>(env: Env<'a>, name: &str) -> Term<'a> {
 /// `key` picks the connection (the sender's pid hash keeps one sender on one socket).
 /// Returns ok | suspend (queued; wait for `{teleport_resume, Peer}`) | not_connected | too_large,
 /// or busy (nothing queued) when `nosuspend` is true and the connection is over its limit.
-/// Encodes inline, or continues on a dirty scheduler when the message is large (encode.rs).
+/// Encodes inline, or continues on a dirty scheduler when the message is large (schedule.rs).
 #[rustler::nif]
 fn send<'a>(
     env: Env<'a>,
@@ -399,7 +399,7 @@ fn send<'a>(
     send_with(env, &[peer, kind, key, nosuspend, msg], Limit::Inline)
 }
 
-encode::continuation!(send_dirty, send_with);
+schedule::continuation!(send_dirty, send_with);
 
 fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
     let &[peer, kind, key, nosuspend, msg] = args else {
@@ -424,10 +424,10 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     // SAFETY: the NIF's env, on its scheduler, and `msg` a term of it, as `encode` needs.
     let encoded = match unsafe { encoder::encode(env.as_c_arg(), msg.as_c_arg(), limit, true) } {
         Ok(encoded) => encoded,
-        Err(Stop::OverBudget) => return Ok(encode::reschedule(env, c"send", send_dirty, args)),
+        Err(Stop::OverBudget) => return Ok(schedule::reschedule(env, c"send", send_dirty, args)),
         Err(Stop::TooLarge) => return Ok(atoms::too_large().encode(env)),
     };
-    encode::account(env, &encoded, limit);
+    schedule::account(env, &encoded, limit);
     // A term of a type the peer's release cannot build (a native record for a release
     // before 29) would only make it close the connection: refused here instead.
     if encoded.needs_release > conn.peer_capabilities().otp_release {
@@ -660,18 +660,18 @@ fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
     encode_to_iolist::<true>(env, &[term], Limit::Inline)
 }
 
-encode::continuation!(encode_dirty, encode_to_iolist::<false>);
+schedule::continuation!(encode_dirty, encode_to_iolist::<false>);
 
 #[cfg(feature = "test-hooks")]
-encode::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
+schedule::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
 
 /// Goes on with `encode_to_iolist::<MEASURED>` on a dirty scheduler.
 fn encode_on_dirty<'a, const MEASURED: bool>(env: Env<'a>, args: &[Term<'a>]) -> Term<'a> {
     #[cfg(feature = "test-hooks")]
     if MEASURED {
-        return encode::reschedule(env, c"encode_measured", encode_measured_dirty, args);
+        return schedule::reschedule(env, c"encode_measured", encode_measured_dirty, args);
     }
-    encode::reschedule(env, c"encode", encode_dirty, args)
+    schedule::reschedule(env, c"encode", encode_dirty, args)
 }
 
 /// `MEASURED`: `encode_measured/1`'s result, else `encode/1`'s.
@@ -686,8 +686,8 @@ fn encode_to_iolist<'a, const MEASURED: bool>(
     // SAFETY: the NIF's env, on its scheduler, and `term` a term of it.
     match unsafe { encoder::encode(env.as_c_arg(), term.as_c_arg(), limit, false) } {
         Ok(encoded) => {
-            encode::account(env, &encoded, limit);
-            let iolist = encode::iolist(env, &encoded);
+            schedule::account(env, &encoded, limit);
+            let iolist = schedule::iolist(env, &encoded);
             if !MEASURED {
                 return Ok(iolist);
             }
