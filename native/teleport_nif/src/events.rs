@@ -128,13 +128,6 @@ pub fn node_atom<'a>(env: Env<'a>, name: &str) -> Term<'a> {
     }
 }
 
-fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
-    match Atom::from_str(env, reason) {
-        Ok(atom) => atom.encode(env),
-        Err(_) => reason.encode(env),
-    }
-}
-
 /// A pool confirmation under way (`Host::confirm_pool`): answered once, by
 /// `teleport_nif:confirm_pool/2`; dropped unanswered (the runtime gone), it is a no.
 pub struct PoolTicket(Mutex<Option<Resume>>);
@@ -207,7 +200,7 @@ impl Host for NifHost {
                 } => (
                     atoms::handshake_failed(),
                     remote,
-                    reason_atom(env, reason),
+                    atoms::name_term(env, reason),
                     detail,
                     unreported,
                 )
@@ -215,14 +208,19 @@ impl Host for NifHost {
                 Event::Undeliverable { peer, reason, total } => (
                     atoms::undeliverable(),
                     node_atom(env, &peer),
-                    reason_atom(env, reason),
+                    atoms::name_term(env, reason),
                     total,
                 )
                     .encode(env),
                 Event::AcceptFailed {
                     reason,
                     count_since_last,
-                } => (atoms::accept_failed(), reason_atom(env, reason), count_since_last).encode(env),
+                } => (
+                    atoms::accept_failed(),
+                    atoms::name_term(env, reason),
+                    count_since_last,
+                )
+                    .encode(env),
                 Event::Panic { thread, message } => (atoms::panic(), thread, message).encode(env),
             };
             (atoms::teleport_event(), body).encode(env)

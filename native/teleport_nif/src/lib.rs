@@ -366,19 +366,12 @@ fn open_error_term<'a>(env: Env<'a>, e: &OpenError) -> Term<'a> {
 
 /// A reason as a term: `Class`, `{Class, Name}` or `{Class, Text}`.
 pub(crate) fn reason_term<'a>(env: Env<'a>, class: &str, detail: Detail) -> Term<'a> {
-    let class = atom_or_text(env, class);
+    let class = atoms::name_term(env, class);
     match detail {
         Detail::None => class,
-        Detail::Name(name) => (class, atom_or_text(env, name)).encode(env),
+        Detail::Name(name) => (class, atoms::name_term(env, name)).encode(env),
         Detail::Text(text) => (class, text).encode(env),
         Detail::Versions(peer, local) => (class, (atoms::version(), peer, local)).encode(env),
-    }
-}
-
-fn atom_or_text<'a>(env: Env<'a>, name: &str) -> Term<'a> {
-    match Atom::from_str(env, name) {
-        Ok(atom) => atom.encode(env),
-        Err(_) => name.encode(env),
     }
 }
 
