@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test and check: Rust format/lint/unit and loopback tests, EUnit, xref,
-# dialyzer, EDoc, and the Common Test suites (peer nodes on loopback; the ring suite
-# runs its short variant here, the full one is scripts/bench.sh).
+# dialyzer, EDoc, the Common Test suites (peer nodes on loopback; the ring suite
+# runs its short variant here, the full one is scripts/bench.sh), and phoenix_pubsub's
+# suites with teleport's adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -60,3 +61,6 @@ fi
 
 echo "== rebar3 ct"
 scripts/with_epmd.sh rebar3 ct
+
+echo "== phoenix_pubsub's suites with teleport_pubsub (scripts/pubsub_test.sh)"
+scripts/with_epmd.sh scripts/pubsub_test.sh
