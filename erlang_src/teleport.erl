@@ -26,7 +26,7 @@
          listener_stats/0]).
 
 -export_type([dest/0, send_option/0, peer_stats/0, connection_stats/0, address/0,
-              connect_error/0]).
+              connect_error/0, tls_reason/0]).
 
 -ifdef(TEST).
 -export([route/1]).
@@ -76,7 +76,8 @@
 -type connect_error() ::
         {connect, inet:posix() | timeout | unknown}
       | {handshake, bad_cookie | timeout | closed | malformed | oversized | version
-                    | bad_node_name | inet:posix() | unknown}
+                    | wrong_node | own_node_name | bad_node_name | tls_reason()
+                    | inet:posix() | unknown}
       | {io, inet:posix() | timeout | closed | unknown}
       | stopping
       | {closed, binary()}
@@ -86,6 +87,11 @@
       | {bad_host, string(), inet:posix()}
       | {error | exit | throw, term()}.
 %% Why {@link connect/2} failed; see there.
+-type tls_reason() ::
+        tls_unknown_ca | tls_expired | tls_bad_hostname | tls_bad_certificate
+      | tls_no_certificate | tls_node_name | tls_incompatible | tls_alert | tls_protocol
+      | tls_plaintext | tls_closed | tls_error.
+%% Why a TLS handshake failed (see the README's Security section).
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
 %% How often a sender suspended by back-pressure checks its connection itself.

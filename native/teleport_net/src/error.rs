@@ -133,13 +133,67 @@ pub enum CloseReason {
     Superseded,
     /// A socket call failed: the errno's name.
     Io(&'static str),
-    /// A frame header we refuse (`frame_too_large`, `empty_frame`, `unknown_frame_kind`,
-    /// `pool_epoch`: a pool announcement out of place).
-    BadFrame(&'static str),
+    /// A frame we refuse.
+    BadFrame(FrameRefusal),
     /// A frame body the handler could not decode: why, in words.
     Malformed(String),
     /// A thread of ours panicked while serving the connection: why, in words.
     Internal(String),
+}
+
+/// Why a connection's frames were refused (`{bad_frame, Name}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameRefusal {
+    /// A header announcing more than `max_frame_bytes`.
+    FrameTooLarge,
+    /// A header announcing an empty body.
+    EmptyFrame,
+    /// A header of a kind this protocol does not have.
+    UnknownFrameKind,
+    /// A pool announcement out of place.
+    PoolEpoch,
+    /// Frames on a connection of a pool not yet confirmed.
+    PoolNotConfirmed,
+    /// A bulk body announced out of place, or of a size it cannot have.
+    BulkStart,
+    /// A bulk chunk with no bulk body under way, or past its end.
+    BulkChunk,
+    /// A frame begun and not finished within `frame_timeout_ms`.
+    FrameTimeout,
+    /// More inbound connections from one peer than `max_connections_per_peer`.
+    TooManyConnections,
+    /// More peers than the node keeps.
+    TooManyPeers,
+}
+
+impl FrameRefusal {
+    pub const ALL: [FrameRefusal; 10] = [
+        FrameRefusal::FrameTooLarge,
+        FrameRefusal::EmptyFrame,
+        FrameRefusal::UnknownFrameKind,
+        FrameRefusal::PoolEpoch,
+        FrameRefusal::PoolNotConfirmed,
+        FrameRefusal::BulkStart,
+        FrameRefusal::BulkChunk,
+        FrameRefusal::FrameTimeout,
+        FrameRefusal::TooManyConnections,
+        FrameRefusal::TooManyPeers,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameRefusal::FrameTooLarge => "frame_too_large",
+            FrameRefusal::EmptyFrame => "empty_frame",
+            FrameRefusal::UnknownFrameKind => "unknown_frame_kind",
+            FrameRefusal::PoolEpoch => "pool_epoch",
+            FrameRefusal::PoolNotConfirmed => "pool_not_confirmed",
+            FrameRefusal::BulkStart => "bulk_start",
+            FrameRefusal::BulkChunk => "bulk_chunk",
+            FrameRefusal::FrameTimeout => "frame_timeout",
+            FrameRefusal::TooManyConnections => "too_many_connections",
+            FrameRefusal::TooManyPeers => "too_many_peers",
+        }
+    }
 }
 
 impl CloseReason {
@@ -164,7 +218,8 @@ impl CloseReason {
 
     pub fn detail(&self) -> Detail<'_> {
         match self {
-            CloseReason::Io(name) | CloseReason::BadFrame(name) => Detail::Name(name),
+            CloseReason::Io(name) => Detail::Name(name),
+            CloseReason::BadFrame(refusal) => Detail::Name(refusal.name()),
             CloseReason::Malformed(why) | CloseReason::Internal(why) => Detail::Text(why),
             _ => Detail::None,
         }
@@ -285,5 +340,101 @@ mod tests {
         assert_eq!(OpenError::Stopping.detail(), Detail::None);
         assert_eq!(io_reason(&io::Error::from_raw_os_error(libc::EMFILE)), "emfile");
         assert_eq!(io_reason(&io::Error::other("odd")), "unknown");
+    }
+
+    /// One of each handshake error; the match has no wildcard, so a new variant
+    /// fails to compile here until it is listed.
+    fn every_handshake_error() -> Vec<HandshakeError> {
+        let all = vec![
+            HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()),
+            HandshakeError::Timeout,
+            HandshakeError::Malformed("m"),
+            HandshakeError::Oversized(0),
+            HandshakeError::Version { peer: 9, local: 2 },
+            HandshakeError::WrongNode,
+            HandshakeError::OwnNodeName,
+            HandshakeError::BadNodeName,
+            HandshakeError::BadCookie,
+            HandshakeError::Tls("tls_error", String::new()),
+        ];
+        for e in &all {
+            match e {
+                HandshakeError::Io(_)
+                | HandshakeError::Timeout
+                | HandshakeError::Malformed(_)
+                | HandshakeError::Oversized(_)
+                | HandshakeError::Version { .. }
+                | HandshakeError::WrongNode
+                | HandshakeError::OwnNodeName
+                | HandshakeError::BadNodeName
+                | HandshakeError::BadCookie
+                | HandshakeError::Tls(..) => {}
+            }
+        }
+        all
+    }
+
+    /// Every `"tls_..."` name written in the crate's sources (TLS failures are named
+    /// where rustls' errors are read).
+    fn tls_names_in_sources() -> Vec<String> {
+        let mut names = Vec::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for piece in text.split("\"tls_").skip(1) {
+                        let name: String = piece
+                            .chars()
+                            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                            .collect();
+                        if !name.is_empty() && piece[name.len()..].starts_with('"') {
+                            names.push(format!("tls_{name}"));
+                        }
+                    }
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// `teleport:connect_error()` (erlang_src/teleport.erl) names every reason a dial
+    /// can fail with: the classes, the handshake's reasons and every TLS name
+    /// (`tls_reason()`).
+    #[test]
+    fn the_erlang_connect_error_type_names_every_reason() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../erlang_src/teleport.erl");
+        let erl = std::fs::read_to_string(path).unwrap();
+        // The type and the ones it names.
+        let mut atoms: Vec<&str> = Vec::new();
+        for ty in ["connect_error", "tls_reason"] {
+            let start = erl.find(&format!("-type {ty}() ::")).expect("the type");
+            let end = start + erl[start..].find("\n%%").expect("the type's end");
+            atoms.extend(erl[start..end].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')));
+        }
+        let mut names: Vec<String> = ["connect", "handshake", "io", "stopping", "closed", "internal"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for e in every_handshake_error() {
+            let open = OpenError::handshake(&e);
+            names.push(open.class().to_string());
+            if let Detail::Name(name) = open.detail() {
+                names.push(name.to_string());
+            }
+        }
+        let tls = tls_names_in_sources();
+        assert!(tls.len() >= 10, "{tls:?}");
+        names.extend(tls);
+        let missing: Vec<&String> = names.iter().filter(|n| !atoms.contains(&n.as_str())).collect();
+        assert!(missing.is_empty(), "not in teleport:connect_error(): {missing:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::error::CloseReason;
+use crate::error::{CloseReason, FrameRefusal};
 use crate::framing::{FrameHeader, FrameKind, PoolToken, BULK_START_LEN, HEADER_LEN, POOL_TOKEN_LEN};
 use crate::host::BodyBuffer;
 use crate::socket;
@@ -437,19 +437,20 @@ impl Parser {
         } else {
             POOL_TOKEN_LEN as u32
         };
-        let header = FrameHeader::decode(&self.header, max).map_err(|e| CloseReason::BadFrame(e.reason()))?;
+        let header =
+            FrameHeader::decode(&self.header, max).map_err(|e| CloseReason::BadFrame(e.refusal()))?;
         let (kind, len) = (header.kind, header.body_len as usize);
         let is_epoch = kind == FrameKind::PoolEpoch;
         if is_epoch == self.epoch_seen || (is_epoch && len != POOL_TOKEN_LEN) {
-            return Err(CloseReason::BadFrame("pool_epoch"));
+            return Err(CloseReason::BadFrame(FrameRefusal::PoolEpoch));
         }
         match kind {
             FrameKind::BulkStart if len != BULK_START_LEN || self.bulk.is_some() => {
-                Err(CloseReason::BadFrame("bulk_start"))
+                Err(CloseReason::BadFrame(FrameRefusal::BulkStart))
             }
             FrameKind::BulkChunk => match &self.bulk {
                 Some(bulk) if len <= bulk.len - bulk.filled => Ok((kind, len)),
-                _ => Err(CloseReason::BadFrame("bulk_chunk")),
+                _ => Err(CloseReason::BadFrame(FrameRefusal::BulkChunk)),
             },
             _ => Ok((kind, len)),
         }
@@ -482,7 +483,7 @@ impl Parser {
     /// A `BulkStart`: the body's kind and length, checked; its buffer, taken now, is
     /// what the chunks are read into.
     fn start_bulk(&mut self, start: &[u8], sink: &mut dyn FrameSink) -> Result<(), CloseReason> {
-        let bad = CloseReason::BadFrame("bulk_start");
+        let bad = CloseReason::BadFrame(FrameRefusal::BulkStart);
         let (&kind, len) = start.split_first().ok_or(bad.clone())?;
         let kind = FrameKind::from_byte(kind)
             .filter(|k| k.is_message())
@@ -492,7 +493,7 @@ impl Parser {
             return Err(bad);
         }
         if len > self.max_frame_bytes {
-            return Err(CloseReason::BadFrame("frame_too_large"));
+            return Err(CloseReason::BadFrame(FrameRefusal::FrameTooLarge));
         }
         let len = len as usize;
         let buffer = match sink.body_buffer(len)? {
@@ -770,29 +771,38 @@ mod tests {
         let start = |len: u32| crate::framing::bulk_start(FrameKind::Send, len).to_vec();
         let chunk = |bytes: &[u8]| encode_frame(FrameKind::BulkChunk, bytes);
         // A chunk with no bulk body under way, and one past the body's end.
-        assert_eq!(refused(chunk(b"x"), 1024), CloseReason::BadFrame("bulk_chunk"));
+        assert_eq!(
+            refused(chunk(b"x"), 1024),
+            CloseReason::BadFrame(FrameRefusal::BulkChunk)
+        );
         assert_eq!(
             refused([start(3), chunk(b"four")].concat(), 1024),
-            CloseReason::BadFrame("bulk_chunk")
+            CloseReason::BadFrame(FrameRefusal::BulkChunk)
         );
         // A second body before the first is whole.
         assert_eq!(
             refused([start(8), chunk(b"ab"), start(4)].concat(), 1024),
-            CloseReason::BadFrame("bulk_start")
+            CloseReason::BadFrame(FrameRefusal::BulkStart)
         );
         // A body over the cap is refused at its start, before any buffer is taken.
         assert_eq!(
             refused(start(2048), 1024),
-            CloseReason::BadFrame("frame_too_large")
+            CloseReason::BadFrame(FrameRefusal::FrameTooLarge)
         );
         // An empty body, a kind that is not a message, a start of the wrong size.
-        assert_eq!(refused(start(0), 1024), CloseReason::BadFrame("bulk_start"));
+        assert_eq!(
+            refused(start(0), 1024),
+            CloseReason::BadFrame(FrameRefusal::BulkStart)
+        );
         let mut pool = start(4);
         pool[5] = FrameKind::PoolEpoch as u8;
-        assert_eq!(refused(pool, 1024), CloseReason::BadFrame("bulk_start"));
+        assert_eq!(
+            refused(pool, 1024),
+            CloseReason::BadFrame(FrameRefusal::BulkStart)
+        );
         assert_eq!(
             refused(encode_frame(FrameKind::BulkStart, &[1, 0, 0, 0, 4, 0]), 1024),
-            CloseReason::BadFrame("bulk_start")
+            CloseReason::BadFrame(FrameRefusal::BulkStart)
         );
         // The stream ending inside a bulk body is not a clean end.
         let mut parser = Parser::new(1024);
@@ -843,12 +853,18 @@ mod tests {
         let mut sink = Recorder::default();
         let data = encode_frame(FrameKind::Send, b"x");
         let refused = Parser::new(1024).consume(&data, &mut sink);
-        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("pool_epoch"));
+        assert_eq!(
+            refused.unwrap_err(),
+            CloseReason::BadFrame(FrameRefusal::PoolEpoch)
+        );
         assert!(sink.tokens.is_empty());
         let mut twice = stream(&[]);
         twice.extend(encode_frame(FrameKind::PoolEpoch, &TOKEN));
         let refused = Parser::new(1024).consume(&twice, &mut sink);
-        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("pool_epoch"));
+        assert_eq!(
+            refused.unwrap_err(),
+            CloseReason::BadFrame(FrameRefusal::PoolEpoch)
+        );
         // A token of the wrong size is refused by its header, before its body.
         let short = encode_frame(FrameKind::PoolEpoch, &[1; 4]);
         assert!(Parser::new(1024).consume(&short, &mut sink).is_err());
@@ -863,7 +879,10 @@ mod tests {
         wire.extend([0xff, 0xff, 0xff, 0xff, FrameKind::Send as u8]);
         let mut sink = Recorder::default();
         let refused = Parser::new(1 << 20).consume(&wire, &mut sink);
-        assert_eq!(refused.unwrap_err(), CloseReason::BadFrame("frame_too_large"));
+        assert_eq!(
+            refused.unwrap_err(),
+            CloseReason::BadFrame(FrameRefusal::FrameTooLarge)
+        );
     }
 
     #[test]

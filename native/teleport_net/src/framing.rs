@@ -9,6 +9,7 @@
 //! under way per connection at a time: the receiver holds at most one partial body
 //! per connection, in the buffer it will be delivered in.
 
+use crate::error::FrameRefusal;
 use std::fmt;
 
 /// `[u32 big-endian body length][u8 kind]`.
@@ -91,12 +92,11 @@ impl fmt::Display for FrameError {
 impl std::error::Error for FrameError {}
 
 impl FrameError {
-    /// Short name for logs and events.
-    pub fn reason(&self) -> &'static str {
+    pub fn refusal(&self) -> FrameRefusal {
         match self {
-            FrameError::TooLarge { .. } => "frame_too_large",
-            FrameError::Empty => "empty_frame",
-            FrameError::UnknownKind(_) => "unknown_frame_kind",
+            FrameError::TooLarge { .. } => FrameRefusal::FrameTooLarge,
+            FrameError::Empty => FrameRefusal::EmptyFrame,
+            FrameError::UnknownKind(_) => FrameRefusal::UnknownFrameKind,
         }
     }
 }

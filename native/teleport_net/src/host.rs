@@ -14,12 +14,60 @@ use crate::io_slot::Slot;
 pub enum Delivery {
     Delivered,
     /// Well formed, but nobody to give it to (dead pid, unregistered name): counted, not fatal.
-    Undeliverable(&'static str),
+    Undeliverable(Undeliverable),
     /// The handler passed the frame on (to be decoded on a scheduler) and holds the
     /// `Resume` it took from `Deferral::defer`: the connection reads nothing more until
     /// that reports the outcome (or is dropped), so its frames keep their order.
     Deferred,
 }
+
+/// Why a well-formed frame had nobody to take it; its name is the `reason` of the
+/// `undeliverable` event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// A frame to decode on a scheduler, and no decoder process to do it.
+    NoDecoder,
+    /// The decoder took the frame and went before it said how it ended.
+    DecoderDown,
+    /// A call, and no relay process to take it.
+    NoReplyRelay,
+    /// The destination pid is not one of this node's.
+    NotALocalPid,
+    /// Nothing is registered under the destination name.
+    Noproc,
+    /// The destination process is dead.
+    DeadProcess,
+}
+
+impl Undeliverable {
+    pub const ALL: [Undeliverable; 6] = [
+        Undeliverable::NoDecoder,
+        Undeliverable::DecoderDown,
+        Undeliverable::NoReplyRelay,
+        Undeliverable::NotALocalPid,
+        Undeliverable::Noproc,
+        Undeliverable::DeadProcess,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Undeliverable::NoDecoder => "no_decoder",
+            Undeliverable::DecoderDown => "decoder_down",
+            Undeliverable::NoReplyRelay => "no_reply_relay",
+            Undeliverable::NotALocalPid => "not_a_local_pid",
+            Undeliverable::Noproc => "noproc",
+            Undeliverable::DeadProcess => "dead_process",
+        }
+    }
+}
+
+/// What a handler says of a frame body it cannot take (malformed, or no memory for
+/// it), in words for the log: the connection that carried it is closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+/// How a handler ended one frame.
+pub type Outcome = Result<Delivery, Malformed>;
 
 /// A frame body in a buffer of the handler's own (see `FrameHandler::body_buffer`),
 /// filled by the I/O thread straight from the socket.
@@ -33,12 +81,12 @@ pub trait BodyBuffer: Send {
 /// its I/O thread. It must not block: a frame it cannot deliver at once it defers.
 pub trait FrameHandler: Send {
     /// Delivers one body. `Err` means the peer sent something malformed: the connection is closed.
-    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String>;
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Outcome;
 
     /// For a body of `len` bytes: a buffer of the handler's own to read it into (to
     /// reference large binaries in place), or `None` to have it read into the
     /// connection's buffer and passed to `handle`. `Err`: it cannot be had (out of memory).
-    fn body_buffer(&mut self, _len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
+    fn body_buffer(&mut self, _len: usize) -> Result<Option<Box<dyn BodyBuffer>>, Malformed> {
         Ok(None)
     }
 
@@ -48,15 +96,15 @@ pub trait FrameHandler: Send {
         _kind: FrameKind,
         _body: Box<dyn BodyBuffer>,
         _deferral: &Deferral,
-    ) -> Result<Delivery, String> {
-        Err("no buffer was lent".to_string())
+    ) -> Outcome {
+        Err(Malformed("no buffer was lent".to_string()))
     }
 }
 
 /// Where a deferred frame's outcome goes: the I/O thread of its connection, which
 /// reads on once it arrives (queued and woken; never blocks).
 pub(crate) trait ResumeTarget: Send + Sync {
-    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>);
+    fn resume(&self, slot: Slot, outcome: Outcome);
 }
 
 /// Lets a handler defer the frame it is handling (see `Delivery::Deferred`).
@@ -82,7 +130,7 @@ pub struct Resume {
 }
 
 impl Resume {
-    pub fn finish(mut self, outcome: Result<Delivery, String>) {
+    pub fn finish(mut self, outcome: Outcome) {
         if let Some((target, slot)) = self.to.take() {
             target.resume(slot, outcome);
         }
@@ -92,7 +140,7 @@ impl Resume {
 impl Drop for Resume {
     fn drop(&mut self) {
         if let Some((target, slot)) = self.to.take() {
-            target.resume(slot, Ok(Delivery::Undeliverable("decoder_down")));
+            target.resume(slot, Ok(Delivery::Undeliverable(Undeliverable::DecoderDown)));
         }
     }
 }
@@ -127,7 +175,7 @@ pub enum Event {
     },
     Undeliverable {
         peer: String,
-        reason: &'static str,
+        reason: Undeliverable,
         total: u64,
     },
     /// The listener's accepts fail (`reason`: e.g. `emfile`, out of descriptors): it
@@ -160,7 +208,7 @@ pub trait Host: Send + Sync + 'static {
         resume.finish(if newer {
             Ok(Delivery::Delivered)
         } else {
-            Err("an older pool".to_string())
+            Err(Malformed("an older pool".to_string()))
         });
     }
 }

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::error::CloseReason;
+use crate::error::{CloseReason, FrameRefusal};
 use crate::faults::{self, Point};
 use crate::frame_reader::{Body, Flow, FrameReader, FrameSink, ReadTurn, TlsReceive};
 use crate::framing::{FrameKind, PoolToken};
-use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host};
+use crate::host::{BodyBuffer, Deferral, Delivery, Event, FrameHandler, Host, Malformed, Outcome};
 use crate::inbound_pools::{InboundPools, Join, Membership};
 use crate::stats::{ConnStats, PeerStats};
 use crate::tls::Session;
@@ -124,7 +124,7 @@ impl Inbound {
     }
 
     /// A deferred frame's outcome; the caller reads on unless it is an error.
-    pub fn resume(&mut self, outcome: Result<Delivery, String>) -> Result<(), CloseReason> {
+    pub fn resume(&mut self, outcome: Outcome) -> Result<(), CloseReason> {
         self.paused = false;
         if let Some((token, newer)) = self.to.unconfirmed.take() {
             return self
@@ -153,7 +153,7 @@ impl Recipient {
             (true, _) => {}
             // A late connection of an earlier pool.
             (false, false) => return Err(CloseReason::Superseded),
-            (false, true) => return Err(CloseReason::BadFrame("pool_not_confirmed")),
+            (false, true) => return Err(CloseReason::BadFrame(FrameRefusal::PoolNotConfirmed)),
         }
         match self
             .pools
@@ -163,13 +163,13 @@ impl Recipient {
                 self.membership = Some(membership);
                 Ok(())
             }
-            Join::TooMany => Err(CloseReason::BadFrame("too_many_connections")),
+            Join::TooMany => Err(CloseReason::BadFrame(FrameRefusal::TooManyConnections)),
             _ => Err(CloseReason::Superseded),
         }
     }
 
     /// Counts a delivery's outcome; `Pause` for a deferred frame.
-    fn delivered(&mut self, outcome: Result<Delivery, String>) -> Result<Flow, CloseReason> {
+    fn delivered(&mut self, outcome: Outcome) -> Result<Flow, CloseReason> {
         match outcome {
             Ok(Delivery::Delivered) => Ok(Flow::Go),
             Ok(Delivery::Deferred) => Ok(Flow::Pause),
@@ -188,7 +188,7 @@ impl Recipient {
                 }
                 Ok(Flow::Go)
             }
-            Err(e) => Err(CloseReason::Malformed(e)),
+            Err(Malformed(why)) => Err(CloseReason::Malformed(why)),
         }
     }
 }
@@ -216,7 +216,7 @@ impl FrameSink for Recipient {
         {
             Join::Member(membership) => self.membership = Some(membership),
             Join::Stale => return Err(CloseReason::Superseded),
-            Join::TooMany => return Err(CloseReason::BadFrame("too_many_connections")),
+            Join::TooMany => return Err(CloseReason::BadFrame(FrameRefusal::TooManyConnections)),
             Join::Unconfirmed { newer } => {
                 // Another pool of this node is live: only the node itself may replace it
                 // (a made-up token would lock the real one out). Asked, and read on
@@ -232,7 +232,9 @@ impl FrameSink for Recipient {
     }
 
     fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, CloseReason> {
-        self.handler.body_buffer(len).map_err(CloseReason::Malformed)
+        self.handler
+            .body_buffer(len)
+            .map_err(|Malformed(why)| CloseReason::Malformed(why))
     }
 
     fn partial(&mut self, len: usize, started: bool) {

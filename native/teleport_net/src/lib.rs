@@ -39,10 +39,13 @@ pub mod tls;
 pub mod tls;
 
 pub use config::{Config, TlsConfig};
-pub use error::{CloseReason, Detail, OpenError};
+pub use error::{CloseReason, Detail, FrameRefusal, OpenError};
 pub use framing::FrameBody;
 pub use framing::FrameKind;
-pub use host::{BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Resume};
+pub use host::{
+    BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Malformed, Outcome, Resume,
+    Undeliverable,
+};
 pub use io_slot::Slot;
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
 pub use send_buffer::SendBuffer;

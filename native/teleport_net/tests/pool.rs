@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use teleport_net::faults::{self, Point};
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
-    CloseReason, Config, ConnDirection, ConnStatsSnapshot, Delivery, Detail, Event, FrameKind, OpenError,
-    OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendBuffer, SendError, Sent,
+    CloseReason, Config, ConnDirection, ConnStatsSnapshot, Delivery, Detail, Event, FrameKind, FrameRefusal,
+    OpenError, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendBuffer, SendError, Sent,
 };
 
 mod nodes;
@@ -496,7 +496,7 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
             _ => None,
         })
         .unwrap();
-    assert_eq!(reason, CloseReason::BadFrame("frame_too_large"));
+    assert_eq!(reason, CloseReason::BadFrame(FrameRefusal::FrameTooLarge));
     assert!(
         closed_by_peer_within(&mut raw, WAIT),
         "B kept the bad connection open"

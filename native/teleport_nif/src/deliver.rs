@@ -20,7 +20,9 @@ use rustler::sys::{enif_alloc_binary, enif_send, enif_whereis_pid, ErlNifBinary,
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, OwnedBinary, Resource, ResourceArc, Term};
 use teleport_net::etf::read::ReadError;
-use teleport_net::{BodyBuffer, Deferral, Delivery, FrameHandler, FrameKind, Resume};
+use teleport_net::{
+    BodyBuffer, Deferral, Delivery, FrameHandler, FrameKind, Malformed, Outcome, Resume, Undeliverable,
+};
 
 use crate::atoms;
 use crate::decode::{Source, TermDecoder};
@@ -78,7 +80,7 @@ impl Deliverer {
         bytes: &[u8],
         binary: Option<OwnedBinary>,
         deferral: &Deferral,
-    ) -> Result<Delivery, String> {
+    ) -> Outcome {
         let Deliverer {
             env,
             decoder,
@@ -102,7 +104,7 @@ impl Deliverer {
                 Err(ReadError::NeedsScheduler) => {
                     hand_off(handoff_env, kind, &source, frame, helpers, deferral)
                 }
-                other => other.map_err(|e| e.to_string()),
+                other => other.map_err(|e| Malformed(e.to_string())),
             }
         });
         // enif_send invalidated the env's terms; clear it for the next frame either way.
@@ -112,29 +114,25 @@ impl Deliverer {
 }
 
 impl FrameHandler for Deliverer {
-    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Outcome {
         self.deliver(kind, body, None, deferral)
     }
 
-    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
+    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, Malformed> {
         if len < OWN_BUFFER_MIN {
             return Ok(None);
         }
         // Uninitialised memory the socket fills directly: no zeroing, no second copy.
-        let owned = try_alloc_binary(len).ok_or("cannot allocate the frame buffer")?;
+        let owned =
+            try_alloc_binary(len).ok_or_else(|| Malformed("cannot allocate the frame buffer".to_string()))?;
         Ok(Some(Box::new(FrameBinary(owned))))
     }
 
-    fn handle_owned(
-        &mut self,
-        kind: FrameKind,
-        body: Box<dyn BodyBuffer>,
-        deferral: &Deferral,
-    ) -> Result<Delivery, String> {
+    fn handle_owned(&mut self, kind: FrameKind, body: Box<dyn BodyBuffer>, deferral: &Deferral) -> Outcome {
         let FrameBinary(owned) = *body
             .into_any()
             .downcast::<FrameBinary>()
-            .map_err(|_| "a body buffer of another kind".to_string())?;
+            .map_err(|_| Malformed("a body buffer of another kind".to_string()))?;
         self.deliver(kind, &[], Some(owned), deferral)
     }
 }
@@ -159,7 +157,8 @@ impl DecodeTicket {
         let message_env = OwnedEnv::new();
         let outcome = message_env.run(|menv| {
             let term = frame.to_term(env).in_env(menv);
-            let binary = rustler::Binary::from_term(term).map_err(|_| "frame is not a binary".to_string())?;
+            let binary = rustler::Binary::from_term(term)
+                .map_err(|_| Malformed("frame is not a binary".to_string()))?;
             let source = Source {
                 bytes: binary.as_slice(),
                 binary: Some(term.as_c_arg()),
@@ -172,7 +171,7 @@ impl DecodeTicket {
                 &source,
                 &self.helpers,
             )
-            .map_err(|e| e.to_string())
+            .map_err(|e| Malformed(e.to_string()))
         });
         if let Some(resume) = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
             resume.finish(outcome);
@@ -192,10 +191,10 @@ fn hand_off(
     frame: Option<Term>,
     helpers: &Arc<Helpers>,
     deferral: &Deferral,
-) -> Result<Delivery, String> {
+) -> Outcome {
     let decoders = &helpers.decoders;
     let Some(name) = decoders.get(NEXT_DECODER.fetch_add(1, Relaxed) % decoders.len().max(1)) else {
-        return Ok(Delivery::Undeliverable("no_decoder"));
+        return Ok(Delivery::Undeliverable(Undeliverable::NoDecoder));
     };
     let ticket = ResourceArc::new(DecodeTicket {
         kind,
@@ -224,7 +223,7 @@ fn hand_off(
     handoff_env.clear();
     if !sent {
         if let Some(resume) = ticket.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            resume.finish(Ok(Delivery::Undeliverable("no_decoder")));
+            resume.finish(Ok(Delivery::Undeliverable(Undeliverable::NoDecoder)));
         }
     }
     // The connection reads on once the ticket's end (delivered, malformed, or dropped
@@ -279,7 +278,7 @@ fn decode_and_deliver(
             }
             let msg = (atoms::teleport_call_undeliverable(), dest, call).encode(env);
             send_to(env, caller_env, helpers.runtime, msg);
-            Ok(Delivery::Undeliverable("no_reply_relay"))
+            Ok(Delivery::Undeliverable(Undeliverable::NoReplyRelay))
         }
     }
 }
@@ -290,12 +289,12 @@ fn deliver(env: Env, caller_env: *mut ErlNifEnv, dest: Term, msg: Term) -> Resul
     let pid = if dest.is_pid() {
         match dest.decode::<LocalPid>() {
             Ok(pid) => pid,
-            Err(_) => return Ok(Delivery::Undeliverable("not_a_local_pid")),
+            Err(_) => return Ok(Delivery::Undeliverable(Undeliverable::NotALocalPid)),
         }
     } else if dest.is_atom() {
         match whereis(caller_env, dest) {
             Some(pid) => pid,
-            None => return Ok(Delivery::Undeliverable("noproc")),
+            None => return Ok(Delivery::Undeliverable(Undeliverable::Noproc)),
         }
     } else {
         return Err(ReadError::Malformed("destination is neither a pid nor an atom"));
@@ -309,7 +308,7 @@ fn send_to(env: Env, caller_env: *mut ErlNifEnv, pid: LocalPid, msg: Term) -> De
     // that `enif_send` then clears.
     let sent = unsafe { enif_send(caller_env, pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
     if sent == 0 {
-        Delivery::Undeliverable("dead_process")
+        Delivery::Undeliverable(Undeliverable::DeadProcess)
     } else {
         Delivery::Delivered
     }

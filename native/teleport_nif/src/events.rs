@@ -14,7 +14,7 @@ use rustler::sys::enif_send;
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, ResourceArc, Term};
 use teleport_net::pool::PoolToken;
-use teleport_net::{Delivery, Event, FrameHandler, Host, Resume};
+use teleport_net::{Delivery, Event, FrameHandler, Host, Malformed, Resume};
 
 use crate::atoms;
 use crate::deliver::{Deliverer, Helpers};
@@ -141,7 +141,7 @@ impl PoolTicket {
             resume.finish(if confirmed {
                 Ok(Delivery::Delivered)
             } else {
-                Err("not confirmed".to_string())
+                Err(Malformed("not confirmed".to_string()))
             });
         }
     }
@@ -208,7 +208,7 @@ impl Host for NifHost {
                 Event::Undeliverable { peer, reason, total } => (
                     atoms::undeliverable(),
                     node_atom(env, &peer),
-                    atoms::name_term(env, reason),
+                    atoms::name_term(env, reason.name()),
                     total,
                 )
                     .encode(env),

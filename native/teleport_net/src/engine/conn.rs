@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::error::{CloseReason, OpenError};
+use crate::error::{CloseReason, FrameRefusal, OpenError};
 use crate::frame_reader::ReadTurn;
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{Handshake, HandshakeError, Peer, Progress};
@@ -477,7 +477,7 @@ pub(super) fn server_handshake(
         services.pools.token(peer).is_none() && !services.inbound.has(peer)
     });
     let Some(stats) = admitted else {
-        return Err(End::Close(CloseReason::BadFrame("too_many_peers")));
+        return Err(End::Close(CloseReason::BadFrame(FrameRefusal::TooManyPeers)));
     };
     let inbound = Inbound::new(crate::inbound::InboundSetup {
         stats,

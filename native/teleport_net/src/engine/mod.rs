@@ -45,7 +45,7 @@ use mio::{Poll, Waker};
 
 use crate::config::Config;
 use crate::faults;
-use crate::host::{Delivery, Event, Host, ResumeTarget};
+use crate::host::{Event, Host, Outcome, ResumeTarget};
 use crate::inbound_pools::InboundPools;
 use crate::io_slot::{IoThread, Slot};
 use crate::listener::{HandshakeSlot, ListenerState};
@@ -150,7 +150,7 @@ pub(crate) enum Command {
     /// The connection's pool is closing.
     Close(Slot),
     /// A deferred frame's outcome.
-    Resume(Slot, Result<Delivery, String>),
+    Resume(Slot, Outcome),
     /// Close everything and exit.
     Stop,
 }
@@ -182,7 +182,7 @@ impl IoThread for ThreadHandle {
 }
 
 impl ResumeTarget for ThreadHandle {
-    fn resume(&self, slot: Slot, outcome: Result<Delivery, String>) {
+    fn resume(&self, slot: Slot, outcome: Outcome) {
         self.send(Command::Resume(slot, outcome));
     }
 }

@@ -16,7 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::error::{CloseReason, OpenError};
+use crate::error::{CloseReason, FrameRefusal, OpenError};
 use crate::faults::{self, Point};
 use crate::handshake::{Handshake, HandshakeError};
 use crate::host::Deferral;
@@ -359,7 +359,7 @@ impl Worker {
         );
     }
 
-    fn resume(&mut self, slot: Slot, outcome: Result<crate::host::Delivery, String>) {
+    fn resume(&mut self, slot: Slot, outcome: crate::host::Outcome) {
         let Some(conn) = self.conns.get_mut(slot.index).filter(|c| c.id == slot.id) else {
             return;
         };
@@ -457,7 +457,7 @@ fn timeout_end(state: &State) -> End {
     match state {
         State::Connecting { .. } => End::Dial(OpenError::connect(&io::ErrorKind::TimedOut.into())),
         State::ClientHandshake { .. } => End::Dial(OpenError::handshake(&HandshakeError::Timeout)),
-        State::Inbound { .. } => End::Close(CloseReason::BadFrame("frame_timeout")),
+        State::Inbound { .. } => End::Close(CloseReason::BadFrame(FrameRefusal::FrameTimeout)),
         _ => End::Handshake("timeout", String::new()),
     }
 }

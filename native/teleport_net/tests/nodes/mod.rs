@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use teleport_net::{
-    BodyBuffer, Config, Deferral, Delivery, Event, FrameHandler, FrameKind, Host, OpenError, OpenStatus,
-    OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
+    BodyBuffer, Config, Deferral, Delivery, Event, FrameHandler, FrameKind, Host, Malformed, OpenError,
+    OpenStatus, OutFrame, Outcome, PeerStatsSnapshot, Runtime, SendError, Sent, Undeliverable,
 };
 
 pub const COOKIE: &[u8] = b"integration-cookie";
@@ -140,14 +140,14 @@ impl BodyBuffer for Owned {
 }
 
 impl FrameHandler for TestHandler {
-    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Result<Delivery, String> {
+    fn handle(&mut self, kind: FrameKind, body: &[u8], deferral: &Deferral) -> Outcome {
         let delay = self.host.0.delay_ms.load(SeqCst);
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
         }
         match body {
-            b"poison" => return Err("poisoned frame".to_string()),
-            b"nobody" => return Ok(Delivery::Undeliverable("no_process")),
+            b"poison" => return Err(Malformed("poisoned frame".to_string())),
+            b"nobody" => return Ok(Delivery::Undeliverable(Undeliverable::Noproc)),
             b"panic!" => panic!("handler panicked on purpose"),
             _ => {}
         }
@@ -168,7 +168,7 @@ impl FrameHandler for TestHandler {
         Ok(Delivery::Delivered)
     }
 
-    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, String> {
+    fn body_buffer(&mut self, len: usize) -> Result<Option<Box<dyn BodyBuffer>>, Malformed> {
         Ok(self
             .host
             .0
@@ -176,13 +176,12 @@ impl FrameHandler for TestHandler {
             .then(|| Box::new(Owned(vec![0; len])) as Box<dyn BodyBuffer>))
     }
 
-    fn handle_owned(
-        &mut self,
-        kind: FrameKind,
-        body: Box<dyn BodyBuffer>,
-        _deferral: &Deferral,
-    ) -> Result<Delivery, String> {
-        let body = body.into_any().downcast::<Owned>().map_err(|_| "not ours")?.0;
+    fn handle_owned(&mut self, kind: FrameKind, body: Box<dyn BodyBuffer>, _deferral: &Deferral) -> Outcome {
+        let body = body
+            .into_any()
+            .downcast::<Owned>()
+            .map_err(|_| Malformed("not ours".to_string()))?
+            .0;
         let frame = Frame {
             peer: self.peer.clone(),
             kind,
