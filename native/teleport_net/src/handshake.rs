@@ -27,13 +27,16 @@
 //! TLS session and opens another cannot pass the proofs on.
 //!
 //! The protocol lives in one place, `Handshake`: a state machine fed the peer's bytes,
-//! without a socket or a clock, for the event loop. `client_handshake` and
-//! `server_handshake` drive it over a blocking socket.
+//! without a socket or a clock, for the event loop. Tests drive it over a blocking
+//! socket too (`blocking`, with `cfg(test)` or the `test-hooks` feature).
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::io;
+
+#[cfg(any(test, feature = "test-hooks"))]
+mod blocking;
+#[cfg(any(test, feature = "test-hooks"))]
+pub use blocking::{client_handshake, server_handshake, HandshakeConfig};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -107,15 +110,6 @@ pub struct Peer {
     pub node: String,
     pub version: u8,
     pub capabilities: Capabilities,
-}
-
-pub struct HandshakeConfig<'a> {
-    pub cookie: &'a [u8],
-    /// This node's name, e.g. "a@127.0.0.1".
-    pub local_node: &'a str,
-    pub capabilities: Capabilities,
-    /// Deadline for the whole handshake, not for each read.
-    pub timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -203,25 +197,6 @@ pub fn valid_node_name(name: &str) -> bool {
         Some((local, host)) => !local.is_empty() && !host.is_empty() && !host.contains('@'),
         None => false,
     }
-}
-
-/// Client side, run right after connect. `server_node` is the node name we expect to reach.
-pub fn client_handshake(
-    stream: &TcpStream,
-    cfg: &HandshakeConfig,
-    server_node: &str,
-) -> Result<(), HandshakeError> {
-    let deadline = Deadline::after(cfg.timeout);
-    let (mut handshake, hello) =
-        Handshake::client(cfg.cookie, cfg.local_node, server_node, cfg.capabilities)?;
-    run(stream, &deadline, &mut handshake, hello).map(|_server| ())
-}
-
-/// Server side, run on an accepted socket. Returns the authenticated client.
-pub fn server_handshake(stream: &TcpStream, cfg: &HandshakeConfig) -> Result<Peer, HandshakeError> {
-    let deadline = Deadline::after(cfg.timeout);
-    let mut handshake = Handshake::server(cfg.cookie, cfg.local_node, cfg.capabilities);
-    run(stream, &deadline, &mut handshake, Vec::new())
 }
 
 // ---------------------------------------------------------------------------
@@ -400,6 +375,7 @@ impl Handshake {
 
     /// Bytes still missing from the message being read (1..=MAX_HANDSHAKE_MESSAGE): reading
     /// no more than this never reads past the handshake's end.
+    #[cfg(any(test, feature = "test-hooks"))]
     fn wanted(&self) -> usize {
         self.incoming.wanted()
     }
@@ -649,103 +625,6 @@ pub(crate) fn check_server_proof(
     verify(cookie, &transcript.signed(ROLE_SERVER), &server_mac)
 }
 
-// ---------------------------------------------------------------------------
-// Deadline-bounded socket I/O
-
-/// One deadline for the whole handshake; every read and write gets only the time left.
-struct Deadline(Instant);
-
-impl Deadline {
-    fn after(timeout: Duration) -> Deadline {
-        let now = Instant::now();
-        // Instant + a huge Duration would panic; a day is "forever" for a handshake.
-        Deadline(
-            now.checked_add(timeout)
-                .unwrap_or(now + Duration::from_secs(86_400)),
-        )
-    }
-
-    /// Time left, or `Timeout` once it is gone (a zero socket timeout is an error).
-    fn remaining(&self) -> Result<Duration, HandshakeError> {
-        match self.0.checked_duration_since(Instant::now()) {
-            Some(left) if !left.is_zero() => Ok(left),
-            _ => Err(HandshakeError::Timeout),
-        }
-    }
-}
-
-/// Drives `handshake` over a blocking socket, `first` being what to send before reading.
-/// Each read asks for no more than the message being read still lacks, so the
-/// connection's first frames stay in the socket for its owner.
-fn run(
-    stream: &TcpStream,
-    deadline: &Deadline,
-    handshake: &mut Handshake,
-    first: Vec<u8>,
-) -> Result<Peer, HandshakeError> {
-    let mut out = first;
-    let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
-    loop {
-        send(stream, deadline, &mut out)?;
-        let n = match read_some(stream, deadline, &mut buf[..handshake.wanted()]) {
-            Ok(0) => return Err(handshake.closed_error()),
-            Ok(n) => n,
-            // A peer closing with our bytes unread resets instead: the same silent rejection.
-            Err(HandshakeError::Io(e))
-                if e.kind() == io::ErrorKind::ConnectionReset && handshake.proof_sent() =>
-            {
-                return Err(HandshakeError::BadCookie)
-            }
-            Err(e) => return Err(e),
-        };
-        let (consumed, progress) = handshake.feed(&buf[..n], &mut out)?;
-        debug_assert_eq!(consumed, n, "read past the message");
-        if let Progress::Done(peer) = progress {
-            send(stream, deadline, &mut out)?;
-            clear_timeouts(stream)?;
-            return Ok(peer);
-        }
-    }
-}
-
-/// Socket timeouts surface as WouldBlock (Unix) or TimedOut (Windows).
-fn io_error(e: io::Error) -> HandshakeError {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::Timeout,
-        _ => HandshakeError::Io(e),
-    }
-}
-
-/// One `read` (0 at end of stream), with the read timeout re-armed to the time left so
-/// that a peer sending one byte at a time still runs into the overall deadline.
-fn read_some(stream: &TcpStream, deadline: &Deadline, buf: &mut [u8]) -> Result<usize, HandshakeError> {
-    let mut reader = stream;
-    loop {
-        stream
-            .set_read_timeout(Some(deadline.remaining()?))
-            .map_err(io_error)?;
-        match reader.read(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(e)),
-        }
-    }
-}
-
-/// Writes and empties `out`, if there is anything in it.
-fn send(stream: &TcpStream, deadline: &Deadline, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    let mut writer = stream;
-    stream
-        .set_write_timeout(Some(deadline.remaining()?))
-        .map_err(io_error)?;
-    writer.write_all(out).map_err(io_error)?;
-    out.clear();
-    Ok(())
-}
-
 /// A message's length field, refused when 0 or over `MAX_HANDSHAKE_MESSAGE`.
 pub(crate) fn message_len(len_bytes: [u8; 2]) -> Result<usize, HandshakeError> {
     let len = usize::from(u16::from_be_bytes(len_bytes));
@@ -764,12 +643,6 @@ pub(crate) fn encode_message(tag: u8, body: &[u8]) -> Vec<u8> {
     out.push(tag);
     out.extend_from_slice(body);
     out
-}
-
-/// After the handshake the connection's owner does blocking I/O of its own.
-fn clear_timeouts(stream: &TcpStream) -> Result<(), HandshakeError> {
-    stream.set_read_timeout(None).map_err(HandshakeError::Io)?;
-    stream.set_write_timeout(None).map_err(HandshakeError::Io)
 }
 
 // ---------------------------------------------------------------------------
@@ -1020,10 +893,12 @@ fn verify(cookie: &[u8], transcript: &[u8], received: &MacBytes) -> Result<(), H
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread;
+    use std::time::{Duration, Instant};
 
     const COOKIE: &[u8] = b"monster-cookie";
     const CLIENT: &str = "a@127.0.0.1";
