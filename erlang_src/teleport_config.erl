@@ -125,10 +125,11 @@ validate(Key, Value) ->
     erlang:error({invalid_config, Key, Value}).
 
 %% `off' or `{Level, Threshold}' (teleport_rpc_codec).
-valid_compression(off) -> off;
-valid_compression({Level, Threshold} = C) when is_integer(Level), Level >= 1, Level =< 9,
-                                               is_integer(Threshold), Threshold >= 0 -> C;
-valid_compression(Other) -> erlang:error({invalid_config, rpc_compression, Other}).
+valid_compression(Compression) ->
+    case teleport_rpc_codec:valid(Compression) of
+        true -> Compression;
+        false -> erlang:error({invalid_config, rpc_compression, Compression})
+    end.
 
 %% @doc The I/O thread count `io_threads' stands for on this node.
 -spec io_threads(auto | pos_integer()) -> pos_integer().

@@ -35,16 +35,16 @@
 %% CallerRef => Keeper, the keeper's monitor => {CallerRef, the caller's node},
 %% the keepers alive per caller node, when each kind of bounded log line was last
 %% written with how many came since; the `{Node, Key}' requests' queues, the
-%% workers of keyed calls ready before their turn (CallerRef => Worker), those
-%% given their turn (CallerRef => the worker's monitor), the monitors of running
-%% keyed workers (=> the request's id), and the keyed casts queued per peer.
+%% workers of keyed calls that said they are ready (CallerRef => Worker), the
+%% monitors of keyed workers (=> the request's id: a keyed call's worker from
+%% its ready on, a keyed cast's from its start), and the keyed casts queued per
+%% peer.
 -type state() :: #{keepers := #{reference() => pid()},
                    monitors := #{reference() => {reference(), node()}},
                    per_node := #{node() => pos_integer()},
                    logged := #{atom() => {integer(), non_neg_integer()}},
                    keys := teleport_rpc_keys:keys(),
-                   ready := #{reference() => pid()},
-                   turned := #{reference() => reference()},
+                   workers := #{reference() => pid()},
                    running := #{reference() => reference()},
                    queued_casts := #{node() => pos_integer()}}.
 
@@ -78,7 +78,7 @@ init([]) ->
     %% must outlive a restart of teleport (the supervisor still stops relays).
     _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
     {ok, #{keepers => #{}, monitors => #{}, per_node => #{}, logged => #{},
-           keys => teleport_rpc_keys:new(), ready => #{}, turned => #{}, running => #{},
+           keys => teleport_rpc_keys:new(), workers => #{}, running => #{},
            queued_casts => #{}}}.
 
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, {error, unsupported}, state()}.
@@ -279,39 +279,38 @@ start_keyed(none, State) ->
 start_keyed({Id, {cast, Cast}}, #{running := Running} = State) ->
     {_, Mon} = erlang:spawn_opt(teleport_rpc_exec, cast_worker, tuple_to_list(Cast), [monitor]),
     State#{running := Running#{Mon => Id}};
-start_keyed({Ref, call}, #{ready := Ready} = State) ->
-    case maps:take(Ref, Ready) of
-        {Worker, Ready1} -> give_turn(Ref, Worker, State#{ready := Ready1});
-        error -> State
-    end.
+start_keyed({Ref, call}, #{workers := Workers} = State) ->
+    _ = case Workers of
+            #{Ref := Worker} -> Worker ! {'$teleport_turn', Ref};
+            #{} -> ok
+        end,
+    State.
 
-give_turn(Ref, Worker, #{turned := Turned, running := Running} = State) ->
-    Worker ! {'$teleport_turn', Ref},
-    Mon = erlang:monitor(process, Worker),
-    State#{turned := Turned#{Ref => Mon}, running := Running#{Mon => Ref}}.
-
-ready(Ref, Worker, #{keys := Keys, ready := Ready} = State) ->
-    case {teleport_rpc_keys:is_head(Ref, Keys), teleport_rpc_keys:member(Ref, Keys)} of
-        {true, _} ->
-            give_turn(Ref, Worker, State);
-        {false, true} ->
-            State#{ready := Ready#{Ref => Worker}};
-        {false, false} ->
-            %% Its keeper is gone already: nothing to keep it in order with.
+%% A keyed call's worker is ready: from now on its entry lasts as long as it does
+%% (the keeper may end first: a caller that gave up), and it runs in its turn.
+ready(Ref, Worker, #{keys := Keys, workers := Workers, running := Running} = State) ->
+    case teleport_rpc_keys:member(Ref, Keys) of
+        true ->
+            _ = teleport_rpc_keys:is_head(Ref, Keys) andalso (Worker ! {'$teleport_turn', Ref}),
+            Mon = erlang:monitor(process, Worker),
+            State#{workers := Workers#{Ref => Worker}, running := Running#{Mon => Ref}};
+        false ->
+            %% Its keeper ended before the worker said it was ready: nothing to keep
+            %% it in order with.
             Worker ! {'$teleport_turn', Ref},
             State
     end.
 
 %% A keyed request's worker ended: the next on its key starts.
-worker_down(Id, #{turned := Turned} = State) ->
-    dequeue(Id, State#{turned := maps:remove(Id, Turned)}).
+worker_down(Id, #{workers := Workers} = State) ->
+    dequeue(Id, State#{workers := maps:remove(Id, Workers)}).
 
-%% A keyed call's keeper ended: if its worker never got its turn, it leaves
-%% the queue (a worker that did holds its key until it ends).
-keyed_call_over(Ref, #{turned := Turned, ready := Ready} = State) ->
-    case Turned of
+%% A keyed call's keeper ended: if no worker of its said it was ready (the
+%% keeper was killed), it leaves the queue; else the worker holds its place.
+keyed_call_over(Ref, #{workers := Workers} = State) ->
+    case Workers of
         #{Ref := _} -> State;
-        #{} -> dequeue(Ref, State#{ready := maps:remove(Ref, Ready)})
+        #{} -> dequeue(Ref, State)
     end.
 
 dequeue(Id, #{keys := Keys, queued_casts := Queued} = State) ->

@@ -513,7 +513,7 @@ remote_cast(Node, Key, M, F, A) ->
 
 %% A result that came compressed.
 inflate(Outcome, Node) ->
-    case teleport_rpc_codec:unpack(Outcome, Node, teleport_rpc_exec:max_bytes()) of
+    case teleport_rpc_codec:unpack(Outcome, Node) of
         {ok, Inflated} -> Inflated;
         {error, Why} -> {erpc, Why}
     end.
@@ -666,12 +666,9 @@ collection_result(Mon, Outcome, Collection, Wrap, Delete) ->
 options(#{} = Options) ->
     Timeout = timeout_value(maps:get(timeout, Options, infinity)),
     _ = is_boolean(maps:get(always_spawn, Options, false)) orelse error({erpc, badarg}),
-    Compression = case maps:get(compression, Options, default) of
-                      default -> default;
-                      C -> try teleport_config:validate(rpc_compression, C)
-                           catch error:_ -> error({erpc, badarg})
-                           end
-                  end,
+    Compression = maps:get(compression, Options, default),
+    _ = Compression =:= default orelse teleport_rpc_codec:valid(Compression)
+        orelse error({erpc, badarg}),
     {Timeout, Compression};
 options(Timeout) ->
     {timeout_value(Timeout), default}.

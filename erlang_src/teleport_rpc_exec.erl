@@ -26,7 +26,7 @@
 -module(teleport_rpc_exec).
 
 -export([keeper/5, worker/5, cast_worker/5, run_in_order/1, allowed/2, valid_call/1,
-         valid_cast/1, normalize/2, max_bytes/0]).
+         valid_cast/1, normalize/2]).
 -export_type([call_request/0, cast_request/0, outcome/0]).
 
 -include("teleport_call.hrl").
@@ -64,7 +64,7 @@ keeper(Caller, Ref, Timeout, {M, F, Args, GroupLeader, Compression}, Turn) ->
 worker(Ref, {M, F, Args}, GroupLeader, Turn, Peer) ->
     true = group_leader(GroupLeader, self()),
     wait_turn(Ref, Turn),
-    case teleport_rpc_codec:unpack(Args, Peer, max_bytes()) of
+    case teleport_rpc_codec:unpack(Args, Peer) of
         {ok, A} -> erpc:execute_call(Ref, M, F, A);
         {error, Why} -> exit({Ref, error, {erpc, Why}})
     end.
@@ -85,7 +85,7 @@ wait_turn(Ref, Relay) ->
 -spec cast_worker(node(), module(), atom(), list() | tuple(), pid()) -> term().
 cast_worker(Peer, M, F, Args, GroupLeader) ->
     true = group_leader(GroupLeader, self()),
-    case teleport_rpc_codec:unpack(Args, Peer, max_bytes()) of
+    case teleport_rpc_codec:unpack(Args, Peer) of
         {ok, A} -> erpc:execute_cast(M, F, A);
         {error, _} -> ok
     end.
@@ -119,7 +119,7 @@ allowed(Module, _Function) ->
 -spec valid_call(term()) -> boolean().
 valid_call({M, F, Args, GroupLeader, Compression}) ->
     is_atom(M) andalso is_atom(F) andalso valid_args(Args) andalso is_pid(GroupLeader)
-        andalso valid_compression(Compression);
+        andalso teleport_rpc_codec:valid(Compression);
 valid_call(_) ->
     false.
 
@@ -135,12 +135,6 @@ valid_args(Args) when is_list(Args) -> true;
 valid_args({'$teleport_z', Bin}) -> is_binary(Bin);
 valid_args(_) -> false.
 
-valid_compression(off) -> true;
-valid_compression({Level, Threshold}) ->
-    is_integer(Level) andalso Level >= 1 andalso Level =< 9
-        andalso is_integer(Threshold) andalso Threshold >= 0;
-valid_compression(_) -> false.
-
 %% @doc A worker's exit reason as an {@link outcome()}, as erpc reads a spawned
 %% process's `DOWN' reason (`Ref' tags erpc's own results).
 -spec normalize(reference(), term()) -> outcome().
@@ -151,8 +145,3 @@ normalize(Ref, {Ref, error, Reason, Stack}) -> {error, Reason, Stack};
 normalize(Ref, {Ref, error, {erpc, Reason}}) -> {erpc, Reason};
 normalize(_Ref, noconnection) -> {erpc, noconnection};
 normalize(_Ref, Reason) -> {signal, Reason}.
-
-%% @doc The most a compressed argument or result may inflate to: `max_frame_bytes'.
--spec max_bytes() -> pos_integer().
-max_bytes() ->
-    teleport_config:get(max_frame_bytes).

@@ -176,8 +176,9 @@ call_options(Config) ->
     Data = lists:duplicate(10000, <<"compressible">>),
     ?assertEqual(erlang:phash2(Data),
                  teleport_rpc:call(B, erlang, phash2, [Data], #{compression => {6, 1024}})),
-    ?assertEqual({error, {erpc, badarg}},
-                 outcome(fun() -> teleport_rpc:call(B, erlang, node, [], #{compression => {0, 1}}) end)),
+    [?assertEqual({error, {erpc, badarg}},
+                  outcome(fun() -> teleport_rpc:call(B, erlang, node, [], #{compression => C}) end))
+     || C <- [{0, 1}, {6, -1}, #{B => {6, 0}}, on]],
     Self = self(),
     ?assert(is_pid(teleport_rpc:call(node(), erlang, self, [], #{always_spawn => true}))),
     ?assertNotEqual(Self, teleport_rpc:call(node(), erlang, self, [], #{always_spawn => true})).

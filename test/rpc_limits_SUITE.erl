@@ -195,6 +195,7 @@ compression_per_node(Config) ->
     ok = application:set_env(teleport, rpc_compression, #{B => {6, 0}, default => off}),
     {OutB, _, _} = wire(B, fun() -> teleport_rpc:call(B, erlang, phash2, [Data]) end),
     {OutC, _, _} = wire(C, fun() -> teleport_rpc:call(C, erlang, phash2, [Data]) end),
+    ct:pal("~b bytes: ~b out to B (compressed), ~b out to C", [Size, OutB, OutC]),
     ?assert(OutB * 5 < Size),
     ?assert(OutC > Size).
 
@@ -469,10 +470,20 @@ count(Counters, Node, Key) ->
 
 %% Bytes out to `Node' and in from it while `Fun' runs, and its result.
 wire(Node, Fun) ->
-    #{bytes_out := Out0, bytes_in := In0} = teleport:stats(Node),
+    {Out0, In0} = settled_bytes(Node),
     Result = Fun(),
-    #{bytes_out := Out1, bytes_in := In1} = teleport:stats(Node),
+    {Out1, In1} = settled_bytes(Node),
     {Out1 - Out0, In1 - In0, Result}.
+
+%% The I/O threads count a frame once written or read whole, which may be just
+%% after its call returned: the counts once two reads 50 ms apart agree.
+settled_bytes(Node) ->
+    #{bytes_out := Out, bytes_in := In} = teleport:stats(Node),
+    timer:sleep(50),
+    case teleport:stats(Node) of
+        #{bytes_out := Out, bytes_in := In} -> {Out, In};
+        _ -> settled_bytes(Node)
+    end.
 
 %% A JSON-like list of maps, about `Bytes' in external format.
 json_like(Bytes) ->
@@ -530,9 +541,9 @@ is_request_process(Pid) ->
 %% Each relay's state: `empty' when it holds nothing of a call.
 relay_state() ->
     [case sys:get_state(whereis(Name)) of
-         #{keepers := K, monitors := M, per_node := P, ready := R, turned := T, running := U,
-           queued_casts := Q} = S when map_size(K) + map_size(M) + map_size(P) + map_size(R)
-                                       + map_size(T) + map_size(U) + map_size(Q) =:= 0 ->
+         #{keepers := K, monitors := M, per_node := P, workers := W, running := U,
+           queued_casts := Q} = S when map_size(K) + map_size(M) + map_size(P) + map_size(W)
+                                       + map_size(U) + map_size(Q) =:= 0 ->
              case teleport_rpc_keys:fold(fun(_, _, _) -> busy end, empty, maps:get(keys, S)) of
                  empty -> empty;
                  busy -> S
