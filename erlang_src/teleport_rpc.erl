@@ -223,20 +223,15 @@ receive_response(Collection, Tmo, Delete) when map_size(Collection) =:= 0,
     _ = timeout_value(Tmo),
     no_request;
 receive_response(Collection, Tmo, Delete) when is_map(Collection), is_boolean(Delete) ->
-    Timeout = timeout_value(Tmo),
-    receive
-        {Mon, Outcome} when is_map_key(Mon, Collection) ->
-            collection_result(Mon, Outcome, Collection, false, Delete);
-        {'DOWN', Mon, process, _, Reason} when is_map_key(Mon, Collection) ->
-            collection_result(Mon, waiter_down(Reason), Collection, false, Delete)
-    after Timeout ->
-            maps:foreach(fun(Mon, {Waiter, _Label}) when ?IS_REQUEST(Mon, Waiter) ->
-                                 _ = abandon(Mon, Waiter) orelse drop_outcome(Mon);
-                            (_, _) ->
-                                 error({erpc, badarg})
-                         end, Collection),
-            error({erpc, timeout})
-    end;
+    collection_wait(Collection, timeout_value(Tmo), false, Delete,
+                    fun() ->
+                            maps:foreach(fun(Mon, {Waiter, _Label}) when ?IS_REQUEST(Mon, Waiter) ->
+                                                 _ = abandon(Mon, Waiter) orelse drop_outcome(Mon);
+                                            (_, _) ->
+                                                 error({erpc, badarg})
+                                         end, Collection),
+                            error({erpc, timeout})
+                    end);
 receive_response(_, _, _) ->
     error({erpc, badarg}).
 
@@ -271,15 +266,7 @@ wait_response(Collection, WaitTime, Delete) when map_size(Collection) =:= 0,
     _ = timeout_value(WaitTime),
     no_request;
 wait_response(Collection, WaitTime, Delete) when is_map(Collection), is_boolean(Delete) ->
-    Timeout = timeout_value(WaitTime),
-    receive
-        {Mon, Outcome} when is_map_key(Mon, Collection) ->
-            collection_result(Mon, Outcome, Collection, true, Delete);
-        {'DOWN', Mon, process, _, Reason} when is_map_key(Mon, Collection) ->
-            collection_result(Mon, waiter_down(Reason), Collection, true, Delete)
-    after Timeout ->
-            no_response
-    end;
+    collection_wait(Collection, timeout_value(WaitTime), true, Delete, fun() -> no_response end);
 wait_response(_, _, _) ->
     error({erpc, badarg}).
 
@@ -634,6 +621,18 @@ take_outcome(Mon) ->
         {'DOWN', Mon, process, _, Reason} -> waiter_down(Reason)
     after 0 ->
             error({erpc, badarg})
+    end.
+
+%% The first result of a collection's requests within `Timeout', else
+%% `OnTimeout()'.
+collection_wait(Collection, Timeout, Wrap, Delete, OnTimeout) ->
+    receive
+        {Mon, Outcome} when is_map_key(Mon, Collection) ->
+            collection_result(Mon, Outcome, Collection, Wrap, Delete);
+        {'DOWN', Mon, process, _, Reason} when is_map_key(Mon, Collection) ->
+            collection_result(Mon, waiter_down(Reason), Collection, Wrap, Delete)
+    after Timeout ->
+            OnTimeout()
     end.
 
 %% A collection's request abandoned whose outcome came: dropped (if it is still

@@ -258,8 +258,7 @@ latency_run(Config) ->
     [A, B | _] = ?config(nodes, Config),
     Transports = ?config(transports, Config),
     PerBlock = max(1, Calls div Blocks),
-    Runs = [{T, erpc:call(A, ?MODULE, latency_run, [T, B, {PerBlock, Rate}], ?RUN_TIMEOUT)}
-            || I <- lists:seq(0, Blocks - 1), T <- rotate(Transports, I)],
+    Runs = interleaved(Blocks, Transports, fun(T) -> on(A, latency_run, [T, B, {PerBlock, Rate}]) end),
     Stats = [begin
                  Sorted = lists:sort(lists:append([L || {T1, L} <- Runs, T1 =:= T])),
                  {T, percentile(Sorted, 50), percentile(Sorted, 99)}
@@ -310,8 +309,7 @@ throughput_run(Config) ->
     #{callers := Callers, seconds := Seconds, blocks := Blocks} = ?config(params, Config),
     [A, B | _] = ?config(nodes, Config),
     Transports = ?config(transports, Config),
-    Runs = [{T, erpc:call(A, ?MODULE, throughput_run, [T, B, {Callers, Seconds}], ?RUN_TIMEOUT)}
-            || I <- lists:seq(0, Blocks - 1), T <- rotate(Transports, I)],
+    Runs = interleaved(Blocks, Transports, fun(T) -> on(A, throughput_run, [T, B, {Callers, Seconds}]) end),
     Rates = [{T, [R || {T1, R} <- Runs, T1 =:= T]} || T <- Transports],
     summary("rpc throughput callers=~b seconds=~b blocks=~b, erlang:node/0 on B: ~s",
             [Callers, Seconds, Blocks,
@@ -348,8 +346,7 @@ multicall_run(Config) ->
     [A | Others] = ?config(nodes, Config),
     Targets = lists:sublist(Others, Count),
     Transports = ?config(transports, Config),
-    Runs = [{T, erpc:call(A, ?MODULE, multicall_run, [T, Targets, Rounds div 4 + 1], ?RUN_TIMEOUT)}
-            || I <- lists:seq(0, 3), T <- rotate(Transports, I)],
+    Runs = interleaved(4, Transports, fun(T) -> on(A, multicall_run, [T, Targets, Rounds div 4 + 1]) end),
     Medians = [{T, median(lists:append([L || {T1, L} <- Runs, T1 =:= T]))} || T <- Transports],
     {_, Erpc} = lists:keyfind(erpc, 1, Medians),
     summary("rpc multicall 1 MiB to ~b nodes, ~b rounds: median ~s",
@@ -397,9 +394,7 @@ compression_run(Config) ->
         ++ [M || lists:member(gen_rpc, ?config(transports, Config)),
                  M <- [gen_rpc_zlib, gen_rpc_plain]],
     Json = json_like(Bytes),
-    Runs = [{M, erpc:call(A, ?MODULE, compression_run, [M, B, {Bytes, Rounds div 4 + 1}],
-                          ?RUN_TIMEOUT)}
-            || I <- lists:seq(0, 3), M <- rotate(Modes, I)],
+    Runs = interleaved(4, Modes, fun(M) -> on(A, compression_run, [M, B, {Bytes, Rounds div 4 + 1}]) end),
     Stats = [begin
                  Times = lists:append([Ts || {M1, {Ts, _}} <- Runs, M1 =:= M]),
                  Wire = [W || {M1, {_, W}} <- Runs, M1 =:= M],
@@ -467,6 +462,15 @@ json_like(Bytes) ->
 %%====================================================================
 %% Helpers
 %%====================================================================
+
+%% `[{T, Run(T)}]' for `Blocks' blocks of every one of `Ts', each block
+%% starting with the next one.
+interleaved(Blocks, Ts, Run) ->
+    [{T, Run(T)} || I <- lists:seq(0, Blocks - 1), T <- rotate(Ts, I)].
+
+%% Runs ?MODULE:F(Args...) on `Node'.
+on(Node, F, Args) ->
+    erpc:call(Node, ?MODULE, F, Args, ?RUN_TIMEOUT).
 
 run_selected(Case, Run) ->
     case selected(Case) of
