@@ -223,15 +223,17 @@ receive_response(Collection, Tmo, Delete) when map_size(Collection) =:= 0,
     _ = timeout_value(Tmo),
     no_request;
 receive_response(Collection, Tmo, Delete) when is_map(Collection), is_boolean(Delete) ->
-    collection_wait(Collection, timeout_value(Tmo), false, Delete,
-                    fun() ->
-                            maps:foreach(fun(Mon, {Waiter, _Label}) when ?IS_REQUEST(Mon, Waiter) ->
-                                                 _ = abandon(Mon, Waiter) orelse drop_outcome(Mon);
-                                            (_, _) ->
-                                                 error({erpc, badarg})
-                                         end, Collection),
-                            error({erpc, timeout})
-                    end);
+    case collection_wait(Collection, timeout_value(Tmo), false, Delete) of
+        timeout ->
+            maps:foreach(fun(Mon, {Waiter, _Label}) when ?IS_REQUEST(Mon, Waiter) ->
+                                 _ = abandon(Mon, Waiter) orelse drop_outcome(Mon);
+                            (_, _) ->
+                                 error({erpc, badarg})
+                         end, Collection),
+            error({erpc, timeout});
+        Result ->
+            Result
+    end;
 receive_response(_, _, _) ->
     error({erpc, badarg}).
 
@@ -266,7 +268,10 @@ wait_response(Collection, WaitTime, Delete) when map_size(Collection) =:= 0,
     _ = timeout_value(WaitTime),
     no_request;
 wait_response(Collection, WaitTime, Delete) when is_map(Collection), is_boolean(Delete) ->
-    collection_wait(Collection, timeout_value(WaitTime), true, Delete, fun() -> no_response end);
+    case collection_wait(Collection, timeout_value(WaitTime), true, Delete) of
+        timeout -> no_response;
+        Result -> Result
+    end;
 wait_response(_, _, _) ->
     error({erpc, badarg}).
 
@@ -623,16 +628,15 @@ take_outcome(Mon) ->
             error({erpc, badarg})
     end.
 
-%% The first result of a collection's requests within `Timeout', else
-%% `OnTimeout()'.
-collection_wait(Collection, Timeout, Wrap, Delete, OnTimeout) ->
+%% The first result of a collection's requests within `Timeout', else `timeout'.
+collection_wait(Collection, Timeout, Wrap, Delete) ->
     receive
         {Mon, Outcome} when is_map_key(Mon, Collection) ->
             collection_result(Mon, Outcome, Collection, Wrap, Delete);
         {'DOWN', Mon, process, _, Reason} when is_map_key(Mon, Collection) ->
             collection_result(Mon, waiter_down(Reason), Collection, Wrap, Delete)
     after Timeout ->
-            OnTimeout()
+            timeout
     end.
 
 %% A collection's request abandoned whose outcome came: dropped (if it is still
