@@ -118,7 +118,7 @@ call_badarg(Config) ->
     [same(call, [B, erlang, node, [], T])
      || T <- [-1, 4294967296, 1.5, "5000", {abs, x}, {abs, erlang:monotonic_time(millisecond)
                                                        + 4294967296 + 1000}, #{timeout => -1},
-              #{always_spawn => maybe}]],
+              #{always_spawn => 'maybe'}]],
     [?assertEqual({error, {erpc, badarg}}, outcome(fun() -> apply(teleport_rpc, call, Args) end))
      || Args <- Cases].
 
