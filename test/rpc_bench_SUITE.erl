@@ -404,10 +404,10 @@ compression_run(Config) ->
             "level 6) as argument and result, median per call: ~s",
             [erlang:external_size(Json), byte_size(term_to_binary(Json, [{compressed, 6}])),
              string:join([io_lib:format("~p ~.2f ms~s", [M, T / 1000,
-                                                         case W of
-                                                             0.0 -> "";
-                                                             _ -> io_lib:format(" (~b bytes on "
-                                                                                "teleport)", [round(W)])
+                                                         case round(W) of
+                                                             0 -> "";
+                                                             Bytes -> io_lib:format(" (~b bytes on "
+                                                                                    "teleport)", [Bytes])
                                                          end])
                           || {M, T, W} <- Stats], ", ")]).
 
