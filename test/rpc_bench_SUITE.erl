@@ -406,8 +406,8 @@ compression_run(Config) ->
              string:join([io_lib:format("~p ~.2f ms~s", [M, T / 1000,
                                                          case round(W) of
                                                              0 -> "";
-                                                             Bytes -> io_lib:format(" (~b bytes on "
-                                                                                    "teleport)", [Bytes])
+                                                             OnWire -> io_lib:format(" (~b bytes on "
+                                                                                    "teleport)", [OnWire])
                                                          end])
                           || {M, T, W} <- Stats], ", ")]).
 
