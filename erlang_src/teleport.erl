@@ -165,20 +165,51 @@ gs_call(Dest, Request) ->
 %% since OTP 24; a large one, arriving over teleport, is left in the caller's
 %% mailbox as `{'$teleport_reply', Ref, KeeperPid, Reply}' (as with gen_server
 %% before OTP 24).
+%%
+%% Emits the telemetry span `[teleport, call, start | stop | exception]'
+%% (doc/telemetry.md) where telemetry runs.
 -spec gs_call(dest(), term(), timeout()) -> term().
 gs_call(Dest, Request, Timeout) ->
     case route(Dest) of
-        local ->
-            try gen:call(Dest, '$gen_call', Request, Timeout) of
-                {ok, Reply} -> Reply
-            catch
-                exit:Reason -> exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}})
-            end;
-        {remote, Node, Target} ->
-            teleport_call:call(Node, Target, Dest, Request, Timeout);
         badarg ->
-            erlang:error(badarg, [Dest, Request, Timeout])
+            erlang:error(badarg, [Dest, Request, Timeout]);
+        Route ->
+            case teleport_telemetry:enabled() of
+                false ->
+                    route_call(Route, Dest, Request, Timeout);
+                true ->
+                    Metadata = call_metadata(Route, Dest, Request, Timeout),
+                    teleport_telemetry:span(
+                      [teleport, call], Metadata,
+                      fun() ->
+                              Reply = route_call(Route, Dest, Request, Timeout),
+                              {Reply, Metadata#{reply_size => erlang:external_size(Reply)}}
+                      end)
+            end
     end.
+
+route_call(local, Dest, Request, Timeout) ->
+    try gen:call(Dest, '$gen_call', Request, Timeout) of
+        {ok, Reply} -> Reply
+    catch
+        exit:Reason -> exit({Reason, {?MODULE, gs_call, [Dest, Request, Timeout]}})
+    end;
+route_call({remote, Node, Target}, Dest, Request, Timeout) ->
+    teleport_call:call(Node, Target, Dest, Request, Timeout).
+
+%% Sizes are the terms' external format sizes (what teleport's encoder writes, less
+%% compression); measured only where telemetry runs.
+call_metadata(Route, Dest, Request, Timeout) ->
+    Node = case Route of
+               local -> node();
+               {remote, N, _} -> N
+           end,
+    #{call => gs_call, node => Node, destination => Dest,
+      destination_kind => case Dest of
+                              _ when is_pid(Dest) -> pid;
+                              _ -> registered_name
+                          end,
+      request_size => erlang:external_size(Request), timeout => Timeout}.
 
 %% @doc `gen_server:cast/2' over teleport. Always returns `ok'.
 -spec gs_cast(dest(), term()) -> ok.
@@ -403,12 +434,24 @@ remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
 enqueue(Node, Kind, Key, NoSuspend, Envelope) ->
     case teleport_nif:send(Node, Kind, Key, NoSuspend, Envelope) of
         ok -> ok;
-        suspend -> await_resume(Node, Key);
+        suspend -> suspended(Node, Kind, Key);
         not_connected -> not_connected;
-        too_large -> {error, too_large};
-        unsupported_by_peer -> {error, unsupported_by_peer};
-        busy -> {error, busy}
+        Refused -> refused(Node, Kind, Refused)
     end.
+
+refused(Node, Kind, Reason) ->
+    teleport_telemetry:execute([teleport, frame, refused], #{count => 1},
+                               #{node => Node, kind => Kind, reason => Reason}),
+    {error, Reason}.
+
+suspended(Node, Kind, Key) ->
+    Metadata = #{node => Node, kind => Kind},
+    Start = erlang:monotonic_time(),
+    teleport_telemetry:execute([teleport, send, suspended],
+                               #{monotonic_time => Start}, Metadata),
+    ok = await_resume(Node, Key),
+    teleport_telemetry:execute([teleport, send, resumed],
+                               #{duration => erlang:monotonic_time() - Start}, Metadata).
 
 %% Queued, but the connection is over its byte limit: wait until it drains (or
 %% closes) before this process may send more. The NIF's wake-up can be lost (the

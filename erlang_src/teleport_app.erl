@@ -17,6 +17,9 @@ start(_Type, _Args) ->
     case safe_to_start() of
         ok ->
             ok = teleport_log:add_default_handler_filter(),
+            %% Loaded (its atoms made) now rather than at the first event, which a
+            %% peer's failed handshake may cause; and telemetry looked for once.
+            _ = teleport_telemetry:enabled(),
             teleport_sup:start_link();
         {error, Reason} = Error ->
             ?LOG_ERROR(#{what => refusing_to_start, reason => Reason,

@@ -84,7 +84,22 @@ record_outcome(Node, {error, Reason}, Failures) ->
                 #{Node := {Previous, _, _}} -> min(2 * Previous, ?BACKOFF_MAX_MS);
                 #{} -> ?BACKOFF_MIN_MS
             end,
+    failure_events(Node, Reason, Delay),
     Failures#{Node => {Delay, erlang:monotonic_time(millisecond) + Delay, Reason}}.
+
+%% Telemetry (doc/telemetry.md): the peer refused our handshake, or we its; and
+%% the backoff any failed open starts.
+failure_events(Node, Reason, Delay) ->
+    case Reason of
+        {handshake, Why} ->
+            teleport_telemetry:execute([teleport, handshake, refused], #{count => 1},
+                                       #{direction => outbound, node => Node, reason => Why});
+        _ ->
+            ok
+    end,
+    teleport_telemetry:execute([teleport, peer, backoff],
+                               #{delay => erlang:convert_time_unit(Delay, millisecond, native)},
+                               #{node => Node, reason => Reason}).
 
 %% @doc The worker's body: its exit reason carries the outcome to the connector.
 -spec open_worker(node(), address()) -> no_return().

@@ -1,5 +1,5 @@
 %% @private
-%% @doc Decodes, on a dirty scheduler, the frames a reader thread may not build
+%% @doc Decodes, on a dirty scheduler, the frames an I/O thread may not build
 %% itself (a map of over 32 keys on a VM that cannot build one off a scheduler;
 %% see native/teleport_nif/src/decode.rs), and delivers them from there.
 %%

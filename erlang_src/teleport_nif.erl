@@ -56,7 +56,9 @@ stats() -> erlang:nif_error(nif_not_loaded).
 encode(_Term) -> erlang:nif_error(nif_not_loaded).
 
 %% @doc encode/1, and how: the work units counted and whether it ran inline (on
-%% the calling scheduler) or on a dirty scheduler (tests, budget calibration).
+%% the calling scheduler) or on a dirty scheduler (tests, budget calibration). Only
+%% in the NIF teleport's own tests build (cargo feature `test-hooks'); elsewhere it
+%% raises `nif_not_loaded'.
 -spec encode_measured(term()) -> {[binary()], non_neg_integer(), inline | dirty}.
 encode_measured(_Term) -> erlang:nif_error(nif_not_loaded).
 
@@ -76,7 +78,7 @@ decode(_Bin) -> erlang:nif_error(nif_not_loaded).
 -spec listener_stats() -> #{atom() => non_neg_integer()}.
 listener_stats() -> erlang:nif_error(nif_not_loaded).
 
-%% @doc Decodes and delivers a frame a reader thread handed over (teleport_decoder).
+%% @doc Decodes and delivers a frame an I/O thread handed over (teleport_decoder).
 -spec deliver_frame(reference(), binary()) -> ok.
 deliver_frame(_Ticket, _Frame) -> erlang:nif_error(nif_not_loaded).
 
@@ -101,5 +103,7 @@ pool_token(_Node) -> erlang:nif_error(nif_not_loaded).
 confirm_pool(_Ticket, _Confirmed) -> erlang:nif_error(nif_not_loaded).
 
 %% @doc Test-only fault injection: the event pump loses its next `Count' messages.
+%% Only in the NIF teleport's own tests build (cargo feature `test-hooks');
+%% elsewhere it raises `nif_not_loaded'.
 -spec debug_drop_events(non_neg_integer()) -> ok.
 debug_drop_events(_Count) -> erlang:nif_error(nif_not_loaded).

@@ -1,5 +1,5 @@
 %% @private
-%% @doc Supervises the processes reader threads hand work to: the reply relays
+%% @doc Supervises the processes the NIF's I/O threads hand work to: the reply relays
 %% (calls) and the decoders (frames decoded on a dirty scheduler), one_for_one:
 %% one that crashes is restarted alone, without touching the runtime and its pools.
 -module(teleport_relay_sup).

@@ -115,7 +115,25 @@ call(Dest, M, F, A, Options) when is_atom(M), is_atom(F), is_list(A) ->
             erpc:call(Node, M, F, A, local_timeout(Options));
         {Node, Key} ->
             {Timeout, Compression} = options(Options),
-            raise(remote_call(Node, Key, {M, F, A}, Timeout, Compression, #{}));
+            Call = fun() -> raise(remote_call(Node, Key, {M, F, A}, Timeout, Compression, #{})) end,
+            case teleport_telemetry:enabled() of
+                false ->
+                    Call();
+                true ->
+                    Metadata = #{call => rpc, node => Node, destination => Dest,
+                                 destination_kind => case Key of
+                                                         none -> node;
+                                                         {key, _} -> key
+                                                     end,
+                                 mfa => {M, F, length(A)},
+                                 request_size => erlang:external_size(A), timeout => Timeout},
+                    teleport_telemetry:span(
+                      [teleport, call], Metadata,
+                      fun() ->
+                              Result = Call(),
+                              {Result, Metadata#{reply_size => erlang:external_size(Result)}}
+                      end)
+            end;
         badarg ->
             error({erpc, badarg})
     end;

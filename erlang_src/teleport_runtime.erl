@@ -44,7 +44,8 @@ init([]) ->
         {ok, Addr} ->
             ok = net_kernel:monitor_nodes(true),
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),
-            {ok, #{address => Addr}};
+            %% undeliverable: per peer, the total of the last undeliverable event.
+            {ok, #{address => Addr, undeliverable => #{}}};
         {error, Reason} ->
             %% Bad TLS files among others: application:start/1 returns the error.
             ?LOG_ERROR(#{what => listen_failed, reason => Reason}, ?META),
@@ -73,7 +74,7 @@ handle_cast(_Request, State) ->
 
 handle_info({teleport_event, Event}, State) ->
     log_event(Event),
-    {noreply, State};
+    {noreply, telemetry_event(Event, State)};
 handle_info({teleport_call_undeliverable, {?FORWARD, Ref, Msg}, _}, State)
   when is_reference(Ref) ->
     %% A large RPC outcome for a caller here, and no relay to pass it on.
@@ -128,6 +129,33 @@ pool_confirmed(Peer, Token, Timeout) ->
 
 terminate(_Reason, _State) ->
     teleport_nif:stop().
+
+%% Telemetry events (doc/telemetry.md) for what the Rust side reports.
+telemetry_event({pool_up, Node, Connections}, State) ->
+    teleport_telemetry:execute([teleport, pool, opened], #{connections => Connections},
+                               #{node => Node}),
+    State;
+telemetry_event({pool_down, Node, Reason, Dropped}, State) ->
+    teleport_telemetry:execute([teleport, pool, closed], #{dropped_messages => Dropped},
+                               #{node => Node, reason => Reason}),
+    Dropped > 0 andalso
+        teleport_telemetry:execute([teleport, frame, dropped], #{count => Dropped},
+                                   #{node => Node, direction => out, reason => Reason}),
+    State;
+telemetry_event({handshake_failed, Remote, Reason, Detail, Unreported}, State) ->
+    teleport_telemetry:execute([teleport, handshake, refused], #{count => 1 + Unreported},
+                               #{direction => inbound, remote => Remote, reason => Reason,
+                                 detail => Detail}),
+    State;
+telemetry_event({undeliverable, Node, Reason, Total}, #{undeliverable := Seen} = State) ->
+    %% The NIF reports at most once a second per connection, with the peer's total.
+    Count = Total - maps:get(Node, Seen, 0),
+    Count > 0 andalso
+        teleport_telemetry:execute([teleport, frame, dropped], #{count => Count},
+                                   #{node => Node, direction => in, reason => Reason}),
+    State#{undeliverable := Seen#{Node => max(Total, maps:get(Node, Seen, 0))}};
+telemetry_event(_Other, State) ->
+    State.
 
 log_event({pool_up, Node, Connections}) ->
     ?LOG_INFO(#{what => pool_up, peer => Node, connections => Connections}, ?META);

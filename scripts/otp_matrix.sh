@@ -35,7 +35,7 @@ CACHE=${TELEPORT_OTP_CACHE:-/var/cache/teleport-otp}
 MIRROR=${TELEPORT_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 LOGS=$ROOT/_build/otp_matrix
 PKGS="erlang-nox erlang-dev erlang-common-test erlang-dialyzer erlang-eunit erlang-tools rebar3
-gcc libc6-dev git ca-certificates procps iproute2 openssl"
+gcc libc6-dev git ca-certificates procps iproute2 openssl elixir"
 PKGS=$(echo $PKGS)
 CARGO_SRC=${CARGO_HOME:-$HOME/.cargo}
 RUSTUP_SRC=${RUSTUP_HOME:-$HOME/.rustup}
@@ -254,7 +254,20 @@ run_chroot() {
     mkdir -p "$dir$CARGO_HOME_AT"
     CARGO_HOME="$dir$CARGO_HOME_AT" PATH="$CARGO_SRC/bin:$PATH" \
         cargo fetch --locked --manifest-path "$ROOT/Cargo.toml" || return 1
-    in_root "$dir" bash -c "cd $TREE_AT && ${TELEPORT_MATRIX_CMD:-scripts/test.sh}"
+    copy_peers "$dir$TREE_AT/_build/peers"
+    in_root "$dir" bash -c "cd $TREE_AT && export TELEPORT_PEERS=$TREE_AT/_build/peers && ${TELEPORT_MATRIX_CMD:-scripts/test.sh}"
+}
+
+# The peer projects the tests run against (phoenix_pubsub, telemetry), from beside the
+# checkout ($TELEPORT_PEERS), copied afresh to $1; the tests say they skipped without them.
+copy_peers() {
+    local dest=$1 src=${TELEPORT_PEERS:-$ROOT/../shared/peers} p
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    for p in phoenix_pubsub telemetry; do
+        [ -d "$src/$p" ] && tar -C "$src" --exclude="./$p/_build" -cf - "./$p" | tar -C "$dest" -xf -
+    done
+    return 0
 }
 
 run_mixed() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what teleport needs to build and test, if it is missing: Erlang/OTP from
 # the distribution's Debian packages (bookworm: 25, trixie: 27, sid: 29; teleport
-# supports 25 and later) and rebar3. A Rust toolchain is assumed.
+# supports 25 and later), rebar3, and Elixir (for phoenix_pubsub's suites). A Rust
+# toolchain is assumed.
 set -euo pipefail
 
 need_pkgs=()
@@ -12,6 +13,8 @@ command -v dialyzer >/dev/null 2>&1 || need_pkgs+=(erlang-dialyzer)
 [ -d /usr/lib/erlang/lib ] && ls -d /usr/lib/erlang/lib/common_test-* >/dev/null 2>&1 || need_pkgs+=(erlang-common-test)
 ls -d /usr/lib/erlang/lib/eunit-* >/dev/null 2>&1 || need_pkgs+=(erlang-eunit)
 ls -d /usr/lib/erlang/lib/tools-* >/dev/null 2>&1 || need_pkgs+=(erlang-tools)
+# phoenix_pubsub's suites run with teleport's adapter under Debian's Elixir (scripts/pubsub_test.sh).
+command -v elixir >/dev/null 2>&1 || need_pkgs+=(elixir)
 # tls_SUITE makes its test certificates with the openssl command (skipped without).
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 

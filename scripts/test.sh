@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test and check: Rust format/lint/unit and loopback tests, EUnit, xref,
-# dialyzer, EDoc, and the Common Test suites (peer nodes on loopback; the ring suite
-# runs its short variant here, the full one is scripts/bench.sh).
+# dialyzer, EDoc, the Common Test suites (peer nodes on loopback; the ring suite
+# runs its short variant here, the full one is scripts/bench.sh), and phoenix_pubsub's
+# suites with teleport's adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,10 +13,11 @@ echo "== Erlang/OTP $(erl -noshell -eval 'io:format("~s (~s)", [erlang:system_in
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+echo "== cargo clippy (the release build, then with the test hooks)"
 cargo clippy --locked --workspace --all-targets --release -- -D warnings
+cargo clippy --locked --workspace --all-targets --release --all-features -- -D warnings
 echo "== cargo test"
-cargo test --locked --workspace --release
+cargo test --locked --workspace --release --all-features
 
 echo "== rebar3 eunit"
 rebar3 eunit
@@ -59,3 +61,6 @@ fi
 
 echo "== rebar3 ct"
 scripts/with_epmd.sh rebar3 ct
+
+echo "== phoenix_pubsub's suites with teleport_pubsub (scripts/pubsub_test.sh)"
+scripts/with_epmd.sh scripts/pubsub_test.sh

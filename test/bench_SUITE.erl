@@ -20,16 +20,6 @@
 %%     round trip at a time; the echo answers over the transport the ping came
 %%     by. WARMUP round trips are not recorded. p50 and p99 round trip in
 %%     microseconds; ratio of the p50s.</li>
-%% <li>`head_of_line': small `gen_server:call's over disterl, one at a time,
-%%     from A to an echo gen_server on B (teleport_test_server), for
-%%     DURATION_MS in each of three conditions: (a) idle, (b) while STREAMERS
-%%     processes on A send PAYLOAD_BYTES binaries to a sink on B with
-%%     `teleport:send' without pause, (c) while the same streams go over
-%%     disterl (`erlang:send'). Calls start 200 ms after the streams. After
-%%     each condition the streamers are stopped and the sink (which drops what
-%%     it gets) is waited for until it has received every message sent and its
-%%     message queue is empty. Prints p50 and p99 of each condition, p99
-%%     ratios (b)/(a) and (c)/(a), and ratio = (b)/(c) of the p99s.</li>
 %% <li>`stats_cost': not a comparison. Starts a hub node and STATS_PEERS
 %%     peers, all with `pool_size' 4, opens pools both ways between the hub
 %%     and each peer and sends a few messages each way, then times
@@ -80,11 +70,10 @@
 
 -export([suite/0, all/0, groups/0, init_per_suite/1, end_per_suite/1,
          init_per_group/2, end_per_group/2]).
--export([small_messages/1, latency/1, head_of_line/1, stats_cost/1, big_map/1, call_latency/1]).
+-export([small_messages/1, latency/1, stats_cost/1, big_map/1, call_latency/1]).
 %% Run on the peers.
 -export([small_run/5, small_sender/5, counting_sink/2,
          latency_run/5, latency_echo/1,
-         hol_run/5, streamer/4, dropping_sink/1,
          stats_run/1, call_run/3, big_map_run/2, big_map_receiver/1, b2t_micros/1]).
 
 -define(ECHO_SERVER, bench_echo_server).
@@ -100,7 +89,7 @@ suite() ->
 all() -> [{group, short}].
 
 groups() ->
-    Cases = [small_messages, latency, call_latency, head_of_line, stats_cost, big_map],
+    Cases = [small_messages, latency, call_latency, stats_cost, big_map],
     [{short, [], Cases},
      {full, [], Cases}].
 
@@ -133,8 +122,8 @@ init_per_suite(Config) ->
                     end_per_suite(Config1),
                     erlang:raise(Class2, Reason2, Stack2)
             end;
-        {skip, _} = Skip ->
-            Skip
+        {fail, _} = Fail ->
+            Fail
     end.
 
 end_per_suite(Config) ->
@@ -160,20 +149,17 @@ start_peer(Prefix, AppEnv) ->
 init_per_group(short, Config) ->
     [{params, params(#{small_total => 2000, latency_rounds => 500, latency_warmup => 50,
                        blocks => 2,
-                       hol_duration_ms => 1000, hol_payload_bytes => 1 bsl 20,
                        stats_peers => 1, stats_calls => 100})} | Config];
 init_per_group(full, Config) ->
     [{params, params(#{small_total => 1200000, latency_rounds => 20000, latency_warmup => 1000,
                        blocks => 6,
-                       hol_duration_ms => 10000, hol_payload_bytes => 10 bsl 20,
                        stats_peers => 5, stats_calls => 1000})} | Config].
 
 end_per_group(_Group, _Config) ->
     ok.
 
 params(GroupDefaults) ->
-    Defaults = maps:merge(#{small_senders => [1, 8], small_bytes => 100, latency_bytes => 32,
-                            hol_streamers => 4},
+    Defaults = maps:merge(#{small_senders => [1, 8], small_bytes => 100, latency_bytes => 32},
                           GroupDefaults),
     Int = fun(Var, Key) ->
                   case os:getenv(Var) of
@@ -192,9 +178,6 @@ params(GroupDefaults) ->
       latency_warmup => Int("BENCH_LATENCY_WARMUP", latency_warmup),
       blocks => Int("BENCH_BLOCKS", blocks),
       latency_bytes => Int("BENCH_LATENCY_BYTES", latency_bytes),
-      hol_duration_ms => Int("BENCH_HOL_DURATION_MS", hol_duration_ms),
-      hol_streamers => Int("BENCH_HOL_STREAMERS", hol_streamers),
-      hol_payload_bytes => Int("BENCH_HOL_PAYLOAD_BYTES", hol_payload_bytes),
       stats_peers => Int("BENCH_STATS_PEERS", stats_peers),
       stats_calls => Int("BENCH_STATS_CALLS", stats_calls)}.
 
@@ -365,152 +348,6 @@ latency_echo_loop() ->
         {ping, Transport, From, Payload} ->
             ok = transmit(Transport, From, {pong, Payload}),
             latency_echo_loop()
-    end.
-
-%%--------------------------------------------------------------------
-%% head_of_line
-
-head_of_line(Config) ->
-    #{hol_duration_ms := Duration, hol_streamers := Streamers, hol_payload_bytes := Bytes} =
-        ?config(params, Config),
-    A = ?config(a, Config),
-    B = ?config(b, Config),
-    {ok, Server} = erpc:call(B, teleport_test_server, start, [?ECHO_SERVER]),
-    try
-        Stats = maps:from_list(
-                  [begin
-                       #{latencies := Lats, streamed := Streamed} = R =
-                           on(A, hol_run, [Condition, B, Streamers, Bytes, Duration]),
-                       ?assert(Lats =/= [], {no_calls, Condition}),
-                       Sorted = lists:sort(Lats),
-                       S = {percentile(Sorted, 50), percentile(Sorted, 99)},
-                       ct:pal("head_of_line ~p: ~b calls, p50 ~.1f us, p99 ~.1f us, max ~.1f us; "
-                              "streamed ~b messages (~.1f MiB/s) in ~b ms",
-                              [Condition, length(Lats), element(1, S), element(2, S),
-                               lists:last(Sorted), Streamed,
-                               Streamed * Bytes / 1048576 / max(1, maps:get(stream_ms, R)) * 1000,
-                               maps:get(stream_ms, R)]),
-                       {Condition, S}
-                   end || Condition <- [idle, teleport, disterl]]),
-        #{idle := {P50I, P99I}, teleport := {P50T, P99T}, disterl := {P50D, P99D}} = Stats,
-        summary("bench head_of_line streamers=~b payload=~b duration_ms=~b "
-                "idle p50 ~.1f us p99 ~.1f us: "
-                "disterl p50 ~.1f us p99 ~.1f us (p99/idle ~.1f), "
-                "teleport p50 ~.1f us p99 ~.1f us (p99/idle ~.1f), ratio ~.3f",
-                [Streamers, Bytes, Duration, P50I, P99I,
-                 P50D, P99D, P99D / P99I, P50T, P99T, P99T / P99I, P99T / P99D])
-    after
-        exit(Server, kill)
-    end.
-
-%% On A. Condition is idle, or the transport the streams use. Returns the
-%% call latencies (us) and how many messages were streamed (all of them
-%% received and dropped by the sink before this returns).
-hol_run(Condition, B, Streamers, Bytes, Duration) ->
-    Self = self(),
-    Server = {?ECHO_SERVER, B},
-    %% One call first: the server answers, the connection is up.
-    ok = gen_server:call(Server, {echo, ok}, ?CALL_TIMEOUT),
-    {Sink, Pids} =
-        case Condition of
-            idle ->
-                {undefined, []};
-            Transport ->
-                S = spawn_link(B, ?MODULE, dropping_sink, [Self]),
-                {S, [spawn_link(?MODULE, streamer, [Self, Transport, S, Bytes])
-                     || _ <- lists:seq(1, Streamers)]}
-        end,
-    try
-        _ = [await({sink_ready, Sink}) || Sink =/= undefined],
-        _ = [await({streamer_ready, Pid}) || Pid <- Pids],
-        S0 = erlang:monotonic_time(),
-        _ = [Pid ! go || Pid <- Pids],
-        _ = [timer:sleep(?STREAM_RAMP_MS) || Pids =/= []],
-        Deadline = erlang:monotonic_time() + erlang:convert_time_unit(Duration, millisecond, native),
-        Lats = calls(Server, Deadline, []),
-        _ = [Pid ! stop || Pid <- Pids],
-        Streamed = lists:sum([stream_count(Pid) || Pid <- Pids]),
-        S1 = erlang:monotonic_time(),
-        drain(Sink, Streamed, B),
-        #{latencies => Lats, streamed => Streamed, stream_ms => micros(S1 - S0) div 1000}
-    after
-        kill([Sink || Sink =/= undefined] ++ Pids)
-    end.
-
-calls(Server, Deadline, Acc) ->
-    T0 = erlang:monotonic_time(),
-    case T0 >= Deadline of
-        true ->
-            Acc;
-        false ->
-            Ref = make_ref(),
-            Ref = gen_server:call(Server, {echo, Ref}, ?CALL_TIMEOUT),
-            T1 = erlang:monotonic_time(),
-            calls(Server, Deadline, [micros_float(T1 - T0) | Acc])
-    end.
-
-stream_count(Pid) ->
-    receive
-        {streamed, Pid, N, []} -> N;
-        {streamed, Pid, N, Errors} -> error({stream_send_errors, Pid, {sent, N}, Errors})
-    after ?STEP_TIMEOUT ->
-            error({streamer_did_not_stop, Pid})
-    end.
-
-%% Every streamed message has reached the sink and its queue is empty.
-drain(undefined, 0, _B) ->
-    ok;
-drain(Sink, Expected, B) ->
-    erlang:send(Sink, {expect, Expected, self()}),
-    receive
-        {drained, Sink, Expected} -> ok;
-        {drained, Sink, Other} -> error({sink_count, {expected, Expected}, {received, Other}})
-    after ?STEP_TIMEOUT ->
-            error({sink_not_drained, Expected})
-    end,
-    wait_empty(Sink, B, ?STEP_TIMEOUT div 10).
-
-wait_empty(Sink, _B, 0) ->
-    error({sink_queue_not_empty, Sink});
-wait_empty(Sink, B, Tries) ->
-    case erpc:call(B, erlang, process_info, [Sink, message_queue_len]) of
-        {message_queue_len, 0} ->
-            ok;
-        {message_queue_len, _} ->
-            timer:sleep(10),
-            wait_empty(Sink, B, Tries - 1)
-    end.
-
-streamer(Driver, Transport, Sink, Bytes) ->
-    Payload = payload(Bytes),
-    Driver ! {streamer_ready, self()},
-    receive go -> ok end,
-    stream(Driver, Transport, Sink, Payload, 0, []).
-
-stream(Driver, Transport, Sink, Payload, Sent, Errors) ->
-    receive
-        stop ->
-            Driver ! {streamed, self(), Sent, lists:usort(Errors)}
-    after 0 ->
-            case transmit(Transport, Sink, Payload) of
-                ok -> stream(Driver, Transport, Sink, Payload, Sent + 1, Errors);
-                Error -> stream(Driver, Transport, Sink, Payload, Sent, [Error | Errors])
-            end
-    end.
-
-%% On B. Drops binaries; answers {expect, N, From} (sent over disterl, so it
-%% can overtake teleport's traffic) once it has received N of them.
-dropping_sink(Driver) ->
-    Driver ! {sink_ready, self()},
-    drop_loop(0, none).
-
-drop_loop(N, {Expected, From}) when N >= Expected ->
-    erlang:send(From, {drained, self(), N}),
-    drop_loop(N, none);
-drop_loop(N, Expect) ->
-    receive
-        Bin when is_binary(Bin) -> drop_loop(N + 1, Expect);
-        {expect, Expected, From} -> drop_loop(N, {Expected, From})
     end.
 
 %%--------------------------------------------------------------------

@@ -96,7 +96,7 @@ groups() ->
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("protocol") of
         ok -> Config;
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 end_per_suite(_Config) ->

@@ -92,7 +92,7 @@ all() ->
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("decoder_ct") of
         ok -> start_suite(Config);
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 start_suite(Config) ->

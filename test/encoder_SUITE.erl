@@ -84,7 +84,7 @@ all() ->
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("encoder_ct") of
         ok -> start_suite(Config);
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 start_suite(Config) ->
@@ -353,7 +353,7 @@ sends_arrive(Config) ->
              {big_binary, Bin},
              {sub_binary, binary:part(Bin, 7, 5 * ?MiB)},
              {map_with_both, #{list => [{I, I} || I <- lists:seq(1, 100000)], bin => Bin}},
-             %% Maps over 128 keys are made by the receiver's reader thread: on a VM with
+             %% Maps over 128 keys are made by the receiver's I/O thread: on a VM with
              %% erlang/otp GH-8208 (OTP 25.2) that crashes unless built key by key.
              {map_of_200, maps:from_list([{{k, I}, I} || I <- lists:seq(1, 200)])},
              {map_of_100000, maps:from_list([{I, <<I:32>>} || I <- lists:seq(1, 100000)])},

@@ -67,7 +67,7 @@ groups() ->
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("faults") of
         ok -> Config;
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 end_per_suite(_Config) ->

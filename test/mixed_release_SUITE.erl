@@ -63,7 +63,7 @@ init_per_suite(Config) ->
         Erl ->
             case teleport_test_peer:start_local_teleport("mixed_ct") of
                 ok -> start_suite(Erl, Config);
-                {skip, _} = Skip -> Skip
+                {fail, _} = Fail -> Fail
             end
     end.
 

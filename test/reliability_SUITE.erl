@@ -116,8 +116,8 @@ init_per_suite(Config) ->
         ok ->
             Started = not WasDistributed andalso node() =/= nonode@nohost,
             [{tracker, start_tracker()}, {started_distribution, Started} | Config];
-        {skip, _} = Skip ->
-            Skip
+        {fail, _} = Fail ->
+            Fail
     end.
 
 end_per_suite(Config) ->

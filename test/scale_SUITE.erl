@@ -119,7 +119,7 @@ groups() ->
 init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok -> Config;
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 end_per_suite(_Config) ->

@@ -50,7 +50,7 @@ all() ->
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("security") of
         ok -> Config;
-        {skip, _} = Skip -> Skip
+        {fail, _} = Fail -> Fail
     end.
 
 end_per_suite(_Config) ->

@@ -115,8 +115,8 @@ init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok ->
             start_suite(Config);
-        {skip, _} = Skip ->
-            Skip
+        {fail, _} = Fail ->
+            Fail
     end.
 
 start_suite(Config) ->

@@ -92,7 +92,7 @@ tls_test() ->
                                                       ciphers => [<<"TLS_AES_128_GCM_SHA256">>]})),
     Bad = [enabled, #{}, maps:remove(cacertfile, Files), Files#{certfile => ""},
            Files#{keyfile => 42}, Files#{verify => sometimes}, Files#{server_name_check => yes},
-           Files#{client_name_check => 'maybe'},
+           Files#{client_name_check => sometimes},
            Files#{ciphers => []}, Files#{ciphers => ["TLS_RSA_WITH_RC4_128_MD5"]},
            Files#{ciphers => "TLS_AES_128_GCM_SHA256"}, Files#{versions => ['tlsv1.3']}],
     [?assertError({invalid_config, tls, _}, teleport_config:validate(tls, B)) || B <- Bad].

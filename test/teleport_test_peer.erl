@@ -114,9 +114,10 @@ stop(Peer) when is_pid(Peer) ->
 
 %% @doc Makes this node distributed with long names if it is not already.
 %% Does not start epmd: whoever runs the tests provides it (scripts/with_epmd.sh).
-%% Returns `{skip, Reason}' when that is impossible, so that a suite's
-%% init_per_suite can return it as is.
--spec ensure_distributed() -> ok | {skip, term()}.
+%% Returns `{fail, Reason}' when that is impossible, so that a suite's
+%% init_per_suite can return it as is: a run without epmd fails, rather than
+%% passing having run nothing.
+-spec ensure_distributed() -> ok | {fail, term()}.
 ensure_distributed() ->
     case node() of
         nonode@nohost ->
@@ -128,7 +129,7 @@ ensure_distributed() ->
                 {error, {already_started, _}} ->
                     ok;
                 {error, Reason} ->
-                    {skip, {not_distributed,
+                    {fail, {not_distributed,
                             "could not make this node distributed as " ++ atom_to_list(Name)
                             ++ " (is epmd running? scripts/with_epmd.sh starts one)",
                             Reason}}
@@ -138,7 +139,7 @@ ensure_distributed() ->
                 true ->
                     ok;
                 _ ->
-                    {skip, {not_longnames, Node,
+                    {fail, {not_longnames, Node,
                             "peers run as name@127.0.0.1 with long names: start the test "
                             "node with -name, or not distributed at all"}}
             end
@@ -147,12 +148,12 @@ ensure_distributed() ->
 %% @doc Makes this node distributed (as `Prefix<unique>@127.0.0.1' if it is not
 %% yet: other test runs on the machine share its epmd) and (re)starts teleport in
 %% it, listening on 127.0.0.1.
--spec start_local_teleport(string()) -> ok | {skip, term()}.
+-spec start_local_teleport(string()) -> ok | {fail, term()}.
 start_local_teleport(Prefix) ->
     start_local_teleport(Prefix, #{}).
 
 %% @doc As start_local_teleport/1, with `AppEnv' set (persistently) before the start.
--spec start_local_teleport(string(), app_env()) -> ok | {skip, term()}.
+-spec start_local_teleport(string(), app_env()) -> ok | {fail, term()}.
 start_local_teleport(Prefix, AppEnv) ->
     _ = case node() of
             nonode@nohost ->
@@ -172,8 +173,8 @@ start_local_teleport(Prefix, AppEnv) ->
              || {Key, Value} <- maps:to_list(AppEnv#{listen_ip => {127, 0, 0, 1}})],
             {ok, _} = application:ensure_all_started(teleport),
             ok;
-        {skip, _} = Skip ->
-            Skip
+        {fail, _} = Fail ->
+            Fail
     end.
 
 %% @doc Undoes start_local_teleport/1 (the node stays distributed).

@@ -135,8 +135,8 @@ init_per_suite(Config) ->
             Holder = spawn(?MODULE, results_holder, [self()]),
             receive {Holder, ready} -> ok end,
             [{results_holder, Holder} | Config];
-        {skip, _} = Skip ->
-            Skip
+        {fail, _} = Fail ->
+            Fail
     end.
 
 end_per_suite(Config) ->

@@ -35,7 +35,7 @@ init_per_suite(Config) ->
         _ ->
             case teleport_test_peer:ensure_distributed() of
                 ok -> start_suite(Config);
-                {skip, _} = Skip -> Skip
+                {fail, _} = Fail -> Fail
             end
     end.
 

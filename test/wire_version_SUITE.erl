@@ -43,7 +43,7 @@ init_per_suite(Config) ->
             true = filelib:is_dir(Ebin),
             case teleport_test_peer:start_local_teleport("version") of
                 ok -> [{old_ebin, Ebin} | Config];
-                {skip, _} = Skip -> Skip
+                {fail, _} = Fail -> Fail
             end
     end.
 

@@ -36,7 +36,7 @@ pub struct Config {
     /// small chunks help other traffic's latency and cost bulk throughput (ring ~15%
     /// slower at 256 KiB), see BENCHMARKS.md.
     pub io_chunk_bytes: usize,
-    /// Of the writer threads and the inbound readers (see `thread_priority`).
+    /// Of the I/O threads (see `thread_priority`).
     pub io_thread_priority: IoThreadPriority,
     /// How long an inbound reader that finds its socket empty polls it (yielding the core
     /// to any thread that wants it) before sleeping in the kernel; zero never polls. Only

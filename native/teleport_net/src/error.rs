@@ -192,12 +192,35 @@ pub(crate) fn ended_early(thread: &str) -> String {
     }
 }
 
+/// An i/o failure we name ourselves (a TLS failure: `tls_unknown_ca`, ...), with the
+/// words of whoever found it, for logs.
+#[derive(Debug)]
+pub(crate) struct NamedFailure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for NamedFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for NamedFailure {}
+
+/// An i/o error that `io_reason` names `reason`.
+// Only TLS names its failures, and TLS is built on Linux and FreeBSD only.
+#[cfg_attr(not(any(target_os = "linux", target_os = "freebsd")), allow(dead_code))]
+pub(crate) fn named_failure(reason: &'static str, message: String) -> io::Error {
+    io::Error::other(NamedFailure { reason, message })
+}
+
 /// A stable name for an i/o error, as Erlang's inet names them (`econnrefused`,
-/// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream.
+/// `emfile`, ...); `timeout` for a timeout, `closed` for an end of stream; a
+/// `named_failure`'s own name.
 pub fn io_reason(e: &io::Error) -> &'static str {
-    // A TLS failure keeps its own name (`tls_unknown_ca`, ...).
-    if let Some(name) = crate::tls::failure_reason(e) {
-        return name;
+    if let Some(named) = e.get_ref().and_then(|inner| inner.downcast_ref::<NamedFailure>()) {
+        return named.reason;
     }
     if let Some(name) = e.raw_os_error().and_then(errno_name) {
         return name;

@@ -20,6 +20,11 @@ pub const EXPRESS_MAX: usize = 64 * 1024;
 /// Most bytes of a bulk body one `BulkChunk` carries.
 pub const CHUNK_MAX: usize = 256 * 1024;
 
+/// A `PoolEpoch` body: which pool of which runtime a connection belongs to, the
+/// runtime's random incarnation and a per-runtime pool counter.
+pub type PoolToken = [u8; POOL_TOKEN_LEN];
+pub const POOL_TOKEN_LEN: usize = 16;
+
 /// A `BulkStart` body: `[u8 kind][u32 big-endian body length]`.
 pub const BULK_START_LEN: usize = 5;
 
@@ -140,6 +145,37 @@ impl FrameHeader {
         }
         let kind = FrameKind::from_byte(bytes[4]).ok_or(FrameError::UnknownKind(bytes[4]))?;
         Ok(FrameHeader { kind, body_len })
+    }
+}
+
+/// The bytes of one frame body, possibly scattered (e.g. an encoded term whose
+/// large binaries are referenced in place). They must stay valid while `self` lives;
+/// dropping `self` is what releases them, after they are on the wire.
+pub trait FrameBody: Send {
+    fn len(&self) -> usize;
+    /// The body's pieces in order; after `embed_header` returned true, the header first.
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>);
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A body with `HEADER_LEN` spare bytes in front of its first piece can take the
+    /// frame header there, so a small frame is one slice (one `send`, no vector to
+    /// build). Returns false if it cannot.
+    fn embed_header(&mut self, _header: &[u8; HEADER_LEN]) -> bool {
+        false
+    }
+    /// All of it (with the header, once embedded) if it is one slice.
+    fn contiguous(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+impl FrameBody for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
+        out.push(self);
     }
 }
 

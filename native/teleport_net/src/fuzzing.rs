@@ -5,13 +5,13 @@
 
 use crate::etf::read::ReadError;
 use crate::etf::value::{read_value, Value};
+use crate::frame_reader::parse_stream;
 use crate::framing::FrameKind;
 use crate::handshake::{
     accept_challenge, accept_hello, challenge_body, check_client_proof, check_server_proof, client_nonce,
     client_proof_body, encode_hello, encode_message, message_len, Capabilities, HandshakeError, Nonce,
     Transcript, PROTOCOL_VERSION, TAG_CHALLENGE, TAG_CLIENT_PROOF, TAG_HELLO, TAG_SERVER_PROOF,
 };
-use crate::inbound::parse_stream;
 use crate::runtime::POOL_TOKEN_LEN;
 
 /// The fixed parties of the handshake target (a real handshake draws its nonces at random).
@@ -91,7 +91,7 @@ pub struct FramesOutcome {
     pub end: Result<(), String>,
 }
 
-/// An authenticated inbound stream, as a reader thread sees it: the pool token
+/// An authenticated inbound stream, as its I/O thread's frame reader sees it: the pool token
 /// frame, then frames (header checks, `max_frame_bytes` = `MAX_FRAME`) whose
 /// bodies are read as terms.
 pub fn frames(data: &[u8]) -> FramesOutcome {

@@ -1520,8 +1520,22 @@ mod tests {
             let srv = spawn_server(server, COOKIE, Duration::from_secs(5));
             client.write_all(&wire).unwrap();
             drop(client);
-            let result = srv.join().unwrap();
-            assert!(result.is_err(), "garbage #{i} was accepted: {result:?}");
+            // A whole message of garbage is refused by the parser, before any proof is
+            // asked for; raw garbage ends the handshake at the end of the stream at the
+            // latest. Neither waits for the deadline.
+            match (srv.join().unwrap(), i % 2 == 1) {
+                (
+                    Err(
+                        HandshakeError::Malformed(_)
+                        | HandshakeError::Oversized(_)
+                        | HandshakeError::BadNodeName
+                        | HandshakeError::Version { .. },
+                    ),
+                    true,
+                ) => {}
+                (Err(e), false) if !matches!(e, HandshakeError::Timeout) => {}
+                (other, framed) => panic!("garbage #{i} (whole message: {framed}): {other:?}"),
+            }
         }
     }
 

@@ -5,9 +5,9 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use crate::conn_ref::Slot;
 use crate::error::CloseReason;
 use crate::framing::FrameKind;
+use crate::io_slot::Slot;
 
 /// How one arriving frame ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -156,7 +156,7 @@ pub trait Host: Send + Sync + 'static {
     /// token can be too). `resume` reports the answer: `Ok(Delivery::Delivered)` for yes;
     /// anything else, or dropping it, is no (the connection closes). Must not block. By
     /// default (a host that cannot ask the peer), `newer`.
-    fn confirm_pool(&self, _peer: &str, _token: crate::pool::PoolToken, newer: bool, resume: Resume) {
+    fn confirm_pool(&self, _peer: &str, _token: crate::framing::PoolToken, newer: bool, resume: Resume) {
         resume.finish(if newer {
             Ok(Delivery::Delivered)
         } else {

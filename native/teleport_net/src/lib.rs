@@ -3,30 +3,33 @@
 //! socket from a fixed set of threads, handshake and framing. The NIF crate plugs the
 //! VM in through `host::Host`.
 //!
-//! Data path, in the order a message travels: `Runtime::send` -> `Connection::enqueue`
+//! Data path, in the order a message travels: `Runtime::send` -> `SendQueue::enqueue`
 //! (a direct write, or the queue) -> the connection's I/O thread (`engine/`,
-//! `Connection::flush`) -> socket -> the peer's I/O thread -> `inbound.rs` (frame
+//! `SendQueue::flush`) -> socket -> the peer's I/O thread -> `inbound.rs` (frame
 //! reader) -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
 
 pub mod config;
-mod conn_ref;
-pub mod connection;
 mod engine;
 pub mod error;
 pub mod etf;
 pub mod failure_log;
 #[doc(hidden)]
 pub mod faults;
+mod frame_reader;
 pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
 pub mod host;
 mod inbound;
+mod inbound_pools;
+mod io_slot;
 mod listener;
 pub mod pool;
 pub mod runtime;
 pub mod send_buffer;
+pub mod send_queue;
+mod socket;
 pub mod stats;
 pub mod thread_priority;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
@@ -36,12 +39,13 @@ pub mod tls;
 pub mod tls;
 
 pub use config::{Config, TlsConfig};
-pub use conn_ref::Slot;
-pub use connection::{FrameBody, OutFrame};
 pub use error::{CloseReason, Detail, OpenError};
+pub use framing::FrameBody;
 pub use framing::FrameKind;
 pub use host::{BodyBuffer, Callback, Deferral, Delivery, Event, FrameHandler, Host, Resume};
+pub use io_slot::Slot;
 pub use runtime::{ListenerStats, OpenStatus, Runtime, SendError, Sent};
 pub use send_buffer::SendBuffer;
+pub use send_queue::OutFrame;
 pub use stats::{ConnDirection, ConnStatsSnapshot, PeerStatsSnapshot};
 pub use thread_priority::IoThreadPriority;

@@ -9,15 +9,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::connection::Connection;
 use crate::error::{CloseReason, OpenError};
 use crate::host::Callback;
+use crate::send_queue::SendQueue;
 use crate::stats::{ConnStatsSnapshot, PeerStats};
 
-/// Which pool of which runtime a connection belongs to: the runtime's random
-/// incarnation and a per-runtime pool counter.
-pub type PoolToken = [u8; POOL_TOKEN_LEN];
-pub const POOL_TOKEN_LEN: usize = 16;
+pub use crate::framing::{PoolToken, POOL_TOKEN_LEN};
 
 /// At most this many connections of one pool connect and handshake at once. The peer
 /// closes at accept what goes over its cap of handshakes per source
@@ -33,9 +30,9 @@ pub struct Pool {
     size: usize,
     pub(crate) stats: Arc<PeerStats>,
     /// Set once every connection is up: the pool is published.
-    connections: OnceLock<Vec<Arc<Connection>>>,
+    connections: OnceLock<Vec<Arc<SendQueue>>>,
     /// While dialing: the connections up so far by slot, and the next slot to dial.
-    dialing: Mutex<(Vec<Option<Arc<Connection>>>, usize)>,
+    dialing: Mutex<(Vec<Option<Arc<SendQueue>>>, usize)>,
     closing: AtomicBool,
     /// First reason given for closing; reported once every connection has ended.
     close_reason: Mutex<Option<CloseReason>>,
@@ -93,7 +90,7 @@ impl Pool {
     }
 
     /// Slot `index`'s connection is authenticated and running.
-    pub(crate) fn joined(&self, index: usize, conn: Arc<Connection>) -> Joined {
+    pub(crate) fn joined(&self, index: usize, conn: Arc<SendQueue>) -> Joined {
         let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
         // Checked under the lock `begin_close` takes to shut connections down.
         if self.is_closing() {
@@ -114,7 +111,7 @@ impl Pool {
 
     /// The connection for a sender's key (e.g. a hash of its pid); `None` before the
     /// pool is complete.
-    pub fn connection(&self, key: u64) -> Option<&Arc<Connection>> {
+    pub fn connection(&self, key: u64) -> Option<&Arc<SendQueue>> {
         let connections = self.connections.get()?;
         connections.get((key % connections.len() as u64) as usize)
     }
@@ -303,7 +300,7 @@ impl Pools {
     }
 
     /// The connection `key` picks in `peer`'s pool, if it is up.
-    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
+    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<SendQueue>> {
         let pools = self.pools.read().unwrap_or_else(|p| p.into_inner());
         pools.get(peer)?.live()?.connection(key).cloned()
     }

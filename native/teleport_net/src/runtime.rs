@@ -10,12 +10,12 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::connection::{Connection, Enqueued, OutFrame};
 use crate::engine::{Engine, Services};
 use crate::error::{CloseReason, OpenError};
 use crate::host::{Callback, Host};
 use crate::listener::bind;
 use crate::pool::{Opened, Pool};
+use crate::send_queue::{Enqueued, OutFrame, SendQueue};
 use crate::stats::PeerStatsSnapshot;
 use crate::thread_priority::IoThreadPriority;
 
@@ -63,7 +63,7 @@ pub enum SendError {
 /// A frame was queued; `OverLimit` carries the connection to wait on.
 pub enum Sent {
     Queued,
-    OverLimit(Arc<Connection>),
+    OverLimit(Arc<SendQueue>),
 }
 
 impl Runtime {
@@ -134,7 +134,7 @@ impl Runtime {
     /// message is encoded, so a message for a node not connected yet is not encoded twice.
     /// A closing pool is not up: a frame queued on it would only be counted as dropped,
     /// while `NotConnected` tells the sender, which can open a new pool.
-    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<Connection>> {
+    pub fn connection(&self, peer: &str, key: u64) -> Option<Arc<SendQueue>> {
         self.services.pools.connection(peer, key)
     }
 
@@ -142,7 +142,7 @@ impl Runtime {
     /// `nosuspend`, refuses (`SendError::Busy`) instead of queueing past the limit.
     pub fn send_on(
         &self,
-        conn: Arc<Connection>,
+        conn: Arc<SendQueue>,
         key: u64,
         frame: OutFrame,
         nosuspend: bool,

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use mio::net::TcpStream;
 
+use crate::socket;
+
 /// How an outbound connection's send buffer is sized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendBuffer {
@@ -34,43 +36,38 @@ pub const AUTO_MAX_RTT: Duration = Duration::from_millis(1);
 
 /// Bytes not yet sent that the kernel takes on an outbound connection before a write
 /// fails with `WouldBlock` (Linux `TCP_NOTSENT_LOWAT`; the socket is writable again
-/// below it). A frame written now waits behind what the kernel holds not yet sent, so
-/// this bounds how long an express frame waits behind bulk already handed to the
-/// kernel: about 1 ms at 1 Gbit/s. Bytes in flight (sent, not yet acknowledged) are not
-/// counted, so a long path still gets its window.
+/// below half of it). A frame written now waits behind what the kernel holds not yet
+/// sent, so this bounds how long an express frame waits behind bulk already handed to
+/// the kernel: about 1 ms at 1 Gbit/s, where the kernel's own buffer (up to 4 MiB)
+/// would hold 30 ms. Bytes in flight (sent, not yet acknowledged) are not counted, so
+/// a long path still gets its window.
 pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// A send buffer fixed at most this large bounds what is not yet sent by itself (on a
+/// short path, 1 MiB is ~0.3 ms at loopback speeds): `NOTSENT_LOWAT` is not set there,
+/// as its wake-ups every 64 KiB cost the streams throughput on loopback (hol_SUITE, two
+/// runs each in one sitting: 3.0-3.3 GB/s with it, 3.5-3.7 GB/s without).
+pub const BOUNDED_BY_BUFFER: usize = 1 << 20;
 
 /// Sizes `socket`'s send buffer as `policy` says (once authenticated: the handshake's
 /// exchanges gave TCP its round-trip estimate), and bounds what it holds not yet sent
-/// (`NOTSENT_LOWAT`). Returns the buffer as the kernel now reports it, for the
-/// connection's stats.
+/// (`NOTSENT_LOWAT`) unless the buffer itself does. Returns the buffer as the kernel
+/// now reports it, for the connection's stats.
 pub fn apply(socket: &TcpStream, policy: SendBuffer) -> Option<usize> {
-    let socket = socket2::SockRef::from(socket);
-    #[cfg(target_os = "linux")]
-    bound_not_sent(&socket);
-    if let Some(bytes) = choose(policy, || round_trip(&socket)) {
-        // Best effort: a refused size leaves the kernel's own.
-        let _ = socket.set_send_buffer_size(bytes);
+    let fixed = choose(policy, || socket::round_trip(socket));
+    if let Some(bytes) = fixed {
+        socket::set_send_buffer(socket, bytes);
     }
-    socket.send_buffer_size().ok()
+    if needs_not_sent_bound(fixed) {
+        socket::set_not_sent_bound(socket, NOTSENT_LOWAT);
+    }
+    socket::send_buffer(socket)
 }
 
-/// Sets `TCP_NOTSENT_LOWAT` to `NOTSENT_LOWAT` (best effort: without it, only the
-/// send buffer bounds what the kernel holds).
-#[cfg(target_os = "linux")]
-fn bound_not_sent(socket: &socket2::SockRef<'_>) {
-    use std::os::fd::AsRawFd;
-    let value = NOTSENT_LOWAT as libc::c_int;
-    // SAFETY: a valid socket descriptor, and an int option of the size given.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+/// Whether the kernel may hold more not yet sent than an express frame should wait
+/// behind: unless the buffer was fixed at `BOUNDED_BY_BUFFER` or less.
+fn needs_not_sent_bound(fixed: Option<usize>) -> bool {
+    fixed.is_none_or(|bytes| bytes > BOUNDED_BY_BUFFER)
 }
 
 /// The size to set, if any; `rtt` is asked only for `Auto`.
@@ -80,42 +77,6 @@ fn choose(policy: SendBuffer, rtt: impl FnOnce() -> Option<Duration>) -> Option<
         SendBuffer::Bytes(bytes) => Some(bytes),
         SendBuffer::Auto => rtt().filter(|rtt| *rtt < AUTO_MAX_RTT).map(|_| AUTO_BYTES),
     }
-}
-
-/// The connection's round trip as TCP measured it (Linux `TCP_INFO`): the minimum seen,
-/// which is the path's and not a moment's queueing or a delayed ACK; the smoothed one on a
-/// kernel older than 4.6, which does not report the minimum.
-#[cfg(target_os = "linux")]
-fn round_trip(socket: &socket2::SockRef<'_>) -> Option<Duration> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
-    let micros = if has_min && info.tcpi_min_rtt != 0 {
-        info.tcpi_min_rtt
-    } else {
-        info.tcpi_rtt
-    };
-    Some(Duration::from_micros(u64::from(micros)))
-}
-
-/// Elsewhere the round trip is not read: `Auto` leaves the buffer to the kernel.
-#[cfg(not(target_os = "linux"))]
-fn round_trip(_socket: &socket2::SockRef<'_>) -> Option<Duration> {
-    None
 }
 
 #[cfg(test)]
@@ -139,6 +100,14 @@ mod tests {
         assert_eq!(choose(SendBuffer::Bytes(65536), never), Some(65536));
     }
 
+    #[test]
+    fn only_a_large_or_kernel_sized_buffer_gets_the_not_sent_bound() {
+        assert!(needs_not_sent_bound(None));
+        assert!(needs_not_sent_bound(Some(4 << 20)));
+        assert!(!needs_not_sent_bound(Some(AUTO_BYTES)));
+        assert!(!needs_not_sent_bound(Some(BOUNDED_BY_BUFFER)));
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_loopback_connection_gets_the_auto_buffer() {
@@ -156,6 +125,9 @@ mod tests {
         let after = apply(&client, SendBuffer::Auto).unwrap();
         // Linux doubles SO_SNDBUF for its bookkeeping.
         assert_eq!(after, 2 * AUTO_BYTES, "was {before}");
+        assert_eq!(socket::not_sent_bound(&client), 0, "set on a short path");
         assert_eq!(apply(&client, SendBuffer::Bytes(64 * 1024)), Some(2 * 64 * 1024));
+        apply(&client, SendBuffer::Kernel);
+        assert_eq!(socket::not_sent_bound(&client), NOTSENT_LOWAT);
     }
 }

@@ -1,6 +1,6 @@
 //! The scheduling priority of the threads that move frames over the sockets.
 //!
-//! A bulk transfer keeps its writer and reader threads running as long as there are
+//! A bulk transfer keeps its I/O threads running as long as there are
 //! bytes to copy. Where the VM's schedulers share the cores with them, a woken
 //! scheduler waits for one of those threads to leave the core, so the node's other
 //! work (disterl traffic, gen_server calls, timers) waits behind the bulk. At `Idle`,

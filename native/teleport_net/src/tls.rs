@@ -17,7 +17,6 @@
 //! Failures carry stable names (`tls_unknown_ca`, `tls_expired`, ...), never text from
 //! the peer.
 
-use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::Arc;
 
@@ -34,6 +33,8 @@ use rustls::{
 };
 
 use crate::config::TlsConfig;
+use crate::error::named_failure;
+use crate::socket::SendNoSignal;
 
 /// rustls' encrypted output waiting for the socket is kept under about this much: a
 /// connection takes frames from its queue (where senders are held back at
@@ -265,29 +266,8 @@ pub fn certifies_host(cert: &[u8], node: &str) -> bool {
 }
 
 /// A TLS failure: its stable name and, for logs, rustls' words.
-#[derive(Debug)]
-struct TlsFailure {
-    reason: &'static str,
-    message: String,
-}
-
-impl fmt::Display for TlsFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TLS: {}", self.message)
-    }
-}
-
-impl std::error::Error for TlsFailure {}
-
 fn failure(reason: &'static str, message: String) -> io::Error {
-    io::Error::other(TlsFailure { reason, message })
-}
-
-/// The stable name of a TLS failure carried by `e`, if it is one.
-pub(crate) fn failure_reason(e: &io::Error) -> Option<&'static str> {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<TlsFailure>())
-        .map(|f| f.reason)
+    named_failure(reason, format!("TLS: {message}"))
 }
 
 /// Our name for a rustls error, whether we found the fault or the peer's alert said so.
@@ -364,7 +344,7 @@ impl Session {
     /// Writes rustls' pending output; true once none is left, false if the socket is full.
     pub fn push(&mut self, socket: &TcpStream) -> io::Result<bool> {
         while self.conn.wants_write() {
-            match self.conn.write_tls(&mut crate::connection::SendNoSignal(socket)) {
+            match self.conn.write_tls(&mut SendNoSignal(socket)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -510,7 +490,7 @@ impl Session {
         self.push(socket).map(|_| ())
     }
 
-    /// As a writer of frames for `Connection::flush_to`.
+    /// As a writer of frames for `SendQueue::flush_to`.
     pub fn writer<'a>(&'a mut self, socket: &'a TcpStream) -> PlainWriter<'a> {
         PlainWriter {
             session: self,

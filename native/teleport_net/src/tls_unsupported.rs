@@ -33,10 +33,6 @@ pub fn certifies_host(_cert: &[u8], _node: &str) -> bool {
     false
 }
 
-pub(crate) fn failure_reason(_e: &io::Error) -> Option<&'static str> {
-    None
-}
-
 pub(crate) enum Session {}
 
 impl Session {

@@ -171,7 +171,7 @@ fn frames_arrive_in_order_per_key() {
     assert_eq!(out.connections, 4);
     assert_eq!(out.connects, 1);
     assert_eq!(out.dropped_out, 0);
-    // Counted right after delivery, on the reader thread: may trail the host's log briefly.
+    // Counted right after delivery, on the I/O thread: may trail the host's log briefly.
     assert!(eventually(WAIT, || {
         let inbound = b.stats_for(A);
         inbound.messages_in == total as u64 && inbound.bytes_in == total as u64 * 16
@@ -577,7 +577,7 @@ fn undeliverable_frames_are_counted_not_fatal() {
 
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
     assert_eq!(b.stats_for(A).undeliverable_in, 3);
-    // Counted right after delivery, on the reader thread: may trail the host's log briefly.
+    // Counted right after delivery, on the I/O thread: may trail the host's log briefly.
     assert!(eventually(WAIT, || b.stats_for(A).messages_in == 4));
     // Rate limited: one event for the burst.
     let events = b
@@ -1144,7 +1144,7 @@ fn newer_pool_supersedes_older_connections() {
     }));
 }
 
-/// A panic on a reader thread is caught: reported as an event, that connection closes
+/// A panic on an I/O thread while it reads is caught: reported as an event, that connection closes
 /// (so the sender's pool goes down), the process survives and a new pool works.
 #[test]
 fn panic_in_a_thread_closes_only_its_connection() {

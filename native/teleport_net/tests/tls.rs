@@ -349,6 +349,41 @@ fn the_server_name_is_checked_against_the_dialed_host_unless_turned_off() {
         .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"over TLS")));
 }
 
+/// Passes bytes both ways between a client and `to`, and keeps a copy of what the
+/// client sent. Returns the tap's address and the thread that ends, with the copy, when
+/// both directions have.
+fn spawn_tap(to: std::net::SocketAddr) -> (std::net::SocketAddr, std::thread::JoinHandle<Vec<u8>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("tap listener");
+    let addr = listener.local_addr().expect("tap address");
+    let tap = std::thread::spawn(move || {
+        let (client, _) = listener.accept().expect("tap accept");
+        let server = std::net::TcpStream::connect(to).expect("tap connect");
+        let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let (mut server_in, mut client_out) = (server, client);
+            let _ = std::io::copy(&mut server_in, &mut client_out);
+            let _ = client_out.shutdown(std::net::Shutdown::Write);
+        });
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            match client_in.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    if server_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = server_out.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        seen
+    });
+    (addr, tap)
+}
+
 #[test]
 fn verify_none_still_encrypts_and_connects_without_checks() {
     let dir = Dir::new();
@@ -359,9 +394,19 @@ fn verify_none_still_encrypts_and_connects_without_checks() {
     tb.verify_peer = false;
     let a = start("a@127.0.0.1", Some(ta));
     let b = start("b@127.0.0.1", Some(tb));
-    a.open(&b, 1).expect("no checks");
-    a.send(b.name(), 1, b"unchecked".to_vec()).expect("sent");
+    // Through a tap that keeps what a sends: the message, and the node names of the
+    // cookie handshake, must not be in it.
+    let (tap_addr, tap) = spawn_tap(b.addr());
+    nodes::open_to(&a.rt, b.name(), tap_addr, 1).expect("no checks");
+    let secret = b"unchecked, and not to be read on the way".to_vec();
+    a.send(b.name(), 1, secret.clone()).expect("sent");
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
+    drop(a);
+    let seen = tap.join().expect("tap");
+    assert!(seen.len() > secret.len(), "the tap saw {} bytes", seen.len());
+    let contains = |needle: &[u8]| seen.windows(needle.len()).any(|w| w == needle);
+    assert!(!contains(&secret), "the message crossed in clear");
+    assert!(!contains(b"a@127.0.0.1"), "the handshake crossed in clear");
 }
 
 #[test]

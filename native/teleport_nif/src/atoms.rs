@@ -1,3 +1,7 @@
+//! The atoms teleport's NIF makes, and stable names made atoms.
+
+use rustler::{Atom, Encoder, Env, Term};
+
 rustler::atoms! {
     ok,
     error,
@@ -57,4 +61,13 @@ rustler::atoms! {
     local,
     remote,
     connected_ms,
+}
+
+/// A stable name of ours (a reason: `econnrefused`, `bad_cookie`, ...) as an atom; as
+/// a binary should it not make one (longer than an atom can be).
+pub fn name_term<'a>(env: Env<'a>, name: &str) -> Term<'a> {
+    match Atom::from_str(env, name) {
+        Ok(atom) => atom.encode(env),
+        Err(_) => name.encode(env),
+    }
 }

@@ -138,10 +138,12 @@ impl TermBuilder for EnvBuilder<'_, '_> {
     type Term = ERL_NIF_TERM;
 
     fn int(&mut self, value: i32) -> ERL_NIF_TERM {
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract).
         unsafe { enif_make_int64(self.env, i64::from(value)) }
     }
 
     fn float(&mut self, value: f64) -> ERL_NIF_TERM {
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); any f64 makes a float term.
         unsafe { enif_make_double(self.env, value) }
     }
 
@@ -158,6 +160,8 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         // enif_make_atom_len takes Latin-1, which agrees with UTF-8 on ASCII; the
         // parser has checked the length (255 characters).
         let atom = if !utf8 || name.is_ascii() {
+            // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract);
+            // `name` is valid for `name.len()` bytes, at most 255 (the parser's check).
             unsafe { enif_make_atom_len(self.env, name.as_ptr() as *const c_char, name.len()) }
         } else {
             let mut encoded = Vec::with_capacity(name.len() + 3);
@@ -179,6 +183,8 @@ impl TermBuilder for EnvBuilder<'_, '_> {
     }
 
     fn nil(&mut self) -> ERL_NIF_TERM {
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); no element is read
+        // for a length of 0.
         unsafe { enif_make_list_from_array(self.env, ptr::null(), 0) }
     }
 
@@ -189,13 +195,19 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         chars.extend(
             bytes
                 .iter()
+                // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract).
                 .map(|&c| unsafe { enif_make_int64(env, i64::from(c)) }),
         );
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `chars`
+        // holds terms made in it, and its length fits (a string's is at most 65535).
         unsafe { enif_make_list_from_array(env, chars.as_ptr(), chars.len() as c_uint) }
     }
 
     fn binary(&mut self, offset: usize, bytes: &[u8]) -> ERL_NIF_TERM {
         let (env, source) = (self.env, self.source);
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `frame` is a binary
+        // term in that env holding `source.bytes`, of which `bytes` is the part at `offset`;
+        // `enif_make_new_binary` returns `bytes.len()` writable bytes.
         unsafe {
             if let Some(frame) = source.binary {
                 if bytes.len() > HEAP_BINARY_MAX && bytes.len() > source.bytes.len() / 4 {
@@ -212,17 +224,23 @@ impl TermBuilder for EnvBuilder<'_, '_> {
     }
 
     fn tuple(&mut self, elements: &[ERL_NIF_TERM]) -> ERL_NIF_TERM {
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract);
+        // `elements` are terms made in it (the parser caps a tuple's arity).
         unsafe { enif_make_tuple_from_array(self.env, elements.as_ptr(), elements.len() as c_uint) }
     }
 
     fn list(&mut self, items: &[ERL_NIF_TERM], tail: ERL_NIF_TERM) -> ERL_NIF_TERM {
         let env = self.env;
         if tail == self.nil() {
+            // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `items` are
+            // terms made in it (the parser caps a list's length).
             return unsafe { enif_make_list_from_array(env, items.as_ptr(), items.len() as c_uint) };
         }
         items
             .iter()
             .rev()
+            // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `item` and
+            // `acc` are terms made in it.
             .fold(tail, |acc, &item| unsafe { enif_make_list_cell(env, item, acc) })
     }
 
@@ -238,6 +256,8 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         let (keys, values) = arrays.split_at(pairs);
         let mut map: ERL_NIF_TERM = ERL_NIF_TERM::default();
         let made =
+            // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `keys` and
+            // `values` hold `pairs` terms made in it each, and `map` is written only on success.
             unsafe { enif_make_map_from_arrays(self.env, keys.as_ptr(), values.as_ptr(), pairs, &mut map) };
         if made == 0 {
             return Err(ReadError::DuplicateKeys);
@@ -245,6 +265,7 @@ impl TermBuilder for EnvBuilder<'_, '_> {
         // OTP 25 refuses duplicate keys only in flat maps (up to 32 pairs); a larger one comes
         // out short (and malformed). It is never delivered: the env is cleared on error.
         let mut size = 0usize;
+        // SAFETY: the builder's env (valid for this thread while it lives, by `decode`'s contract); `map` was just made in it.
         if unsafe { enif_get_map_size(self.env, map, &mut size) } == 0 || size != pairs {
             return Err(ReadError::DuplicateKeys);
         }

@@ -1,5 +1,6 @@
 //! Receive side: read a frame body, decode it (decode.rs), and hand the message
-//! to the local process from the reader thread (no Erlang process in the data path).
+//! to the local process from the connection's I/O thread (no Erlang process in the data
+//! path).
 //!
 //! The exception: a frame this VM cannot decode off a scheduler (decode.rs) is
 //! handed whole to a decoder process (teleport_decoder), which decodes and delivers
@@ -46,7 +47,7 @@ pub struct Helpers {
     pub relays: Vec<Atom>,
     /// Registered names of the processes that decode frames on a dirty scheduler.
     pub decoders: Vec<Atom>,
-    /// Whether reader threads must leave hash maps and funs to a scheduler (decode.rs).
+    /// Whether I/O threads must leave hash maps and funs to a scheduler (decode.rs).
     pub defer_hash_maps: bool,
     /// teleport_runtime: receives the core's events, and calls no relay could take
     /// (so their callers hear of it).
@@ -241,7 +242,10 @@ fn decode_and_deliver(
     helpers: &Helpers,
 ) -> Result<Delivery, ReadError> {
     // Creates atoms as needed: only authenticated peers get here.
+    // SAFETY: `env` is the delivery's own env, valid on this thread for this call; `source`
+    // holds the frame's bytes (and its binary term, made in `env`, if it has one).
     let raw = unsafe { decoder.decode(env.as_c_arg(), source)? };
+    // SAFETY: `raw` was just made in `env`.
     let term = unsafe { Term::new(env, raw) };
     match kind {
         // The reader consumes these; one reaching delivery is a protocol error.
@@ -300,6 +304,9 @@ fn deliver(env: Env, caller_env: *mut ErlNifEnv, dest: Term, msg: Term) -> Resul
 }
 
 fn send_to(env: Env, caller_env: *mut ErlNifEnv, pid: LocalPid, msg: Term) -> Delivery {
+    // SAFETY: `caller_env` is the calling process's env on a scheduler, or null off one
+    // (as `enif_send` allows); `msg` is a term of `env`, a process-independent env
+    // that `enif_send` then clears.
     let sent = unsafe { enif_send(caller_env, pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
     if sent == 0 {
         Delivery::Undeliverable("dead_process")
@@ -312,6 +319,8 @@ fn send_to(env: Env, caller_env: *mut ErlNifEnv, pid: LocalPid, msg: Term) -> De
 /// should only close its connection.
 fn try_alloc_binary(len: usize) -> Option<OwnedBinary> {
     let mut binary = std::mem::MaybeUninit::<ErlNifBinary>::uninit();
+    // SAFETY: `enif_alloc_binary` initialises `binary` when it returns true; only then is
+    // it read, and `OwnedBinary` takes over releasing it.
     unsafe {
         if enif_alloc_binary(len, binary.as_mut_ptr()) == 0 {
             return None;
@@ -323,6 +332,9 @@ fn try_alloc_binary(len: usize) -> Option<OwnedBinary> {
 /// `enif_whereis_pid`; `caller_env` as for `send_to`.
 fn whereis(caller_env: *mut ErlNifEnv, name: Term) -> Option<LocalPid> {
     let mut pid = std::mem::MaybeUninit::<ErlNifPid>::uninit();
+    // SAFETY: `caller_env` as for `send_to`; `name` is an atom term of the delivery's env,
+    // and `pid` is written when the name is found.
     let found = unsafe { enif_whereis_pid(caller_env, name.as_c_arg(), pid.as_mut_ptr()) };
+    // SAFETY: `enif_whereis_pid` wrote `pid` when it returned non-zero.
     (found != 0).then(|| LocalPid::from_c_arg(unsafe { pid.assume_init() }))
 }

@@ -13,7 +13,7 @@
 //!   a writable binary read-only, so the bytes cannot move or be freed until that env
 //!   goes, with the body, after the frame is on the wire.
 //! - Work is counted (`Limit::Inline`): on a normal scheduler the encoder gives up past
-//!   a budget and the caller starts over on a dirty scheduler (see encode.rs).
+//!   a budget and the caller starts over on a dirty scheduler (see schedule.rs).
 //! - What the NIF API cannot take apart (pids, ports, refs, funs, integers over 64
 //!   bits, bitstrings, atoms outside Latin-1) is encoded by `enif_term_to_binary` and
 //!   spliced in without its version byte.
@@ -720,6 +720,8 @@ impl AtomForm {
 /// over 127 (whose bytes differ between the forms).
 pub fn atom_form() -> AtomForm {
     static FORM: OnceLock<AtomForm> = OnceLock::new();
+    // SAFETY: an env of our own, freed before the closure returns; `bin` is read only
+    // after `enif_term_to_binary` filled it, and released.
     *FORM.get_or_init(|| unsafe {
         let env = enif_alloc_env();
         // 'caf\xe9' (café) in Latin-1.
@@ -788,7 +790,7 @@ pub fn capabilities() -> Capabilities {
 /// random pivot from the scheduler's state; erlang/otp GH-8208, OTP-19495). Affected:
 /// erts 13.1 to 13.2.2.13 (OTP 25.1 to 25.3.2.17, Debian bookworm's 25.2.3 among them),
 /// 14.0 to 14.2.5.7 (OTP 26 before 26.2.5.9), 15.0 to 15.2.2 (OTP 27 before 27.3). The
-/// reader threads then leave maps over 32 keys (and funs) to a dirty scheduler
+/// I/O threads then leave maps over 32 keys (and funs) to a dirty scheduler
 /// (deliver.rs, `decode_on_scheduler`).
 pub fn large_map_bug() -> bool {
     static AFFECTED: OnceLock<bool> = OnceLock::new();
@@ -906,7 +908,7 @@ mod tags {
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Status {
         On,
-        /// `TELEPORT_ENCODER_TAGS=off`.
+        /// `TELEPORT_ENCODER_TAGS=off` (test builds).
         Off,
         /// The probe found the VM's tags other than these functions read them.
         ProbeFailed,
@@ -927,14 +929,18 @@ mod tags {
         status() == Status::On
     }
 
-    /// `TELEPORT_ENCODER_TAGS` in the VM's environment: `off` turns the tag reading
-    /// off (tests use it to run the API-only path); `simulate_changed_layout` probes as
-    /// if the VM had moved its atom tag, which the probe must catch (tests use it to
-    /// show the fallback taking over where a future release changes the layout).
+    /// Probed once. In a test build (`test-hooks`), `TELEPORT_ENCODER_TAGS` in the VM's
+    /// environment can turn the tag reading `off` (tests use it to run the API-only
+    /// path), or `simulate_changed_layout`: probe as if the VM had moved its atom tag,
+    /// which the probe must catch (tests use it to show the fallback taking over where
+    /// a future release changes the layout).
     pub fn status() -> Status {
         static STATUS: OnceLock<Status> = OnceLock::new();
         *STATUS.get_or_init(|| {
+            #[cfg(feature = "test-hooks")]
             let setting = std::env::var_os("TELEPORT_ENCODER_TAGS");
+            #[cfg(not(feature = "test-hooks"))]
+            let setting: Option<std::ffi::OsString> = None;
             if setting.as_deref().is_some_and(|v| v == "off") {
                 return Status::Off;
             }
@@ -942,6 +948,7 @@ mod tags {
                 Some(v) if v == "simulate_changed_layout" => 0x30,
                 _ => 0,
             };
+            // SAFETY: `probe` needs a 64-bit VM, checked first; it reads only terms it made.
             if usize::BITS == 64 && unsafe { probe(distort) } {
                 Status::On
             } else {

@@ -5,7 +5,6 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -66,6 +65,8 @@ fn pump(rx: Receiver<Job>) {
             env.run(|env| {
                 if let Some((pid, msg)) = job(env) {
                     // NULL caller env: this is our own thread.
+                    // SAFETY: a null caller env, as `enif_send` requires off a scheduler; `msg` is a
+                    // term of `env`, this thread's own process-independent env.
                     unsafe { enif_send(ptr::null_mut(), pid.as_c_arg(), env.as_c_arg(), msg.as_c_arg()) };
                 }
             })
@@ -80,13 +81,8 @@ pub fn post(
     pid: LocalPid,
     msg: impl for<'a> FnOnce(Env<'a>) -> Term<'a> + Send + 'static,
 ) {
-    // Never below zero: a decrement racing `drop_next(0)` must not wrap to u64::MAX
-    // (which would drop every event from then on).
-    if DROP_NEXT.load(Relaxed) > 0
-        && DROP_NEXT
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-    {
+    #[cfg(feature = "test-hooks")]
+    if dropping::take_one() {
         return;
     }
     let _ = jobs.send(Box::new(move |env| Some((pid, msg(env)))));
@@ -94,10 +90,25 @@ pub fn post(
 
 /// Test-only fault injection: how many of the next posted messages to lose, as a
 /// pump that failed would (whoever waits for one must not wait forever).
-static DROP_NEXT: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "test-hooks")]
+pub mod dropping {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-pub fn drop_next(count: u64) {
-    DROP_NEXT.store(count, Relaxed);
+    static DROP_NEXT: AtomicU64 = AtomicU64::new(0);
+
+    pub fn drop_next(count: u64) {
+        DROP_NEXT.store(count, Relaxed);
+    }
+
+    /// Whether to lose this message. Never below zero: a decrement racing
+    /// `drop_next(0)` must not wrap to u64::MAX (which would drop every event from
+    /// then on).
+    pub(super) fn take_one() -> bool {
+        DROP_NEXT.load(Relaxed) > 0
+            && DROP_NEXT
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    }
 }
 
 impl NifHost {
@@ -114,13 +125,6 @@ pub fn node_atom<'a>(env: Env<'a>, name: &str) -> Term<'a> {
     match Atom::existing_from_bytes(env, name.as_bytes()) {
         Ok(atom) => atom.encode(env),
         Err(_) => name.encode(env),
-    }
-}
-
-fn reason_atom<'a>(env: Env<'a>, reason: &'static str) -> Term<'a> {
-    match Atom::from_str(env, reason) {
-        Ok(atom) => atom.encode(env),
-        Err(_) => reason.encode(env),
     }
 }
 
@@ -196,7 +200,7 @@ impl Host for NifHost {
                 } => (
                     atoms::handshake_failed(),
                     remote,
-                    reason_atom(env, reason),
+                    atoms::name_term(env, reason),
                     detail,
                     unreported,
                 )
@@ -204,14 +208,19 @@ impl Host for NifHost {
                 Event::Undeliverable { peer, reason, total } => (
                     atoms::undeliverable(),
                     node_atom(env, &peer),
-                    reason_atom(env, reason),
+                    atoms::name_term(env, reason),
                     total,
                 )
                     .encode(env),
                 Event::AcceptFailed {
                     reason,
                     count_since_last,
-                } => (atoms::accept_failed(), reason_atom(env, reason), count_since_last).encode(env),
+                } => (
+                    atoms::accept_failed(),
+                    atoms::name_term(env, reason),
+                    count_since_last,
+                )
+                    .encode(env),
                 Event::Panic { thread, message } => (atoms::panic(), thread, message).encode(env),
             };
             (atoms::teleport_event(), body).encode(env)

@@ -2,14 +2,14 @@
 //! arguments, calls into `teleport_net::Runtime`, and encodes the answer.
 //! Every entry here returns quickly: `stop` joins threads and so runs dirty, and
 //! `send` and `encode` continue on a dirty scheduler when the term is too large to
-//! encode within the inline budget (encode.rs).
+//! encode within the inline budget (schedule.rs).
 
 mod atoms;
 mod decode;
 mod deliver;
-mod encode;
 mod encoder;
 mod events;
+mod schedule;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::raw::c_char;
@@ -257,6 +257,7 @@ fn stop_node(node: Arc<Node>) {
 }
 
 fn is_alive(env: Env, pid: LocalPid) -> bool {
+    // SAFETY: a NIF's env, on the scheduler that runs the NIF.
     unsafe { rustler::sys::enif_is_process_alive(env.as_c_arg(), pid.as_c_arg()) != 0 }
 }
 
@@ -284,7 +285,7 @@ impl rustler::Resource for Owner {
     }
 }
 
-/// Decodes and delivers a frame a reader thread could not (deliver.rs), on a
+/// Decodes and delivers a frame an I/O thread could not (deliver.rs), on a
 /// dirty scheduler; called by teleport_decoder with what the reader sent it.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn deliver_frame<'a>(env: Env<'a>, ticket: ResourceArc<DecodeTicket>, frame: rustler::Binary<'a>) -> Atom {
@@ -365,19 +366,12 @@ fn open_error_term<'a>(env: Env<'a>, e: &OpenError) -> Term<'a> {
 
 /// A reason as a term: `Class`, `{Class, Name}` or `{Class, Text}`.
 pub(crate) fn reason_term<'a>(env: Env<'a>, class: &str, detail: Detail) -> Term<'a> {
-    let class = atom_or_text(env, class);
+    let class = atoms::name_term(env, class);
     match detail {
         Detail::None => class,
-        Detail::Name(name) => (class, atom_or_text(env, name)).encode(env),
+        Detail::Name(name) => (class, atoms::name_term(env, name)).encode(env),
         Detail::Text(text) => (class, text).encode(env),
         Detail::Versions(peer, local) => (class, (atoms::version(), peer, local)).encode(env),
-    }
-}
-
-fn atom_or_text<'a>(env: Env<'a>, name: &str) -> Term<'a> {
-    match Atom::from_str(env, name) {
-        Ok(atom) => atom.encode(env),
-        Err(_) => name.encode(env),
     }
 }
 
@@ -385,7 +379,7 @@ fn atom_or_text<'a>(env: Env<'a>, name: &str) -> Term<'a> {
 /// `key` picks the connection (the sender's pid hash keeps one sender on one socket).
 /// Returns ok | suspend (queued; wait for `{teleport_resume, Peer}`) | not_connected | too_large,
 /// or busy (nothing queued) when `nosuspend` is true and the connection is over its limit.
-/// Encodes inline, or continues on a dirty scheduler when the message is large (encode.rs).
+/// Encodes inline, or continues on a dirty scheduler when the message is large (schedule.rs).
 #[rustler::nif]
 fn send<'a>(
     env: Env<'a>,
@@ -398,7 +392,7 @@ fn send<'a>(
     send_with(env, &[peer, kind, key, nosuspend, msg], Limit::Inline)
 }
 
-encode::continuation!(send_dirty, send_with);
+schedule::continuation!(send_dirty, send_with);
 
 fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Term<'a>> {
     let &[peer, kind, key, nosuspend, msg] = args else {
@@ -420,12 +414,13 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     let Some(conn) = with_atom_text(peer, |name| node.runtime.connection(name, key))? else {
         return Ok(atoms::not_connected().encode(env));
     };
+    // SAFETY: the NIF's env, on its scheduler, and `msg` a term of it, as `encode` needs.
     let encoded = match unsafe { encoder::encode(env.as_c_arg(), msg.as_c_arg(), limit, true) } {
         Ok(encoded) => encoded,
-        Err(Stop::OverBudget) => return Ok(encode::reschedule(env, c"send", send_dirty, args)),
+        Err(Stop::OverBudget) => return Ok(schedule::reschedule(env, c"send", send_dirty, args)),
         Err(Stop::TooLarge) => return Ok(atoms::too_large().encode(env)),
     };
-    encode::account(env, &encoded, limit);
+    schedule::account(env, &encoded, limit);
     // A term of a type the peer's release cannot build (a native record for a release
     // before 29) would only make it close the connection: refused here instead.
     if encoded.needs_release > conn.peer_capabilities().otp_release {
@@ -479,9 +474,10 @@ fn over_limit(env: Env, peer: Atom, key: u64) -> NifResult<bool> {
 }
 
 /// Test-only: the next `count` messages the event pump would send are dropped.
+#[cfg(feature = "test-hooks")]
 #[rustler::nif]
 fn debug_drop_events(count: u64) -> Atom {
-    events::drop_next(count);
+    events::dropping::drop_next(count);
     atoms::ok()
 }
 
@@ -633,7 +629,10 @@ fn decode<'a>(env: Env<'a>, bin: rustler::Binary<'a>) -> NifResult<Term<'a>> {
         bytes: bin.as_slice(),
         binary: Some(bin.to_term(env).as_c_arg()),
     };
+    // SAFETY: the NIF's env on its (dirty) scheduler; `source.binary` is `bin`'s term in
+    // it, and `source.bytes` its bytes.
     match unsafe { decode::TermDecoder::default().decode(env.as_c_arg(), &source) } {
+        // SAFETY: `term` was made in `env`.
         Ok(term) => Ok(unsafe { Term::new(env, term) }),
         Err(reason) => Ok((atoms::error(), reason.to_string()).encode(env)),
     }
@@ -648,14 +647,25 @@ fn encode<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
 }
 
 /// `encode/1`, and how: `{Iolist, Work, inline | dirty}` (tests and the budget's calibration).
+#[cfg(feature = "test-hooks")]
 #[rustler::nif]
 fn encode_measured<'a>(env: Env<'a>, term: Term<'a>) -> NifResult<Term<'a>> {
     encode_to_iolist::<true>(env, &[term], Limit::Inline)
 }
 
-encode::continuation!(encode_dirty, encode_to_iolist::<false>);
+schedule::continuation!(encode_dirty, encode_to_iolist::<false>);
 
-encode::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
+#[cfg(feature = "test-hooks")]
+schedule::continuation!(encode_measured_dirty, encode_to_iolist::<true>);
+
+/// Goes on with `encode_to_iolist::<MEASURED>` on a dirty scheduler.
+fn encode_on_dirty<'a, const MEASURED: bool>(env: Env<'a>, args: &[Term<'a>]) -> Term<'a> {
+    #[cfg(feature = "test-hooks")]
+    if MEASURED {
+        return schedule::reschedule(env, c"encode_measured", encode_measured_dirty, args);
+    }
+    schedule::reschedule(env, c"encode", encode_dirty, args)
+}
 
 /// `MEASURED`: `encode_measured/1`'s result, else `encode/1`'s.
 fn encode_to_iolist<'a, const MEASURED: bool>(
@@ -666,20 +676,18 @@ fn encode_to_iolist<'a, const MEASURED: bool>(
     let &[term] = args else {
         return Err(Error::BadArg);
     };
+    // SAFETY: the NIF's env, on its scheduler, and `term` a term of it.
     match unsafe { encoder::encode(env.as_c_arg(), term.as_c_arg(), limit, false) } {
         Ok(encoded) => {
-            encode::account(env, &encoded, limit);
-            let iolist = encode::iolist(env, &encoded);
+            schedule::account(env, &encoded, limit);
+            let iolist = schedule::iolist(env, &encoded);
             if !MEASURED {
                 return Ok(iolist);
             }
             let how = Atom::from_str(env, if limit == Limit::Inline { "inline" } else { "dirty" })?;
             Ok((iolist, encoded.work, how).encode(env))
         }
-        Err(Stop::OverBudget) => Ok(match MEASURED {
-            false => encode::reschedule(env, c"encode", encode_dirty, args),
-            true => encode::reschedule(env, c"encode_measured", encode_measured_dirty, args),
-        }),
+        Err(Stop::OverBudget) => Ok(encode_on_dirty::<MEASURED>(env, args)),
         Err(Stop::TooLarge) => Err(Error::RaiseAtom("system_limit")),
     }
 }

@@ -16,19 +16,20 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use crate::connection::{Connection, Flushed};
 use crate::error::{CloseReason, OpenError};
+use crate::frame_reader::ReadTurn;
 use crate::framing::{encode_frame, FrameKind};
 use crate::handshake::{Handshake, HandshakeError, Peer, Progress};
 use crate::host::Event;
-use crate::inbound::{Inbound, ReadTurn};
+use crate::inbound::Inbound;
 use crate::listener::{HandshakeSlot, OpenSocket};
 use crate::pool::{Joined, Pool};
+use crate::send_queue::{Flushed, SendQueue};
 use crate::stats::{ConnStats, PeerStats};
-use crate::tls::{self, Session};
+use crate::tls::Session;
 
 use super::{Services, Threads};
-use crate::error::ended_early;
+use crate::error::{ended_early, NamedFailure};
 
 /// Bytes a connection may read or write per turn before its thread serves the others.
 pub(super) const TURN_BYTES: usize = 1 << 20;
@@ -46,7 +47,7 @@ pub(crate) struct PoolMember {
     pub(super) threads: Arc<Threads>,
     pub(super) pool: Arc<Pool>,
     index: usize,
-    conn: Option<Arc<Connection>>,
+    conn: Option<Arc<SendQueue>>,
     end: Option<MemberEnd>,
 }
 
@@ -161,7 +162,7 @@ pub(super) enum State {
     },
     Outbound {
         member: PoolMember,
-        conn: Arc<Connection>,
+        conn: Arc<SendQueue>,
     },
     Inbound {
         _open: OpenSocket,
@@ -258,8 +259,8 @@ fn receive(socket: &TcpStream, tls: &mut Option<Box<Session>>, buf: &mut [u8]) -
 
 /// A TLS failure keeps its name; anything else is the socket's.
 fn io_or_tls(e: io::Error) -> HandshakeError {
-    match tls::failure_reason(&e) {
-        Some(reason) => HandshakeError::Tls(reason, e.to_string()),
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<NamedFailure>()) {
+        Some(named) => HandshakeError::Tls(named.reason, e.to_string()),
         None => HandshakeError::Io(e),
     }
 }
@@ -367,7 +368,7 @@ fn read_handshake(
 pub(super) fn client_handshake(
     conn: &mut Conn,
     services: &Services,
-    io: crate::conn_ref::ConnRef,
+    io: crate::io_slot::IoSlot,
 ) -> Result<Next, End> {
     let State::ClientHandshake { handshake, .. } = &mut conn.state else {
         return Ok(Next::Wait);
@@ -402,7 +403,7 @@ pub(super) fn client_handshake(
         }
     };
     let config = &services.config;
-    let connection = Arc::new(Connection::new(
+    let connection = Arc::new(SendQueue::new(
         conn.socket.clone(),
         io,
         config,

@@ -3,7 +3,7 @@
 //! connection lives on one thread for its whole life, in that thread's slab; the slab
 //! index is its mio token, so "who owns this socket" is "the thread whose slab holds
 //! it". Other threads reach a connection only by message (`Command`), except a
-//! sender's direct write, which `Connection` serialises with the I/O thread.
+//! sender's direct write, which `SendQueue` serialises with the I/O thread.
 //!
 //! Files, in the order a connection lives: `mod.rs` (threads, commands, what they
 //! share), `worker.rs` (one thread's loop), `conn.rs` (one connection's state machine:
@@ -14,7 +14,7 @@
 //! `DIAL_PARALLELISM` at once) to threads in turn. The thread connects without blocking
 //! (`Connecting`, until `connect_timeout`), sends the HELLO once the socket is writable
 //! (`ClientHandshake`, until `handshake_timeout`), and when the cookie proofs are done
-//! announces the pool's token and becomes `Outbound`, with a `Connection` that senders
+//! announces the pool's token and becomes `Outbound`, with a `SendQueue` that senders
 //! write to; `Pool::joined` then has the next slot dialed, or the pool published
 //! (`PoolUp`). Senders write small frames directly when nothing is queued; otherwise
 //! they queue and send `Command::Flush`, and the thread writes until the socket is full
@@ -44,10 +44,10 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Poll, Waker};
 
 use crate::config::Config;
-use crate::conn_ref::{IoThread, Slot};
 use crate::faults;
 use crate::host::{Delivery, Event, Host, ResumeTarget};
-use crate::inbound::InboundPools;
+use crate::inbound_pools::InboundPools;
+use crate::io_slot::{IoThread, Slot};
 use crate::listener::{HandshakeSlot, ListenerState};
 use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
 use crate::stats::PeerStatsTable;

@@ -16,11 +16,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::conn_ref::{ConnRef, Slot};
 use crate::error::{CloseReason, OpenError};
 use crate::faults::{self, Point};
 use crate::handshake::{Handshake, HandshakeError};
 use crate::host::Deferral;
+use crate::io_slot::{IoSlot, Slot};
 use crate::listener::{Acceptor, HandshakeSlot, OpenSocket, RESTART_PAUSE};
 
 use super::conn::{self, Conn, End, Next, PoolMember, State};
@@ -472,7 +472,7 @@ fn step(
     writable: bool,
     bulk: &mut bool,
 ) -> Result<Next, End> {
-    let io = || ConnRef {
+    let io = || IoSlot {
         thread: handle.clone(),
         slot,
     };

@@ -10,8 +10,7 @@
 use std::any::Any;
 
 use super::*;
-use crate::connection::FrameBody;
-use crate::framing::HEADER_LEN;
+use crate::framing::{FrameBody, HEADER_LEN};
 
 /// Proper lists of bytes shorter than this are written as STRING_EXT (as OTP 25 does,
 /// which takes lists of up to 65535 bytes).
@@ -700,6 +699,7 @@ mod tests {
         let mut body = Body::new(0, true);
         version(body.buf());
         let big = vec![7u8; 100];
+        // SAFETY: `big` moves into the body right after, so it lives as long as the body.
         unsafe { body.push_external(&big) };
         body.keep_alive(Box::new(big));
         nil(body.buf());

@@ -20,42 +20,14 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
 use crate::config::Config;
-use crate::conn_ref::ConnRef;
-use crate::framing::{self, FrameHeader, FrameKind, BULK_START_LEN, CHUNK_MAX, EXPRESS_MAX, HEADER_LEN};
+use crate::framing::{
+    self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, CHUNK_MAX, EXPRESS_MAX, HEADER_LEN,
+};
 use crate::handshake::Capabilities;
 use crate::host::Callback;
+use crate::io_slot::IoSlot;
+use crate::socket::SendNoSignal;
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
-
-/// The bytes of one frame body, possibly scattered (e.g. an encoded term whose
-/// large binaries are referenced in place). They must stay valid while `self` lives;
-/// dropping `self` is what releases them, after they are on the wire.
-pub trait FrameBody: Send {
-    fn len(&self) -> usize;
-    /// The body's pieces in order; after `embed_header` returned true, the header first.
-    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>);
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// A body with `HEADER_LEN` spare bytes in front of its first piece can take the
-    /// frame header there, so a small frame is one slice (one `send`, no vector to
-    /// build). Returns false if it cannot.
-    fn embed_header(&mut self, _header: &[u8; HEADER_LEN]) -> bool {
-        false
-    }
-    /// All of it (with the header, once embedded) if it is one slice.
-    fn contiguous(&self) -> Option<&[u8]> {
-        None
-    }
-}
-
-impl FrameBody for Vec<u8> {
-    fn len(&self) -> usize {
-        Vec::len(self)
-    }
-    fn push_pieces<'a>(&'a self, out: &mut Vec<&'a [u8]>) {
-        out.push(self);
-    }
-}
 
 pub struct OutFrame {
     kind: FrameKind,
@@ -213,7 +185,7 @@ impl Batch {
 
 /// One outbound connection as senders see it: a queue bounded by bytes, written by its
 /// I/O thread, or directly by a sender when nothing is queued.
-pub struct Connection {
+pub struct SendQueue {
     express: (Sender<Queued>, Receiver<Queued>),
     /// Drained by the I/O thread; frames left in either lane when the connection ends
     /// are counted dropped (also those slipped in after the final drain, when it is
@@ -240,7 +212,7 @@ pub struct Connection {
     /// Set while the I/O thread has been asked to write, until it finds nothing left: a
     /// sender that sets it sends the one request.
     flush_requested: AtomicBool,
-    io: ConnRef,
+    io: IoSlot,
     /// Callers told to wait for their lane to drain; run once it falls to half the limit.
     waiters: Mutex<Vec<(Lane, Callback<()>)>>,
     has_waiters: AtomicBool,
@@ -278,18 +250,18 @@ pub(crate) enum Flushed {
     More,
 }
 
-impl Connection {
+impl SendQueue {
     pub(crate) fn new(
         socket: Arc<TcpStream>,
-        io: ConnRef,
+        io: IoSlot,
         config: &Config,
         stats: Arc<PeerStats>,
         counters: ConnStats,
         direct: bool,
         peer_capabilities: Capabilities,
-    ) -> Connection {
+    ) -> SendQueue {
         let (limit, io_chunk) = (config.send_queue_bytes, config.io_chunk());
-        Connection {
+        SendQueue {
             express: crossbeam_channel::unbounded(),
             bulk: crossbeam_channel::unbounded(),
             bulk_senders: Mutex::new(HashMap::new()),
@@ -426,15 +398,14 @@ impl Connection {
         if !batch.is_idle() || self.queued_bytes.load(SeqCst) != 0 || self.closed.load(SeqCst) {
             return Some(frame);
         }
-        let socket = socket2::SockRef::from(&*self.socket);
+        let mut socket = SendNoSignal(&self.socket);
         // An error (full buffer, or a failure the I/O thread will meet and report) sends nothing.
         let sent: usize = match frame.contiguous() {
-            Some(bytes) => socket.send_with_flags(bytes, SEND_FLAGS),
+            Some(bytes) => socket.write(bytes),
             None => {
                 let mut slices = Vec::with_capacity(4);
                 frame.push_slices(&mut slices);
-                slices.truncate(MAX_SLICES);
-                socket.send_vectored_with_flags(&slices, SEND_FLAGS)
+                socket.write_vectored(&slices)
             }
         }
         .unwrap_or_default();
@@ -725,41 +696,11 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl Drop for SendQueue {
     fn drop(&mut self) {
         // Frames that slipped in after the I/O thread's final drain.
         let late = self.express.1.try_iter().chain(self.bulk.1.try_iter()).count();
         PeerStats::add(&self.stats.dropped_out, late as u64);
-    }
-}
-
-/// Our sockets are written with MSG_NOSIGNAL: a peer's reset must be an error, not a
-/// SIGPIPE (the VM ignores it, a test binary might not).
-#[cfg(any(target_os = "linux", target_os = "freebsd"))]
-const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-/// macOS has no MSG_NOSIGNAL (std sets SO_NOSIGPIPE on its sockets; the VM ignores
-/// SIGPIPE).
-#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
-const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
-
-/// Linux's and the BSDs' IOV_MAX.
-const MAX_SLICES: usize = 1024;
-
-/// The socket as a `Write` whose writes are `send`s with `SEND_FLAGS`.
-pub(crate) struct SendNoSignal<'a>(pub &'a TcpStream);
-
-impl Write for SendNoSignal<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        socket2::SockRef::from(self.0).send_with_flags(buf, SEND_FLAGS)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // sendmsg refuses more slices than IOV_MAX (EMSGSIZE), where writev would take
-        // the first ones: a frame of many referenced binaries has more.
-        let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
-        socket2::SockRef::from(self.0).send_vectored_with_flags(bufs, SEND_FLAGS)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

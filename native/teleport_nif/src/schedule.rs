@@ -1,4 +1,4 @@
-//! Scheduling of encodes, between the NIF entries (lib.rs) and the encoder
+//! Where an encode runs (schedule.rs), between the NIF entries (lib.rs) and the encoder
 //! (encoder.rs). A NIF first encodes inline, on the calling normal scheduler, within
 //! `encoder::INLINE_BUDGET`; almost every message fits. When the budget runs out it
 //! starts over on a dirty CPU scheduler (`enif_schedule_nif`). Starting over wastes at
@@ -56,7 +56,7 @@ macro_rules! continuation {
             argc: std::os::raw::c_int,
             argv: *const rustler::sys::ErlNifTerm,
         ) -> rustler::sys::ErlNifTerm {
-            $crate::encode::dirty_entry(env, argc, argv, $nif)
+            $crate::schedule::dirty_entry(env, argc, argv, $nif)
         }
     };
 }

@@ -1,7 +1,7 @@
 //! How other threads (senders on schedulers, the pool closing) reach a connection
 //! that lives on an I/O thread: by message. Nothing
 //! outside the engine touches a connection's socket state directly, except the
-//! sender's direct write, which `Connection` serialises with the I/O thread.
+//! sender's direct write, which `SendQueue` serialises with the I/O thread.
 
 use std::sync::Arc;
 
@@ -25,12 +25,12 @@ pub(crate) trait IoThread: Send + Sync {
 }
 
 #[derive(Clone)]
-pub(crate) struct ConnRef {
+pub(crate) struct IoSlot {
     pub thread: Arc<dyn IoThread>,
     pub slot: Slot,
 }
 
-impl ConnRef {
+impl IoSlot {
     pub fn flush(&self) {
         self.thread.flush(self.slot);
     }
