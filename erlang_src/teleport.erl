@@ -21,7 +21,7 @@
 -module(teleport).
 
 -export([send/2, send/3, gs_call/2, gs_call/3, gs_cast/2]).
--export([send_frame/3]).
+-export([send_frame/3, send_frame/4]).
 -export([connect/1, connect/2, disconnect/1, nodes/0, listen_address/0, stats/0, stats/1,
          listener_stats/0]).
 
@@ -44,6 +44,9 @@
                         queued_bytes := non_neg_integer(),
                         partial_bytes := non_neg_integer(),
                         refused_calls := non_neg_integer(),
+                        refused_rpcs := non_neg_integer(),
+                        refused_casts := non_neg_integer(),
+                        refused_compressed := non_neg_integer(),
                         dropped_out := non_neg_integer(),
                         undeliverable_in := non_neg_integer(),
                         connects := non_neg_integer(),
@@ -94,6 +97,9 @@
 %% Why a TLS handshake failed (see the README's Security section).
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
+%% What the relays refuse, counted per peer (teleport_relay_sup:count/2).
+-define(REFUSALS, #{refused_calls => 0, refused_rpcs => 0, refused_casts => 0,
+                    refused_compressed => 0}).
 %% How often a sender suspended by back-pressure checks its connection itself.
 -define(RESUME_RECHECK_MS, 500).
 
@@ -290,8 +296,17 @@ listen_address() ->
 %% <li>`messages_in', `bytes_in': read whole from the peer.</li>
 %% <li>`connections': connections of our pool to the peer now (0 without one).</li>
 %% <li>`queued_bytes': bytes accepted by `send' and not yet written, now.</li>
-%% <li>`refused_calls': gs_calls from the peer refused because it had 10,000
-%%     under way here (its callers exited `{teleport, too_many_calls}').</li>
+%% <li>`refused_calls': gs_calls and {@link teleport_rpc} calls from the peer
+%%     refused because it had 10,000 under way here (its callers exited
+%%     `{teleport, too_many_calls}', or raised `{erpc, system_limit}').</li>
+%% <li>`refused_rpcs': {@link teleport_rpc} calls and casts from the peer to a
+%%     module the `rpc_modules' setting does not allow.</li>
+%% <li>`refused_casts': {@link teleport_rpc} casts to `{Node, Key}' from the
+%%     peer refused because 100,000 of its keyed casts waited here for their
+%%     keys' earlier requests.</li>
+%% <li>`refused_compressed': compressed {@link teleport_rpc} arguments or
+%%     results from the peer refused because they would decompress to more
+%%     than `max_frame_bytes'.</li>
 %% <li>`partial_bytes': bytes held now for large messages the peer has sent
 %%     part of (a message over 64 KiB travels in chunks, with others' smaller
 %%     messages between them; the receiver holds at most one such message per
@@ -330,7 +345,7 @@ listen_address() ->
 stats() ->
     Refused = teleport_relay_sup:counters(),
     maps:map(fun(Node, Stats) ->
-                     Stats#{refused_calls => maps:get(refused_calls, maps:get(Node, Refused, #{}), 0)}
+                     maps:merge(maps:merge(Stats, ?REFUSALS), maps:get(Node, Refused, #{}))
              end, teleport_nif:stats()).
 
 %% @doc The counters for one peer, as in {@link stats/0}; all zero (and no
@@ -340,8 +355,9 @@ stats(Node) when is_atom(Node) ->
     case stats() of
         #{Node := Stats} -> Stats;
         #{} -> #{messages_out => 0, bytes_out => 0, messages_in => 0, bytes_in => 0,
-                 connections => 0, queued_bytes => 0, partial_bytes => 0, refused_calls => 0,
-                 dropped_out => 0,
+                 connections => 0, queued_bytes => 0, partial_bytes => 0,
+                 refused_calls => 0, refused_rpcs => 0, refused_casts => 0,
+                 refused_compressed => 0, dropped_out => 0,
                  undeliverable_in => 0, connects => 0, disconnects => 0,
                  handshake_failures => 0, per_connection => []}
     end.
@@ -393,7 +409,15 @@ connection_key([Other | _]) -> erlang:error({badarg, Other}).
 -spec send_frame(node(), send | call, term()) ->
     ok | {error, noconnection | too_large | unsupported_by_peer | busy}.
 send_frame(Node, Kind, Envelope) ->
-    remote_send(Node, Kind, Envelope, erlang:phash2(self()), false).
+    send_frame(Node, Kind, Envelope, erlang:phash2(self())).
+
+%% @private
+%% @doc {@link send_frame/3} on the connection `ConnKey' picks (a hash: the
+%% caller's pid, or a `{key, Term}''s term).
+-spec send_frame(node(), send | call, term(), non_neg_integer()) ->
+    ok | {error, noconnection | too_large | unsupported_by_peer | busy}.
+send_frame(Node, Kind, Envelope, ConnKey) ->
+    remote_send(Node, Kind, Envelope, ConnKey, false).
 
 remote_send(Node, Kind, Envelope, Key, NoSuspend) ->
     %% The NIF encodes the envelope (large binaries by reference, big terms on a

@@ -45,9 +45,16 @@
 %% Slow paths (a call over a second, a keeper waiting for its acknowledgement)
 %% check every `?TICK_MS'. A fast call with a small reply costs one spawn and
 %% no control message; a large reply, one acknowledgement over disterl.
+%%
+%% teleport_rpc runs its calls on the same protocol: {@link request/4} is the
+%% caller's side whatever the request (the frames it sends are the caller's to
+%% make), and {@link serve/5} the keeper's once it has started the work (a
+%% `$gen_call' to a server for gs_call; for an RPC, a process that applies the
+%% function: see teleport_rpc_exec).
 -module(teleport_call).
 
--export([call/5, keeper/5]).
+-export([call/5, request/4, request/5, keeper/5, serve/5]).
+-export_type([frames/0, outcome/0, serve_opts/0, request_opts/0]).
 
 -include("teleport_call.hrl").
 
@@ -70,6 +77,18 @@
 -define(RETRY_MAX_MS, 500).
 
 -type outcome() :: {reply, term()} | {down, term()}.
+%% What a keeper sends back: the server's reply, or its exit reason.
+-type frames() :: fun((Call :: {pid(), reference(), timeout()}) ->
+                             {Request :: term(), Probe :: term()}).
+%% Makes a request's call frame and its probe frame from the call tuple
+%% `{Caller, Ref, Timeout}' (see {@link request/4}).
+-type serve_opts() :: #{announce := at_once | when_slow,
+                        on_down := fun((term()) -> outcome()),
+                        large := direct | forward}.
+%% How a keeper serves (see {@link serve/5}).
+-type request_opts() :: #{sent => fun((ok | {error, term()}) -> term()),
+                          watch => reference()}.
+%% See {@link request/5}.
 
 %%% Caller
 
@@ -77,15 +96,42 @@
 %% reply or exits with `{Reason, {teleport, gs_call, [Dest, Request, Timeout]}}'.
 -spec call(node(), pid() | atom(), teleport:dest(), term(), timeout()) -> term().
 call(Node, Target, Dest, Request, Timeout) ->
+    Frames = fun(Call) -> {{Target, Call, Request}, {?PROBE, Call, probe}} end,
+    case request(Node, Frames, erlang:phash2(self()), Timeout) of
+        {ok, Reply} -> Reply;
+        {error, Reason} -> exit({Reason, {teleport, gs_call, [Dest, Request, Timeout]}})
+    end.
+
+%% @doc The caller's side of one request: makes the call tuple
+%% `{self(), Ref, Timeout}' (`Ref' an alias), sends the call frame `Frames'
+%% makes from it on the connection `ConnKey' picks, and waits (probing with
+%% the probe frame when a second passes without news of a keeper). Returns
+%% `{ok, Reply}' (a keeper's reply) or `{error, Reason}': a keeper's `down'
+%% outcome, or why the protocol ended the call (`timeout', `{nodedown, Node}',
+%% `{request_lost, Node}', `{teleport_unreachable, Node, Why}', ...). Nothing
+%% of the request is left behind: alias, monitors, probe answers.
+-spec request(node(), frames(), non_neg_integer(), timeout()) -> {ok, term()} | {error, term()}.
+request(Node, Frames, ConnKey, Timeout) ->
+    request(Node, Frames, ConnKey, Timeout, #{}).
+
+%% @doc {@link request/4} with options: `sent', a fun called with what queuing
+%% the request frame returned, before the wait (whoever must know that the
+%% request is on its connection); `watch', a monitor whose `DOWN' ends the wait
+%% (`{error, watched_down}').
+-spec request(node(), frames(), non_neg_integer(), timeout(), request_opts()) ->
+    {ok, term()} | {error, term()}.
+request(Node, Frames, ConnKey, Timeout, Opts) ->
     Ref = erlang:alias(),
     true = erlang:monitor_node(Node, true),
-    Call = {self(), Ref, Timeout},
-    Wait = #{ref => Ref, node => Node, dest => Dest, request => Request, timeout => Timeout,
-             deadline => deadline(Timeout), call => Call,
+    {Frame, Probe} = Frames({self(), Ref, Timeout}),
+    Wait = #{ref => Ref, node => Node, conn_key => ConnKey, probe => Probe,
+             deadline => deadline(Timeout), watch => maps:get(watch, Opts, undefined),
              keeper => undefined, keeper_mon => undefined,
              probe_at => now_ms() + ?PROBE_AFTER_MS, probe_every => ?PROBE_AFTER_MS,
              probed => false},
-    case send_frame({Target, Call, Request}, Wait) of
+    Sent = send_frame(Frame, Wait),
+    _ = (maps:get(sent, Opts, fun(_) -> ok end))(Sent),
+    case Sent of
         ok -> await(Wait);
         {error, Reason} -> fail(Reason, Wait)
     end.
@@ -95,8 +141,9 @@ call(Node, Target, Dest, Request, Timeout) ->
 send_frame(Frame, Wait) ->
     send_frame(Frame, Wait, now_ms(), ?RETRY_MIN_MS).
 
-send_frame(Frame, #{node := Node, deadline := Deadline} = Wait, Since, Pause) ->
-    case teleport:send_frame(Node, call, Frame) of
+send_frame(Frame, #{node := Node, conn_key := ConnKey, deadline := Deadline} = Wait,
+           Since, Pause) ->
+    case teleport:send_frame(Node, call, Frame, ConnKey) of
         {error, noconnection} ->
             case node_up(Node) of
                 false ->
@@ -131,12 +178,13 @@ why_unreachable(Node) ->
         {error, Reason} -> Reason
     end.
 
-await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = Wait) ->
+await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon,
+        watch := Watch} = Wait) ->
     receive
         {'$teleport_reply', Ref, From, Reply} ->
             ack(From, Ref),
             done(Wait),
-            Reply;
+            {ok, Reply};
         {'$teleport_down', Ref, From, Reason} ->
             ack(From, Ref),
             fail(Reason, Wait);
@@ -153,7 +201,9 @@ await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = W
         {'DOWN', KeeperMon, process, _, Reason} when is_reference(KeeperMon) ->
             %% Keepers exit only after the outcome left over disterl (which would
             %% have arrived first) or once acknowledged: this outcome is gone.
-            fail({call_keeper_down, Reason}, Wait#{keeper_mon := undefined})
+            fail({call_keeper_down, Reason}, Wait#{keeper_mon := undefined});
+        {'DOWN', Watch, process, _, _} when is_reference(Watch) ->
+            fail(watched_down, Wait)
     after tick(Wait) ->
             check(Wait)
     end.
@@ -162,24 +212,24 @@ await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon} = W
 check(#{deadline := Deadline} = Wait) ->
     case remaining(Deadline) of
         0 -> fail(timeout, Wait);
-        _ -> await(watch(Wait))
+        _ -> watch(Wait)
     end.
 
 watch(#{keeper := undefined, probe_at := ProbeAt} = Wait) ->
     case now_ms() >= ProbeAt of
         true -> probe(Wait);
-        false -> Wait
+        false -> await(Wait)
     end;
 watch(#{keeper := Keeper, keeper_mon := undefined} = Wait) ->
-    Wait#{keeper_mon := erlang:monitor(process, Keeper)};
+    await(Wait#{keeper_mon := erlang:monitor(process, Keeper)});
 watch(Wait) ->
-    Wait.
+    await(Wait).
 
-probe(#{call := Call, probe_every := Every} = Wait) ->
-    case send_frame({?PROBE, Call, probe}, Wait) of
+probe(#{probe := Probe, probe_every := Every} = Wait) ->
+    case send_frame(Probe, Wait) of
         ok ->
             Next = min(2 * Every, ?PROBE_MAX_MS),
-            Wait#{probe_at := now_ms() + Every, probe_every := Next, probed := true};
+            await(Wait#{probe_at := now_ms() + Every, probe_every := Next, probed := true});
         %% Teleport stayed away longer than a restart takes: the request went with it.
         {error, {teleport_unreachable, Node, _}} ->
             fail({request_lost, Node}, Wait);
@@ -211,60 +261,95 @@ flush_probe_answers(Ref) ->
             true
     end.
 
--spec fail(term(), map()) -> no_return().
-fail(Reason, #{dest := Dest, request := Request, timeout := Timeout} = Wait) ->
+%% The wait ended without an outcome. One that came after the wait ended and
+%% before the alias went is taken (as gen:call does), and nothing of the call is
+%% left in the mailbox.
+fail(Reason, #{ref := Ref} = Wait) ->
     done(Wait),
-    exit({Reason, {teleport, gs_call, [Dest, Request, Timeout]}}).
+    Result = receive
+                 {'$teleport_reply', Ref, From, Reply} -> ack(From, Ref), {ok, Reply};
+                 {'$teleport_down', Ref, From, Down} -> ack(From, Ref), {error, Down}
+             after 0 ->
+                     {error, Reason}
+             end,
+    _ = flush_probe_answers(Ref),
+    Result.
 
 %%% Keeper (on the server's node)
 
-%% @doc The body of a call's keeper, spawned by a relay.
+%% @doc The body of a gs_call's keeper, spawned by a relay: sends the request
+%% to the server as a `$gen_call' and serves its reply or exit reason.
 -spec keeper(pid() | atom(), pid(), reference(), timeout(), term()) -> ok.
 keeper(Dest, Caller, Ref, Timeout, Request) ->
-    Deadline = deadline(Timeout),
     Mon = erlang:monitor(process, Dest),
     %% An unregistered name raises here; the monitor already says noproc.
     try erlang:send(Dest, {'$gen_call', {self(), Mon}, Request}) catch error:badarg -> ok end,
     %% A call without a timeout must learn of a keeper killed however early.
-    AnnounceAfter = case Timeout of
-                        infinity -> 0;
-                        _ -> ?ANNOUNCE_AFTER_MS
+    Announce = case Timeout of
+                   infinity -> at_once;
+                   _ -> when_slow
+               end,
+    serve(Mon, Caller, Ref, Timeout,
+          #{announce => Announce, on_down => fun(Reason) -> {down, Reason} end,
+            large => direct}).
+
+%% @doc A keeper's work once the request is with whoever answers it, watched
+%% by the monitor `Mon': `{Mon, Reply}' is a reply, `Mon''s `DOWN' goes
+%% through `on_down' (gs_call: the server's exit reason). Tells the caller it
+%% exists `at_once' or `when_slow' (after 100 ms without an outcome), gives up when the
+%% caller dies or its timeout passes, and delivers the outcome: over disterl
+%% up to 64 KiB, else over teleport, `direct' to the caller's pid (gs_call),
+%% or `forward'ed to its alias through a relay on its node (so that a late one
+%% is dropped there), and kept until the caller acknowledges it.
+-spec serve(reference(), pid(), reference(), timeout(), serve_opts()) -> ok.
+serve(Mon, Caller, Ref, Timeout, #{announce := Announce, on_down := OnDown, large := Large}) ->
+    Deadline = deadline(Timeout),
+    AnnounceAfter = case Announce of
+                        at_once -> 0;
+                        when_slow -> ?ANNOUNCE_AFTER_MS
                     end,
-    Outcome = case await_server(Mon, AnnounceAfter, Deadline) of
+    Outcome = case await_server(Mon, AnnounceAfter, Deadline, OnDown) of
                   {outcome, _} = Early ->
                       Early;
                   slow ->
-                      %% Only a call still running tells its caller it exists: fast
-                      %% ones cost no disterl message for it.
-                      erlang:send(Ref, {'$teleport_started', Ref, self()}),
-                      watch_server(Mon, Caller, Deadline, undefined)
+                      case remaining(Deadline) of
+                          0 ->
+                              %% The caller has given up: nothing to announce.
+                              erlang:demonitor(Mon, [flush]),
+                              caller_gone;
+                          _ ->
+                              %% Only a call still running tells its caller it
+                              %% exists: fast ones cost no disterl message for it.
+                              erlang:send(Ref, {'$teleport_started', Ref, self()}),
+                              watch_server(Mon, Caller, Deadline, undefined, OnDown)
+                      end
               end,
     case Outcome of
-        {outcome, Result} -> deliver(Result, Caller, Ref, Deadline);
+        {outcome, Result} -> deliver(Result, Caller, Ref, Deadline, Large);
         caller_gone -> ok
     end.
 
 %% The server's answer within `Ms', or `slow'.
-await_server(Mon, Ms, Deadline) ->
+await_server(Mon, Ms, Deadline, OnDown) ->
     receive
         {Mon, Reply} ->
             erlang:demonitor(Mon, [flush]),
             {outcome, {reply, Reply}};
         {'DOWN', Mon, process, _, Reason} ->
-            {outcome, {down, Reason}}
+            {outcome, OnDown(Reason)}
     after min(Ms, tick(#{deadline => Deadline})) ->
             slow
     end.
 
--spec watch_server(reference(), pid(), integer() | infinity, reference() | undefined) ->
-    {outcome, outcome()} | caller_gone.
-watch_server(Mon, Caller, Deadline, CallerMon) ->
+-spec watch_server(reference(), pid(), integer() | infinity, reference() | undefined,
+                   fun((term()) -> outcome())) -> {outcome, outcome()} | caller_gone.
+watch_server(Mon, Caller, Deadline, CallerMon, OnDown) ->
     receive
         {Mon, Reply} ->
             erlang:demonitor(Mon, [flush]),
             {outcome, {reply, Reply}};
         {'DOWN', Mon, process, _, Reason} ->
-            {outcome, {down, Reason}};
+            {outcome, OnDown(Reason)};
         {'DOWN', CallerMon, process, _, _} ->
             erlang:demonitor(Mon, [flush]),
             caller_gone
@@ -275,7 +360,7 @@ watch_server(Mon, Caller, Deadline, CallerMon) ->
                     erlang:demonitor(Mon, [flush]),
                     caller_gone;
                 _ ->
-                    watch_server(Mon, Caller, Deadline, watch_caller(Caller, CallerMon))
+                    watch_server(Mon, Caller, Deadline, watch_caller(Caller, CallerMon), OnDown)
             end
     end.
 
@@ -283,17 +368,26 @@ watch_server(Mon, Caller, Deadline, CallerMon) ->
 %% message, reliable while the nodes are connected (else the caller sees
 %% nodedown), and no acknowledgement to wait for. A large one goes over
 %% teleport, and is kept until the caller has it.
-deliver(Outcome, Caller, Ref, Deadline) ->
+deliver(Outcome, Caller, Ref, Deadline, Large) ->
     Msg = message(Outcome, Ref),
     case erlang:external_size(Msg) =< ?DISTERL_REPLY_MAX of
         true -> resend(Ref, Msg);
-        false -> deliver_over_teleport(Msg, Caller, Ref, Deadline)
+        false -> deliver_over_teleport(Msg, Caller, Ref, Deadline, Large)
     end.
 
-deliver_over_teleport(Msg, Caller, Ref, Deadline) ->
+deliver_over_teleport(Msg, Caller, Ref, Deadline, Large) ->
     Node = node(Caller),
     Generation = teleport_nif:pool_generation(Node),
-    case teleport:send(Caller, Msg) of
+    Sent = case Large of
+               direct ->
+                   teleport:send(Caller, Msg);
+               forward ->
+                   %% A call frame: a relay there sends it on to the alias (the NIF
+                   %% picks the relay by `Ref' and tries the next if one is gone).
+                   teleport:send_frame(Node, call, {{?FORWARD, Ref, Msg}, Ref, forward},
+                                       erlang:phash2(self()))
+           end,
+    case Sent of
         ok -> await_ack(Msg, Caller, Ref, Node, Generation, Deadline, undefined);
         {error, _} -> resend(Ref, Msg)
     end.

@@ -18,6 +18,8 @@
 %% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long an I/O thread that finds nothing to do polls its sockets (giving the core to any thread that wants it) before sleeping, 0 to never poll. Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
 %% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: OTP GH-8208); `always' for every message holding such a map or a fun (slower: one more hand-off per message; for tests)</td></tr>
 %% <tr><td>`tls'</td><td>`disabled'</td><td>TLS 1.3 on every teleport connection, both ways, with mutual certificates: `#{certfile => Path, keyfile => Path, cacertfile => Path}' (PEM; each side presents its certificate and checks the other's chain against `cacertfile'; the cookie handshake still runs, inside TLS). Optional keys: `verify' (`verify_peer', the default, or `verify_none': no certificate is checked, still encrypted; for tests only), `server_name_check' (`true', the default: a dialing node checks the server's certificate names the host part of the node name it dials, as `server_name_indication' does in `inet_tls_dist'; `false' for clusters whose certificates carry no host names), `client_name_check' (`true', the default: a listener checks the dialing node's certificate names the host part of the node name it claims, so a holder of one node's certificate cannot speak as a node of another host; `false' likewise), `ciphers' (TLS 1.3 suites as strings, of `"TLS_AES_256_GCM_SHA384"', `"TLS_AES_128_GCM_SHA256"', `"TLS_CHACHA20_POLY1305_SHA256"'; default all). Every node of the cluster needs the same setting. Unreadable files or a key that does not match: `application:start(teleport)' returns `{error, _}'. Linux and FreeBSD builds only</td></tr>
+%% <tr><td>`rpc_modules'</td><td>`all'</td><td>which modules a peer may call through {@link teleport_rpc} (calls, casts, multicalls): `all', `{only, [Module]}' or `{except, [Module]}'. A refused call raises `{erpc, {module_not_allowed, Module}}' in its caller; refused calls and casts are counted (`refused_rpcs' in {@link teleport:stats/1}) and logged at most every 10 s. Allowing `erlang' allows everything (`erlang:apply/2'), as does a fun's call (`teleport_rpc:call(Node, Fun)' is `erlang:apply(Fun, [])')</td></tr>
+%% <tr><td>`rpc_compression'</td><td>`off'</td><td>{@link teleport_rpc} arguments and results over a size threshold travel compressed: `off', `{Level, ThresholdBytes}' (zlib level 1-9, external size in bytes), or `#{Node => off | {Level, ThresholdBytes}, default => ...}' per peer. A call's own `compression' option overrides it. The receiving side refuses a compressed term that would inflate past `max_frame_bytes' before allocating it (`{erpc, too_large}'; counted as `refused_compressed')</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{}'</td><td>`#{Node => {IP, Port}}': skip the lookup over distributed Erlang</td></tr>
 %% </table>
 -module(teleport_config).
@@ -27,7 +29,8 @@
 -type key() :: pool_size | io_threads | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | sndbuf | connect_timeout | handshake_timeout | max_pending_handshakes
              | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
-             | reader_busy_wait_us | decode_on_scheduler | tls | peer_addresses.
+             | reader_busy_wait_us | decode_on_scheduler | tls | peer_addresses
+             | rpc_modules | rpc_compression.
 -export_type([key/0]).
 
 %% @doc Every setting, defaults filled in; raises `{invalid_config, Key, Value}'.
@@ -61,7 +64,9 @@ defaults() ->
       reader_busy_wait_us => 100,
       decode_on_scheduler => auto,
       tls => disabled,
-      peer_addresses => #{}}.
+      peer_addresses => #{},
+      rpc_modules => all,
+      rpc_compression => off}.
 
 %% @doc Returns `Value' if it is acceptable for `Key', else raises.
 -spec validate(key(), term()) -> term().
@@ -101,10 +106,30 @@ validate(peer_addresses, M) when is_map(M) ->
                          erlang:error({invalid_config, peer_addresses, {Node, Addr}})
                  end, M),
     M;
+validate(rpc_modules, all) -> all;
+validate(rpc_modules, {Kind, Modules} = Value) when Kind =:= only; Kind =:= except ->
+    case is_list(Modules) andalso lists:all(fun erlang:is_atom/1, Modules) of
+        true -> Value;
+        false -> erlang:error({invalid_config, rpc_modules, Value})
+    end;
+validate(rpc_compression, Map) when is_map(Map) ->
+    maps:foreach(fun(Key, Compression) when is_atom(Key) -> valid_compression(Compression);
+                    (Key, _) -> erlang:error({invalid_config, rpc_compression, Key})
+                 end, Map),
+    Map;
+validate(rpc_compression, Compression) ->
+    valid_compression(Compression);
 validate(tls, disabled) -> disabled;
 validate(tls, M) when is_map(M) -> valid_tls(M);
 validate(Key, Value) ->
     erlang:error({invalid_config, Key, Value}).
+
+%% `off' or `{Level, Threshold}' (teleport_rpc_codec).
+valid_compression(Compression) ->
+    case teleport_rpc_codec:valid(Compression) of
+        true -> Compression;
+        false -> erlang:error({invalid_config, rpc_compression, Compression})
+    end.
 
 %% @doc The I/O thread count `io_threads' stands for on this node.
 -spec io_threads(auto | pos_integer()) -> pos_integer().

@@ -24,11 +24,15 @@ init([]) ->
                 || Name <- teleport_decoder:names()],
     {ok, {#{strategy => one_for_one, intensity => 10, period => 10}, Relays ++ Decoders}}.
 
-%% @doc Counts one `Name' (e.g. `refused_calls') for the peer `Node'.
+%% @doc Counts one `Name' (e.g. `refused_calls') for the peer `Node' (nothing
+%% while teleport is not running).
 -spec count(atom(), node()) -> ok.
 count(Name, Node) ->
-    _ = ets:update_counter(?COUNTERS, {Name, Node}, 1, {{Name, Node}, 0}),
-    ok.
+    try ets:update_counter(?COUNTERS, {Name, Node}, 1, {{Name, Node}, 0}) of
+        _ -> ok
+    catch
+        error:badarg -> ok
+    end.
 
 %% @doc Every count, by peer node: `#{Node => #{Name => N}}' (empty if teleport is
 %% not running).

@@ -75,6 +75,16 @@ handle_cast(_Request, State) ->
 handle_info({teleport_event, Event}, State) ->
     log_event(Event),
     {noreply, telemetry_event(Event, State)};
+handle_info({teleport_call_undeliverable, {?FORWARD, Ref, Msg}, _}, State)
+  when is_reference(Ref) ->
+    %% A large RPC outcome for a caller here, and no relay to pass it on.
+    erlang:send(Ref, Msg),
+    {noreply, State};
+handle_info({teleport_call_undeliverable, {?PROBE, Call}, _Slot}, State) ->
+    %% A `{Node, Key}' RPC call's probe (its call tuple rides in the destination).
+    handle_info({teleport_call_undeliverable, ?PROBE, Call}, State);
+handle_info({teleport_call_undeliverable, {?RPC, Call}, _Slot}, State) ->
+    handle_info({teleport_call_undeliverable, ?RPC, Call}, State);
 handle_info({teleport_call_undeliverable, ?PROBE, {_Caller, Ref, _Timeout}}, State)
   when is_reference(Ref) ->
     %% A probe no relay could take: no relay holds a keeper for the call either.

@@ -11,7 +11,7 @@
 %%% <li>`call_span': `[teleport, call, start | stop]' around a gs_call to another
 %%%     node and to a local server, with node, destination kind and sizes, in
 %%%     native time units; `[teleport, call, exception]' for a server that is not
-%%%     there.</li>
+%%%     there; the same span around `teleport_rpc:call' (`call => rpc').</li>
 %%% <li>`pool_events': `[teleport, pool, opened]' and `[teleport, pool, closed]'.</li>
 %%% <li>`handshake_refused_and_backoff': a peer with another cookie: our
 %%%     handshake refused (outbound) and the peer's (inbound, at our listener);
@@ -153,6 +153,20 @@ call_span(Config) ->
     {#{duration := D}, #{kind := exit, reason := {noproc, _}, node := B}} =
         event([teleport, call, exception]),
     ?assert(D > 0),
+    %% An RPC call: the same span, call => rpc; an exception as erpc raises it.
+    ?assertEqual(Reply, erpc:call(A, teleport_rpc, call, [B, erlang, element, [2, Request]])),
+    {_, #{call := rpc, node := B, destination := B, destination_kind := node,
+          mfa := {erlang, element, 2}}} = event([teleport, call, start]),
+    {_, #{call := rpc, reply_size := ReplySize}} = event([teleport, call, stop]),
+    ?assertEqual(erlang:external_size(Reply), ReplySize),
+    ?assertMatch({error, {erpc, _}},
+                 erpc:call(A, fun() ->
+                                      try teleport_rpc:call({B, k}, erlang, error, [boom])
+                                      catch error:Why -> {error, {erpc, Why}}
+                                      end
+                              end)),
+    {_, #{call := rpc, destination_kind := key}} = event([teleport, call, start]),
+    {_, #{kind := error, reason := {exception, boom, _}}} = event([teleport, call, exception]),
     nothing_more().
 
 pool_events(Config) ->

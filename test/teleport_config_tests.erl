@@ -96,3 +96,16 @@ tls_test() ->
            Files#{ciphers => []}, Files#{ciphers => ["TLS_RSA_WITH_RC4_128_MD5"]},
            Files#{ciphers => "TLS_AES_128_GCM_SHA256"}, Files#{versions => ['tlsv1.3']}],
     [?assertError({invalid_config, tls, _}, teleport_config:validate(tls, B)) || B <- Bad].
+
+rpc_modules_test() ->
+    check_setting(rpc_modules, all, {only, [lists, maps]}, {only, lists}),
+    check_setting(rpc_modules, all, {except, [os]}, {except, ["os"]}),
+    check_setting(rpc_modules, all, {only, []}, none).
+
+rpc_compression_test() ->
+    check_setting(rpc_compression, off, {6, 1024}, {0, 1024}),
+    check_setting(rpc_compression, off, #{'a@h' => {1, 0}, default => off}, {6, -1}),
+    with_env(rpc_compression, #{'a@h' => {10, 0}},
+             fun() -> ?assertError({invalid_config, rpc_compression, {10, 0}}, teleport_config:get()) end),
+    with_env(rpc_compression, #{"a@h" => off},
+             fun() -> ?assertError({invalid_config, rpc_compression, "a@h"}, teleport_config:get()) end).
