@@ -1,4 +1,4 @@
-%%% @doc The migration table of doc/rpc.md, row by row: each `erpc', `rpc' or
+%%% @doc The migration table of docs/rpc.md, row by row: each `erpc', `rpc' or
 %%% gen_rpc call beside its teleport_rpc equivalent, run on the same inputs
 %%% (a value, a throw, an error, an exit, a node that cannot be reached), and
 %%% their results compared as the table says: the same for erpc; for rpc and
