@@ -173,7 +173,7 @@ gs_call(Dest, Request) ->
 %% before OTP 24).
 %%
 %% Emits the telemetry span `[teleport, call, start | stop | exception]'
-%% (doc/telemetry.md) where telemetry runs.
+%% (docs/telemetry.md) where telemetry runs.
 -spec gs_call(dest(), term(), timeout()) -> term().
 gs_call(Dest, Request, Timeout) ->
     case route(Dest) of

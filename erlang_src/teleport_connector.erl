@@ -87,7 +87,7 @@ record_outcome(Node, {error, Reason}, Failures) ->
     failure_events(Node, Reason, Delay),
     Failures#{Node => {Delay, erlang:monotonic_time(millisecond) + Delay, Reason}}.
 
-%% Telemetry (doc/telemetry.md): the peer refused our handshake, or we its; and
+%% Telemetry (docs/telemetry.md): the peer refused our handshake, or we its; and
 %% the backoff any failed open starts.
 failure_events(Node, Reason, Delay) ->
     case Reason of

@@ -3,7 +3,7 @@
 %% itself (a map of over 32 keys on a VM that cannot build one off a scheduler;
 %% see native/teleport_nif/src/decode.rs), and delivers them from there.
 %%
-%% The reader waits for each such frame (so its connection's order holds); the
+%% The connection waits for each such frame (so its order holds); the
 %% wait ends even if this process dies, because the ticket it holds is then freed.
 %% Frames still waiting here when teleport stops are not delivered: they are
 %% logged (`undelivered_at_stop'), as the runtime that would count them is gone.

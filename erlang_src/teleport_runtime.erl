@@ -130,7 +130,7 @@ pool_confirmed(Peer, Token, Timeout) ->
 terminate(_Reason, _State) ->
     teleport_nif:stop().
 
-%% Telemetry events (doc/telemetry.md) for what the Rust side reports.
+%% Telemetry events (docs/telemetry.md) for what the Rust side reports.
 telemetry_event({pool_up, Node, Connections}, State) ->
     teleport_telemetry:execute([teleport, pool, opened], #{connections => Connections},
                                #{node => Node}),

@@ -1,4 +1,4 @@
-%% @doc teleport's telemetry events (doc/telemetry.md lists them), emitted through the
+%% @doc teleport's telemetry events (docs/telemetry.md lists them), emitted through the
 %% `telemetry' library where it runs and at no cost where it does not.
 %%
 %% teleport does not depend on telemetry, not even as an optional application

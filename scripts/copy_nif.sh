@@ -1,7 +1,8 @@
 #!/bin/sh
-# rebar3's post-compile hook: puts the NIF cargo built into priv/libteleport_nif.so,
-# the name teleport_nif:load/0 asks erlang:load_nif/2 for (on macOS too, where cargo
-# names it .dylib but the VM loads <name>.so). Copy then rename: overwriting the
+# Called by scripts/build_nif.sh (rebar3's pre-compile hook): puts the NIF cargo
+# built into priv/libteleport_nif.so, the name teleport_nif:load/0 asks
+# erlang:load_nif/2 for (on macOS too, where cargo names it .dylib but the VM loads
+# <name>.so). Copy then rename: overwriting the
 # loaded .so in place would crash any VM still running the old one (the rename gives
 # the new file a new inode). Usage: scripts/copy_nif.sh [target-dir] (default target).
 set -eu

@@ -1,4 +1,4 @@
-%%% @doc teleport's telemetry events (doc/telemetry.md), against telemetry v1.4.1 built
+%%% @doc teleport's telemetry events (docs/telemetry.md), against telemetry v1.4.1 built
 %%% from the peer projects ($TELEPORT_PEERS, default ../shared/peers beside the
 %%% checkout; skipped without it). Everything runs on peer nodes: this node never
 %%% loads telemetry, as the suites after this one expect.

@@ -109,3 +109,83 @@ rpc_compression_test() ->
              fun() -> ?assertError({invalid_config, rpc_compression, {10, 0}}, teleport_config:get()) end),
     with_env(rpc_compression, #{"a@h" => off},
              fun() -> ?assertError({invalid_config, rpc_compression, "a@h"}, teleport_config:get()) end).
+
+%% The settings are defined once, in teleport_config (names, validation, defaults,
+%% and the meaning in its module doc); README.md's settings tables and the module
+%% doc's table are checked against that definition here, so neither can drift.
+
+readme_settings_match_defaults_test() ->
+    check_documented("README.md", readme_rows(read_doc("README.md"))).
+
+module_doc_settings_match_defaults_test() ->
+    check_documented("teleport_config.erl", module_doc_rows(read_doc(source()))).
+
+%% Every documented setting exists with the documented default, and every setting
+%% teleport_config accepts is documented exactly once.
+check_documented(Where, Rows) ->
+    Defaults = teleport_config:defaults(),
+    ?assertNotEqual([], Rows),
+    Names = [Name || {Name, _} <- Rows],
+    ?assertEqual({Where, []}, {Where, Names -- lists:usort(Names)}),
+    ?assertEqual({Where, lists:sort(maps:keys(Defaults))}, {Where, lists:sort(Names)}),
+    [?assertEqual({Where, Name, maps:get(Name, Defaults)}, {Where, Name, Default})
+     || {Name, Default} <- Rows].
+
+source() ->
+    proplists:get_value(source, teleport_config:module_info(compile)).
+
+%% A file of the project, found from where teleport_config was compiled.
+read_doc("README.md") ->
+    Root = filename:dirname(filename:dirname(source())),
+    read_doc(filename:join(Root, "README.md"));
+read_doc(Path) ->
+    {ok, Bin} = file:read_file(Path),
+    [unicode:characters_to_list(L) || L <- string:split(Bin, "\n", all)].
+
+%% Rows of every table in README.md whose header is `| setting | default | meaning |'.
+readme_rows(Lines) ->
+    readme_rows(Lines, false, []).
+
+readme_rows([], _, Acc) ->
+    lists:reverse(Acc);
+readme_rows([Line | Lines], InTable, Acc) ->
+    case cells(Line) of
+        ["setting", "default" | _] -> readme_rows(Lines, true, Acc);
+        ["---" ++ _ | _] when InTable -> readme_rows(Lines, true, Acc);
+        [Name, Default | _] when InTable ->
+            readme_rows(Lines, true, [{setting_name(Name), default_value(Default)} | Acc]);
+        _ -> readme_rows(Lines, false, Acc)
+    end.
+
+cells("|" ++ Rest) ->
+    [string:trim(C) || C <- lists:droplast(string:split(Rest, "|", all))];
+cells(_) ->
+    [].
+
+%% Rows of the module doc's table: `%% <tr><td>`key'</td><td>Type</td><td>Default</td>...'.
+module_doc_rows(Lines) ->
+    [begin
+         [Name, _Type, Default | _] = string:split(Row, "</td><td>", all),
+         {setting_name(Name), default_value(Default)}
+     end
+     || "%% <tr><td>" ++ Row <- Lines].
+
+setting_name(Text) ->
+    list_to_atom(strip_quotes(Text)).
+
+%% A default as the docs write it: an Erlang term in quotes, or a number with a unit.
+default_value(Text0) ->
+    Text = strip_quotes(Text0),
+    case string:split(Text, " ") of
+        [N, "MiB"] -> list_to_integer(N) * 1024 * 1024;
+        [N, "KiB"] -> list_to_integer(N) * 1024;
+        [N, "ms"] -> list_to_integer(N);
+        _ ->
+            {ok, Tokens, _} = erl_scan:string(Text ++ "."),
+            {ok, Term} = erl_parse:parse_term(Tokens),
+            Term
+    end.
+
+%% `x` (Markdown) or `x' (EDoc) to x.
+strip_quotes([$` | Rest]) -> string:trim(Rest, trailing, "`'");
+strip_quotes(Text) -> Text.

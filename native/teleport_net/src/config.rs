@@ -1,5 +1,7 @@
-//! Settings the runtime is started with (the Erlang side reads them from the
-//! application environment and validates them).
+//! Settings the runtime is started with. They are defined, with their types, defaults
+//! and meaning, in `erlang_src/teleport_config.erl`, which reads them from the
+//! application environment and validates them; the NIF (`teleport_nif`'s `start`)
+//! hands them here. The comments below say only how a field holds its setting.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,41 +13,36 @@ use crate::thread_priority::IoThreadPriority;
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `listen_ip` and `listen_port`.
     pub listen: SocketAddr,
-    /// The I/O engine's threads; every connection, to every peer, is served by one.
+    /// `io_threads`, resolved (`auto` is a count by now).
     pub io_threads: usize,
     pub local_node: String,
     pub cookie: Vec<u8>,
     /// What this node tells its peers about itself in every handshake.
     pub capabilities: Capabilities,
-    /// Cap on one frame body, checked by readers before allocating and by senders.
+    /// `max_frame_bytes`: checked by the frame reader before it allocates, and by senders.
     pub max_frame_bytes: u32,
-    /// Per connection: past this many queued bytes, senders are told to wait.
+    /// `send_queue_bytes`, per connection.
     pub send_queue_bytes: usize,
-    /// The kernel send buffer of each outbound connection (see `send_buffer`).
+    /// `sndbuf` (see `send_buffer`).
     pub sndbuf: SendBuffer,
+    /// `connect_timeout`.
     pub connect_timeout: Duration,
+    /// `handshake_timeout`; also the grace a large body has to arrive whole.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at once; further connections are closed at accept.
+    /// `max_pending_handshakes`.
     pub max_pending_handshakes: usize,
-    /// Of those, how many one source (IPv4 address, IPv6 /64) may hold.
+    /// `max_pending_handshakes_per_ip`.
     pub max_pending_handshakes_per_ip: usize,
-    /// At most this many bytes per read or write system call on a connection, 0 for no
-    /// limit. A kernel that does not preempt inside a system call (Linux `preempt=none`)
-    /// copies a 10 MiB write in one go while woken scheduler threads wait for the core:
-    /// small chunks help other traffic's latency and cost bulk throughput (ring ~15%
-    /// slower at 256 KiB), see BENCHMARKS.md.
+    /// `io_chunk_bytes`, 0 for `infinity` (see `io_chunk`).
     pub io_chunk_bytes: usize,
-    /// Of the I/O threads (see `thread_priority`).
+    /// `io_thread_priority` (see `thread_priority`).
     pub io_thread_priority: IoThreadPriority,
-    /// How long an inbound reader that finds its socket empty polls it (yielding the core
-    /// to any thread that wants it) before sleeping in the kernel; zero never polls. Only
-    /// after a wait shorter than this and no bulk frame since, so request/response traffic
-    /// polls and bulk or sparse traffic does not. A message caught while polling reaches
-    /// its process without a thread wake-up first (ping-pong p50 ~20% lower on 2 cores;
-    /// BENCHMARKS.md, "Latency"), for up to this much CPU per message.
+    /// `reader_busy_wait_us`: how long an I/O thread with nothing to do polls its
+    /// sockets before it sleeps (see `engine/worker.rs`); zero never polls.
     pub reader_busy_wait: Duration,
-    /// TLS 1.3 with mutual certificates on every connection, or none (`tls.rs`).
+    /// `tls` (see `tls.rs`); `None` for `disabled`.
     pub tls: Option<TlsConfig>,
 }
 

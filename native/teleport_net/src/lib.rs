@@ -5,8 +5,9 @@
 //!
 //! Data path, in the order a message travels: `Runtime::send` -> `SendQueue::enqueue`
 //! (a direct write, or the queue) -> the connection's I/O thread (`engine/`,
-//! `SendQueue::flush`) -> socket -> the peer's I/O thread -> `inbound.rs` (frame
-//! reader) -> `host::FrameHandler::handle` (decode and deliver, in the NIF).
+//! `SendQueue::flush`) -> socket -> the peer's I/O thread -> `frame_reader.rs` -> `inbound.rs` ->
+//! `host::FrameHandler::handle` (decode and deliver, in the NIF). Drawn whole, file
+//! by file: docs/architecture.md.
 
 pub mod config;
 mod engine;

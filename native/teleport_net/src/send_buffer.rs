@@ -6,8 +6,8 @@
 //! `tcp_wmem`'s maximum (4 MiB) per connection; with many busy connections the unread
 //! bytes outgrow the CPU caches and the reader copies them from memory. A buffer of
 //! 512 KiB (the kernel counts it double) keeps them in cache: on the 2-core loopback
-//! ring the mean trip fell from 0.44-0.46 s to 0.31-0.36 s (BENCHMARKS.md, "Send
-//! buffer"). A fixed buffer also caps one connection at about its size per round trip,
+//! ring the mean trip fell from 0.44-0.46 s to 0.31-0.36 s (BENCHMARKS.md,
+//! "Ring"). A fixed buffer also caps one connection at about its size per round trip,
 //! so `auto` fixes it only on paths of under a millisecond (loopback, one LAN), where
 //! that cap is above what the link carries, and leaves long paths to the kernel.
 

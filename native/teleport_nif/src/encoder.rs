@@ -38,8 +38,8 @@ use teleport_net::etf::write::{self as w, Body};
 use teleport_net::handshake::Capabilities;
 
 /// Binaries over this size are referenced, not copied. Referencing pins the binary in
-/// an env of its own per message (allocated, copied into, freed by the writer), which
-/// costs more than copying a few hundred bytes: at the VM's heap-binary limit (64) the
+/// an env of its own per message (allocated, copied into, freed once the frame is
+/// written), which costs more than copying a few hundred bytes: at the VM's heap-binary limit (64) the
 /// 100-byte-message benchmark ran at 0.6-0.8x disterl, at 2 KiB 1.3-1.6x (BENCHMARKS.md).
 pub const COPY_MAX: usize = 2048;
 

@@ -1,4 +1,4 @@
-//! The NIF's side of `teleport_net::Host`: frame handlers for readers, and one
+//! The NIF's side of `teleport_net::Host`: frame handlers for the I/O threads, and one
 //! event-pump thread that turns core events into messages to Erlang processes.
 //! A single sending thread means nothing is ever sent from a scheduler thread
 //! with the wrong kind of env, whoever raised the event.

@@ -286,7 +286,7 @@ impl rustler::Resource for Owner {
 }
 
 /// Decodes and delivers a frame an I/O thread could not (deliver.rs), on a
-/// dirty scheduler; called by teleport_decoder with what the reader sent it.
+/// dirty scheduler; called by teleport_decoder with what a connection's I/O thread handed it.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn deliver_frame<'a>(env: Env<'a>, ticket: ResourceArc<DecodeTicket>, frame: rustler::Binary<'a>) -> Atom {
     ticket.run(env, frame);
@@ -620,7 +620,7 @@ fn listener_stats(env: Env) -> NifResult<Term> {
     map_from_pairs(env, &counter_pairs(env, &counters))
 }
 
-/// Decodes an external term with teleport's receive-side decoder, as the reader
+/// Decodes an external term with teleport's receive-side decoder, as the I/O
 /// threads do (large binaries become sub-binaries of `bin`). For tests and benchmarks
 /// against `binary_to_term/1`; dirty, as its input can be any size.
 #[rustler::nif(schedule = "DirtyCpu")]
