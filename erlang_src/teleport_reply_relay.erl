@@ -193,6 +193,8 @@ start_keeper(Ref, Node, {M, F, A}, #{keepers := Keepers, monitors := Monitors,
 refuse(Node, Ref, State) ->
     erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, too_many_calls}}),
     teleport_relay_sup:count(refused_calls, Node),
+    teleport_telemetry:execute([teleport, frame, refused], #{count => 1},
+                               #{node => Node, kind => call, reason => too_many_calls}),
     bounded_log(too_many_calls, warning, #{peer => Node, limit => ?MAX_CALLS_PER_PEER}, State).
 
 keeper_down(Ref, Node, Reason, #{keepers := Keepers, per_node := PerNode} = State) ->

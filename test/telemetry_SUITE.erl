@@ -19,6 +19,9 @@
 %%% <li>`back_pressure': a stopped receiver: a sender suspended, then resumed
 %%%     (with how long it waited); `nosuspend' and `max_frame_bytes' refusals; the
 %%%     pool closed with messages queued: `[teleport, frame, dropped]' out.</li>
+%%% <li>`too_many_calls': 10,200 calls at once to a server that answers after
+%%%     4 s: on the server's node, `[teleport, frame, refused]' with reason
+%%%     `too_many_calls' once per refused call.</li>
 %%% <li>`undeliverable': messages for a dead pid: `[teleport, frame, dropped]'
 %%%     in, on the receiving node.</li>
 %%% <li>`cost': a benchmark (prints, asserts only that the work was done): the
@@ -39,7 +42,8 @@
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([absent/1, started_after_teleport/1, call_span/1, pool_events/1,
-         handshake_refused_and_backoff/1, back_pressure/1, undeliverable/1, cost/1]).
+         handshake_refused_and_backoff/1, back_pressure/1, too_many_calls/1, undeliverable/1,
+         cost/1]).
 %% Run on the peers.
 -export([forward/4, noop/4, counter/0, timed_calls/3, timed_sends/3, timed_spans/1]).
 
@@ -57,7 +61,7 @@ suite() ->
 
 all() ->
     [absent, started_after_teleport, call_span, pool_events, handshake_refused_and_backoff,
-     back_pressure, undeliverable, cost].
+     back_pressure, too_many_calls, undeliverable, cost].
 
 init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
@@ -258,6 +262,35 @@ back_pressure(Config) ->
     after ?RPC_TIMEOUT ->
             ct:fail({sender_still_waiting, erpc:call(A, erlang, process_info, [Sender])})
     end.
+
+too_many_calls(Config) ->
+    A = start_peer(Config, "tel_calls", no_telemetry, #{}),
+    B = start_peer(Config, "tel_calls_b", telemetry, #{}),
+    start_server(B),
+    attach(B),
+    Test = self(),
+    N = 10200,
+    _ = erpc:call(A, erlang, spawn,
+                  [fun() ->
+                           Self = self(),
+                           _ = [spawn(fun() ->
+                                              Self ! try teleport:gs_call({?SERVER, B},
+                                                                          {delayed_reply, 4000, ok},
+                                                                          60000)
+                                                     catch exit:{Reason, _} -> Reason
+                                                     end
+                                      end) || _ <- lists:seq(1, N)],
+                           Test ! {outcomes, [receive O -> O end || _ <- lists:seq(1, N)]}
+                   end]),
+    Outcomes = receive {outcomes, Os} -> Os after 120000 -> ct:fail(calls_hung) end,
+    Refused = length([O || {teleport, too_many_calls} = O <- Outcomes]),
+    ct:pal("~b calls: ~b refused", [N, Refused]),
+    ?assert(Refused >= 200),
+    Events = [M || {telemetry_event, [teleport, frame, refused], M, #{node := Node, kind := call,
+                                                                       reason := too_many_calls}}
+                       <- flush(), Node =:= A],
+    ?assertEqual(Refused, length(Events)),
+    ?assert(lists:all(fun(#{count := C}) -> C =:= 1 end, Events)).
 
 nosuspend_until_busy(_A, _B, 0) ->
     never_busy;
