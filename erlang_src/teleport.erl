@@ -159,7 +159,7 @@ gs_call(Dest, Request) ->
 %%     server's node was killed or stopped while it held it);</li>
 %% <li>`{call_keeper_down, Why}': the process that made the call on the
 %%     server's node was killed; the server may have served the request;</li>
-%% <li>`{teleport, no_reply_relay}': teleport was stopping on the server's node
+%% <li>`{teleport, no_call_relay}': teleport was stopping on the server's node
 %%     and no process there could take the request.</li>
 %% </ul>
 %% Every call ends: with the reply, its timeout, or one of these. The server

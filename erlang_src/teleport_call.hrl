@@ -1,4 +1,4 @@
-%% Shared by the two ends of the gs_call protocol (teleport_call, teleport_reply_relay).
+%% Shared by the two ends of the gs_call protocol (teleport_call, teleport_call_relay).
 
 %% The destination of a caller's probe frame: a relay answers it instead of
 %% starting a keeper.

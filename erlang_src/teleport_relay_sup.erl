@@ -1,5 +1,5 @@
 %% @private
-%% @doc Supervises the processes the NIF's I/O threads hand work to: the reply relays
+%% @doc Supervises the processes the NIF's I/O threads hand work to: the call relays
 %% (calls) and the decoders (frames decoded on a dirty scheduler), one_for_one:
 %% one that crashes is restarted alone, without touching the runtime and its pools.
 -module(teleport_relay_sup).
@@ -18,8 +18,8 @@ start_link() ->
 init([]) ->
     %% Owned by this supervisor: it outlives its relays.
     ?COUNTERS = ets:new(?COUNTERS, [named_table, public, {write_concurrency, true}]),
-    Relays = [#{id => Name, start => {teleport_reply_relay, start_link, [Name]}}
-              || Name <- teleport_reply_relay:names()],
+    Relays = [#{id => Name, start => {teleport_call_relay, start_link, [Name]}}
+              || Name <- teleport_call_relay:names()],
     Decoders = [#{id => Name, start => {teleport_decoder, start_link, [Name]}}
                 || Name <- teleport_decoder:names()],
     {ok, {#{strategy => one_for_one, intensity => 10, period => 10}, Relays ++ Decoders}}.

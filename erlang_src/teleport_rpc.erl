@@ -535,7 +535,7 @@ failure({teleport_unreachable, _, not_started}) -> {erpc, notsup};
 failure({teleport_unreachable, _, _}) -> {erpc, noconnection};
 failure({request_lost, _}) -> {erpc, noconnection};
 failure({call_keeper_down, _}) -> {erpc, noconnection};
-failure({teleport, no_reply_relay}) -> {erpc, noconnection};
+failure({teleport, no_call_relay}) -> {erpc, noconnection};
 failure({teleport, too_many_calls}) -> {erpc, system_limit};
 failure(unsupported_by_peer) -> {erpc, notsup};
 failure(too_large) -> {erpc, too_large};

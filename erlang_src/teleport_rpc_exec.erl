@@ -1,6 +1,6 @@
 %% @private
 %% @doc What a node runs for teleport_rpc's requests from its peers: relays
-%% (teleport_reply_relay) take them from call frames, check them against the
+%% (teleport_call_relay) take them from call frames, check them against the
 %% `rpc_modules' setting, and start these processes.
 %%
 %% A call runs on gs_call's protocol (teleport_call): the relay starts a keeper

@@ -36,7 +36,7 @@ init([]) ->
                                   cookie => atom_to_binary(erlang:get_cookie()),
                                   tls => nif_tls(maps:get(tls, Config)),
                                   event_pid => self(),
-                                  reply_relays => teleport_reply_relay:names(),
+                                  call_relays => teleport_call_relay:names(),
                                   decoders => teleport_decoder:names(),
                                   %% auto: the NIF decides by the VM's version.
                                   defer_hash_maps => maps:get(decode_on_scheduler, Config)
@@ -94,7 +94,7 @@ handle_info({teleport_call_undeliverable, _Dest, {_Caller, Ref, _Timeout}}, Stat
   when is_reference(Ref) ->
     %% A call arrived while no relay could take it: its caller would wait for a
     %% keeper that never starts. Over disterl, to its alias (see teleport_call).
-    erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, no_reply_relay}}),
+    erlang:send(Ref, {'$teleport_down', Ref, undefined, {teleport, no_call_relay}}),
     {noreply, State};
 handle_info({teleport_call_undeliverable, _Dest, _Malformed}, State) ->
     {noreply, State};

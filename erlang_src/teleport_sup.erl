@@ -1,5 +1,5 @@
 %% @private
-%% @doc Top supervisor. Order matters: reply relays exist before the runtime
+%% @doc Top supervisor. Order matters: call relays exist before the runtime
 %% can deliver a call, and the connector needs the runtime. rest_for_one: a
 %% restarted runtime means fresh pools, so the connector restarts with it.
 -module(teleport_sup).

@@ -22,7 +22,7 @@
 %%% <li>`relay': a relay's mailbox on B, held by suspending the relays. Faults:
 %%%     the relay holding it killed (`request_lost'); teleport stopped on B and
 %%%     started again (the relay starts keepers for what it holds as it stops:
-%%%     reply); no relay registered at all (`{teleport, no_reply_relay}').</li>
+%%%     reply); no relay registered at all (`{teleport, no_call_relay}').</li>
 %%% <li>`keeper': the process that makes the call on B. Faults: killed as soon
 %%%     as it exists (before it told the caller it exists, for a finite call),
 %%%     and killed once it has: `{call_keeper_down, killed}'.</li>
@@ -37,7 +37,7 @@
 %%% loop on `infinity' calls while B's relays are suspended and killed with
 %%% calls queued, decoders are killed, and teleport restarts on B every 2.5 s;
 %%% every call ends, every reply is its own request's, and the exits are only
-%%% `request_lost', `call_keeper_down' and `no_reply_relay' (counts printed).
+%%% `request_lost', `call_keeper_down' and `no_call_relay' (counts printed).
 %%% `sends_across_restarts': the same restart loop under a stream of
 %%% `teleport:send/2': each returns `ok' or `{error, noconnection}', what
 %%% arrives is in order without duplicates and only ever what returned `ok'
@@ -192,23 +192,23 @@ decoder_teleport_restarted(Config) ->
 
 relay_killed(Config) ->
     B = ?config(b, Config),
-    held_in(Config, teleport_reply_relay, fun(Holder, _Names) ->
+    held_in(Config, teleport_call_relay, fun(Holder, _Names) ->
         exit(Holder, kill)
     end, [lost(B)]).
 
 relay_teleport_restarted(Config) ->
     B = ?config(b, Config),
-    held_in(Config, teleport_reply_relay, fun(_Holder, Names) ->
+    held_in(Config, teleport_call_relay, fun(_Holder, Names) ->
         restart_teleport(B, Names)
     end, [{reply, ?BIG_TERM}]).
 
 relay_none(Config) ->
     B = ?config(b, Config),
-    Names = erpc:call(B, teleport_reply_relay, names, []),
+    Names = erpc:call(B, teleport_call_relay, names, []),
     Pids = erpc:call(B, fun() -> [begin P = whereis(N), unregister(N), P end || N <- Names] end),
     try
         Caller = call_async(Config, {echo, x}),
-        expect(Caller, [{exit, {teleport, no_reply_relay}}])
+        expect(Caller, [{exit, {teleport, no_call_relay}}])
     after
         erpc:call(B, fun() -> [register(N, P) || {N, P} <- lists:zip(Names, Pids)] end)
     end.
@@ -261,7 +261,7 @@ server_killed(Config) ->
 storm_faults(Config) ->
     B = ?config(b, Config),
     storm(B, fun(I) ->
-        Relays = erpc:call(B, teleport_reply_relay, names, []),
+        Relays = erpc:call(B, teleport_call_relay, names, []),
         Decoders = erpc:call(B, teleport_decoder, names, []),
         case I rem 3 of
             0 ->
@@ -286,7 +286,7 @@ storm_faults(Config) ->
         %% Slow enough for the relays' supervisor (10 restarts in 10 s): faster,
         %% teleport itself would go down, which is the supervisor's design.
         timer:sleep(1200)
-    end, [request_lost, call_keeper_down, {teleport, no_reply_relay}]).
+    end, [request_lost, call_keeper_down, {teleport, no_call_relay}]).
 
 %% The restart loop: teleport stopped and started on B every 2.5 s.
 storm_restarts(Config) ->

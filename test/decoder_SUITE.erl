@@ -1010,7 +1010,7 @@ teleport_processes(Node) ->
 
 %% @private Runs on a peer: teleport's registered processes and its listener.
 teleport_state() ->
-    Names = [teleport_sup, teleport_runtime, teleport_connector | teleport_reply_relay:names()],
+    Names = [teleport_sup, teleport_runtime, teleport_connector | teleport_call_relay:names()],
     {[{N, whereis(N)} || N <- Names], try teleport:listen_address() catch C:R -> {C, R} end}.
 
 %%====================================================================

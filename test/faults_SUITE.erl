@@ -8,7 +8,7 @@
 %%% <li>group `calls', once with `infinity' and once with a finite timeout: a
 %%%     call whose server answers after a while gets its reply (a small one,
 %%%     sent back over disterl, and a 1 MiB one over teleport) although, in the
-%%%     meantime, B's reply relays were killed, teleport stopped and started on
+%%%     meantime, B's call relays were killed, teleport stopped and started on
 %%%     B (the reply made while it was down), teleport stopped and started on
 %%%     the origin (likewise), or the teleport connections were dropped both
 %%%     ways while disterl stayed up. When the answer truly cannot come, the
@@ -108,7 +108,7 @@ relay_killed(Config) ->
     B = ?config(b, Config),
     answered_despite(Config, fun() ->
         erpc:call(B, fun() ->
-            [exit(whereis(Name), kill) || Name <- teleport_reply_relay:names()]
+            [exit(whereis(Name), kill) || Name <- teleport_call_relay:names()]
         end)
     end).
 
@@ -162,11 +162,11 @@ no_relay(Config) ->
     B = ?config(b, Config),
     %% Warm up the pools, then take every relay's name away.
     ?assertEqual(B, teleport:gs_call({?SERVER, B}, whoami, 10000)),
-    Names = erpc:call(B, teleport_reply_relay, names, []),
+    Names = erpc:call(B, teleport_call_relay, names, []),
     Pids = erpc:call(B, fun() -> [begin P = whereis(N), unregister(N), P end || N <- Names] end),
     try
         Caller = call_async(Config, {echo, x}),
-        ?assertMatch({exit, {{teleport, no_reply_relay}, {teleport, gs_call, _}}}, outcome(Caller))
+        ?assertMatch({exit, {{teleport, no_call_relay}, {teleport, gs_call, _}}}, outcome(Caller))
     after
         erpc:call(B, fun() -> [register(N, P) || {N, P} <- lists:zip(Names, Pids)] end)
     end.

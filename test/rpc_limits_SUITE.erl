@@ -550,4 +550,4 @@ relay_state() ->
              end;
          S ->
              S
-     end || Name <- teleport_reply_relay:names()].
+     end || Name <- teleport_call_relay:names()].

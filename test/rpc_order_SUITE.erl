@@ -213,5 +213,5 @@ relay_of(Key) ->
     whereis(relay_name(Key)).
 
 relay_name(Key) ->
-    Names = teleport_reply_relay:names(),
+    Names = teleport_call_relay:names(),
     lists:nth(erlang:phash2({'$teleport_key', Key}) rem length(Names) + 1, Names).

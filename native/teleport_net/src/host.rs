@@ -30,7 +30,7 @@ pub enum Undeliverable {
     /// The decoder took the frame and went before it said how it ended.
     DecoderDown,
     /// A call, and no relay process to take it.
-    NoReplyRelay,
+    NoCallRelay,
     /// The destination pid is not one of this node's.
     NotALocalPid,
     /// Nothing is registered under the destination name.
@@ -43,7 +43,7 @@ impl Undeliverable {
     pub const ALL: [Undeliverable; 6] = [
         Undeliverable::NoDecoder,
         Undeliverable::DecoderDown,
-        Undeliverable::NoReplyRelay,
+        Undeliverable::NoCallRelay,
         Undeliverable::NotALocalPid,
         Undeliverable::Noproc,
         Undeliverable::DeadProcess,
@@ -53,7 +53,7 @@ impl Undeliverable {
         match self {
             Undeliverable::NoDecoder => "no_decoder",
             Undeliverable::DecoderDown => "decoder_down",
-            Undeliverable::NoReplyRelay => "no_reply_relay",
+            Undeliverable::NoCallRelay => "no_call_relay",
             Undeliverable::NotALocalPid => "not_a_local_pid",
             Undeliverable::Noproc => "noproc",
             Undeliverable::DeadProcess => "dead_process",

@@ -261,7 +261,7 @@ fn decode_and_deliver(
             let (dest, call, request): (Term, Term, Term) = term
                 .decode()
                 .map_err(|_| ReadError::Malformed("call frame is not {Dest, Call, Request}"))?;
-            // A relay makes the call on the caller's behalf (teleport_reply_relay): the
+            // A relay makes the call on the caller's behalf (teleport_call_relay): the
             // one the call tuple hashes to, or the next that takes it (one being
             // restarted has no name, or died since its name was looked up). With none,
             // the runtime tells the caller.
@@ -278,7 +278,7 @@ fn decode_and_deliver(
             }
             let msg = (atoms::teleport_call_undeliverable(), dest, call).encode(env);
             send_to(env, caller_env, helpers.runtime, msg);
-            Ok(Delivery::Undeliverable(Undeliverable::NoReplyRelay))
+            Ok(Delivery::Undeliverable(Undeliverable::NoCallRelay))
         }
     }
 }

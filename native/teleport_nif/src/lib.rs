@@ -173,7 +173,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
     };
     let event_pid: LocalPid = map_get(opts, "event_pid")?;
     let helpers = Helpers {
-        relays: map_get(opts, "reply_relays")?,
+        relays: map_get(opts, "call_relays")?,
         decoders: map_get(opts, "decoders")?,
         // `decode_on_scheduler` always, or auto on a VM that needs it.
         defer_hash_maps: map_get::<bool>(opts, "defer_hash_maps")? || encoder::large_map_bug(),

@@ -23,7 +23,7 @@
 %% alias. A relay holds the queues of the `{Node, Key}' requests that reach it
 %% (teleport_rpc_keys) and starts each when the one before it on its key has
 %% ended.
--module(teleport_reply_relay).
+-module(teleport_call_relay).
 -behaviour(gen_server).
 
 -export([start_link/1, names/0]).
@@ -62,7 +62,7 @@
 
 -spec names() -> [atom()].
 names() ->
-    [list_to_atom("teleport_reply_relay_" ++ integer_to_list(I))
+    [list_to_atom("teleport_call_relay_" ++ integer_to_list(I))
      || I <- lists:seq(1, erlang:system_info(schedulers))].
 
 -spec start_link(atom()) -> {ok, pid()} | {error, term()}.
