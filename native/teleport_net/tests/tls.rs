@@ -533,13 +533,16 @@ fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
 // ---------------------------------------------------------------------------
 // A relay in the middle
 
-/// rustls configurations of a holder of `tls`'s certificate, trusting its CA file: as a
-/// server that asks for a client certificate, and as a client presenting it.
-fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+/// What `tls` holds: its certificate chain, its key and the CAs it trusts.
+fn identity(
+    tls: &TlsConfig,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+    Arc<rustls::RootCertStore>,
+) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.certfile)
         .expect("cert file")
         .collect::<Result<_, _>>()
@@ -549,7 +552,15 @@ fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::Cli
     for ca in CertificateDer::pem_file_iter(&tls.cacertfile).expect("CA file") {
         roots.add(ca.expect("CA")).expect("root");
     }
-    let roots = Arc::new(roots);
+    (certs, key, Arc::new(roots))
+}
+
+/// rustls configurations of a holder of `tls`'s certificate, trusting its CA file: as a
+/// server that asks for a client certificate, and as a client presenting it.
+fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (certs, key, roots) = identity(tls);
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -695,4 +706,42 @@ fn a_node_name_must_be_of_a_host_its_certificate_names() {
         host: TestHost::default(),
     };
     elsewhere.open(&w, 1).expect("no client name check");
+}
+
+/// The listener does its key exchange by X25519 or P-256, never by P-384 (rustls
+/// 0.23.48's first choice, about ten times the work with ring): a client that offers
+/// P-384 first is asked for X25519 instead, one that offers only P-384 is refused.
+#[test]
+fn the_listener_never_does_a_p384_key_exchange() {
+    use rustls::crypto::ring::kx_group::{SECP384R1, X25519};
+    let dir = Dir::new();
+    let ca_ = ca("cluster CA");
+    let tls = node_tls(&dir, "a@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
+    let a = start("a@127.0.0.1", Some(tls.clone()));
+    let (certs, key, roots) = identity(&tls);
+    // The group of the key exchange a TLS handshake with `a` ended up with.
+    let handshake = |groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>| {
+        #[allow(deprecated)]
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.kx_groups = groups;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(certs.clone(), key.clone_key())
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut socket = TcpStream::connect(a.addr()).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut socket)?;
+        }
+        Ok::<_, std::io::Error>(conn.negotiated_key_exchange_group().map(|g| g.name()))
+    };
+    let first = handshake(vec![SECP384R1, X25519]).expect("handshake");
+    assert_eq!(first, Some(rustls::NamedGroup::X25519));
+    let err = handshake(vec![SECP384R1]).expect_err("no group in common");
+    assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+    assert!(wait_counted(&a, 1));
 }
