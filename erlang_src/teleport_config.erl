@@ -13,6 +13,7 @@
 %% <tr><td>`handshake_timeout'</td><td>5000 ms</td><td>whole cookie handshake, both directions</td></tr>
 %% <tr><td>`max_pending_handshakes'</td><td>64</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>8</td><td>of those, how many one source (IPv4 address, IPv6 /64) may hold</td></tr>
+%% <tr><td>`max_handshake_failures_per_ip'</td><td>100</td><td>inbound handshakes one source (as above) may fail in a burst, counting those in progress (wrong cookie or certificate, garbage, a client that hangs up or times out); past it the source's connections are closed at accept, before any handshake work. It gets a tenth of the burst back each second (10/s at the default), and one back for each of its handshakes that succeeds, so a host whose handshakes mostly succeed is never refused, however many it makes; a misconfigured node's retries back off far below it. Refusals are counted in `listener_stats()''s `throttled_handshakes' and logged as `handshake_failed' with reason `throttled'. `infinity': no limit</td></tr>
 %% <tr><td>`io_chunk_bytes'</td><td>`infinity'</td><td>most bytes per socket read or write (at least 4096); on a kernel that does not preempt inside system calls, chunks keep bulk transfers from holding a core for milliseconds (lower latency for everything else on the node; bulk throughput ~10-15% lower at 262144, ~25-30% at 65536; see README, "Bulk transfers beside latency-sensitive traffic")</td></tr>
 %% <tr><td>`io_thread_priority'</td><td>`normal'</td><td>`idle' (Linux only): the I/O threads run only on CPU the rest of the machine leaves unused, so bulk transfers stop delaying the VM's own work; with `io_chunk_bytes' 65536 a disterl call's p99 beside 4 x 10 MiB streams on 2 cores stayed within 1.7-2.8x of idle. A node that keeps every core busy starves its teleport traffic</td></tr>
 %% <tr><td>`reader_busy_wait_us'</td><td>100</td><td>how long an I/O thread that finds nothing to do polls its sockets (giving the core to any thread that wants it) before sleeping, 0 to never poll. Only after the previous wait was shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner (ping-pong p50 ~20% lower on 2 cores), for up to this much CPU per message, like the VM's own scheduler busy wait (`+sbwt')</td></tr>
@@ -26,7 +27,8 @@
 
 -type key() :: pool_size | io_threads | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | sndbuf | connect_timeout | handshake_timeout | max_pending_handshakes
-             | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
+             | max_pending_handshakes_per_ip | max_handshake_failures_per_ip
+             | io_chunk_bytes | io_thread_priority
              | reader_busy_wait_us | decode_on_scheduler | tls | peer_addresses.
 -export_type([key/0]).
 
@@ -56,6 +58,7 @@ defaults() ->
       handshake_timeout => 5000,
       max_pending_handshakes => 64,
       max_pending_handshakes_per_ip => 8,
+      max_handshake_failures_per_ip => 100,
       io_chunk_bytes => infinity,
       io_thread_priority => normal,
       reader_busy_wait_us => 100,
@@ -81,6 +84,8 @@ validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
 validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
 validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
 validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
+validate(max_handshake_failures_per_ip, infinity) -> infinity;
+validate(max_handshake_failures_per_ip, N) when is_integer(N), N >= 1, N =< 16#FFFFFFFF -> N;
 validate(io_chunk_bytes, infinity) -> infinity;
 validate(io_chunk_bytes, N) when is_integer(N), N >= 4096 -> N;
 validate(io_thread_priority, normal) -> normal;

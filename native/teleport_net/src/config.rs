@@ -30,6 +30,10 @@ pub struct Config {
     pub max_pending_handshakes: usize,
     /// Of those, how many one source (IPv4 address, IPv6 /64) may hold.
     pub max_pending_handshakes_per_ip: usize,
+    /// Inbound handshakes one source may fail in a burst, counting those in progress,
+    /// before the listener refuses it at accept; it gets a tenth of them back a second,
+    /// and one back per handshake that succeeds. 0 for no limit. See `throttle`.
+    pub max_handshake_failures_per_ip: usize,
     /// At most this many bytes per read or write system call on a connection, 0 for no
     /// limit. A kernel that does not preempt inside a system call (Linux `preempt=none`)
     /// copies a 10 MiB write in one go while woken scheduler threads wait for the core:
@@ -115,6 +119,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
+            max_handshake_failures_per_ip: 100,
             io_chunk_bytes: 0,
             io_thread_priority: IoThreadPriority::Normal,
             reader_busy_wait: Duration::from_micros(100),

@@ -745,3 +745,68 @@ fn the_listener_never_does_a_p384_key_exchange() {
     assert!(err.to_string().contains("HandshakeFailure"), "{err}");
     assert!(wait_counted(&a, 1));
 }
+
+/// A restart storm: 64 nodes open pools of 64 connections to one node at once (4,096
+/// inbound handshakes), in plain text and over TLS, as if from one host (all dial from
+/// 127.0.0.1, as a test cluster does) and as if from 64 (the per-source cap on
+/// handshakes in progress raised to the overall one). A dial refused at those caps
+/// fails its node's open, which retries after a back-off as teleport's connector does
+/// (100 ms, doubling to 5 s). Prints how long until every pool was up; asserts only
+/// that they all open. A benchmark:
+/// `cargo test --release --test tls restart_storm -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn restart_storm_64_nodes_x_64_connections() {
+    const NODES: usize = 64;
+    const POOL: usize = 64;
+    for (tls_on, hosts) in [(false, 1), (false, NODES), (true, 1), (true, NODES)] {
+        let dir = Dir::new();
+        let ca_ = ca("storm CA");
+        let tls_of = |name: &str| tls_on.then(|| node_tls(&dir, name, &ca_, LOOPBACK, &[&ca_]));
+        let server_name = "storm@127.0.0.1";
+        let server = Node::start_hosted(server_name, TestHost::with_own_buffers(), |c| {
+            c.tls = tls_of(server_name);
+            if hosts > 1 {
+                c.max_pending_handshakes_per_ip = c.max_pending_handshakes;
+            }
+        });
+        let clients: Vec<Node> = (0..NODES)
+            .map(|i| {
+                let name = format!("storm{i}@127.0.0.1");
+                Node::start_hosted(&name, TestHost::with_own_buffers(), |c| {
+                    c.io_threads = 1;
+                    c.tls = tls_of(&name);
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let retries = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for client in &clients {
+                let (server, retries) = (&server, &retries);
+                s.spawn(move || {
+                    let mut backoff = Duration::from_millis(100);
+                    while client.open(server, POOL).is_err() {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(300),
+                            "{} never connected: {:?}",
+                            client.name(),
+                            server.rt.listener_stats()
+                        );
+                        retries.fetch_add(1, SeqCst);
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                });
+            }
+        });
+        println!(
+            "restart storm, {}, {hosts} host(s): {NODES} nodes x {POOL} connections up in {:?}; \
+             {} opens retried; listener: {:?}",
+            if tls_on { "TLS" } else { "plain" },
+            started.elapsed(),
+            retries.load(SeqCst),
+            server.rt.listener_stats()
+        );
+    }
+}
