@@ -364,13 +364,16 @@ stats(Node) when is_atom(Node) ->
 
 %% @doc The listener's counters: inbound `handshake_failures' (wrong cookie,
 %% garbage, timeouts, connections closed at accept over the pending-handshake
-%% caps: nothing is attributed to a node before it authenticates),
+%% caps or throttled: nothing is attributed to a node before it authenticates),
+%% `throttled_handshakes' (of those, connections closed at accept because their
+%% source failed more handshakes than `max_handshake_failures_per_ip' allows),
 %% `pending_handshakes' now, `inbound_connections' open now, and
 %% `accept_errors': accepts that failed (out of file descriptors, `emfile' or
 %% `enfile', or memory), each followed by a pause (100 ms doubling to 1 s while
 %% they keep failing) and logged as `accept_failed' at most once a second.
 %% Empty if teleport is not running.
 -spec listener_stats() -> #{handshake_failures => non_neg_integer(),
+                            throttled_handshakes => non_neg_integer(),
                             pending_handshakes => non_neg_integer(),
                             inbound_connections => non_neg_integer(),
                             accept_errors => non_neg_integer()}.

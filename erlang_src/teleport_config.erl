@@ -18,6 +18,7 @@
 %% <tr><td>`handshake_timeout'</td><td>milliseconds, at least 1</td><td>5000 ms</td><td>the whole cookie handshake (and TLS's, with `tls'); also how long a large message may take to arrive whole, plus a second per MiB</td></tr>
 %% <tr><td>`max_pending_handshakes'</td><td>at least 1</td><td>`64'</td><td>inbound handshakes in progress at once; more connections are closed at accept</td></tr>
 %% <tr><td>`max_pending_handshakes_per_ip'</td><td>at least 1</td><td>`8'</td><td>of those, how many one source (an IPv4 address, an IPv6 /64) may hold; over it, closed at accept and counted in `teleport:listener_stats/0''s `handshake_failures'</td></tr>
+%% <tr><td>`max_handshake_failures_per_ip'</td><td>at least 1 | `infinity'</td><td>`100'</td><td>inbound handshakes one source (as above) may fail in a burst, counting those in progress (wrong cookie or certificate, garbage, a client that hangs up or times out); past it the source's connections are closed at accept, before any handshake work. It gets a tenth of the burst back each second (10/s at the default), and one back for each of its handshakes that succeeds, so a host whose handshakes mostly succeed is never refused, however many it makes; a misconfigured node's retries back off far below it. Refusals are counted in `listener_stats()''s `throttled_handshakes' and logged as `handshake_failed' with reason `throttled'. `infinity': no limit</td></tr>
 %% <tr><td>`reader_busy_wait_us'</td><td>0..10000</td><td>`100'</td><td>how long an I/O thread that finds nothing to do polls its sockets (yielding the core to any thread that wants it) before sleeping; 0 never polls. Only after a wait shorter than this and no bulk frame since: request/response traffic polls, sparse or bulk traffic does not. A message caught while polling reaches its process one thread wake-up sooner, for up to this much CPU per message, like the VM's scheduler busy wait (`+sbwt')</td></tr>
 %% <tr><td>`tls'</td><td>`disabled' | map</td><td>`disabled'</td><td>TLS 1.3 on every teleport connection, with mutual certificates: `#{certfile => Path, keyfile => Path, cacertfile => Path}' (PEM; each side presents its certificate and checks the other's chain against `cacertfile'; the cookie handshake still runs, inside TLS). Optional keys: `verify' (`verify_peer', the default, or `verify_none': no certificate is checked, still encrypted; for tests only), `server_name_check' (`true', the default: a dialing node checks that the server's certificate names the host part of the node name it dials, as `server_name_indication' does in `inet_tls_dist'; `false' for certificates without host names), `client_name_check' (`true', the default: a listener checks that the dialing node's certificate names the host part of the node name it claims, so one node's certificate cannot speak for a node of another host; `false' likewise), `ciphers' (TLS 1.3 suites as strings, of `"TLS_AES_256_GCM_SHA384"', `"TLS_AES_128_GCM_SHA256"', `"TLS_CHACHA20_POLY1305_SHA256"'; default all). Every node of the cluster needs the same setting. Unreadable files or a key that does not match: `application:start(teleport)' returns `{error, _}'. Linux and FreeBSD builds only</td></tr>
 %% <tr><td>`rpc_modules'</td><td>`all' | `{only, [module()]}' | `{except, [module()]}'</td><td>`all'</td><td>which modules a peer may call through {@link teleport_rpc} (calls, casts, multicalls): `all', `{only, [Module]}' or `{except, [Module]}'. A refused call raises `{erpc, {module_not_allowed, Module}}' in its caller; refused calls and casts are counted (`refused_rpcs' in {@link teleport:stats/1}) and logged at most every 10 s. Allowing `erlang' allows everything (`erlang:apply/2'), as does a fun's call (`teleport_rpc:call(Node, Fun)' is `erlang:apply(Fun, [])')</td></tr>
@@ -33,7 +34,8 @@
 
 -type key() :: pool_size | io_threads | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | sndbuf | connect_timeout | handshake_timeout | max_pending_handshakes
-             | max_pending_handshakes_per_ip | io_chunk_bytes | io_thread_priority
+             | max_pending_handshakes_per_ip | max_handshake_failures_per_ip
+             | io_chunk_bytes | io_thread_priority
              | reader_busy_wait_us | decode_on_scheduler | tls | peer_addresses
              | rpc_modules | rpc_compression.
 -export_type([key/0]).
@@ -64,6 +66,7 @@ defaults() ->
       handshake_timeout => 5000,
       max_pending_handshakes => 64,
       max_pending_handshakes_per_ip => 8,
+      max_handshake_failures_per_ip => 100,
       io_chunk_bytes => infinity,
       io_thread_priority => normal,
       reader_busy_wait_us => 100,
@@ -91,6 +94,8 @@ validate(connect_timeout, T) when is_integer(T), T > 0 -> T;
 validate(handshake_timeout, T) when is_integer(T), T > 0 -> T;
 validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
 validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
+validate(max_handshake_failures_per_ip, infinity) -> infinity;
+validate(max_handshake_failures_per_ip, N) when is_integer(N), N >= 1, N =< 16#FFFFFFFF -> N;
 validate(io_chunk_bytes, infinity) -> infinity;
 validate(io_chunk_bytes, N) when is_integer(N), N >= 4096 -> N;
 validate(io_thread_priority, normal) -> normal;

@@ -17,9 +17,9 @@
 %%% <li>`nosuspend_returns_busy': the same stall; `nosuspend' sends get
 %%%     `{error, busy}' instead of blocking, and a busy message is not sent.</li>
 %%% <li>`hostile_listener': garbage, oversized and truncated handshakes, a
-%%%     silent client, a wrong cookie and a burst of 500 connections against a
-%%%     node's listener: no atom created, no thread or memory kept, the node
-%%%     still serves teleport.</li>
+%%%     silent client, a wrong cookie and a burst of 500 connections (from a
+%%%     source of its own, throttled after 100) against a node's listener: no
+%%%     atom created, no thread or memory kept, the node still serves teleport.</li>
 %%% <li>`app_restart': stopping teleport on a node closes its listener and its
 %%%     connections and ends its threads; starting it again works.</li>
 %%% <li>`stopped_mid_operation': teleport is stopped on the sending node while
@@ -78,7 +78,11 @@
 %% the only names it can be.
 -define(HANDSHAKE_REASONS, [<<"io">>, <<"timeout">>, <<"malformed">>, <<"oversized">>,
                             <<"version">>, <<"wrong_node">>, <<"own_node_name">>, <<"bad_node_name">>,
-                            <<"bad_cookie">>]).
+                            <<"bad_cookie">>, <<"throttled">>, <<"too_many_handshakes">>]).
+%% Where the burst of connections comes from: a source of its own, which H
+%% throttles past max_handshake_failures_per_ip (100) while this node, dialing
+%% from 127.0.0.1, keeps its allowance.
+-define(BURST_SOURCE, {127, 0, 0, 5}).
 
 %% The namespaces' addresses exist only inside the namespaces this suite makes.
 -define(NS_A_IP, "10.200.0.1").
@@ -486,8 +490,8 @@ hostile_listener(_Config) ->
     {W, WNode} = start_isolated("rel_w", teleport_rel_wrong_cookie),
     ?assertEqual({error, {handshake, bad_cookie}},
                  peer:call(W, teleport, connect, [H, Addr], ?RPC_TIMEOUT)),
-    %% (f) 500 connect/close, 10 at a time.
-    Burst = connect_burst(Addr, 10, 50),
+    %% (f) 500 connect/close, 10 at a time, from another source.
+    Burst = connect_burst(Addr, ?BURST_SOURCE, 10, 50),
     ct:pal("burst of 500 connect/close: ~p", [Burst]),
     %% Every handshake thread is gone, and nothing else was kept.
     ThreadsBack = teleport_test_peer:wait_until(fun() -> peer_os_threads(H, HOs) =< ThreadsBefore end, 15000),
@@ -612,11 +616,13 @@ garbage(Seed) ->
     {Bytes, _} = rand:bytes_s(Len, State1),
     Bytes.
 
-%% Workers x PerWorker connections opened and closed at once, as fast as they go.
-connect_burst({Ip, Port}, Workers, PerWorker) ->
+%% Workers x PerWorker connections from `Source' opened and closed at once, as
+%% fast as they go.
+connect_burst({Ip, Port}, Source, Workers, PerWorker) ->
     Parent = self(),
     Pids = [spawn_link(fun() ->
-                               Rs = [case gen_tcp:connect(Ip, Port, [binary, {active, false}], 5000) of
+                               Rs = [case gen_tcp:connect(Ip, Port, [binary, {active, false},
+                                                                     {ip, Source}], 5000) of
                                          {ok, S} -> gen_tcp:close(S), ok;
                                          {error, E} -> E
                                      end || _ <- lists:seq(1, PerWorker)],

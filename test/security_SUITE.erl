@@ -25,6 +25,12 @@
 %%% <li>`claimed_names_make_no_atoms': a client that knows the cookie and names
 %%%     itself with a made-up node name creates no atom for it (stats key it by
 %%%     a binary).</li>
+%%% <li>`handshake_flood_throttled': a node with `max_handshake_failures_per_ip'
+%%%     10 flooded with garbage connections from 127.0.0.2: once the source has
+%%%     failed 10 handshakes its connections are closed at accept, counted in
+%%%     `throttled_handshakes' and logged once (the node's default handler, to a
+%%%     file); meanwhile this node's messages to it over its established pool
+%%%     arrive, and a new node dialing from 127.0.0.1 connects.</li>
 %%% </ul>
 -module(security_SUITE).
 
@@ -36,7 +42,7 @@
          init_per_testcase/2, end_per_testcase/2]).
 -export([logs_reach_default_handler/1, made_up_pool_cannot_evict/1, calls_per_peer_capped/1,
          connections_per_peer_capped/1, partial_frame_times_out/1,
-         claimed_names_make_no_atoms/1]).
+         claimed_names_make_no_atoms/1, handshake_flood_throttled/1]).
 
 -define(RPC_TIMEOUT, 30000).
 
@@ -45,7 +51,8 @@ suite() ->
 
 all() ->
     [logs_reach_default_handler, made_up_pool_cannot_evict, calls_per_peer_capped,
-     connections_per_peer_capped, partial_frame_times_out, claimed_names_make_no_atoms].
+     connections_per_peer_capped, partial_frame_times_out, claimed_names_make_no_atoms,
+     handshake_flood_throttled].
 
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("security") of
@@ -69,10 +76,8 @@ end_per_testcase(_Case, Config) ->
 
 logs_reach_default_handler(Config) ->
     Log = filename:join(?config(priv_dir, Config), "default_handler.log"),
-    Handler = lists:flatten(io_lib:format("[{handler,default,logger_std_h,#{config=>#{file=>~p}}}]",
-                                          [Log])),
     {ok, Peer, Node} = teleport_test_peer:start(teleport_test_peer:unique_name("logs"),
-                                                ["-kernel", "logger", Handler]),
+                                                default_handler_to(Log)),
     try
         %% The default handler as OTP ships it: only the file differs.
         {ok, #{filters := Filters, filter_default := stop}} =
@@ -238,6 +243,67 @@ claimed_names_make_no_atoms(_Config) ->
         teleport_raw_client:close(S)
     end.
 
+%%====================================================================
+%% Handshake floods
+%%====================================================================
+
+handshake_flood_throttled(Config) ->
+    Log = filename:join(?config(priv_dir, Config), "flood.log"),
+    {ok, Peer, T} = teleport_test_peer:start(teleport_test_peer:unique_name("flooded"),
+                                             default_handler_to(Log),
+                                             #{max_handshake_failures_per_ip => 10}),
+    try
+        {ok, _} = teleport_test_peer:start_sink(T, flood_sink_t, self()),
+        %% Our pool to T, up before the flood.
+        ok = teleport:send({flood_sink_t, T}, before),
+        receive {from_sink, T, before} -> ok after 10000 -> ct:fail(nothing_before) end,
+        {Ip, Port} = teleport_test_peer:connectable(erpc:call(T, teleport, listen_address, [])),
+        Started = erlang:monotonic_time(millisecond),
+        Flood = [spawn_link(fun() -> flood(Ip, Port, {127, 0, 0, 2}) end) || _ <- lists:seq(1, 4)],
+        Throttled = fun() -> maps:get(throttled_handshakes, erpc:call(T, teleport, listener_stats, [])) end,
+        ok = wait_until(fun() -> Throttled() > 0 end),
+        %% Our messages still arrive.
+        [ok = teleport:send({flood_sink_t, T}, {during, I}) || I <- lists:seq(1, 100)],
+        [receive {from_sink, T, {during, I}} -> ok after 10000 -> ct:fail({lost, I}) end
+         || I <- lists:seq(1, 100)],
+        %% A new node, dialing from 127.0.0.1, connects.
+        {ok, PeerC, C} = teleport_test_peer:start(teleport_test_peer:unique_name("newcomer")),
+        try
+            ?assertEqual(ok, erpc:call(C, teleport, connect, [T])),
+            ?assertEqual(ok, erpc:call(C, teleport, send, [{flood_sink_t, T}, from_c])),
+            receive {from_sink, T, from_c} -> ok after 10000 -> ct:fail(nothing_from_c) end
+        after
+            teleport_test_peer:stop(PeerC)
+        end,
+        %% Still throttled after.
+        AfterC = Throttled(),
+        ok = wait_until(fun() -> Throttled() > AfterC end),
+        [begin unlink(F), exit(F, kill) end || F <- Flood],
+        Took = erlang:monotonic_time(millisecond) - Started,
+        Stats = erpc:call(T, teleport, listener_stats, []),
+        ct:pal("flood of ~b ms: ~p", [Took, Stats]),
+        ?assert(maps:get(handshake_failures, Stats) > maps:get(throttled_handshakes, Stats)),
+        %% Logged: once per 10 s for that source.
+        ok = wait_for_text(T, Log, <<"throttled">>),
+        {ok, Text} = file:read_file(Log),
+        Lines = length(binary:matches(Text, <<"throttled">>)),
+        ?assert(Lines >= 1 andalso Lines =< 1 + Took div 10000, {Lines, Took})
+    after
+        teleport_test_peer:stop(Peer)
+    end.
+
+%% Connects from `Source', sends garbage and waits for the close, until killed.
+flood(Ip, Port, Source) ->
+    case gen_tcp:connect(Ip, Port, [binary, {active, false}, {ip, Source}], 5000) of
+        {ok, S} ->
+            _ = gen_tcp:send(S, <<0, 0>>),
+            _ = gen_tcp:recv(S, 0, 5000),
+            gen_tcp:close(S);
+        {error, _} ->
+            timer:sleep(10)
+    end,
+    flood(Ip, Port, Source).
+
 stats_of(Name) ->
     maps:get(Name, teleport:stats(), #{per_connection => []}).
 
@@ -252,6 +318,12 @@ forward(To) ->
 
 catch_unregister(Name) ->
     try unregister(Name) catch error:badarg -> ok end.
+
+%% `erl' arguments for a peer whose default handler, otherwise as OTP ships it, writes
+%% to the file `Log'.
+default_handler_to(Log) ->
+    ["-kernel", "logger",
+     lists:flatten(io_lib:format("[{handler,default,logger_std_h,#{config=>#{file=>~p}}}]", [Log]))].
 
 wait_for_text(Node, Log, Text) ->
     Found = teleport_test_peer:wait_until(

@@ -16,6 +16,10 @@
 %%% <li>`handshake_refused_and_backoff': a peer with another cookie: our
 %%%     handshake refused (outbound) and the peer's (inbound, at our listener);
 %%%     `[teleport, peer, backoff]' after each failed open, with its delay.</li>
+%%% <li>`handshake_throttled': garbage connections from 127.0.0.2 to a node with
+%%%     `max_handshake_failures_per_ip' 3: once refused at accept, an inbound
+%%%     `[teleport, handshake, refused]' with reason `throttled' from that
+%%%     source.</li>
 %%% <li>`back_pressure': a stopped receiver: a sender suspended, then resumed
 %%%     (with how long it waited); `nosuspend' and `max_frame_bytes' refusals; the
 %%%     pool closed with messages queued: `[teleport, frame, dropped]' out.</li>
@@ -42,8 +46,8 @@
 -export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([absent/1, started_after_teleport/1, call_span/1, pool_events/1,
-         handshake_refused_and_backoff/1, back_pressure/1, too_many_calls/1, undeliverable/1,
-         cost/1]).
+         handshake_refused_and_backoff/1, handshake_throttled/1, back_pressure/1,
+         too_many_calls/1, undeliverable/1, cost/1]).
 %% Run on the peers.
 -export([forward/4, noop/4, counter/0, timed_calls/3, timed_sends/3, timed_spans/1]).
 
@@ -61,7 +65,7 @@ suite() ->
 
 all() ->
     [absent, started_after_teleport, call_span, pool_events, handshake_refused_and_backoff,
-     back_pressure, too_many_calls, undeliverable, cost].
+     handshake_throttled, back_pressure, too_many_calls, undeliverable, cost].
 
 init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
@@ -218,6 +222,31 @@ handshake_refused_and_backoff(Config) ->
                  erpc:call(A, teleport, connect, [Nobody, {{127, 0, 0, 1}, ClosedPort}])),
     Doubled = 2 * Delay,
     {#{delay := Doubled}, #{node := Nobody}} = event([teleport, peer, backoff]).
+
+handshake_throttled(Config) ->
+    A = start_peer(Config, "tel_throttle", telemetry, #{max_handshake_failures_per_ip => 3}),
+    attach(A),
+    {Ip, Port} = teleport_test_peer:connectable(erpc:call(A, teleport, listen_address, [])),
+    Garbage = fun() ->
+                      {ok, S} = gen_tcp:connect(Ip, Port, [binary, {active, false},
+                                                           {ip, {127, 0, 0, 2}}], 5000),
+                      ok = gen_tcp:send(S, <<0, 0>>),
+                      _ = gen_tcp:recv(S, 0, 5000),
+                      gen_tcp:close(S)
+              end,
+    %% Three failures spend the allowance; the fourth connection is refused at accept
+    %% (the failures before it make events of their own reasons).
+    [Garbage() || _ <- lists:seq(1, 4)],
+    {_, #{direction := inbound, remote := Remote}} = throttled_event(),
+    ?assertMatch(<<"127.0.0.2:", _/binary>>, Remote).
+
+throttled_event() ->
+    receive
+        {telemetry_event, [teleport, handshake, refused], M, #{reason := throttled} = Meta} ->
+            {M, Meta}
+    after ?EVENT_TIMEOUT ->
+            ct:fail({no_throttled_event, flush()})
+    end.
 
 back_pressure(Config) ->
     A = start_peer(Config, "tel_bp", telemetry, #{pool_size => 1, send_queue_bytes => 1024,

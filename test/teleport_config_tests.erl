@@ -25,6 +25,11 @@ defaults_are_valid_test() ->
 per_ip_handshake_cap_test() ->
     check_setting(max_pending_handshakes_per_ip, 8, 2, 0).
 
+handshake_failures_per_ip_test() ->
+    check_setting(max_handshake_failures_per_ip, 100, 5, 0),
+    check_setting(max_handshake_failures_per_ip, 100, infinity, -1),
+    check_setting(max_handshake_failures_per_ip, 100, 1, 1 bsl 32).
+
 io_threads_test() ->
     check_setting(io_threads, auto, 3, 0),
     Auto = teleport_config:io_threads(auto),

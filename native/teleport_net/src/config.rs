@@ -35,6 +35,8 @@ pub struct Config {
     pub max_pending_handshakes: usize,
     /// `max_pending_handshakes_per_ip`.
     pub max_pending_handshakes_per_ip: usize,
+    /// `max_handshake_failures_per_ip`, 0 for `infinity` (see `throttle`).
+    pub max_handshake_failures_per_ip: usize,
     /// `io_chunk_bytes`, 0 for `infinity` (see `io_chunk`).
     pub io_chunk_bytes: usize,
     /// `io_thread_priority` (see `thread_priority`).
@@ -112,6 +114,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(5),
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
+            max_handshake_failures_per_ip: 100,
             io_chunk_bytes: 0,
             io_thread_priority: IoThreadPriority::Normal,
             reader_busy_wait: Duration::from_micros(100),

@@ -33,6 +33,7 @@ pub mod send_queue;
 mod socket;
 pub mod stats;
 pub mod thread_priority;
+mod throttle;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
 pub mod tls;
 #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]

@@ -1,6 +1,7 @@
 //! The listening socket and what faces the network before anyone is authenticated:
 //! accepting (with a back-off when out of descriptors), the caps on handshakes in
-//! progress (overall and per source), and the counters of failures.
+//! progress (overall and per source), the refusal of sources that keep failing
+//! (`throttle`), and the counters of failures and refusals.
 
 use std::collections::HashMap;
 use std::io;
@@ -16,6 +17,7 @@ use crate::error::io_reason;
 use crate::failure_log::FailureLog;
 use crate::faults::{self, Point};
 use crate::host::{Event, Host};
+use crate::throttle::FailureBudget;
 
 /// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
 /// connection open forever: TCP keepalive finds it in about a minute.
@@ -41,10 +43,18 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub(crate) struct ListenerState {
     max_pending: usize,
     max_pending_per_source: usize,
-    /// Inbound handshakes that failed, and connections closed at accept over the caps.
+    /// Inbound handshakes that failed, and connections refused at accept (over the caps
+    /// on handshakes in progress, or throttled).
     pub handshake_failures: AtomicU64,
-    /// Which of those become events (log lines).
+    /// Connections refused at accept because their source failed too many handshakes.
+    pub throttled_handshakes: AtomicU64,
+    /// Which failures become events (log lines).
     pub failure_log: FailureLog,
+    /// Which refusals at accept become events, apart from the failures: a source's
+    /// first refusal is reported even just after one of its failures was.
+    refusal_log: FailureLog,
+    /// What each source may still fail before it is refused at accept.
+    failures_allowed: FailureBudget,
     pub accept_errors: AtomicU64,
     pending: AtomicUsize,
     pending_by_source: Mutex<HashMap<IpAddr, usize>>,
@@ -53,12 +63,19 @@ pub(crate) struct ListenerState {
 }
 
 impl ListenerState {
-    pub fn new(max_pending: usize, max_pending_per_source: usize) -> ListenerState {
+    pub fn new(
+        max_pending: usize,
+        max_pending_per_source: usize,
+        max_failures_per_source: usize,
+    ) -> ListenerState {
         ListenerState {
             max_pending,
             max_pending_per_source,
             handshake_failures: AtomicU64::new(0),
+            throttled_handshakes: AtomicU64::new(0),
             failure_log: FailureLog::default(),
+            refusal_log: FailureLog::default(),
+            failures_allowed: FailureBudget::new(max_failures_per_source),
             accept_errors: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             pending_by_source: Mutex::new(HashMap::new()),
@@ -70,7 +87,8 @@ impl ListenerState {
         self.pending.load(SeqCst)
     }
 
-    /// A failed inbound handshake: counted, and an event at most once per source per
+    /// A failed inbound handshake (its source's allowance was charged as it was
+    /// admitted): counted, and an event at most once per source per
     /// `failure_log::INTERVAL`.
     pub fn handshake_failed(
         &self,
@@ -88,6 +106,59 @@ impl ListenerState {
                 unreported,
             });
         }
+    }
+
+    /// An inbound handshake from `remote` succeeded: its source gets its token back,
+    /// and one more.
+    pub fn handshake_succeeded(&self, remote: SocketAddr) {
+        self.failures_allowed
+            .succeeded(source_of(remote.ip()), Instant::now());
+    }
+
+    /// A handshake slot for a connection just accepted from `remote`, or `None` if it
+    /// must be closed at once: its source failed too many handshakes lately, counting
+    /// those in progress (`throttled`), or the listener or this source has its share
+    /// of handshakes in progress (`too_many_handshakes`, so a few silent hosts cannot
+    /// lock real peers out). A refusal is counted as a handshake failure (not against
+    /// the source's allowance: it cost next to nothing) and reported like one, apart
+    /// from them.
+    pub fn admit(self: &Arc<Self>, host: &dyn Host, remote: SocketAddr) -> Option<HandshakeSlot> {
+        let source = source_of(remote.ip());
+        let now = Instant::now();
+        let reason = if !self.failures_allowed.take(source, now) {
+            self.throttled_handshakes.fetch_add(1, SeqCst);
+            "throttled"
+        } else {
+            match HandshakeSlot::take(self, source) {
+                Some(slot) => return Some(slot),
+                None => {
+                    self.failures_allowed.unused(source, now);
+                    "too_many_handshakes"
+                }
+            }
+        };
+        self.handshake_failures.fetch_add(1, SeqCst);
+        if let Some(unreported) = self.refusal_log.note(remote.ip(), now) {
+            let detail = match reason {
+                "throttled" => format!(
+                    "refused at accept: its source failed more handshakes lately than \
+                     max_handshake_failures_per_ip ({}) allows",
+                    self.failures_allowed.burst()
+                ),
+                _ => format!(
+                    "refused at accept: max_pending_handshakes ({}) or max_pending_handshakes_per_ip \
+                     ({}) in progress",
+                    self.max_pending, self.max_pending_per_source
+                ),
+            };
+            host.event(Event::HandshakeFailed {
+                remote: remote.to_string(),
+                reason,
+                detail,
+                unreported,
+            });
+        }
+        None
     }
 }
 
@@ -111,7 +182,11 @@ impl Drop for OpenSocket {
 /// panics on every connection makes a few reports a second, not a busy loop.
 pub(crate) const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
-/// The listening socket on its I/O thread.
+/// Connections accepted (or refused) in one go: under a flood the listener is never
+/// empty, and the handshakes in progress on the same thread must get their turn.
+const ACCEPTS_PER_TURN: usize = 64;
+
+/// The listening socket, on the handshake thread.
 pub(crate) struct Acceptor {
     pub listener: TcpListener,
     state: Arc<ListenerState>,
@@ -121,6 +196,9 @@ pub(crate) struct Acceptor {
     last_reason: &'static str,
     /// Accepting waits until then (out of descriptors, or after a panic).
     pub paused_until: Option<Instant>,
+    /// Connections may be waiting: the last `accept_batch` stopped at `ACCEPTS_PER_TURN`
+    /// (no readiness event will tell: call it again).
+    pub more: bool,
 }
 
 impl Acceptor {
@@ -132,21 +210,24 @@ impl Acceptor {
             backoff: AcceptBackoff::default(),
             last_reason: "",
             paused_until: None,
+            more: false,
         }
     }
 
-    /// Accepts every connection waiting (until `WouldBlock`), handing each one that
-    /// gets a handshake slot to `serve`. On a failure it pauses (see `paused_until`).
-    pub fn accept_all(
+    /// Accepts the connections waiting (until `WouldBlock`, or `ACCEPTS_PER_TURN` of
+    /// them: see `more`), handing each one that gets a handshake slot to `serve`. On a
+    /// failure it pauses (see `paused_until`).
+    pub fn accept_batch(
         &mut self,
         host: &dyn Host,
         mut serve: impl FnMut(TcpStream, SocketAddr, HandshakeSlot),
     ) {
+        self.more = false;
         if self.paused_until.is_some_and(|t| Instant::now() < t) {
             return;
         }
         self.paused_until = None;
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let accepted = match faults::accept_error(&self.node) {
                 Some(injected) => Err(injected),
                 None => self.listener.accept(),
@@ -187,16 +268,12 @@ impl Acceptor {
                 });
             }
             faults::check(Point::Acceptor, &self.node);
-            // Bound the handshakes an unauthenticated crowd can make us hold, and the
-            // share of them one source can take, so a few silent hosts cannot lock real
-            // peers out.
-            let Some(slot) = HandshakeSlot::take(&self.state, remote.ip()) else {
-                self.state.handshake_failures.fetch_add(1, SeqCst);
-                drop(stream);
-                continue;
-            };
-            serve(stream, remote, slot);
+            // Dropped (closed) when refused.
+            if let Some(slot) = self.state.admit(host, remote) {
+                serve(stream, remote, slot);
+            }
         }
+        self.more = true;
     }
 }
 
@@ -259,8 +336,7 @@ pub(crate) struct HandshakeSlot {
 
 impl HandshakeSlot {
     /// `None` when the listener or this source already has its share in progress.
-    fn take(state: &Arc<ListenerState>, ip: IpAddr) -> Option<HandshakeSlot> {
-        let source = source_of(ip);
+    fn take(state: &Arc<ListenerState>, source: IpAddr) -> Option<HandshakeSlot> {
         let mut by_source = state.pending_by_source.lock().unwrap_or_else(|p| p.into_inner());
         let from_source = by_source.get(&source).copied().unwrap_or(0);
         if state.pending.load(SeqCst) >= state.max_pending || from_source >= state.max_pending_per_source {
@@ -307,9 +383,37 @@ fn source_of(ip: IpAddr) -> IpAddr {
 
 #[cfg(test)]
 mod tests {
-    use super::{source_of, AcceptBackoff, ACCEPT_PAUSE_MAX, ACCEPT_PAUSE_MIN, ACCEPT_REPORT_INTERVAL};
-    use std::net::IpAddr;
-    use std::time::{Duration, Instant};
+    use super::*;
+
+    /// A host for the acceptor alone: no connection gets as far as frames.
+    struct NoHost;
+
+    impl Host for NoHost {
+        fn frame_handler(&self, _peer: &str) -> Box<dyn crate::host::FrameHandler> {
+            unreachable!("nothing is authenticated here")
+        }
+
+        fn event(&self, _event: Event) {}
+    }
+
+    #[test]
+    fn accepting_stops_after_a_turns_share_and_says_more_wait() {
+        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let state = Arc::new(ListenerState::new(1000, 1000, 0));
+        let mut acceptor = Acceptor::new(listener, state, "accept-share@127.0.0.1");
+        // The kernel completes them into the backlog without us.
+        let _clients: Vec<std::net::TcpStream> = (0..ACCEPTS_PER_TURN + 10)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut taken = Vec::new();
+        acceptor.accept_batch(&NoHost, |stream, _, slot| taken.push((stream, slot)));
+        assert_eq!(taken.len(), ACCEPTS_PER_TURN);
+        assert!(acceptor.more);
+        acceptor.accept_batch(&NoHost, |stream, _, slot| taken.push((stream, slot)));
+        assert_eq!(taken.len(), ACCEPTS_PER_TURN + 10);
+        assert!(!acceptor.more);
+    }
 
     #[test]
     fn accept_pauses_double_up_to_the_cap_and_start_over_after_a_success() {

@@ -25,8 +25,11 @@ pub use crate::pool::{PoolToken, POOL_TOKEN_LEN};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerStats {
     /// Inbound handshakes that failed (bad cookie, garbage, timeout, ...), and connections
-    /// closed at accept because the pending-handshake caps were reached.
+    /// closed at accept: over the pending-handshake caps, or throttled.
     pub handshake_failures: u64,
+    /// Connections closed at accept because their source had failed more handshakes
+    /// than `max_handshake_failures_per_ip` allows (also in `handshake_failures`).
+    pub throttled_handshakes: u64,
     /// Handshakes in progress now.
     pub pending_handshakes: u64,
     /// Sockets accepted and not closed (in a handshake or authenticated), plus our own
@@ -224,6 +227,7 @@ impl Runtime {
         let listener = &self.services.listener;
         ListenerStats {
             handshake_failures: listener.handshake_failures.load(SeqCst),
+            throttled_handshakes: listener.throttled_handshakes.load(SeqCst),
             pending_handshakes: listener.pending_handshakes() as u64,
             inbound_connections: listener.open_sockets.load(SeqCst),
             accept_errors: listener.accept_errors.load(SeqCst),

@@ -1,4 +1,5 @@
-//! The scheduling priority of the threads that move frames over the sockets.
+//! The scheduling priority of the threads that move frames over the sockets, and of
+//! the handshake thread (a few nice levels below them).
 //!
 //! A bulk transfer keeps its I/O threads running as long as there are
 //! bytes to copy. Where the VM's schedulers share the cores with them, a woken
@@ -33,6 +34,31 @@ pub fn apply_to_current_thread(priority: IoThreadPriority) -> std::io::Result<()
     }
 }
 
+/// Lowers the calling thread's priority by `steps` nice levels (the handshake
+/// thread's, see `engine`). Linux only, where the nice value is the thread's;
+/// elsewhere it is the process's, so nothing is done.
+#[cfg(target_os = "linux")]
+pub fn lower_current_thread(steps: i32) -> std::io::Result<()> {
+    // SAFETY: plain system calls on the calling thread (who = 0). -1 is also a valid
+    // priority: errno tells.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if current == -1 && *libc::__errno_location() != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, 0, (current + steps).min(19)) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn lower_current_thread(_steps: i32) -> std::io::Result<()> {
+    Ok(())
+}
+
 #[cfg(target_os = "linux")]
 fn set_idle() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
@@ -60,6 +86,21 @@ fn current_thread_is_idle() -> bool {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowering_lowers_only_the_calling_thread() {
+        // SAFETY: plain system call on the calling thread.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let before = nice();
+        std::thread::spawn(move || {
+            assert_eq!(nice(), before);
+            lower_current_thread(3).unwrap();
+            assert_eq!(nice(), (before + 3).min(19));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice(), before);
+    }
 
     #[test]
     fn idle_lowers_only_the_calling_thread() {

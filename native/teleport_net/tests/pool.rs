@@ -1,7 +1,7 @@
 //! Real runtimes talking over loopback: pools, handshakes, ordering, back-pressure,
 //! failures and shutdown. Every wait is bounded and every runtime is stopped (on drop).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Barrier};
@@ -16,12 +16,14 @@ use teleport_net::{
 };
 
 mod nodes;
-use nodes::{eventually, open_to, Node, TestHost, COOKIE, WAIT};
+use nodes::{closed_by_peer_within, connect_from, eventually, open_to, Node, TestHost, COOKIE, WAIT};
 
 const A: &str = "a@127.0.0.1";
 const B: &str = "b@127.0.0.1";
-/// `Config::for_tests`'s I/O threads: all a runtime ever runs, whatever its peers.
+/// `Config::for_tests`'s I/O threads: with the handshake thread, all a runtime ever
+/// runs, whatever its peers.
 const IO_THREADS: usize = 2;
+const HANDSHAKE_THREAD: usize = 1;
 
 fn is_pool_down(event: &Event, of: &str) -> bool {
     matches!(event, Event::PoolDown { peer, .. } if peer == of)
@@ -68,26 +70,6 @@ fn raw_authenticated(addr: SocketAddr, local_node: &str, server_node: &str) -> T
     };
     client_handshake(&stream, &config, server_node).expect("handshake by hand");
     stream
-}
-
-/// True once the peer has closed `stream` (EOF or reset) within `timeout`.
-fn closed_by_peer_within(stream: &mut TcpStream, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 256];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        stream.set_read_timeout(Some(left)).expect("set timeout");
-        match stream.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
-            Err(_) => return true,
-        }
-    }
 }
 
 fn keyed_body(key: u64, seq: u64) -> Vec<u8> {
@@ -300,9 +282,13 @@ fn unreachable_peer_fails_open() {
 #[test]
 fn peer_stop_closes_pool() {
     let (a, b) = (Node::start(A), Node::start(B));
-    assert_eq!(a.rt.live_threads(), IO_THREADS);
+    assert_eq!(a.rt.live_threads(), IO_THREADS + HANDSHAKE_THREAD);
     a.open(&b, 3).expect("pool opens");
-    assert_eq!(a.rt.live_threads(), IO_THREADS, "connections cost no threads");
+    assert_eq!(
+        a.rt.live_threads(),
+        IO_THREADS + HANDSHAKE_THREAD,
+        "connections cost no threads"
+    );
     assert!(matches!(a.send(B, 1, b"hi".to_vec()), Ok(Sent::Queued)));
     assert!(b.host.wait_for(WAIT, |log| log.frames.len() == 1));
 
@@ -320,7 +306,7 @@ fn peer_stop_closes_pool() {
         a.send(B, 1, b"late".to_vec()).err(),
         Some(SendError::NotConnected)
     );
-    assert_eq!(a.rt.live_threads(), IO_THREADS);
+    assert_eq!(a.rt.live_threads(), IO_THREADS + HANDSHAKE_THREAD);
 }
 
 #[test]
@@ -792,7 +778,11 @@ fn max_pending_handshakes_bounds_pending_handshakes() {
     let sample_until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < sample_until {
         max_pending = max_pending.max(b.rt.listener_stats().pending_handshakes);
-        assert_eq!(b.rt.live_threads(), IO_THREADS, "handshakes cost no threads");
+        assert_eq!(
+            b.rt.live_threads(),
+            IO_THREADS + HANDSHAKE_THREAD,
+            "handshakes cost no threads"
+        );
         thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(
@@ -848,17 +838,6 @@ fn handshake_failures_are_reported_once_per_source_per_interval() {
     // Every failure counted; one event per source within the interval.
     assert_eq!(reported("127.0.0.95"), 1, "{}", b.host.events_debug());
     assert_eq!(reported("127.0.0.96"), 1, "{}", b.host.events_debug());
-}
-
-/// A TCP connection from the loopback address `source` (bound before connecting).
-fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    let from = SocketAddr::from((source, 0));
-    socket
-        .bind(&from.into())
-        .expect("bind to a loopback source address");
-    socket.connect_timeout(&to.into(), WAIT).expect("connect");
-    socket.into()
 }
 
 /// Silent connections from one address hold only that address's share of the pending
@@ -1242,7 +1221,11 @@ fn assert_recovers(a: &Node, b: &Node) {
         a.send(b.name(), 0, b"lost".to_vec()).err(),
         Some(SendError::NotConnected)
     );
-    assert_eq!(a.rt.live_threads(), IO_THREADS, "the I/O threads serve on");
+    assert_eq!(
+        a.rt.live_threads(),
+        IO_THREADS + HANDSHAKE_THREAD,
+        "the I/O threads serve on"
+    );
     recovers(a, b);
 }
 
@@ -1268,7 +1251,7 @@ fn dial_panic_fails_the_open() {
     faults::panic_next(Point::Dial, b.name(), 1);
     assert_open_fails(&a, &b, "teleport-io", "panicked");
     assert!(a.rt.peers().is_empty());
-    assert_eq!(a.rt.live_threads(), IO_THREADS);
+    assert_eq!(a.rt.live_threads(), IO_THREADS + HANDSHAKE_THREAD);
     recovers(&a, &b);
 }
 
@@ -1344,7 +1327,7 @@ fn handshake_panic_frees_its_slot() {
     let (a, b) = one_slot_pair("fault-handshake-panic");
     faults::panic_next(Point::Handshake, b.name(), 1);
     assert!(a.open(&b, 1).is_err(), "the handshake died");
-    assert_event(&b, "the panic", |e| is_panic(e, "teleport-io", "injected fault"));
+    assert_event(&b, "the panic", |e| is_panic(e, "teleport-hs", "injected fault"));
     let listener = b.rt.listener_stats();
     assert_eq!(
         (listener.pending_handshakes, listener.inbound_connections),
@@ -1380,9 +1363,9 @@ fn acceptor_panic_is_reported_and_accepting_resumes() {
     let (a, b) = fault_pair("fault-acceptor-panic");
     faults::panic_next(Point::Acceptor, b.name(), 1);
     assert!(a.open(&b, 1).is_err(), "the connection was dropped at accept");
-    let acceptor = format!("teleport-io0-{}", b.name());
+    let acceptor = format!("teleport-hs-{}", b.name());
     assert_event(&b, "the panic", |e| is_panic(e, &acceptor, "injected fault"));
-    assert_eq!(b.rt.live_threads(), IO_THREADS);
+    assert_eq!(b.rt.live_threads(), IO_THREADS + HANDSHAKE_THREAD);
     recovers(&a, &b);
 }
 
@@ -1395,7 +1378,7 @@ fn io_thread_spawn_failure_fails_start() {
     let err = start().err().expect("an I/O thread short, no runtime");
     assert!(err.to_string().contains("I/O thread"), "{err}");
     let rt = start().expect("the next start works");
-    assert_eq!(rt.live_threads(), IO_THREADS);
+    assert_eq!(rt.live_threads(), IO_THREADS + HANDSHAKE_THREAD);
     rt.stop();
     assert_eq!(rt.live_threads(), 0);
 }
@@ -1595,7 +1578,7 @@ fn a_deferred_frame_pauses_only_its_connection() {
         .host
         .wait_for(WAIT, |log| log.frames.iter().any(|f| f.body == b"a3")));
     assert!(eventually(WAIT, || b.stats_for(a.name()).undeliverable_in == 1));
-    assert_eq!(b.rt.live_threads(), 1);
+    assert_eq!(b.rt.live_threads(), 1 + HANDSHAKE_THREAD);
 }
 
 /// Twelve nodes of one I/O thread each, every one with a pool of 2 to every other:
@@ -1633,7 +1616,7 @@ fn one_io_thread_serves_many_pools_both_ways() {
             node.name(),
             node.host.log().frames.len()
         );
-        assert_eq!(node.rt.live_threads(), 1);
+        assert_eq!(node.rt.live_threads(), 1 + HANDSHAKE_THREAD);
         let connections: usize = node.rt.stats().iter().map(|(_, s)| s.per_connection.len()).sum();
         assert_eq!(
             connections,

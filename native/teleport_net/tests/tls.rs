@@ -533,13 +533,16 @@ fn a_deferred_frame_pauses_its_tls_connection_and_the_rest_follows_in_order() {
 // ---------------------------------------------------------------------------
 // A relay in the middle
 
-/// rustls configurations of a holder of `tls`'s certificate, trusting its CA file: as a
-/// server that asks for a client certificate, and as a client presenting it.
-fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+/// What `tls` holds: its certificate chain, its key and the CAs it trusts.
+fn identity(
+    tls: &TlsConfig,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+    Arc<rustls::RootCertStore>,
+) {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.certfile)
         .expect("cert file")
         .collect::<Result<_, _>>()
@@ -549,7 +552,15 @@ fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::Cli
     for ca in CertificateDer::pem_file_iter(&tls.cacertfile).expect("CA file") {
         roots.add(ca.expect("CA")).expect("root");
     }
-    let roots = Arc::new(roots);
+    (certs, key, Arc::new(roots))
+}
+
+/// rustls configurations of a holder of `tls`'s certificate, trusting its CA file: as a
+/// server that asks for a client certificate, and as a client presenting it.
+fn relay_configs(tls: &TlsConfig) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (certs, key, roots) = identity(tls);
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -695,4 +706,107 @@ fn a_node_name_must_be_of_a_host_its_certificate_names() {
         host: TestHost::default(),
     };
     elsewhere.open(&w, 1).expect("no client name check");
+}
+
+/// The listener does its key exchange by X25519 or P-256, never by P-384 (rustls
+/// 0.23.48's first choice, about ten times the work with ring): a client that offers
+/// P-384 first is asked for X25519 instead, one that offers only P-384 is refused.
+#[test]
+fn the_listener_never_does_a_p384_key_exchange() {
+    use rustls::crypto::ring::kx_group::{SECP384R1, X25519};
+    let dir = Dir::new();
+    let ca_ = ca("cluster CA");
+    let tls = node_tls(&dir, "a@127.0.0.1", &ca_, LOOPBACK, &[&ca_]);
+    let a = start("a@127.0.0.1", Some(tls.clone()));
+    let (certs, key, roots) = identity(&tls);
+    // The group of the key exchange a TLS handshake with `a` ended up with.
+    let handshake = |groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>| {
+        #[allow(deprecated)]
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.kx_groups = groups;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(certs.clone(), key.clone_key())
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut socket = TcpStream::connect(a.addr()).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut socket)?;
+        }
+        Ok::<_, std::io::Error>(conn.negotiated_key_exchange_group().map(|g| g.name()))
+    };
+    let first = handshake(vec![SECP384R1, X25519]).expect("handshake");
+    assert_eq!(first, Some(rustls::NamedGroup::X25519));
+    let err = handshake(vec![SECP384R1]).expect_err("no group in common");
+    assert!(err.to_string().contains("HandshakeFailure"), "{err}");
+    assert!(wait_counted(&a, 1));
+}
+
+/// A restart storm: 64 nodes open pools of 64 connections to one node at once (4,096
+/// inbound handshakes), in plain text and over TLS, as if from one host (all dial from
+/// 127.0.0.1, as a test cluster does) and as if from 64 (the per-source cap on
+/// handshakes in progress raised to the overall one). A dial refused at those caps
+/// fails its node's open, which retries after a back-off as teleport's connector does
+/// (100 ms, doubling to 5 s). Prints how long until every pool was up; asserts only
+/// that they all open. A benchmark:
+/// `cargo test --release --test tls restart_storm -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn restart_storm_64_nodes_x_64_connections() {
+    const NODES: usize = 64;
+    const POOL: usize = 64;
+    for (tls_on, hosts) in [(false, 1), (false, NODES), (true, 1), (true, NODES)] {
+        let dir = Dir::new();
+        let ca_ = ca("storm CA");
+        let tls_of = |name: &str| tls_on.then(|| node_tls(&dir, name, &ca_, LOOPBACK, &[&ca_]));
+        let server_name = "storm@127.0.0.1";
+        let server = Node::start_hosted(server_name, TestHost::with_own_buffers(), |c| {
+            c.tls = tls_of(server_name);
+            if hosts > 1 {
+                c.max_pending_handshakes_per_ip = c.max_pending_handshakes;
+            }
+        });
+        let clients: Vec<Node> = (0..NODES)
+            .map(|i| {
+                let name = format!("storm{i}@127.0.0.1");
+                Node::start_hosted(&name, TestHost::with_own_buffers(), |c| {
+                    c.io_threads = 1;
+                    c.tls = tls_of(&name);
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let retries = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for client in &clients {
+                let (server, retries) = (&server, &retries);
+                s.spawn(move || {
+                    let mut backoff = Duration::from_millis(100);
+                    while client.open(server, POOL).is_err() {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(300),
+                            "{} never connected: {:?}",
+                            client.name(),
+                            server.rt.listener_stats()
+                        );
+                        retries.fetch_add(1, SeqCst);
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                });
+            }
+        });
+        println!(
+            "restart storm, {}, {hosts} host(s): {NODES} nodes x {POOL} connections up in {:?}; \
+             {} opens retried; listener: {:?}",
+            if tls_on { "TLS" } else { "plain" },
+            started.elapsed(),
+            retries.load(SeqCst),
+            server.rt.listener_stats()
+        );
+    }
 }

@@ -50,6 +50,7 @@ rustler::atoms! {
     disconnects,
     handshake_failures,
     pending_handshakes,
+    throttled_handshakes,
     inbound_connections,
     accept_errors,
     accept_failed,

@@ -162,6 +162,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         handshake_timeout: Duration::from_millis(map_get(opts, "handshake_timeout")?),
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
         max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
+        max_handshake_failures_per_ip: map_get(opts, "max_handshake_failures_per_ip")?,
         io_chunk_bytes: map_get(opts, "io_chunk_bytes")?,
         io_thread_priority: match map_get::<Atom>(opts, "io_thread_priority")? {
             p if p == atoms::normal() => IoThreadPriority::Normal,
@@ -603,8 +604,8 @@ fn encode_addr(env: Env, addr: SocketAddr) -> Term {
     (encode_ip(env, addr.ip()), addr.port()).encode(env)
 }
 
-/// The listener's counters: `#{handshake_failures, pending_handshakes, inbound_connections,
-/// accept_errors}`.
+/// The listener's counters: `#{handshake_failures, throttled_handshakes, pending_handshakes,
+/// inbound_connections, accept_errors}`.
 #[rustler::nif]
 fn listener_stats(env: Env) -> NifResult<Term> {
     let Some(node) = node() else {
@@ -613,6 +614,7 @@ fn listener_stats(env: Env) -> NifResult<Term> {
     let s = node.runtime.listener_stats();
     let counters = [
         (atoms::handshake_failures(), s.handshake_failures),
+        (atoms::throttled_handshakes(), s.throttled_handshakes),
         (atoms::pending_handshakes(), s.pending_handshakes),
         (atoms::inbound_connections(), s.inbound_connections),
         (atoms::accept_errors(), s.accept_errors),

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! dialed:   Connecting -> ClientHandshake -> Outbound (writes frames; watches for the peer leaving)
-//! accepted: ServerHandshake -> Inbound (reads frames, delivers them)
+//! accepted: ServerHandshake -> Authenticated (handed from the handshake thread to an
+//!           I/O thread) -> Inbound (reads frames, delivers them)
 //! ```
 //!
 //! Each state owns the guards of what it holds (a handshake slot, a place in a pool,
@@ -164,6 +165,14 @@ pub(super) enum State {
         member: PoolMember,
         conn: Arc<SendQueue>,
     },
+    /// An inbound connection whose handshake is done, on its way from the handshake
+    /// thread to the I/O thread that will read its frames.
+    Authenticated {
+        open: OpenSocket,
+        client: Peer,
+        /// Bytes read past the handshake's end (the first frames).
+        early: Vec<u8>,
+    },
     Inbound {
         _open: OpenSocket,
         inbound: Inbound,
@@ -212,7 +221,7 @@ impl Conn {
             (State::Inbound { inbound, .. }, end) => {
                 inbound.reason.get_or_insert(close_reason(end));
             }
-            (State::Gone, _) => {}
+            (State::Authenticated { .. } | State::Gone, _) => {}
         }
     }
 }
@@ -272,6 +281,8 @@ pub(super) enum Next {
     /// Come back this turn (more to read or write than one turn's share, or a new
     /// state that must read what is already there).
     Again,
+    /// Authenticated on the handshake thread: hand it to an I/O thread.
+    HandOver,
 }
 
 /// Connecting: the socket became writable (or failed).
@@ -437,12 +448,9 @@ pub(super) fn client_handshake(
     Ok(Next::Wait)
 }
 
-/// Server handshake: readable. Once done, the connection reads frames.
-pub(super) fn server_handshake(
-    conn: &mut Conn,
-    services: &Services,
-    deferral: crate::host::Deferral,
-) -> Result<Next, End> {
+/// Server handshake (on the handshake thread): readable. Once done, the connection goes
+/// to an I/O thread.
+pub(super) fn server_handshake(conn: &mut Conn, services: &Services) -> Result<Next, End> {
     let State::ServerHandshake {
         handshake,
         not_before,
@@ -466,12 +474,26 @@ pub(super) fn server_handshake(
         return Ok(Next::Wait);
     };
     // The handshake slot goes back to the listener here.
-    let State::ServerHandshake { open, .. } = std::mem::replace(&mut conn.state, State::Gone) else {
+    let State::ServerHandshake { open, remote, .. } = std::mem::replace(&mut conn.state, State::Gone) else {
         unreachable!("checked above");
     };
+    services.listener.handshake_succeeded(remote);
     conn.deadline = None;
     let _ = conn.socket.set_nodelay(true);
     crate::listener::keep_alive(&conn.socket);
+    conn.state = State::Authenticated { open, client, early };
+    Ok(Next::HandOver)
+}
+
+/// Authenticated, on the I/O thread that adopted it: the connection reads frames.
+pub(super) fn start_inbound(
+    conn: &mut Conn,
+    services: &Services,
+    deferral: crate::host::Deferral,
+) -> Result<Next, End> {
+    let State::Authenticated { open, client, early } = std::mem::replace(&mut conn.state, State::Gone) else {
+        return Ok(Next::Wait);
+    };
     let config = &services.config;
     let admitted = services.stats.admit(&client.node, |peer| {
         services.pools.token(peer).is_none() && !services.inbound.has(peer)

@@ -1,9 +1,10 @@
 //! The I/O engine: a fixed number of threads, each driving many non-blocking sockets
-//! through the OS readiness API (mio: epoll on Linux, kqueue on macOS and BSD). A
-//! connection lives on one thread for its whole life, in that thread's slab; the slab
-//! index is its mio token, so "who owns this socket" is "the thread whose slab holds
-//! it". Other threads reach a connection only by message (`Command`), except a
-//! sender's direct write, which `SendQueue` serialises with the I/O thread.
+//! through the OS readiness API (mio: epoll on Linux, kqueue on macOS and BSD), and
+//! one more, the handshake thread, for the listener and the inbound handshakes. A
+//! connection lives on one thread at a time, in that thread's slab; the slab index is
+//! its mio token, so "who owns this socket" is "the thread whose slab holds it". Other
+//! threads reach a connection only by message (`Command`), except a sender's direct
+//! write, which `SendQueue` serialises with the I/O thread.
 //!
 //! Files, in the order a connection lives: `mod.rs` (threads, commands, what they
 //! share), `worker.rs` (one thread's loop), `conn.rs` (one connection's state machine:
@@ -23,24 +24,27 @@
 //! member's `PoolMember` guard counts the frames its connection never wrote, and the
 //! last one reports `PoolDown`.
 //!
-//! The life of an inbound connection: the listener (on thread 0) accepts, takes a
-//! handshake slot (`max_pending_handshakes`, per source too) and sends
-//! `Command::Accepted` to a thread in turn: `ServerHandshake` until `handshake_timeout`,
-//! then `Inbound`, whose first frame names the sender's pool (`InboundPools::join`) and
-//! whose later frames go to the host's `FrameHandler`. A frame the handler defers pauses
-//! that connection alone until its `Resume` reports (`Command::Resume`).
+//! The life of an inbound connection: the listener, on the handshake thread, accepts
+//! it if its source has not failed too many handshakes lately
+//! (`max_handshake_failures_per_ip`) and it gets a handshake slot
+//! (`max_pending_handshakes`, per source too); `ServerHandshake` there until
+//! `handshake_timeout`; once authenticated, `Command::Authenticated` hands it to an I/O
+//! thread in turn, where it becomes `Inbound`, whose first frame names the sender's pool
+//! (`InboundPools::join`) and whose later frames go to the host's `FrameHandler`. A
+//! frame the handler defers pauses that connection alone until its `Resume` reports
+//! (`Command::Resume`). So a flood of connections, however fast, costs the I/O threads
+//! nothing: the handshake thread (at a lower priority) and the kernel take it.
 
 mod conn;
 mod worker;
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
-use mio::net::{TcpListener, TcpStream};
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
 use crate::config::Config;
@@ -48,12 +52,12 @@ use crate::faults;
 use crate::host::{Event, Host, Outcome, ResumeTarget};
 use crate::inbound_pools::InboundPools;
 use crate::io_slot::{IoThread, Slot};
-use crate::listener::{HandshakeSlot, ListenerState};
+use crate::listener::ListenerState;
 use crate::pool::{Pool, PoolToken, Pools, DIAL_PARALLELISM, POOL_TOKEN_LEN};
 use crate::stats::PeerStatsTable;
 use crate::tls::TlsContext;
 
-use conn::PoolMember;
+use conn::{Conn, PoolMember};
 use worker::Worker;
 
 /// What the engine's threads and the runtime share, each part owned by its module.
@@ -79,6 +83,7 @@ impl Services {
         let listener = Arc::new(ListenerState::new(
             config.max_pending_handshakes,
             config.max_pending_handshakes_per_ip,
+            config.max_handshake_failures_per_ip,
         ));
         let tls = match &config.tls {
             Some(tls) => Some(
@@ -136,15 +141,11 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// What other threads ask an I/O thread.
-pub(crate) enum Command {
+enum Command {
     /// Dial one connection of a pool being opened.
     Dial(PoolMember),
-    /// A socket the listener accepted, to authenticate and serve.
-    Accepted {
-        stream: TcpStream,
-        remote: SocketAddr,
-        slot: HandshakeSlot,
-    },
+    /// An inbound connection the handshake thread authenticated, to serve.
+    Authenticated(Box<Conn>),
     /// Frames were queued on an outbound connection.
     Flush(Slot),
     /// The connection's pool is closing.
@@ -211,41 +212,62 @@ impl Threads {
 
 pub(crate) struct Engine {
     threads: Arc<Threads>,
+    handshakes: Arc<ThreadHandle>,
     joins: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// What an engine thread's loop waits on: its poll and its command queue.
+type ThreadInbox = (Poll, Receiver<Command>);
+
+/// A thread's inbox, and the handle others reach it by.
+fn new_thread() -> io::Result<(ThreadInbox, Arc<ThreadHandle>)> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), worker::WAKER)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    Ok(((poll, rx), Arc::new(ThreadHandle { commands: tx, waker })))
+}
+
 impl Engine {
-    /// Starts `count` I/O threads; the first also accepts on `listener`.
+    /// Starts `count` I/O threads and the handshake thread, which accepts on `listener`.
     pub fn start(services: &Arc<Services>, count: usize, listener: TcpListener) -> io::Result<Engine> {
         let count = count.max(1);
         let mut polls = Vec::with_capacity(count);
         let mut handles = Vec::with_capacity(count);
         for _ in 0..count {
-            let poll = Poll::new()?;
-            let waker = Waker::new(poll.registry(), worker::WAKER)?;
-            let (tx, rx) = crossbeam_channel::unbounded();
-            handles.push(Arc::new(ThreadHandle { commands: tx, waker }));
-            polls.push((poll, rx));
+            let (poll, handle) = new_thread()?;
+            handles.push(handle);
+            polls.push(poll);
         }
         let threads = Arc::new(Threads {
             handles,
             next: AtomicUsize::new(0),
         });
+        let (handshake_poll, handshakes) = new_thread()?;
         let engine = Engine {
             threads: threads.clone(),
+            handshakes: handshakes.clone(),
             joins: Mutex::new(Vec::new()),
         };
-        let mut listener = Some(listener);
-        for (index, (poll, rx)) in polls.into_iter().enumerate() {
-            let name = format!("teleport-io{index}-{}", services.config.local_node);
+        let node = &services.config.local_node;
+        let io_threads = polls.into_iter().enumerate().map(|(index, poll)| {
+            let handle = threads.handles[index].clone();
+            (format!("teleport-io{index}-{node}"), poll, handle, None)
+        });
+        let handshake_thread = (
+            format!("teleport-hs-{node}"),
+            handshake_poll,
+            handshakes,
+            Some(listener),
+        );
+        for (name, (poll, rx), handle, listener) in io_threads.chain([handshake_thread]) {
             let worker = Worker::new(
-                index,
+                name.clone(),
                 poll,
                 rx,
-                threads.handles[index].clone(),
+                handle,
                 services.clone(),
                 threads.clone(),
-                listener.take(),
+                listener,
             )?;
             let spawned = if faults::spawn_fails(&name) {
                 Err(io::Error::other("injected fault"))
@@ -279,6 +301,8 @@ impl Engine {
 
     /// Tells every thread to close everything and exit, and waits for them.
     pub fn stop(&self) {
+        // The handshake thread first: it hands connections to the others.
+        self.handshakes.send(Command::Stop);
         for handle in &self.threads.handles {
             handle.send(Command::Stop);
         }
@@ -288,7 +312,8 @@ impl Engine {
         }
     }
 
-    /// Threads running (for tests that check nothing leaks).
+    /// Threads running, the handshake thread's included (for tests that check nothing
+    /// leaks).
     pub fn live_threads(&self) -> usize {
         let joins = self.joins.lock().unwrap_or_else(|p| p.into_inner());
         joins.iter().filter(|t| !t.is_finished()).count()

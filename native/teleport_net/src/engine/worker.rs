@@ -1,7 +1,13 @@
-//! One I/O thread: a mio `Poll` and the slab of connections it serves. Each turn: wait
-//! for readiness (or spin briefly first, see `Config::reader_busy_wait`), advance the
-//! connections that are ready, run the commands other threads sent, serve again the
+//! One engine thread: a mio `Poll` and the slab of connections it serves. Each turn:
+//! wait for readiness (or spin briefly first, see `Config::reader_busy_wait`), advance
+//! the connections that are ready, run the commands other threads sent, serve again the
 //! connections that had more than one turn's share, and expire handshakes.
+//!
+//! The I/O threads serve established connections and this node's own dials. The
+//! handshake thread, the same loop with the listener, accepts and runs every inbound
+//! handshake, and hands each connection that authenticates to an I/O thread: however
+//! many connections the network throws at the listener, the I/O threads never spend
+//! a moment on one that has not authenticated.
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,6 +28,7 @@ use crate::handshake::{Handshake, HandshakeError};
 use crate::host::Deferral;
 use crate::io_slot::{IoSlot, Slot};
 use crate::listener::{Acceptor, HandshakeSlot, OpenSocket, RESTART_PAUSE};
+use crate::thread_priority::IoThreadPriority;
 
 use super::conn::{self, Conn, End, Next, PoolMember, State};
 use super::{panic_message, Command, Services, ThreadHandle, Threads};
@@ -33,6 +40,9 @@ const LISTENER: Token = Token(usize::MAX - 1);
 /// any is pending.
 const TICK: Duration = Duration::from_millis(50);
 
+/// Nice levels the handshake thread runs below the I/O threads (see `Worker::run`).
+const HANDSHAKE_NICE: i32 = 10;
+
 pub(super) struct Worker {
     name: String,
     poll: Poll,
@@ -42,6 +52,7 @@ pub(super) struct Worker {
     threads: Arc<Threads>,
     conns: Slab<Conn>,
     next_id: u64,
+    /// The handshake thread's; the I/O threads have none.
     acceptor: Option<Acceptor>,
     /// Connections to serve again next turn (more than a turn's share was waiting).
     again: VecDeque<Slot>,
@@ -54,8 +65,9 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// An I/O thread (`listener` none), or the handshake thread (with the listener).
     pub(super) fn new(
-        index: usize,
+        name: String,
         poll: Poll,
         commands: Receiver<Command>,
         handle: Arc<ThreadHandle>,
@@ -76,7 +88,7 @@ impl Worker {
             None => None,
         };
         Ok(Worker {
-            name: format!("teleport-io{index}-{}", services.config.local_node),
+            name,
             poll,
             commands,
             handle,
@@ -97,6 +109,11 @@ impl Worker {
     /// itself) is reported and the loop resumes: the connections are still fine.
     pub(super) fn run(mut self) {
         let _ = crate::thread_priority::apply_to_current_thread(self.services.config.io_thread_priority);
+        if self.is_handshake_thread() && self.services.config.io_thread_priority == IoThreadPriority::Normal {
+            // Under a flood the handshake thread is busy while the I/O threads wait
+            // for their next message: the kernel then gives them the core first.
+            let _ = crate::thread_priority::lower_current_thread(HANDSHAKE_NICE);
+        }
         let mut events = Events::with_capacity(1024);
         loop {
             match catch_unwind(AssertUnwindSafe(|| self.turn(&mut events))) {
@@ -114,10 +131,14 @@ impl Worker {
     /// One turn; false once told to stop.
     fn turn(&mut self, events: &mut Events) -> bool {
         self.wait(events);
+        let mut accepted = false;
         for event in events.iter() {
             match event.token() {
                 WAKER => {}
-                LISTENER => self.accept(),
+                LISTENER => {
+                    self.accept();
+                    accepted = true;
+                }
                 Token(index) => {
                     let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                     let writable = event.is_writable() || event.is_write_closed() || event.is_error();
@@ -134,6 +155,9 @@ impl Worker {
         for slot in again {
             self.serve(slot.index, Some(slot.id), true, true);
         }
+        if !accepted && self.acceptor.as_ref().is_some_and(|a| a.more) {
+            self.accept();
+        }
         if self.bulk {
             self.bulk = false;
             self.spin_next = false;
@@ -144,12 +168,21 @@ impl Worker {
         true
     }
 
+    fn is_handshake_thread(&self) -> bool {
+        self.acceptor.is_some()
+    }
+
     /// Waits for readiness. After a short wait, it polls without sleeping for up to
     /// `reader_busy_wait` first, yielding the core to any thread that wants it: a
-    /// message that arrives meanwhile is served without this thread being woken.
+    /// message that arrives meanwhile is served without this thread being woken. The
+    /// handshake thread never polls: no message waits on it.
     fn wait(&mut self, events: &mut Events) {
-        let busy_wait = self.services.config.reader_busy_wait;
-        let timeout = if !self.again.is_empty() {
+        let busy_wait = if self.is_handshake_thread() {
+            Duration::ZERO
+        } else {
+            self.services.config.reader_busy_wait
+        };
+        let timeout = if !self.again.is_empty() || self.acceptor.as_ref().is_some_and(|a| a.more) {
             Some(Duration::ZERO)
         } else if self.timed || self.acceptor.as_ref().is_some_and(|a| a.paused_until.is_some()) {
             Some(TICK)
@@ -210,6 +243,7 @@ impl Worker {
         match stepped {
             Ok(Ok(Next::Wait)) => {}
             Ok(Ok(Next::Again)) => self.again.push_back(slot),
+            Ok(Ok(Next::HandOver)) => self.hand_over(slot),
             Ok(Err(end)) => self.close(slot, end),
             Err(panic) => {
                 self.services.report_panic(&self.name, &*panic);
@@ -237,6 +271,18 @@ impl Worker {
         }
     }
 
+    /// Hands an authenticated connection to an I/O thread (from the handshake thread).
+    /// If that thread has exited (stopping), the connection is dropped: closed.
+    fn hand_over(&mut self, slot: Slot) {
+        if self.conns.get(slot.index).is_none_or(|c| c.id != slot.id) {
+            return;
+        }
+        let conn = self.conns.remove(slot.index);
+        let fd = conn.socket.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        self.threads.pick().send(Command::Authenticated(Box::new(conn)));
+    }
+
     /// Adds a socket to the slab and to the poll.
     fn insert(
         &mut self,
@@ -245,8 +291,23 @@ impl Worker {
         tls: Option<Box<crate::tls::Session>>,
         deadline: Instant,
     ) -> io::Result<Slot> {
-        let entry = self.conns.vacant_entry();
-        let index = entry.key();
+        // Registered first, so a failure drops `state` unmade.
+        let socket = Arc::new(socket);
+        let slot = self.register(&socket)?;
+        self.conns.insert(Conn {
+            id: slot.id,
+            socket,
+            state: state(),
+            deadline: Some(deadline),
+            tls,
+        });
+        self.timed = true;
+        Ok(slot)
+    }
+
+    /// Adds to the poll a socket about to take the slab's next slot.
+    fn register(&mut self, socket: &TcpStream) -> io::Result<Slot> {
+        let index = self.conns.vacant_key();
         let fd = socket.as_raw_fd();
         self.poll.registry().register(
             &mut SourceFd(&fd),
@@ -254,23 +315,29 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         self.next_id += 1;
-        let id = self.next_id;
-        entry.insert(Conn {
-            id,
-            socket: Arc::new(socket),
-            state: state(),
-            deadline: Some(deadline),
-            tls,
-        });
-        self.timed = true;
-        Ok(Slot { index, id })
+        Ok(Slot {
+            index,
+            id: self.next_id,
+        })
+    }
+
+    /// Takes over a connection the handshake thread authenticated, and starts reading
+    /// its frames (some may be waiting already: no readiness event would tell).
+    fn adopt(&mut self, mut conn: Box<Conn>) {
+        let Ok(slot) = self.register(&conn.socket) else {
+            // Dropped: closed, its socket count given back.
+            return;
+        };
+        conn.id = slot.id;
+        self.conns.insert(*conn);
+        self.serve(slot.index, Some(slot.id), true, true);
     }
 
     /// False for `Stop`.
     fn run_command(&mut self, command: Command) -> bool {
         match command {
             Command::Dial(member) => self.dial(member),
-            Command::Accepted { stream, remote, slot } => self.accepted(stream, remote, slot),
+            Command::Authenticated(conn) => self.adopt(conn),
             Command::Flush(slot) | Command::Close(slot) => self.serve(slot.index, Some(slot.id), false, true),
             Command::Resume(slot, outcome) => self.resume(slot, outcome),
             Command::Stop => return false,
@@ -379,7 +446,7 @@ impl Worker {
         let mut accepted = Vec::new();
         let host = self.services.host.clone();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            acceptor.accept_all(&*host, |stream, remote, slot| {
+            acceptor.accept_batch(&*host, |stream, remote, slot| {
                 accepted.push((stream, remote, slot))
             })
         }));
@@ -391,9 +458,7 @@ impl Worker {
             acceptor.paused_until = Some(Instant::now() + RESTART_PAUSE);
         }
         for (stream, remote, slot) in accepted {
-            self.threads
-                .pick()
-                .send(Command::Accepted { stream, remote, slot });
+            self.accepted(stream, remote, slot);
         }
     }
 
@@ -486,12 +551,13 @@ fn step(
     match &conn.state {
         State::Connecting { .. } => conn::connected(conn, services),
         State::ClientHandshake { .. } if readable => conn::client_handshake(conn, services, io()),
-        State::ServerHandshake { .. } if readable => {
+        State::ServerHandshake { .. } if readable => conn::server_handshake(conn, services),
+        State::Authenticated { .. } => {
             let deferral = Deferral {
                 target: handle.clone(),
                 slot,
             };
-            conn::server_handshake(conn, services, deferral)
+            conn::start_inbound(conn, services, deferral)
         }
         State::Outbound { .. } => {
             if readable {

@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use std::any::Any;
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -289,4 +290,35 @@ pub fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// True once the peer has closed `stream` (EOF or reset) within `timeout`.
+pub fn closed_by_peer_within(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).expect("set timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A TCP connection from the loopback address `source` (bound before connecting).
+pub fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from = SocketAddr::from((source, 0));
+    socket
+        .bind(&from.into())
+        .expect("bind to a loopback source address");
+    socket.connect_timeout(&to.into(), WAIT).expect("connect");
+    socket.into()
 }
