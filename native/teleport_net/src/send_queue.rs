@@ -20,13 +20,11 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
 use crate::config::Config;
-use crate::framing::{
-    self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, CHUNK_MAX, EXPRESS_MAX, HEADER_LEN,
-};
+use crate::framing::{self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN};
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::io_slot::IoSlot;
-use crate::socket::SendNoSignal;
+use crate::socket::{self, SendNoSignal};
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
 pub struct OutFrame {
@@ -159,6 +157,8 @@ struct BulkOut {
     key: u64,
     /// Body bytes put into chunks so far.
     framed: usize,
+    /// Bytes per chunk, chosen as the frame started (`framing::chunk_len`).
+    chunk: usize,
 }
 
 /// What is going on the wire: units taken from the lanes, the first with `offset`
@@ -515,10 +515,11 @@ impl SendQueue {
                 frame,
                 key,
                 framed: 0,
+                chunk: framing::chunk_len(socket::delivery_rate(&self.socket)),
             });
         }
         if let Some(bulk) = &mut batch.bulk {
-            let len = (bulk.frame.body_len() - bulk.framed).min(CHUNK_MAX);
+            let len = (bulk.frame.body_len() - bulk.framed).min(bulk.chunk);
             let header = FrameHeader {
                 kind: FrameKind::BulkChunk,
                 body_len: len as u32,

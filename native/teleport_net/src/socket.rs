@@ -156,36 +156,56 @@ pub(crate) fn not_sent_bound(socket: &TcpStream) -> u32 {
     value as u32
 }
 
+/// The connection's `TCP_INFO` (Linux) and how many bytes of it the kernel filled.
+#[cfg(target_os = "linux")]
+fn tcp_info(socket: &TcpStream) -> Option<(libc::tcp_info, usize)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as above, into `info`, `len` bytes at most.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((info, len as usize))
+}
+
 /// The connection's round trip as TCP measured it (Linux `TCP_INFO`): the minimum seen,
 /// which is the path's and not a moment's queueing or a delayed ACK; the smoothed one on a
 /// kernel older than 4.6, which does not report the minimum. Elsewhere, none.
 pub(crate) fn round_trip(socket: &TcpStream) -> Option<Duration> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes of it.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: as above, into `info`, `len` bytes at most.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&mut info as *mut libc::tcp_info).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
-        let has_min = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
+        let (info, len) = tcp_info(socket)?;
+        let has_min = len >= std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
         let micros = if has_min && info.tcpi_min_rtt != 0 {
             info.tcpi_min_rtt
         } else {
             info.tcpi_rtt
         };
         Some(Duration::from_micros(u64::from(micros)))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        None
+    }
+}
+
+/// The rate, in bytes a second, at which the connection's last data was delivered as
+/// TCP measured it (Linux 4.9 and later `TCP_INFO`); none elsewhere or before any.
+pub(crate) fn delivery_rate(socket: &TcpStream) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let (info, len) = tcp_info(socket)?;
+        let has_rate = len >= std::mem::offset_of!(libc::tcp_info, tcpi_delivery_rate) + 8;
+        (has_rate && info.tcpi_delivery_rate != 0).then_some(info.tcpi_delivery_rate)
     }
     #[cfg(not(target_os = "linux"))]
     {
