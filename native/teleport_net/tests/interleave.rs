@@ -1,5 +1,5 @@
 //! Large frames go in chunks, and other senders' small frames go between them
-//! (`framing`, `connection`): a small frame never waits for all of a large one on its
+//! (`framing`, `send_queue`): a small frame never waits for all of a large one on its
 //! connection; each sender's frames keep their order however the lanes interleave; a
 //! receiver holds at most one partial body per connection, counted in its stats, in
 //! the buffer it is delivered in. Over plain TCP here (tls.rs runs chunks over TLS).
