@@ -693,6 +693,21 @@ mod tests {
         wire
     }
 
+    /// `wire` given to a parser `step` bytes at a time, with buffers lent for bodies of
+    /// `lend` bytes and more; every piece taken, and the parser between frames at the end.
+    fn feed_in_steps(wire: &[u8], step: usize, lend: Option<usize>) -> Recorder {
+        let mut parser = Parser::new(1 << 20);
+        let mut sink = Recorder {
+            lend_from: lend,
+            ..Recorder::default()
+        };
+        for chunk in wire.chunks(step) {
+            assert_eq!(parser.consume(chunk, &mut sink).unwrap(), (chunk.len(), Flow::Go));
+        }
+        assert!(parser.between_frames());
+        sink
+    }
+
     #[test]
     fn frames_split_anywhere_arrive_whole_and_in_order() {
         let big = vec![9u8; 100_000];
@@ -700,15 +715,7 @@ mod tests {
         let wire = stream(&bodies);
         for step in [1, 2, 3, 4, 5, 6, 7, 4096, wire.len()] {
             for lend in [None, Some(OWN_BUFFER_MIN)] {
-                let mut parser = Parser::new(1 << 20);
-                let mut sink = Recorder {
-                    lend_from: lend,
-                    ..Recorder::default()
-                };
-                for chunk in wire.chunks(step) {
-                    assert_eq!(parser.consume(chunk, &mut sink).unwrap(), (chunk.len(), Flow::Go));
-                }
-                assert!(parser.between_frames());
+                let sink = feed_in_steps(&wire, step, lend);
                 assert_eq!(sink.tokens, vec![TOKEN]);
                 let got: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
                 assert_eq!(got, bodies, "step {step}");
@@ -737,15 +744,7 @@ mod tests {
         wire.extend(encode_frame(FrameKind::Send, b"last"));
         for step in [1, 7, 4096, 70_000, wire.len()] {
             for lend in [None, Some(OWN_BUFFER_MIN)] {
-                let mut parser = Parser::new(1 << 20);
-                let mut sink = Recorder {
-                    lend_from: lend,
-                    ..Recorder::default()
-                };
-                for chunk in wire.chunks(step) {
-                    assert_eq!(parser.consume(chunk, &mut sink).unwrap(), (chunk.len(), Flow::Go));
-                }
-                assert!(parser.between_frames());
+                let sink = feed_in_steps(&wire, step, lend);
                 let got: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
                 // The body is delivered as its last chunk completes it.
                 let expected: Vec<&[u8]> = vec![b"first", b"between", b"between", &big, b"between", b"last"];
