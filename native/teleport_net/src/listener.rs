@@ -11,33 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::io_reason;
 use crate::failure_log::FailureLog;
 use crate::faults::{self, Point};
 use crate::host::{Event, Host};
 use crate::throttle::FailureBudget;
-
-/// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
-/// connection open forever: TCP keepalive finds it in about a minute.
-pub(crate) fn keep_alive(stream: &TcpStream) {
-    let probe = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&probe);
-}
-
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // A restarted node can take its fixed port back while old sockets sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(TcpListener::from_std(socket.into()))
-}
 
 /// What the listener counts, and the handshakes in progress at it.
 pub(crate) struct ListenerState {
@@ -398,7 +377,7 @@ mod tests {
 
     #[test]
     fn accepting_stops_after_a_turns_share_and_says_more_wait() {
-        let listener = bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+        let listener = crate::socket::bind("127.0.0.1:0".parse().expect("address")).expect("bind");
         let addr = listener.local_addr().expect("address");
         let state = Arc::new(ListenerState::new(1000, 1000, 0));
         let mut acceptor = Acceptor::new(listener, state, "accept-share@127.0.0.1");

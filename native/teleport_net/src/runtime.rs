@@ -13,9 +13,9 @@ use crate::config::Config;
 use crate::engine::{Engine, Services};
 use crate::error::{CloseReason, OpenError};
 use crate::host::{Callback, Host};
-use crate::listener::bind;
 use crate::pool::{Opened, Pool};
 use crate::send_queue::{Enqueued, OutFrame, SendQueue};
+use crate::socket::bind;
 use crate::stats::PeerStatsSnapshot;
 use crate::thread_priority::IoThreadPriority;
 

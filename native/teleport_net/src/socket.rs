@@ -1,11 +1,34 @@
-//! The system calls teleport makes on a connected TCP socket besides mio's: sends that
-//! never raise SIGPIPE, peeking at and dropping what the kernel holds, delayed ACKs, the
-//! send buffer and its bound on bytes not yet sent, and the round trip TCP measured.
+//! The system calls teleport makes on its TCP sockets besides mio's: the listening
+//! socket, keepalive, sends that never raise SIGPIPE, peeking at and dropping what the
+//! kernel holds, delayed ACKs, the send buffer and its bound on bytes not yet sent, and
+//! the round trip and delivery rate TCP measured.
 
 use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use mio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
+/// connection open forever: TCP keepalive finds it in about a minute.
+pub(crate) fn keep_alive(stream: &TcpStream) {
+    let probe = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&probe);
+}
+
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A restarted node can take its fixed port back while old sockets sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
 
 /// Our sockets are written with MSG_NOSIGNAL: a peer's reset must be an error, not a
 /// SIGPIPE (the VM ignores it, a test binary might not).

@@ -298,7 +298,7 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
     }
     // Small frames (calls, acks) must not wait for Nagle.
     let _ = socket.set_nodelay(true);
-    crate::listener::keep_alive(socket);
+    crate::socket::keep_alive(socket);
     let State::Connecting { member, _open } = std::mem::replace(&mut conn.state, State::Gone) else {
         unreachable!("connected() is only called while connecting");
     };
@@ -480,7 +480,7 @@ pub(super) fn server_handshake(conn: &mut Conn, services: &Services) -> Result<N
     services.listener.handshake_succeeded(remote);
     conn.deadline = None;
     let _ = conn.socket.set_nodelay(true);
-    crate::listener::keep_alive(&conn.socket);
+    crate::socket::keep_alive(&conn.socket);
     conn.state = State::Authenticated { open, client, early };
     Ok(Next::HandOver)
 }
