@@ -63,10 +63,7 @@ groups() ->
      {full, [], [calls_under_bulk, slow_link]}].
 
 init_per_suite(Config) ->
-    case teleport_test_peer:ensure_distributed() of
-        ok -> Config;
-        {fail, _} = Fail -> Fail
-    end.
+    teleport_test_peer:init_per_suite(Config).
 
 end_per_suite(_Config) ->
     ok.

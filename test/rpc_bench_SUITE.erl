@@ -63,10 +63,7 @@ groups() ->
     [{short, [], Cases}, {full, [], Cases}].
 
 init_per_suite(Config) ->
-    case teleport_test_peer:ensure_distributed() of
-        ok -> Config;
-        {skip, _} = Skip -> Skip
-    end.
+    teleport_test_peer:init_per_suite(Config).
 
 end_per_suite(_Config) ->
     ok.

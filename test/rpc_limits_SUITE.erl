@@ -51,10 +51,7 @@ groups() ->
      {leaks, [], [no_leaks]}].
 
 init_per_suite(Config) ->
-    case teleport_test_peer:ensure_distributed() of
-        ok -> Config;
-        {skip, _} = Skip -> Skip
-    end.
+    teleport_test_peer:init_per_suite(Config).
 
 end_per_suite(_Config) ->
     ok.

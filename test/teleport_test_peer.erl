@@ -17,7 +17,7 @@
 -export([start/1, start/2, start/3,
          start_isolated/2, start_isolated/3,
          stop/1,
-         ensure_distributed/0,
+         ensure_distributed/0, init_per_suite/1,
          start_local_teleport/1, start_local_teleport/2,
          stop_local_teleport/0, stop_local_teleport/1, seed/1,
          code_path_args/0, app_env_from_os/2,
@@ -110,6 +110,16 @@ stop(Peer) when is_pid(Peer) ->
         _ -> ok
     catch
         _:_ -> ok
+    end.
+
+%% @doc The whole init_per_suite of a suite that needs no more than a distributed
+%% node: without one the suite fails, never skips (a run without epmd must not pass
+%% having run nothing).
+-spec init_per_suite(list()) -> list() | {fail, term()}.
+init_per_suite(Config) ->
+    case ensure_distributed() of
+        ok -> Config;
+        {fail, _} = Fail -> Fail
     end.
 
 %% @doc Makes this node distributed with long names if it is not already.
