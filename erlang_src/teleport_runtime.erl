@@ -25,12 +25,11 @@ init([]) ->
                       max_pending_handshakes_per_ip, io_thread_priority,
                       reader_busy_wait_us], Config),
     %% The NIF takes 0 for no limit.
-    NoLimit = fun(infinity) -> 0;
-                 (N) -> N
-              end,
-    case teleport_nif:start(Opts#{io_chunk_bytes => NoLimit(maps:get(io_chunk_bytes, Config)),
-                                  max_handshake_failures_per_ip =>
-                                      NoLimit(maps:get(max_handshake_failures_per_ip, Config)),
+    MaxFailures = case maps:get(max_handshake_failures_per_ip, Config) of
+                      infinity -> 0;
+                      N -> N
+                  end,
+    case teleport_nif:start(Opts#{max_handshake_failures_per_ip => MaxFailures,
                                   io_threads => teleport_config:io_threads(
                                                   maps:get(io_threads, Config)),
                                   local_node => atom_to_binary(node()),

@@ -42,8 +42,11 @@ sndbuf_test() ->
     check_setting(sndbuf, auto, 65536, 65535),
     check_setting(sndbuf, auto, 262144, big).
 
-io_chunk_test() ->
-    check_setting(io_chunk_bytes, infinity, 262144, 100).
+%% A removed setting left in an environment is ignored, like any key teleport_config
+%% does not define.
+removed_setting_test() ->
+    with_env(io_chunk_bytes, 65536,
+             fun() -> ?assertNot(maps:is_key(io_chunk_bytes, teleport_config:get())) end).
 
 io_thread_priority_test() ->
     check_setting(io_thread_priority, normal, idle, low).

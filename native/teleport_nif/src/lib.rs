@@ -163,7 +163,6 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
         max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
         max_handshake_failures_per_ip: map_get(opts, "max_handshake_failures_per_ip")?,
-        io_chunk_bytes: map_get(opts, "io_chunk_bytes")?,
         io_thread_priority: match map_get::<Atom>(opts, "io_thread_priority")? {
             p if p == atoms::normal() => IoThreadPriority::Normal,
             p if p == atoms::idle() => IoThreadPriority::Idle,
