@@ -25,7 +25,7 @@
 %% <tr><td>`rpc_compression'</td><td>`off' | `{1..9, Bytes}' | `#{node() | default => ...}'</td><td>`off'</td><td>{@link teleport_rpc} arguments and results over a size threshold travel compressed: `off', `{Level, ThresholdBytes}' (zlib level 1-9, external size in bytes), or `#{Node => off | {Level, ThresholdBytes}, default => ...}' per peer. A call's own `compression' option overrides it. The receiving side refuses a compressed term that would inflate past `max_frame_bytes' before allocating it (`{erpc, too_large}'; counted as `refused_compressed')</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{node() => {IP, Port}}'</td><td>`#{}'</td><td>listener addresses of peers, so that no lookup over distributed Erlang is needed</td></tr>
 %% <tr><td>`io_thread_priority'</td><td>`normal' | `idle'</td><td>`normal'</td><td>`idle' (Linux only): the I/O threads run only on CPU time nothing else on the machine wants (`SCHED_IDLE'), so bulk transfers never delay the VM's own work; a node that keeps every core busy then starves its teleport traffic, small messages included. Rarely needed</td></tr>
-%% <tr><td>`decode_on_scheduler'</td><td>`auto' | `always'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: erlang/otp GH-8208); `always' every message holding such a map or a fun (one more hand-off each; teleport's tests use it to run that path on every release)</td></tr>
+%% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: those this VM cannot build off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: erlang/otp GH-8208). `always', every message holding such a map or a fun, exists for teleport's own tests (they run that path on every release): only the NIF they build (cargo feature `test-hooks') takes it, elsewhere it is refused like any invalid value</td></tr>
 %% </table>
 -module(teleport_config).
 
@@ -103,7 +103,12 @@ validate(io_thread_priority, idle) ->
     end;
 validate(reader_busy_wait_us, N) when is_integer(N), N >= 0, N =< 10000 -> N;
 validate(decode_on_scheduler, auto) -> auto;
-validate(decode_on_scheduler, always) -> always;
+validate(decode_on_scheduler, always) ->
+    %% Test builds only: a value no user needs stays out of the release build.
+    case teleport_nif:test_hooks() of
+        true -> always;
+        false -> erlang:error({invalid_config, decode_on_scheduler, always})
+    end;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

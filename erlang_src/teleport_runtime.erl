@@ -38,9 +38,7 @@ init([]) ->
                                   event_pid => self(),
                                   call_relays => teleport_call_relay:names(),
                                   decoders => teleport_decoder:names(),
-                                  %% auto: the NIF decides by the VM's version.
-                                  defer_hash_maps => maps:get(decode_on_scheduler, Config)
-                                                         =:= always}) of
+                                  decode_on_scheduler => maps:get(decode_on_scheduler, Config)}) of
         {ok, Addr} ->
             ok = net_kernel:monitor_nodes(true),
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),

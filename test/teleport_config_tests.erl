@@ -51,6 +51,16 @@ removed_setting_test() ->
 io_thread_priority_test() ->
     check_setting(io_thread_priority, normal, idle, low).
 
+%% `always' only where the NIF has the test hooks: teleport's test profile builds it
+%% with them, any other build without.
+decode_on_scheduler_test() ->
+    check_setting(decode_on_scheduler, auto, auto, sometimes),
+    case teleport_nif:test_hooks() of
+        true -> ?assertEqual(always, teleport_config:validate(decode_on_scheduler, always));
+        false -> ?assertError({invalid_config, decode_on_scheduler, always},
+                              teleport_config:validate(decode_on_scheduler, always))
+    end.
+
 reader_busy_wait_test() ->
     check_setting(reader_busy_wait_us, 100, 0, -1),
     with_env(reader_busy_wait_us, 20000,

@@ -175,8 +175,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
     let helpers = Helpers {
         relays: map_get(opts, "call_relays")?,
         decoders: map_get(opts, "decoders")?,
-        // `decode_on_scheduler` always, or auto on a VM that needs it.
-        defer_hash_maps: map_get::<bool>(opts, "defer_hash_maps")? || encoder::large_map_bug(),
+        defer_hash_maps: defer_hash_maps(map_get(opts, "decode_on_scheduler")?)?,
         runtime: event_pid,
     };
     if helpers.relays.is_empty() || helpers.decoders.is_empty() {
@@ -211,6 +210,23 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
             Ok((atoms::error(), e.to_string()).encode(env))
         }
     }
+}
+
+/// `decode_on_scheduler`: `auto` defers where this VM cannot build such terms off a
+/// scheduler; `always` everywhere, so tests run that path on every release. Only test
+/// builds take `always` (teleport_config refuses it elsewhere, asking `test_hooks/0`).
+fn defer_hash_maps(value: Atom) -> NifResult<bool> {
+    match value {
+        v if v == atoms::auto() => Ok(encoder::large_map_bug()),
+        v if v == atoms::always() && cfg!(feature = "test-hooks") => Ok(true),
+        _ => Err(Error::BadArg),
+    }
+}
+
+/// Whether this NIF was built with the cargo feature `test-hooks` (teleport's own tests).
+#[rustler::nif]
+fn test_hooks() -> bool {
+    cfg!(feature = "test-hooks")
 }
 
 /// Closes the listener and every connection, and joins every thread.
