@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::error::{CloseReason, FrameRefusal};
-use crate::framing::{FrameHeader, FrameKind, PoolToken, BULK_START_LEN, HEADER_LEN, POOL_TOKEN_LEN};
+use crate::framing::{self, FrameHeader, FrameKind, PoolToken, BULK_START_LEN, HEADER_LEN, POOL_TOKEN_LEN};
 use crate::host::BodyBuffer;
 use crate::socket;
 use crate::tls::Session;
@@ -479,14 +479,11 @@ impl Parser {
         let kind = FrameKind::from_byte(kind)
             .filter(|k| k.is_message())
             .ok_or(bad.clone())?;
-        let len = u32::from_be_bytes(len.try_into().map_err(|_| bad.clone())?);
+        let len = u32::from_be_bytes(len.try_into().map_err(|_| bad.clone())?) as usize;
         if len == 0 {
             return Err(bad);
         }
-        if len > self.max_frame_bytes {
-            return Err(CloseReason::BadFrame(FrameRefusal::FrameTooLarge));
-        }
-        let len = len as usize;
+        framing::check_body_len(len, self.max_frame_bytes).map_err(|e| CloseReason::BadFrame(e.refusal()))?;
         let buffer = match sink.body_buffer(len)? {
             Some(buffer) => BulkBuffer::Owned(buffer),
             None => BulkBuffer::Gathered(Vec::new()),

@@ -20,7 +20,9 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
 use crate::config::Config;
-use crate::framing::{self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN};
+use crate::framing::{
+    self, FrameBody, FrameError, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN,
+};
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::io_slot::IoSlot;
@@ -36,12 +38,17 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// `None` when the body does not fit a frame's 32-bit length.
-    pub fn new(kind: FrameKind, mut body: Box<dyn FrameBody>) -> Option<OutFrame> {
-        let body_len = u32::try_from(body.len()).ok()?;
+    /// A frame of `body`, refused over `max_body` (`framing::check_body_len`); made by
+    /// `Runtime::frame`, with `max_frame_bytes`.
+    pub(crate) fn new(
+        kind: FrameKind,
+        mut body: Box<dyn FrameBody>,
+        max_body: u32,
+    ) -> Result<OutFrame, FrameError> {
+        let body_len = framing::check_body_len(body.len(), max_body)?;
         let header = FrameHeader { kind, body_len }.encode();
         let header_in_body = body.embed_header(&header);
-        Some(OutFrame {
+        Ok(OutFrame {
             kind,
             header,
             header_in_body,
@@ -745,9 +752,10 @@ mod tests {
             OutFrame::new(
                 FrameKind::Send,
                 Box::new(Chunks(vec![b"ab".to_vec(), b"cd".to_vec()])),
+                u32::MAX,
             )
             .unwrap(),
-            OutFrame::new(FrameKind::Call, Box::new(b"xyz".to_vec())).unwrap(),
+            OutFrame::new(FrameKind::Call, Box::new(b"xyz".to_vec()), u32::MAX).unwrap(),
         ];
         let mut out = Vec::new();
         let mut slices = Vec::new();
@@ -764,7 +772,7 @@ mod tests {
         let mut body = Body::new(8, true);
         write::version(body.buf());
         write::atom(body.buf(), "ok");
-        let frame = OutFrame::new(FrameKind::Send, Box::new(body)).unwrap();
+        let frame = OutFrame::new(FrameKind::Send, Box::new(body), u32::MAX).unwrap();
         let expected = b"\0\0\0\x06\x01\x83d\0\x02ok";
         assert_eq!(frame.contiguous(), Some(&expected[..]));
         let mut slices = Vec::new();

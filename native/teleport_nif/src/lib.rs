@@ -22,7 +22,7 @@ use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
 use teleport_net::{
     Config, ConnDirection, ConnStatsSnapshot, Detail, FrameKind, IoThreadPriority, OpenError, OpenStatus,
-    OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
+    PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
 use crate::deliver::{DecodeTicket, Helpers};
@@ -442,8 +442,9 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     if encoded.needs_release > conn.peer_capabilities().otp_release {
         return Ok(atoms::unsupported_by_peer().encode(env));
     }
-    let Some(frame) = OutFrame::new(kind, Box::new(encoded.body)) else {
-        return Ok(atoms::too_large().encode(env));
+    let frame = match node.runtime.frame(kind, Box::new(encoded.body)) {
+        Ok(frame) => frame,
+        Err(_) => return Ok(atoms::too_large().encode(env)),
     };
     let outcome = match node.runtime.send_on(conn, key, frame, nosuspend) {
         Ok(Sent::Queued) => atoms::ok(),
