@@ -24,9 +24,8 @@
 %% <tr><td>`rpc_modules'</td><td>`all' | `{only, [module()]}' | `{except, [module()]}'</td><td>`all'</td><td>which modules a peer may call through {@link teleport_rpc} (calls, casts, multicalls): `all', `{only, [Module]}' or `{except, [Module]}'. A refused call raises `{erpc, {module_not_allowed, Module}}' in its caller; refused calls and casts are counted (`refused_rpcs' in {@link teleport:stats/1}) and logged at most every 10 s. Allowing `erlang' allows everything (`erlang:apply/2'), as does a fun's call (`teleport_rpc:call(Node, Fun)' is `erlang:apply(Fun, [])')</td></tr>
 %% <tr><td>`rpc_compression'</td><td>`off' | `{1..9, Bytes}' | `#{node() | default => ...}'</td><td>`off'</td><td>{@link teleport_rpc} arguments and results over a size threshold travel compressed: `off', `{Level, ThresholdBytes}' (zlib level 1-9, external size in bytes), or `#{Node => off | {Level, ThresholdBytes}, default => ...}' per peer. A call's own `compression' option overrides it. The receiving side refuses a compressed term that would inflate past `max_frame_bytes' before allocating it (`{erpc, too_large}'; counted as `refused_compressed')</td></tr>
 %% <tr><td>`peer_addresses'</td><td>`#{node() => {IP, Port}}'</td><td>`#{}'</td><td>listener addresses of peers, so that no lookup over distributed Erlang is needed</td></tr>
-%% <tr><td>`io_chunk_bytes'</td><td>`infinity' | at least 4096</td><td>`infinity'</td><td>most bytes per socket read or write system call. On a kernel that does not preempt inside system calls, a 10 MiB write holds its core for milliseconds; chunks give the kernel a point to switch to a woken scheduler, at a cost in bulk throughput. Rarely needed: at the defaults the I/O threads already serve each connection at most 1 MiB per turn</td></tr>
 %% <tr><td>`io_thread_priority'</td><td>`normal' | `idle'</td><td>`normal'</td><td>`idle' (Linux only): the I/O threads run only on CPU time nothing else on the machine wants (`SCHED_IDLE'), so bulk transfers never delay the VM's own work; a node that keeps every core busy then starves its teleport traffic, small messages included. Rarely needed</td></tr>
-%% <tr><td>`decode_on_scheduler'</td><td>`auto' | `always'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: `auto' only where this VM cannot build them off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: erlang/otp GH-8208); `always' every message holding such a map or a fun (one more hand-off each; teleport's tests use it to run that path on every release)</td></tr>
+%% <tr><td>`decode_on_scheduler'</td><td>`auto'</td><td>`auto'</td><td>which arriving messages are decoded on a dirty scheduler instead of the connection's I/O thread: those this VM cannot build off a scheduler (maps over 32 keys, and funs, on OTP 25 before 25.3.2.18, 26 before 26.2.5.9 and 27 before 27.3, whose VM crashes doing so: erlang/otp GH-8208). `always', every message holding such a map or a fun, exists for teleport's own tests (they run that path on every release): only the NIF they build (cargo feature `test-hooks') takes it, elsewhere it is refused like any invalid value</td></tr>
 %% </table>
 -module(teleport_config).
 
@@ -35,7 +34,7 @@
 -type key() :: pool_size | io_threads | listen_ip | listen_port | max_frame_bytes | send_queue_bytes
              | sndbuf | connect_timeout | handshake_timeout | max_pending_handshakes
              | max_pending_handshakes_per_ip | max_handshake_failures_per_ip
-             | io_chunk_bytes | io_thread_priority
+             | io_thread_priority
              | reader_busy_wait_us | decode_on_scheduler | tls | peer_addresses
              | rpc_modules | rpc_compression.
 -export_type([key/0]).
@@ -67,7 +66,6 @@ defaults() ->
       max_pending_handshakes => 64,
       max_pending_handshakes_per_ip => 8,
       max_handshake_failures_per_ip => 100,
-      io_chunk_bytes => infinity,
       io_thread_priority => normal,
       reader_busy_wait_us => 100,
       decode_on_scheduler => auto,
@@ -96,8 +94,6 @@ validate(max_pending_handshakes, N) when is_integer(N), N >= 1 -> N;
 validate(max_pending_handshakes_per_ip, N) when is_integer(N), N >= 1 -> N;
 validate(max_handshake_failures_per_ip, infinity) -> infinity;
 validate(max_handshake_failures_per_ip, N) when is_integer(N), N >= 1, N =< 16#FFFFFFFF -> N;
-validate(io_chunk_bytes, infinity) -> infinity;
-validate(io_chunk_bytes, N) when is_integer(N), N >= 4096 -> N;
 validate(io_thread_priority, normal) -> normal;
 validate(io_thread_priority, idle) ->
     %% SCHED_IDLE is Linux's; refused here rather than when the listener starts.
@@ -107,7 +103,12 @@ validate(io_thread_priority, idle) ->
     end;
 validate(reader_busy_wait_us, N) when is_integer(N), N >= 0, N =< 10000 -> N;
 validate(decode_on_scheduler, auto) -> auto;
-validate(decode_on_scheduler, always) -> always;
+validate(decode_on_scheduler, always) ->
+    %% Test builds only: a value no user needs stays out of the release build.
+    case teleport_nif:test_hooks() of
+        true -> always;
+        false -> erlang:error({invalid_config, decode_on_scheduler, always})
+    end;
 validate(peer_addresses, M) when is_map(M) ->
     maps:foreach(fun(Node, {Ip, Port}) when is_atom(Node), is_integer(Port),
                                             Port > 0, Port =< 65535 ->

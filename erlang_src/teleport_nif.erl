@@ -5,7 +5,7 @@
 -export([start/1, stop/0, listen_address/0, open_pool/5, send/5, close_pool/1, peers/0, stats/0]).
 -export([encode/1, encode_measured/1, encoder_info/0, decode/1, listener_stats/0]).
 -export([deliver_frame/2, pool_generation/1, over_limit/2, debug_drop_events/1]).
--export([pool_token/1, confirm_pool/2]).
+-export([pool_token/1, confirm_pool/2, test_hooks/0]).
 
 -on_load(load/0).
 
@@ -101,6 +101,11 @@ pool_token(_Node) -> erlang:nif_error(nif_not_loaded).
 %% @doc Answers a `{teleport_confirm_pool, Peer, Token, Ticket}' (teleport_runtime).
 -spec confirm_pool(reference(), boolean()) -> ok.
 confirm_pool(_Ticket, _Confirmed) -> erlang:nif_error(nif_not_loaded).
+
+%% @doc Whether this NIF was built with the cargo feature `test-hooks' (teleport's own
+%% tests): only such a build takes `decode_on_scheduler => always' (teleport_config).
+-spec test_hooks() -> boolean().
+test_hooks() -> erlang:nif_error(nif_not_loaded).
 
 %% @doc Test-only fault injection: the event pump loses its next `Count' messages.
 %% Only in the NIF teleport's own tests build (cargo feature `test-hooks');

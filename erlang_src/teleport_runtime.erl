@@ -25,12 +25,11 @@ init([]) ->
                       max_pending_handshakes_per_ip, io_thread_priority,
                       reader_busy_wait_us], Config),
     %% The NIF takes 0 for no limit.
-    NoLimit = fun(infinity) -> 0;
-                 (N) -> N
-              end,
-    case teleport_nif:start(Opts#{io_chunk_bytes => NoLimit(maps:get(io_chunk_bytes, Config)),
-                                  max_handshake_failures_per_ip =>
-                                      NoLimit(maps:get(max_handshake_failures_per_ip, Config)),
+    MaxFailures = case maps:get(max_handshake_failures_per_ip, Config) of
+                      infinity -> 0;
+                      N -> N
+                  end,
+    case teleport_nif:start(Opts#{max_handshake_failures_per_ip => MaxFailures,
                                   io_threads => teleport_config:io_threads(
                                                   maps:get(io_threads, Config)),
                                   local_node => atom_to_binary(node()),
@@ -39,9 +38,7 @@ init([]) ->
                                   event_pid => self(),
                                   call_relays => teleport_call_relay:names(),
                                   decoders => teleport_decoder:names(),
-                                  %% auto: the NIF decides by the VM's version.
-                                  defer_hash_maps => maps:get(decode_on_scheduler, Config)
-                                                         =:= always}) of
+                                  decode_on_scheduler => maps:get(decode_on_scheduler, Config)}) of
         {ok, Addr} ->
             ok = net_kernel:monitor_nodes(true),
             ?LOG_INFO(#{what => listening, address => Addr}, ?META),

@@ -54,8 +54,6 @@
 %%     short 1 MiB).</li>
 %% <li>BENCH_POOL_SIZE: teleport `pool_size' on both peers (default:
 %%     teleport's own, 2).</li>
-%% <li>BENCH_IO_CHUNK_BYTES: teleport `io_chunk_bytes' on both peers
-%%     (default: teleport's own, no limit).</li>
 %% <li>BENCH_IO_THREAD_PRIORITY: teleport `io_thread_priority' on both peers
 %%     (default: teleport's own, normal).</li>
 %% <li>BENCH_READER_BUSY_WAIT_US: teleport `reader_busy_wait_us' on both peers
@@ -100,7 +98,7 @@ init_per_suite(Config) ->
     case teleport_test_peer:ensure_distributed() of
         ok ->
             AppEnv = teleport_test_peer:app_env_from_os(
-                       "BENCH", [tls, pool_size, io_threads, sndbuf, io_chunk_bytes, io_thread_priority,
+                       "BENCH", [tls, pool_size, io_threads, sndbuf, io_thread_priority,
                                 reader_busy_wait_us, decode_on_scheduler]),
             {PeerA, A} = start_peer("bench_a", AppEnv),
             {PeerB, B} = try start_peer("bench_b", AppEnv)

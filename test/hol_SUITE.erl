@@ -31,7 +31,7 @@
 %%% HOL_ROUNDS [full 5], HOL_CALLS [300], HOL_INTERVAL_MS [5], HOL_STREAMS [4],
 %%% HOL_PAYLOAD [10485760], HOL_PACED_MBPS [1000], HOL_LINK_MBPS [125],
 %%% HOL_LINK_DELAY_MS [1], and teleport settings HOL_TLS (on: certificates made
-%%% with openssl), HOL_POOL_SIZE, HOL_IO_THREADS, HOL_IO_CHUNK_BYTES,
+%%% with openssl), HOL_POOL_SIZE, HOL_IO_THREADS,
 %%% HOL_IO_THREAD_PRIORITY. TELEPORT_PEER_EBIN: run the
 %%% peers on another build of teleport (its ebin), e.g. scripts/build_old_main.sh's.
 -module(hol_SUITE).
@@ -96,8 +96,7 @@ conditions(All) ->
     end.
 
 app_env() ->
-    teleport_test_peer:app_env_from_os("HOL", [tls, pool_size, io_threads, io_chunk_bytes,
-                                              io_thread_priority]).
+    teleport_test_peer:app_env_from_os("HOL", [tls, pool_size, io_threads, io_thread_priority]).
 
 %%====================================================================
 %% calls_under_bulk

@@ -11,8 +11,8 @@
 %% checks every trip completes with its payload intact) and `full' (the
 %% benchmark: 6 nodes x 6 workers x 10 MiB). Override with the environment
 %% variables RING_NODES, RING_WORKERS, RING_PAYLOAD_BYTES, RING_ROUNDS,
-%% RING_POOL_SIZE, RING_POOL_SIZES (comma-separated; a sweep), RING_IO_CHUNK_BYTES,
-%% RING_TLS (on: TLS with certificates made for the run), RING_IO_THREADS, RING_IO_THREAD_PRIORITY and RING_READER_BUSY_WAIT_US (teleport's `io_chunk_bytes',
+%% RING_POOL_SIZE, RING_POOL_SIZES (comma-separated; a sweep),
+%% RING_TLS (on: TLS with certificates made for the run), RING_IO_THREADS, RING_IO_THREAD_PRIORITY and RING_READER_BUSY_WAIT_US (teleport's `io_threads',
 %% `io_thread_priority', `reader_busy_wait_us' on every node).
 -module(ring_SUITE).
 
@@ -66,7 +66,7 @@ params(Defaults) ->
     #{nodes => Int("RING_NODES", nodes), workers => Int("RING_WORKERS", workers),
       payload_bytes => Int("RING_PAYLOAD_BYTES", payload_bytes),
       rounds => Int("RING_ROUNDS", rounds), pool_sizes => PoolSizes,
-      app_env => teleport_test_peer:app_env_from_os("RING", [tls, io_threads, sndbuf, io_chunk_bytes, io_thread_priority,
+      app_env => teleport_test_peer:app_env_from_os("RING", [tls, io_threads, sndbuf, io_thread_priority,
                                                               reader_busy_wait_us]),
       verify => maps:get(verify, Defaults)}.
 

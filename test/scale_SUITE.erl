@@ -75,7 +75,7 @@
 %%     disterl always runs first).</li>
 %% <li>SCALE_VM_ARGS: the extra `erl' arguments of every VM, space-separated,
 %%     replacing the default above.</li>
-%% <li>SCALE_IO_THREADS, SCALE_IO_CHUNK_BYTES, SCALE_IO_THREAD_PRIORITY, SCALE_READER_BUSY_WAIT_US,
+%% <li>SCALE_IO_THREADS, SCALE_IO_THREAD_PRIORITY, SCALE_READER_BUSY_WAIT_US,
 %%     SCALE_SEND_QUEUE_BYTES, SCALE_MAX_PENDING_HANDSHAKES,
 %%     SCALE_MAX_PENDING_HANDSHAKES_PER_IP: those teleport settings on every node.</li>
 %% </ul>
@@ -148,7 +148,7 @@ params(Defaults) ->
           end,
     PoolSize = Int("SCALE_POOL_SIZE", maps:get(pool_size, Defaults)),
     AppEnv0 = teleport_test_peer:app_env_from_os(
-                "SCALE", [io_threads, sndbuf, io_chunk_bytes, io_thread_priority, reader_busy_wait_us,
+                "SCALE", [io_threads, sndbuf, io_thread_priority, reader_busy_wait_us,
                           send_queue_bytes, max_pending_handshakes,
                           max_pending_handshakes_per_ip]),
     AppEnv = case PoolSize of

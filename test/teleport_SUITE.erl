@@ -56,7 +56,7 @@
          send_with_key_keeps_order/1, send_unordered_delivers_all/1, send_option_badarg/1,
          backoff_after_failure/1, connect_refused/1,
          stats_counts/1, stats_per_connection/1, connect_disconnect/1,
-         io_chunk_round_trip/1, io_thread_priority_idle/1, reader_busy_wait/1,
+         removed_setting_ignored/1, io_thread_priority_idle/1, reader_busy_wait/1,
          big_term_waits_for_a_decoder_not_the_io_thread/1, io_threads_as_configured/1,
          sndbuf_sizes_outbound_connections/1, wrong_cookie_refused/1]).
 %% Run on A.
@@ -106,7 +106,7 @@ groups() ->
                      concurrent_first_senders, send_with_key_keeps_order,
                      send_unordered_delivers_all, send_option_badarg]},
      {pools, [], [stats_counts, stats_per_connection, connect_disconnect, backoff_after_failure,
-                  connect_refused, io_chunk_round_trip, io_thread_priority_idle, reader_busy_wait,
+                  connect_refused, removed_setting_ignored, io_thread_priority_idle, reader_busy_wait,
                   big_term_waits_for_a_decoder_not_the_io_thread, io_threads_as_configured,
                   sndbuf_sizes_outbound_connections]},
      {security, [], [wrong_cookie_refused]}].
@@ -1129,10 +1129,10 @@ big_term_waits_for_a_decoder_not_the_io_thread(_Config) ->
     after ?MSG_TIMEOUT -> ct:fail(after_big_lost)
     end.
 
-%% A peer that reads and writes at most 4 KiB per system call: large messages cross both
-%% ways intact (its reader fills a body in many reads, its writer splits slices).
-io_chunk_round_trip(_Config) ->
-    {_, B} = start_case_peer("chunk", #{io_chunk_bytes => 4096}),
+%% A peer whose environment still sets the removed `io_chunk_bytes' starts, and large
+%% messages cross both ways intact.
+removed_setting_ignored(_Config) ->
+    {_, B} = start_case_peer("removed", #{io_chunk_bytes => 4096}),
     ?assertEqual({ok, 4096}, erpc:call(B, application, get_env, [teleport, io_chunk_bytes])),
     {ok, Echo} = teleport_test_peer:start_echo(B, self()),
     track_proc(Echo),

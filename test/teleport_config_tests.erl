@@ -42,11 +42,24 @@ sndbuf_test() ->
     check_setting(sndbuf, auto, 65536, 65535),
     check_setting(sndbuf, auto, 262144, big).
 
-io_chunk_test() ->
-    check_setting(io_chunk_bytes, infinity, 262144, 100).
+%% A removed setting left in an environment is ignored, like any key teleport_config
+%% does not define.
+removed_setting_test() ->
+    with_env(io_chunk_bytes, 65536,
+             fun() -> ?assertNot(maps:is_key(io_chunk_bytes, teleport_config:get())) end).
 
 io_thread_priority_test() ->
     check_setting(io_thread_priority, normal, idle, low).
+
+%% `always' only where the NIF has the test hooks: teleport's test profile builds it
+%% with them, any other build without.
+decode_on_scheduler_test() ->
+    check_setting(decode_on_scheduler, auto, auto, sometimes),
+    case teleport_nif:test_hooks() of
+        true -> ?assertEqual(always, teleport_config:validate(decode_on_scheduler, always));
+        false -> ?assertError({invalid_config, decode_on_scheduler, always},
+                              teleport_config:validate(decode_on_scheduler, always))
+    end.
 
 reader_busy_wait_test() ->
     check_setting(reader_busy_wait_us, 100, 0, -1),

@@ -214,7 +214,7 @@ seed(Var) ->
     end.
 
 %% @doc teleport settings for benchmark peers from environment variables: for each
-%% key, `Prefix_KEY' (`"BENCH"', io_chunk_bytes: BENCH_IO_CHUNK_BYTES), an integer if
+%% key, `Prefix_KEY' (`"BENCH"', pool_size: BENCH_POOL_SIZE), an integer if
 %% it is one, else an atom (`tls': `on' makes certificates, see tls_env/1). Unset
 %% variables are left out.
 -spec app_env_from_os(string(), [atom()]) -> app_env().

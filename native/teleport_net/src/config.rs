@@ -37,8 +37,6 @@ pub struct Config {
     pub max_pending_handshakes_per_ip: usize,
     /// `max_handshake_failures_per_ip`, 0 for `infinity` (see `throttle`).
     pub max_handshake_failures_per_ip: usize,
-    /// `io_chunk_bytes`, 0 for `infinity` (see `io_chunk`).
-    pub io_chunk_bytes: usize,
     /// `io_thread_priority` (see `thread_priority`).
     pub io_thread_priority: IoThreadPriority,
     /// `reader_busy_wait_us`: how long an I/O thread with nothing to do polls its
@@ -91,15 +89,6 @@ impl TlsConfig {
 }
 
 impl Config {
-    /// `io_chunk_bytes` as a size: 0 (the default) is no limit.
-    pub fn io_chunk(&self) -> usize {
-        if self.io_chunk_bytes == 0 {
-            usize::MAX
-        } else {
-            self.io_chunk_bytes
-        }
-    }
-
     pub fn for_tests(local_node: &str, cookie: &[u8]) -> Config {
         Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -115,7 +104,6 @@ impl Config {
             max_pending_handshakes: 64,
             max_pending_handshakes_per_ip: 8,
             max_handshake_failures_per_ip: 100,
-            io_chunk_bytes: 0,
             io_thread_priority: IoThreadPriority::Normal,
             reader_busy_wait: Duration::from_micros(100),
             tls: None,

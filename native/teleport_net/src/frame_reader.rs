@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::error::{CloseReason, FrameRefusal};
-use crate::framing::{FrameHeader, FrameKind, PoolToken, BULK_START_LEN, HEADER_LEN, POOL_TOKEN_LEN};
+use crate::framing::{self, FrameHeader, FrameKind, PoolToken, BULK_START_LEN, HEADER_LEN, POOL_TOKEN_LEN};
 use crate::host::BodyBuffer;
 use crate::socket;
 use crate::tls::Session;
@@ -115,23 +115,16 @@ pub(crate) struct FrameReader {
     /// (where sockets cannot peek) those after a deferred frame.
     early: Vec<u8>,
     parser: Parser,
-    chunk: usize,
 }
 
 impl FrameReader {
-    pub(crate) fn new(
-        max_frame_bytes: u32,
-        partial_grace: Duration,
-        chunk: usize,
-        early: Vec<u8>,
-    ) -> FrameReader {
+    pub(crate) fn new(max_frame_bytes: u32, partial_grace: Duration, early: Vec<u8>) -> FrameReader {
         let mut parser = Parser::new(max_frame_bytes);
         parser.partial_grace = partial_grace;
         FrameReader {
             buf: vec![0u8; READ_BUFFER_BYTES].into_boxed_slice(),
             early,
             parser,
-            chunk,
         }
     }
 
@@ -168,8 +161,7 @@ impl FrameReader {
             }
             // A large body, or a chunk of one: straight into its buffer.
             if let Some(rest) = self.parser.direct_rest(self.buf.len()) {
-                let n = rest.len().min(self.chunk);
-                let n = match socket.read(&mut rest[..n]) {
+                let n = match socket.read(rest) {
                     Ok(0) => return Err(CloseReason::Io("closed")),
                     Ok(n) => n,
                     Err(e) => return would_block(e),
@@ -188,8 +180,7 @@ impl FrameReader {
                     Ok(bytes) => bytes,
                     Err(e) => return would_block(e),
                 };
-                let n = bytes.len().min(self.chunk);
-                let (used, flow) = self.parser.consume(&bytes[..n], sink)?;
+                let (used, flow) = self.parser.consume(bytes, sink)?;
                 read += used;
                 socket.consume(used);
                 if flow == Flow::Pause {
@@ -199,7 +190,7 @@ impl FrameReader {
             }
             // While a bulk body is under way, no further than the frame being read:
             // the next chunk's bytes then go straight into the body, not through here.
-            let n = self.parser.read_limit(self.buf.len()).min(self.chunk);
+            let n = self.parser.read_limit(self.buf.len());
             // Reads that stop at the end of the header or body being read leave nothing
             // behind to keep in the socket: a plain read saves the peek's two calls per
             // chunk (its delayed-ACK mode and the discard).
@@ -488,14 +479,11 @@ impl Parser {
         let kind = FrameKind::from_byte(kind)
             .filter(|k| k.is_message())
             .ok_or(bad.clone())?;
-        let len = u32::from_be_bytes(len.try_into().map_err(|_| bad.clone())?);
+        let len = u32::from_be_bytes(len.try_into().map_err(|_| bad.clone())?) as usize;
         if len == 0 {
             return Err(bad);
         }
-        if len > self.max_frame_bytes {
-            return Err(CloseReason::BadFrame(FrameRefusal::FrameTooLarge));
-        }
-        let len = len as usize;
+        framing::check_body_len(len, self.max_frame_bytes).map_err(|e| CloseReason::BadFrame(e.refusal()))?;
         let buffer = match sink.body_buffer(len)? {
             Some(buffer) => BulkBuffer::Owned(buffer),
             None => BulkBuffer::Gathered(Vec::new()),
@@ -958,7 +946,7 @@ mod tests {
     }
 
     fn reader() -> FrameReader {
-        FrameReader::new(64 << 20, Duration::from_secs(5), usize::MAX, Vec::new())
+        FrameReader::new(64 << 20, Duration::from_secs(5), Vec::new())
     }
 
     #[test]
@@ -1026,7 +1014,7 @@ mod tests {
         let wire = stream(&refs);
         let mut socket = Script::new(wire);
         let mut sink = Recorder::default();
-        let mut reader = FrameReader::new(64 << 20, Duration::from_secs(5), 4096, Vec::new());
+        let mut reader = FrameReader::new(64 << 20, Duration::from_secs(5), Vec::new());
         assert_eq!(
             reader.read_turn(&mut sink, &mut socket, 10_000),
             Ok(ReadTurn::More)
@@ -1042,7 +1030,7 @@ mod tests {
         let split = stream(&[b"early"]).len() + 2;
         let mut socket = Script::new(wire[split..].to_vec());
         let mut sink = Recorder::default();
-        let mut reader = FrameReader::new(1024, Duration::from_secs(5), usize::MAX, wire[..split].to_vec());
+        let mut reader = FrameReader::new(1024, Duration::from_secs(5), wire[..split].to_vec());
         assert_eq!(
             reader.read_turn(&mut sink, &mut socket, usize::MAX),
             Ok(ReadTurn::Drained)

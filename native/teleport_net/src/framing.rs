@@ -1,6 +1,6 @@
 //! Frames on an authenticated connection: a 5-byte header (body length, kind)
-//! followed by the body. The reader checks the length against its own cap
-//! before it allocates anything.
+//! followed by the body. Every length is checked by `check_body_len`: a sender's
+//! before the frame is made, the reader's before it allocates anything.
 //!
 //! A body over `EXPRESS_MAX` bytes does not go whole: a `BulkStart` frame announces
 //! it (its kind and length), and `BulkChunk` frames carry it, with other frames (of
@@ -99,7 +99,7 @@ pub struct FrameHeader {
 
 #[derive(Debug)]
 pub enum FrameError {
-    TooLarge { len: u32, max: u32 },
+    TooLarge { len: usize, max: u32 },
     Empty,
     UnknownKind(u8),
 }
@@ -123,6 +123,16 @@ impl FrameError {
             FrameError::Empty => FrameRefusal::EmptyFrame,
             FrameError::UnknownKind(_) => FrameRefusal::UnknownFrameKind,
         }
+    }
+}
+
+/// The one rule for a frame body's size, for frames made (`OutFrame::new`) and read
+/// (headers, bulk bodies): at most `max` bytes (`max_frame_bytes`, or a smaller cap the
+/// reader expects). `max` is a u32, so a body within it fits the header's length.
+pub fn check_body_len(len: usize, max: u32) -> Result<u32, FrameError> {
+    match u32::try_from(len) {
+        Ok(len) if len <= max => Ok(len),
+        _ => Err(FrameError::TooLarge { len, max }),
     }
 }
 
@@ -162,12 +172,7 @@ impl FrameHeader {
         if body_len == 0 {
             return Err(FrameError::Empty);
         }
-        if body_len > max_body {
-            return Err(FrameError::TooLarge {
-                len: body_len,
-                max: max_body,
-            });
-        }
+        let body_len = check_body_len(body_len as usize, max_body)?;
         let kind = FrameKind::from_byte(bytes[4]).ok_or(FrameError::UnknownKind(bytes[4]))?;
         Ok(FrameHeader { kind, body_len })
     }
@@ -302,12 +307,26 @@ mod tests {
         let mut body = Vec::new();
         match read_frame(&mut Cursor::new(wire), 1 << 20, &mut body) {
             Err(ReadError::Frame(FrameError::TooLarge { len, max })) => {
-                assert_eq!(len, u32::MAX);
+                assert_eq!(len, u32::MAX as usize);
                 assert_eq!(max, 1 << 20);
             }
             other => panic!("expected TooLarge, got {other:?}"),
         }
         assert_eq!(body.capacity(), 0);
+    }
+
+    #[test]
+    fn a_body_is_checked_against_the_cap_and_the_headers_u32() {
+        assert_eq!(check_body_len(1024, 1024).unwrap(), 1024);
+        assert!(matches!(
+            check_body_len(1025, 1024),
+            Err(FrameError::TooLarge { len: 1025, max: 1024 })
+        ));
+        let past_u32 = u32::MAX as usize + 1;
+        assert!(matches!(
+            check_body_len(past_u32, u32::MAX),
+            Err(FrameError::TooLarge { len, .. }) if len == past_u32
+        ));
     }
 
     #[test]

@@ -60,7 +60,6 @@ pub(crate) struct InboundSetup {
     /// A large body under way must be whole this long after it starts, plus a second
     /// per MiB.
     pub partial_grace: Duration,
-    pub io_chunk: usize,
     /// Bytes that came with the handshake's last message.
     pub early: Vec<u8>,
 }
@@ -73,12 +72,7 @@ impl Inbound {
             peer: setup.peer.clone(),
         });
         Ok(Inbound {
-            reader: FrameReader::new(
-                setup.max_frame_bytes,
-                setup.partial_grace,
-                setup.io_chunk,
-                setup.early,
-            ),
+            reader: FrameReader::new(setup.max_frame_bytes, setup.partial_grace, setup.early),
             to: Recipient {
                 peer: setup.peer,
                 handler,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::engine::{Engine, Services};
 use crate::error::{CloseReason, OpenError};
+use crate::framing::{FrameBody, FrameKind};
 use crate::host::{Callback, Host};
 use crate::pool::{Opened, Pool};
 use crate::send_queue::{Enqueued, OutFrame, SendQueue};
@@ -57,7 +58,7 @@ pub enum OpenStatus {
 pub enum SendError {
     /// No pool is up for that peer: open one first.
     NotConnected,
-    /// Larger than `max_frame_bytes`.
+    /// Larger than `max_frame_bytes` (from `Runtime::frame`).
     TooLarge,
     /// The connection's queue is over its limit (only from `send_on` with `nosuspend`).
     Busy,
@@ -141,8 +142,14 @@ impl Runtime {
         self.services.pools.connection(peer, key)
     }
 
-    /// Queues a frame of the sender `key` on `conn` (from `connection`); with
-    /// `nosuspend`, refuses (`SendError::Busy`) instead of queueing past the limit.
+    /// A frame of `body` for `send` or `send_on`; `TooLarge` over `max_frame_bytes`
+    /// (the size check frames get: `framing::check_body_len`).
+    pub fn frame(&self, kind: FrameKind, body: Box<dyn FrameBody>) -> Result<OutFrame, SendError> {
+        OutFrame::new(kind, body, self.services.config.max_frame_bytes).map_err(|_| SendError::TooLarge)
+    }
+
+    /// Queues a frame (from `frame`) of the sender `key` on `conn` (from `connection`);
+    /// with `nosuspend`, refuses (`SendError::Busy`) instead of queueing past the limit.
     pub fn send_on(
         &self,
         conn: Arc<SendQueue>,
@@ -150,9 +157,6 @@ impl Runtime {
         frame: OutFrame,
         nosuspend: bool,
     ) -> Result<Sent, SendError> {
-        if frame.body_len() > self.services.config.max_frame_bytes as usize {
-            return Err(SendError::TooLarge);
-        }
         if nosuspend && conn.is_over_limit(key) {
             return Err(SendError::Busy);
         }

@@ -20,7 +20,9 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpStream;
 
 use crate::config::Config;
-use crate::framing::{self, FrameBody, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN};
+use crate::framing::{
+    self, FrameBody, FrameError, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN,
+};
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::io_slot::IoSlot;
@@ -36,12 +38,17 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// `None` when the body does not fit a frame's 32-bit length.
-    pub fn new(kind: FrameKind, mut body: Box<dyn FrameBody>) -> Option<OutFrame> {
-        let body_len = u32::try_from(body.len()).ok()?;
+    /// A frame of `body`, refused over `max_body` (`framing::check_body_len`); made by
+    /// `Runtime::frame`, with `max_frame_bytes`.
+    pub(crate) fn new(
+        kind: FrameKind,
+        mut body: Box<dyn FrameBody>,
+        max_body: u32,
+    ) -> Result<OutFrame, FrameError> {
+        let body_len = framing::check_body_len(body.len(), max_body)?;
         let header = FrameHeader { kind, body_len }.encode();
         let header_in_body = body.embed_header(&header);
-        Some(OutFrame {
+        Ok(OutFrame {
             kind,
             header,
             header_in_body,
@@ -216,8 +223,6 @@ pub struct SendQueue {
     /// Callers told to wait for their lane to drain; run once it falls to half the limit.
     waiters: Mutex<Vec<(Lane, Callback<()>)>>,
     has_waiters: AtomicBool,
-    /// Most bytes per write system call (`Config::io_chunk_bytes`).
-    io_chunk: usize,
     /// When the last frame was offered, in nanoseconds since `created` (see `STREAM_GAP_NS`).
     last_frame_ns: AtomicU64,
     created: Instant,
@@ -260,7 +265,7 @@ impl SendQueue {
         direct: bool,
         peer_capabilities: Capabilities,
     ) -> SendQueue {
-        let (limit, io_chunk) = (config.send_queue_bytes, config.io_chunk());
+        let limit = config.send_queue_bytes;
         SendQueue {
             express: crossbeam_channel::unbounded(),
             bulk: crossbeam_channel::unbounded(),
@@ -278,7 +283,6 @@ impl SendQueue {
             io,
             waiters: Mutex::new(Vec::new()),
             has_waiters: AtomicBool::new(false),
-            io_chunk,
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
             direct,
@@ -386,7 +390,7 @@ impl SendQueue {
         let now = self.created.elapsed().as_nanos() as u64;
         let previous = self.last_frame_ns.swap(now, Relaxed);
         let streaming = previous != 0 && now.saturating_sub(previous) < STREAM_GAP_NS;
-        let too_large = frame.wire_len() > DIRECT_WRITE_MAX.min(self.io_chunk);
+        let too_large = frame.wire_len() > DIRECT_WRITE_MAX;
         if streaming || too_large || self.queued_bytes.load(SeqCst) != 0 {
             return Some(frame);
         }
@@ -536,7 +540,7 @@ impl SendQueue {
 
     /// One write system call of the batch's units; units wholly out leave it (a frame
     /// that leaves releases its body, and the binaries it references).
-    fn write_some_of(&self, batch: &mut Batch, mut out: &mut dyn Write) -> io::Result<usize> {
+    fn write_some_of(&self, batch: &mut Batch, out: &mut dyn Write) -> io::Result<usize> {
         let n = {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.units.len() * 3);
             for unit in &batch.units {
@@ -553,7 +557,7 @@ impl SendQueue {
             }
             let mut slices = &mut slices[..];
             IoSlice::advance_slices(&mut slices, batch.offset);
-            write_some(&mut out, slices, self.io_chunk)?
+            out.write_vectored(slices)?
         };
         let mut left = batch.offset + n;
         let (mut frames, mut bodies, mut done_bytes, mut express_done) = (0u64, 0u64, 0usize, 0usize);
@@ -711,12 +715,11 @@ impl Drop for SendQueue {
 fn write_all_vectored(
     writer: &mut impl Write,
     mut slices: &mut [IoSlice<'_>],
-    chunk: usize,
 ) -> Result<(), (usize, io::Error)> {
     let mut written = 0;
     IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
-        match write_some(writer, slices, chunk) {
+        match writer.write_vectored(slices) {
             Ok(0) => return Err((written, io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 written += n;
@@ -727,22 +730,6 @@ fn write_all_vectored(
         }
     }
     Ok(())
-}
-
-/// At most `chunk` bytes per system call (see `Config::io_chunk_bytes`).
-fn write_some(writer: &mut impl Write, slices: &[IoSlice<'_>], chunk: usize) -> io::Result<usize> {
-    if slices[0].len() >= chunk {
-        return writer.write(&slices[0][..chunk]);
-    }
-    let mut total = 0;
-    let count = slices
-        .iter()
-        .take_while(|slice| {
-            total += slice.len();
-            total <= chunk
-        })
-        .count();
-    writer.write_vectored(&slices[..count.max(1)])
 }
 
 #[cfg(test)]
@@ -765,16 +752,17 @@ mod tests {
             OutFrame::new(
                 FrameKind::Send,
                 Box::new(Chunks(vec![b"ab".to_vec(), b"cd".to_vec()])),
+                u32::MAX,
             )
             .unwrap(),
-            OutFrame::new(FrameKind::Call, Box::new(b"xyz".to_vec())).unwrap(),
+            OutFrame::new(FrameKind::Call, Box::new(b"xyz".to_vec()), u32::MAX).unwrap(),
         ];
         let mut out = Vec::new();
         let mut slices = Vec::new();
         for frame in &frames {
             frame.push_slices(&mut slices);
         }
-        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
+        write_all_vectored(&mut out, &mut slices).unwrap();
         assert_eq!(out, b"\0\0\0\x04\x01abcd\0\0\0\x03\x02xyz");
     }
 
@@ -784,14 +772,14 @@ mod tests {
         let mut body = Body::new(8, true);
         write::version(body.buf());
         write::atom(body.buf(), "ok");
-        let frame = OutFrame::new(FrameKind::Send, Box::new(body)).unwrap();
+        let frame = OutFrame::new(FrameKind::Send, Box::new(body), u32::MAX).unwrap();
         let expected = b"\0\0\0\x06\x01\x83d\0\x02ok";
         assert_eq!(frame.contiguous(), Some(&expected[..]));
         let mut slices = Vec::new();
         frame.push_slices(&mut slices);
         assert_eq!(slices.len(), 1);
         let mut out = Vec::new();
-        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
+        write_all_vectored(&mut out, &mut slices).unwrap();
         assert_eq!(out, expected);
     }
 
@@ -814,42 +802,7 @@ mod tests {
         let expected: Vec<u8> = parts.concat();
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let mut out = Dribble(Vec::new());
-        write_all_vectored(&mut out, &mut slices, usize::MAX).unwrap();
+        write_all_vectored(&mut out, &mut slices).unwrap();
         assert_eq!(out.0, expected);
-    }
-
-    /// Records the size of every write call.
-    struct Calls(Vec<u8>, Vec<usize>);
-    impl Write for Calls {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.1.push(buf.len());
-            self.0.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.write(&all)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn no_write_call_moves_more_than_the_chunk() {
-        let parts: Vec<Vec<u8>> = vec![
-            vec![1; 10],
-            vec![2; 2500],
-            vec![3; 7],
-            vec![4; 999],
-            vec![5; 1000],
-        ];
-        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut out = Calls(Vec::new(), Vec::new());
-        write_all_vectored(&mut out, &mut slices, 1000).unwrap();
-        assert_eq!(out.0, parts.concat());
-        assert!(out.1.iter().all(|&n| n <= 1000), "{:?}", out.1);
-        // The big slice is split, small neighbours are still gathered into one call.
-        assert_eq!(out.1, vec![10, 1000, 1000, 500 + 7, 999, 1000]);
     }
 }

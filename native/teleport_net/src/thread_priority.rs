@@ -7,7 +7,7 @@
 //! work (disterl traffic, gen_server calls, timers) waits behind the bulk. At `Idle`,
 //! the kernel runs these threads only on cores nothing else wants, and takes the core
 //! back from them as soon as a normal thread wakes (at their next system call on a
-//! kernel that does not preempt inside one: see `Config::io_chunk_bytes`).
+//! kernel that does not preempt inside one).
 
 /// `Config::io_thread_priority`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use teleport_net::faults::{self, Point};
 use teleport_net::handshake::{client_handshake, server_handshake, HandshakeConfig};
 use teleport_net::{
     CloseReason, Config, ConnDirection, ConnStatsSnapshot, Delivery, Detail, Event, FrameKind, FrameRefusal,
-    OpenError, OpenStatus, OutFrame, PeerStatsSnapshot, Runtime, SendBuffer, SendError, Sent,
+    OpenError, OpenStatus, PeerStatsSnapshot, Runtime, SendBuffer, SendError, Sent,
 };
 
 mod nodes;
@@ -1518,7 +1518,9 @@ fn frames_of_more_pieces_than_iov_max_arrive_whole() {
     for (pieces, size) in [(3000usize, 100usize), (2500, 7), (1025, 1)] {
         let body: Vec<Vec<u8>> = (0..pieces).map(|i| vec![(i % 251) as u8; size]).collect();
         expected.push(body.concat());
-        let frame = OutFrame::new(FrameKind::Send, Box::new(Pieces(body))).expect("fits a frame");
+        let frame =
+            a.rt.frame(FrameKind::Send, Box::new(Pieces(body)))
+                .expect("fits a frame");
         assert!(a.rt.send(b.name(), 0, frame).is_ok());
     }
     assert!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use teleport_net::handshake::{client_handshake, HandshakeConfig};
-use teleport_net::{Config, Delivery, Detail, Event, FrameKind, OpenError, OutFrame, Runtime, TlsConfig};
+use teleport_net::{Config, Delivery, Detail, Event, FrameKind, OpenError, Runtime, TlsConfig};
 
 mod nodes;
 use nodes::{Node, TestHost, COOKIE, WAIT};
@@ -470,7 +470,9 @@ fn a_slow_reader_holds_tls_senders_back_at_the_queue_limit_and_nothing_is_lost()
     let mut sent = 0u32;
     let conn = loop {
         assert!(started.elapsed() < WAIT, "never went over the limit");
-        let frame = OutFrame::new(FrameKind::Send, Box::new(body(sent, FRAME))).expect("fits");
+        let frame =
+            a.rt.frame(FrameKind::Send, Box::new(body(sent, FRAME)))
+                .expect("fits");
         let result = a.rt.send(b.name(), 3, frame).expect("sent");
         sent += 1;
         let queued =

@@ -62,6 +62,7 @@ rustler::atoms! {
     local,
     remote,
     connected_ms,
+    always,
 }
 
 /// A stable name of ours (a reason: `econnrefused`, `bad_cookie`, ...) as an atom; as

@@ -22,7 +22,7 @@ use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
 use teleport_net::{
     Config, ConnDirection, ConnStatsSnapshot, Detail, FrameKind, IoThreadPriority, OpenError, OpenStatus,
-    OutFrame, PeerStatsSnapshot, Runtime, SendError, Sent,
+    PeerStatsSnapshot, Runtime, SendError, Sent,
 };
 
 use crate::deliver::{DecodeTicket, Helpers};
@@ -163,7 +163,6 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
         max_pending_handshakes: map_get(opts, "max_pending_handshakes")?,
         max_pending_handshakes_per_ip: map_get(opts, "max_pending_handshakes_per_ip")?,
         max_handshake_failures_per_ip: map_get(opts, "max_handshake_failures_per_ip")?,
-        io_chunk_bytes: map_get(opts, "io_chunk_bytes")?,
         io_thread_priority: match map_get::<Atom>(opts, "io_thread_priority")? {
             p if p == atoms::normal() => IoThreadPriority::Normal,
             p if p == atoms::idle() => IoThreadPriority::Idle,
@@ -176,8 +175,7 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
     let helpers = Helpers {
         relays: map_get(opts, "call_relays")?,
         decoders: map_get(opts, "decoders")?,
-        // `decode_on_scheduler` always, or auto on a VM that needs it.
-        defer_hash_maps: map_get::<bool>(opts, "defer_hash_maps")? || encoder::large_map_bug(),
+        defer_hash_maps: defer_hash_maps(map_get(opts, "decode_on_scheduler")?)?,
         runtime: event_pid,
     };
     if helpers.relays.is_empty() || helpers.decoders.is_empty() {
@@ -212,6 +210,23 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
             Ok((atoms::error(), e.to_string()).encode(env))
         }
     }
+}
+
+/// `decode_on_scheduler`: `auto` defers where this VM cannot build such terms off a
+/// scheduler; `always` everywhere, so tests run that path on every release. Only test
+/// builds take `always` (teleport_config refuses it elsewhere, asking `test_hooks/0`).
+fn defer_hash_maps(value: Atom) -> NifResult<bool> {
+    match value {
+        v if v == atoms::auto() => Ok(encoder::large_map_bug()),
+        v if v == atoms::always() && cfg!(feature = "test-hooks") => Ok(true),
+        _ => Err(Error::BadArg),
+    }
+}
+
+/// Whether this NIF was built with the cargo feature `test-hooks` (teleport's own tests).
+#[rustler::nif]
+fn test_hooks() -> bool {
+    cfg!(feature = "test-hooks")
 }
 
 /// Closes the listener and every connection, and joins every thread.
@@ -427,8 +442,9 @@ fn send_with<'a>(env: Env<'a>, args: &[Term<'a>], limit: Limit) -> NifResult<Ter
     if encoded.needs_release > conn.peer_capabilities().otp_release {
         return Ok(atoms::unsupported_by_peer().encode(env));
     }
-    let Some(frame) = OutFrame::new(kind, Box::new(encoded.body)) else {
-        return Ok(atoms::too_large().encode(env));
+    let frame = match node.runtime.frame(kind, Box::new(encoded.body)) {
+        Ok(frame) => frame,
+        Err(_) => return Ok(atoms::too_large().encode(env)),
     };
     let outcome = match node.runtime.send_on(conn, key, frame, nosuspend) {
         Ok(Sent::Queued) => atoms::ok(),

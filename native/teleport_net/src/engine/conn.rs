@@ -510,7 +510,6 @@ pub(super) fn start_inbound(
         pools: services.inbound.clone(),
         max_frame_bytes: config.max_frame_bytes,
         partial_grace: config.handshake_timeout,
-        io_chunk: config.io_chunk(),
         early,
     })
     .map_err(|e| End::Close(CloseReason::io(&e)))?;

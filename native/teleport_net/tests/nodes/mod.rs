@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use teleport_net::{
     BodyBuffer, Config, Deferral, Delivery, Event, FrameHandler, FrameKind, Host, Malformed, OpenError,
-    OpenStatus, OutFrame, Outcome, PeerStatsSnapshot, Runtime, SendError, Sent, Undeliverable,
+    OpenStatus, Outcome, PeerStatsSnapshot, Runtime, SendError, Sent, Undeliverable,
 };
 
 pub const COOKIE: &[u8] = b"integration-cookie";
@@ -266,7 +266,7 @@ pub fn open_to(rt: &Runtime, peer: &str, addr: SocketAddr, size: usize) -> Resul
 }
 
 pub fn send_bytes(rt: &Runtime, peer: &str, key: u64, body: Vec<u8>) -> Result<Sent, SendError> {
-    let frame = OutFrame::new(FrameKind::Send, Box::new(body)).expect("body fits a frame");
+    let frame = rt.frame(FrameKind::Send, Box::new(body))?;
     rt.send(peer, key, frame)
 }
 
