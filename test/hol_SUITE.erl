@@ -32,7 +32,7 @@
 %%% HOL_PAYLOAD [10485760], HOL_PACED_MBPS [1000], HOL_LINK_MBPS [125],
 %%% HOL_LINK_DELAY_MS [1], and teleport settings HOL_TLS (on: certificates made
 %%% with openssl), HOL_POOL_SIZE, HOL_IO_THREADS,
-%%% HOL_IO_THREAD_PRIORITY. TELEPORT_PEER_EBIN: run the
+%%% HOL_IO_THREAD_PRIORITY, HOL_SNDBUF. TELEPORT_PEER_EBIN: run the
 %%% peers on another build of teleport (its ebin), e.g. scripts/build_old_main.sh's.
 -module(hol_SUITE).
 
@@ -96,7 +96,7 @@ conditions(All) ->
     end.
 
 app_env() ->
-    teleport_test_peer:app_env_from_os("HOL", [tls, pool_size, io_threads, io_thread_priority]).
+    teleport_test_peer:app_env_from_os("HOL", [tls, pool_size, io_threads, io_thread_priority, sndbuf]).
 
 %%====================================================================
 %% calls_under_bulk

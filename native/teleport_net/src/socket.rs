@@ -1,7 +1,8 @@
-//! The system calls teleport makes on its TCP sockets besides mio's: the listening
-//! socket, keepalive, sends that never raise SIGPIPE, peeking at and dropping what the
-//! kernel holds, delayed ACKs, the send buffer and its bound on bytes not yet sent, and
-//! the round trip and delivery rate TCP measured.
+//! The system calls teleport makes on its TCP sockets: the listening socket, the
+//! options every connection gets (no Nagle, keepalive), sends that never raise SIGPIPE,
+//! peeking at and dropping what the kernel holds, delayed ACKs, the send buffer and its
+//! bound on bytes not yet sent, and the round trip and delivery rate TCP measured.
+//! (Connecting, reading and polling are mio's.)
 
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
@@ -10,9 +11,11 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// A peer that vanished without a FIN or RST (a partition, a power cut) would keep a
-/// connection open forever: TCP keepalive finds it in about a minute.
-pub(crate) fn keep_alive(stream: &TcpStream) {
+/// Every connection, once connected: small frames (calls, acks) must not wait for
+/// Nagle, and a peer that vanished without a FIN or RST (a partition, a power cut) would
+/// keep a connection open forever: TCP keepalive finds it in about a minute.
+pub(crate) fn set_connection_options(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
     let probe = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))

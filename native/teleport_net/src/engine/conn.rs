@@ -296,9 +296,7 @@ pub(super) fn connected(conn: &mut Conn, services: &Services) -> Result<Next, En
         Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(Next::Wait),
         Err(e) => return Err(End::Dial(OpenError::connect(&e))),
     }
-    // Small frames (calls, acks) must not wait for Nagle.
-    let _ = socket.set_nodelay(true);
-    crate::socket::keep_alive(socket);
+    crate::socket::set_connection_options(socket);
     let State::Connecting { member, _open } = std::mem::replace(&mut conn.state, State::Gone) else {
         unreachable!("connected() is only called while connecting");
     };
@@ -479,8 +477,7 @@ pub(super) fn server_handshake(conn: &mut Conn, services: &Services) -> Result<N
     };
     services.listener.handshake_succeeded(remote);
     conn.deadline = None;
-    let _ = conn.socket.set_nodelay(true);
-    crate::socket::keep_alive(&conn.socket);
+    crate::socket::set_connection_options(&conn.socket);
     conn.state = State::Authenticated { open, client, early };
     Ok(Next::HandOver)
 }
