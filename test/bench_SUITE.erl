@@ -47,6 +47,9 @@
 %%     machine's slow and fast stretches fall on both; the figures are over all
 %%     blocks, the per-block ratios are printed too.</li>
 %% <li>BENCH_LATENCY_BYTES: ping payload (default 32).</li>
+%% <li>BENCH_LATENCY_PAUSE_MS: a pause before each round trip, untimed (default 0:
+%%     back to back; 1 gives about one round trip per ms, where no thread is still
+%%     polling from the last one).</li>
 %% <li>BENCH_HOL_DURATION_MS: calls per condition, in ms (full 10000,
 %%     short 1000).</li>
 %% <li>BENCH_HOL_STREAMERS: streaming processes (default 4).</li>
@@ -157,7 +160,8 @@ end_per_group(_Group, _Config) ->
     ok.
 
 params(GroupDefaults) ->
-    Defaults = maps:merge(#{small_senders => [1, 8], small_bytes => 100, latency_bytes => 32},
+    Defaults = maps:merge(#{small_senders => [1, 8], small_bytes => 100, latency_bytes => 32,
+                            latency_pause_ms => 0},
                           GroupDefaults),
     Int = fun(Var, Key) ->
                   case os:getenv(Var) of
@@ -176,6 +180,7 @@ params(GroupDefaults) ->
       latency_warmup => Int("BENCH_LATENCY_WARMUP", latency_warmup),
       blocks => Int("BENCH_BLOCKS", blocks),
       latency_bytes => Int("BENCH_LATENCY_BYTES", latency_bytes),
+      latency_pause_ms => Int("BENCH_LATENCY_PAUSE_MS", latency_pause_ms),
       stats_peers => Int("BENCH_STATS_PEERS", stats_peers),
       stats_calls => Int("BENCH_STATS_CALLS", stats_calls)}.
 
@@ -282,7 +287,7 @@ counting_loop(Driver, Total, N) ->
 
 latency(Config) ->
     #{latency_rounds := Rounds, latency_warmup := Warmup, latency_bytes := Bytes,
-      blocks := Blocks} = ?config(params, Config),
+      latency_pause_ms := PauseMs, blocks := Blocks} = ?config(params, Config),
     A = ?config(a, Config),
     B = ?config(b, Config),
     PerBlock = max(1, Rounds div Blocks),
@@ -290,7 +295,8 @@ latency(Config) ->
     Runs = interleaved(Blocks,
                        fun(Transport) ->
                                Rtts = on(A, latency_run,
-                                         [Transport, B, PerBlock, BlockWarmup, Bytes]),
+                                         [Transport, B, PerBlock, BlockWarmup,
+                                          {Bytes, PauseMs}]),
                                ?assertEqual(PerBlock, length(Rtts), Transport),
                                Rtts
                        end),
@@ -306,26 +312,27 @@ latency(Config) ->
                  S
              end || Transport <- [disterl, teleport]],
     [{P50D, P99D}, {P50T, P99T}] = Stats,
-    summary("bench latency round_trips=~b bytes=~b blocks=~b: disterl p50 ~.1f us p99 ~.1f us, "
-            "teleport p50 ~.1f us p99 ~.1f us, ratio ~.2f (per block ~s)",
-            [PerBlock * Blocks, Bytes, Blocks, P50D, P99D, P50T, P99T, P50T / P50D,
+    summary("bench latency round_trips=~b bytes=~b pause_ms=~b blocks=~b: disterl p50 ~.1f us "
+            "p99 ~.1f us, teleport p50 ~.1f us p99 ~.1f us, ratio ~.2f (per block ~s)",
+            [PerBlock * Blocks, Bytes, PauseMs, Blocks, P50D, P99D, P50T, P99T, P50T / P50D,
              format_ratios(BlockRatios)]).
 
 %% On A: round trips in microseconds (floats), warm-up excluded.
-latency_run(Transport, B, Rounds, Warmup, Bytes) ->
+latency_run(Transport, B, Rounds, Warmup, {Bytes, PauseMs}) ->
     Echo = spawn_link(B, ?MODULE, latency_echo, [self()]),
     try
         await({echo_ready, Echo}),
         Payload = payload(Bytes),
-        _ = ping(Transport, Echo, Payload, Warmup, []),
-        ping(Transport, Echo, Payload, Rounds, [])
+        _ = ping(Transport, Echo, {Payload, PauseMs}, Warmup, []),
+        ping(Transport, Echo, {Payload, PauseMs}, Rounds, [])
     after
         kill([Echo])
     end.
 
-ping(_Transport, _Echo, _Payload, 0, Acc) ->
+ping(_Transport, _Echo, _Ping, 0, Acc) ->
     lists:reverse(Acc);
-ping(Transport, Echo, Payload, N, Acc) ->
+ping(Transport, Echo, {Payload, PauseMs} = Ping, N, Acc) ->
+    _ = PauseMs > 0 andalso timer:sleep(PauseMs),
     T0 = erlang:monotonic_time(),
     ok = transmit(Transport, Echo, {ping, Transport, self(), Payload}),
     receive
@@ -334,7 +341,7 @@ ping(Transport, Echo, Payload, N, Acc) ->
             error({pong_timeout, Transport, N})
     end,
     T1 = erlang:monotonic_time(),
-    ping(Transport, Echo, Payload, N - 1, [micros_float(T1 - T0) | Acc]).
+    ping(Transport, Echo, Ping, N - 1, [micros_float(T1 - T0) | Acc]).
 
 %% On B. Answers each ping over the transport it came by.
 latency_echo(Driver) ->
