@@ -94,7 +94,7 @@
         tls_unknown_ca | tls_expired | tls_bad_hostname | tls_bad_certificate
       | tls_no_certificate | tls_node_name | tls_incompatible | tls_alert | tls_protocol
       | tls_plaintext | tls_closed | tls_error.
-%% Why a TLS handshake failed (see the README's Security section).
+%% Why a TLS handshake failed (see docs/security.md).
 
 -define(DEFAULT_CALL_TIMEOUT, 5000).
 %% What the relays refuse, counted per peer (teleport_relay_sup:count/2).
