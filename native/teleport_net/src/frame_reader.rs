@@ -1009,19 +1009,39 @@ mod tests {
 
     #[test]
     fn a_turn_stops_at_its_budget() {
-        let bodies: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 1000]).collect();
+        // A budget of several reads: every turn but the last reads at least the budget
+        // (it does not stop early) and at most one read past it.
+        let bodies: Vec<Vec<u8>> = (0..1000u16).map(|i| vec![i as u8; 1000]).collect();
         let refs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
         let wire = stream(&refs);
+        let frame_len = 1000 + HEADER_LEN;
+        let budget = 200_000;
         let mut socket = Script::new(wire);
         let mut sink = Recorder::default();
         let mut reader = FrameReader::new(64 << 20, Duration::from_secs(5), Vec::new());
-        assert_eq!(
-            reader.read_turn(&mut sink, &mut socket, 10_000),
-            Ok(ReadTurn::More)
+        let mut turns = 0;
+        loop {
+            let before = sink.frames.len();
+            let turn = reader.read_turn(&mut sink, &mut socket, budget);
+            let frames = sink.frames.len() - before;
+            turns += 1;
+            assert!(
+                frames <= (budget + READ_BUFFER_BYTES) / frame_len + 1,
+                "turn {turns}: {frames} frames"
+            );
+            if turn != Ok(ReadTurn::More) {
+                break;
+            }
+            assert!(
+                frames >= budget / frame_len,
+                "turn {turns} stopped early: {frames} frames"
+            );
+        }
+        assert_eq!(sink.frames.len(), 1000);
+        assert!(
+            turns >= 1000 * frame_len / (budget + READ_BUFFER_BYTES),
+            "{turns} turns"
         );
-        assert!(sink.frames.len() < 100);
-        while reader.read_turn(&mut sink, &mut socket, 10_000) == Ok(ReadTurn::More) {}
-        assert_eq!(sink.frames.len(), 100);
     }
 
     #[test]
