@@ -213,12 +213,12 @@ fn start<'a>(env: Env<'a>, opts: Term<'a>) -> NifResult<Term<'a>> {
 }
 
 /// `decode_on_scheduler`: `auto` defers where this VM cannot build such terms off a
-/// scheduler; `always` everywhere, so tests run that path on every release. Only test
-/// builds take `always` (teleport_config refuses it elsewhere, asking `test_hooks/0`).
+/// scheduler; `always` everywhere, so tests run that path on every release. Whether a
+/// build takes `always` is teleport_config's to say (it asks `test_hooks/0`).
 fn defer_hash_maps(value: Atom) -> NifResult<bool> {
     match value {
         v if v == atoms::auto() => Ok(encoder::large_map_bug()),
-        v if v == atoms::always() && cfg!(feature = "test-hooks") => Ok(true),
+        v if v == atoms::always() => Ok(true),
         _ => Err(Error::BadArg),
     }
 }
