@@ -36,7 +36,8 @@
 %% Environment: RPC_RING_NODES, RPC_RING_WORKERS, RPC_RING_PAYLOAD_BYTES,
 %% RPC_RING_ROUNDS, RPC_BENCH_CALLS, RPC_BENCH_RATE, RPC_BENCH_BLOCKS,
 %% RPC_BENCH_CALLERS, RPC_BENCH_SECONDS, RPC_BENCH_MULTICALL_ROUNDS,
-%% RPC_BENCH_JSON_BYTES, RPC_BENCH_CASES (comma-separated case names).
+%% RPC_BENCH_JSON_BYTES, RPC_BENCH_CASES (comma-separated case names),
+%% RPC_BENCH_TRANSPORTS (comma-separated transports, for profiling one alone).
 -module(rpc_bench_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -84,11 +85,12 @@ init_per_group(Group, Config) ->
     Nodes = [Node || {_, Node} <- Peers],
     %% Every node connected to every other, both transports' pools open.
     [true = erpc:call(X, net_kernel, connect_node, [Y]) || X <- Nodes, Y <- Nodes, X < Y],
-    Transports = case GenRpc of
-                     {ok, _} -> ok = teleport_test_gen_rpc:start(Nodes),
-                                [teleport_rpc, erpc, gen_rpc];
-                     {skip, _} -> [teleport_rpc, erpc]
-                 end,
+    Available = case GenRpc of
+                    {ok, _} -> ok = teleport_test_gen_rpc:start(Nodes),
+                               [teleport_rpc, erpc, gen_rpc];
+                    {skip, _} -> [teleport_rpc, erpc]
+                end,
+    Transports = selected_transports(Available),
     ct:pal("rpc_bench ~p: ~b peers, transports ~p, params ~p, load ~s",
            [Group, N, Transports, Params, os:cmd("uptime")]),
     [{params, Params}, {peers, Peers}, {nodes, Nodes}, {transports, Transports} | Config].
@@ -468,6 +470,14 @@ interleaved(Blocks, Ts, Run) ->
 %% Runs ?MODULE:F(Args...) on `Node'.
 on(Node, F, Args) ->
     erpc:call(Node, ?MODULE, F, Args, ?RUN_TIMEOUT).
+
+%% RPC_BENCH_TRANSPORTS (comma-separated) keeps only those of `Available', for
+%% profiling one transport alone.
+selected_transports(Available) ->
+    case os:getenv("RPC_BENCH_TRANSPORTS") of
+        false -> Available;
+        Names -> [T || T <- Available, lists:member(atom_to_list(T), string:lexemes(Names, ","))]
+    end.
 
 run_selected(Case, Run) ->
     case selected(Case) of
