@@ -42,6 +42,11 @@
 %%     monitor the caller sets on it once the call has taken a second.</li>
 %% </ol>
 %%
+%% An unkeyed teleport_rpc call has no keeper: its runner (teleport_rpc_exec)
+%% applies the function and then does a keeper's delivery itself
+%% ({@link deliver_outcome/4}), and its relay announces it when slow and reports
+%% it killed. Everything above holds with the runner in the keeper's place.
+%%
 %% Slow paths (a call over a second, a keeper waiting for its acknowledgement)
 %% check every `?TICK_MS'. A fast call with a small reply costs one spawn and
 %% no control message; a large reply, one acknowledgement over disterl.
@@ -53,14 +58,12 @@
 %% function: see teleport_rpc_exec).
 -module(teleport_call).
 
--export([call/5, request/4, request/5, keeper/5, serve/5]).
+-export([call/5, request/4, request/5, keeper/5, serve/5, deliver_outcome/4, deadline/1]).
 -export_type([frames/0, outcome/0, serve_opts/0, request_opts/0]).
 
 -include("teleport_call.hrl").
 
 -define(TICK_MS, 1000).
-%% A keeper whose server has not answered by then tells the caller it exists.
--define(ANNOUNCE_AFTER_MS, 100).
 %% Outcomes up to this size (external format) go back over disterl. An
 %% acknowledgement over disterl cost a small call ~50 us (p50, 2 cores); a
 %% reply this small holds up nothing behind it.
@@ -87,7 +90,8 @@
                         large := direct | forward}.
 %% How a keeper serves (see {@link serve/5}).
 -type request_opts() :: #{sent => fun((ok | {error, term()}) -> term()),
-                          watch => reference()}.
+                          watch => reference(),
+                          keeper_down => fun((term()) -> term())}.
 %% See {@link request/5}.
 
 %%% Caller
@@ -117,7 +121,10 @@ request(Node, Frames, ConnKey, Timeout) ->
 %% @doc {@link request/4} with options: `sent', a fun called with what queuing
 %% the request frame returned, before the wait (whoever must know that the
 %% request is on its connection); `watch', a monitor whose `DOWN' ends the wait
-%% (`{error, watched_down}').
+%% (`{error, watched_down}'); `keeper_down', what a keeper that the caller
+%% watches ended with means when it is neither `normal' nor `noconnection'
+%% (`{ok, KeeperDown(Reason)}'; without it, `{error, {call_keeper_down, Reason}}'):
+%% a runner killed while its function ran.
 -spec request(node(), frames(), non_neg_integer(), timeout(), request_opts()) ->
     {ok, term()} | {error, term()}.
 request(Node, Frames, ConnKey, Timeout, Opts) ->
@@ -126,6 +133,7 @@ request(Node, Frames, ConnKey, Timeout, Opts) ->
     {Frame, Probe} = Frames({self(), Ref, Timeout}),
     Wait = #{ref => Ref, node => Node, conn_key => ConnKey, probe => Probe,
              deadline => deadline(Timeout), watch => maps:get(watch, Opts, undefined),
+             keeper_down => maps:get(keeper_down, Opts, undefined),
              keeper => undefined, keeper_mon => undefined,
              probe_at => now_ms() + ?PROBE_AFTER_MS, probe_every => ?PROBE_AFTER_MS,
              probed => false},
@@ -201,11 +209,22 @@ await(#{ref := Ref, node := Node, keeper := Keeper, keeper_mon := KeeperMon,
         {'DOWN', KeeperMon, process, _, Reason} when is_reference(KeeperMon) ->
             %% Keepers exit only after the outcome left over disterl (which would
             %% have arrived first) or once acknowledged: this outcome is gone.
-            fail({call_keeper_down, Reason}, Wait#{keeper_mon := undefined});
+            keeper_down(Reason, Wait#{keeper_mon := undefined});
         {'DOWN', Watch, process, _, _} when is_reference(Watch) ->
             fail(watched_down, Wait)
     after tick(Wait) ->
             check(Wait)
+    end.
+
+keeper_down(Reason, #{keeper_down := KeeperDown} = Wait) ->
+    case fail({call_keeper_down, Reason}, Wait) of
+        {error, {call_keeper_down, _}} = Failed
+          when KeeperDown =:= undefined; Reason =:= normal; Reason =:= noconnection ->
+            Failed;
+        {error, {call_keeper_down, _}} ->
+            {ok, KeeperDown(Reason)};
+        Taken ->
+            Taken
     end.
 
 %% A tick: the deadline, the keeper's monitor, a probe due.
@@ -364,6 +383,17 @@ watch_server(Mon, Caller, Deadline, CallerMon, OnDown) ->
             end
     end.
 
+%% @doc A keeper's delivery, for a process that produced the outcome itself (an
+%% RPC runner): the outcome goes to the caller as {@link serve/5} would send it
+%% (`forward'ed when large), unless the caller's `Deadline' has passed (it has
+%% given up: nothing is sent).
+-spec deliver_outcome(outcome(), pid(), reference(), integer() | infinity) -> ok.
+deliver_outcome(Outcome, Caller, Ref, Deadline) ->
+    case remaining(Deadline) of
+        0 -> ok;
+        _ -> deliver(Outcome, Caller, Ref, Deadline, forward)
+    end.
+
 %% A small outcome goes over disterl, as gen_server's own reply would: one
 %% message, reliable while the nodes are connected (else the caller sees
 %% nodedown), and no acknowledgement to wait for. A large one goes over
@@ -437,6 +467,9 @@ demonitor_caller(CallerMon) -> erlang:demonitor(CallerMon, [flush]), ok.
 
 now_ms() -> erlang:monotonic_time(millisecond).
 
+%% @doc When a call made now with `Timeout' ends (monotonic ms), as keepers and
+%% runners count it.
+-spec deadline(timeout()) -> integer() | infinity.
 deadline(infinity) -> infinity;
 deadline(Timeout) -> now_ms() + Timeout.
 

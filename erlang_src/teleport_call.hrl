@@ -12,3 +12,7 @@
 %% A call frame's routing slot for `{Node, Key}' requests: the NIF picks the relay
 %% by hashing it, so one key's requests reach one relay, in order.
 -define(KEY, '$teleport_key').
+
+%% A keeper (or an RPC runner, through its relay) whose call has not ended by then
+%% tells the caller it exists.
+-define(ANNOUNCE_AFTER_MS, 100).

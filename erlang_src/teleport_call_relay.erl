@@ -17,7 +17,10 @@
 %% still in its mailbox and answers the probes there.
 %%
 %% Relays also take teleport_rpc's requests (see teleport_rpc_exec): RPC calls
-%% (a keeper that applies the function), casts, probes of `{Node, Key}' calls
+%% (a runner that applies the function and delivers the outcome, kept and
+%% reported as a keeper is, and announced on its behalf when its timer says it
+%% is slow; a keeper and its worker for a `{Node, Key}' call), casts, probes of
+%% `{Node, Key}' calls
 %% (whose call tuple rides in the destination: the NIF hashes the key), and
 %% large RPC outcomes for callers on this node, passed on to the caller's
 %% alias. A relay holds the queues of the `{Node, Key}' requests that reach it
@@ -32,21 +35,26 @@
 -include_lib("kernel/include/logger.hrl").
 -include("teleport_call.hrl").
 
-%% CallerRef => Keeper, the keeper's monitor => {CallerRef, the caller's node},
+%% The relay's registered name (runners' timers reach whichever relay has it),
+%% CallerRef => Keeper (or runner), the keeper's monitor => {CallerRef, the
+%% caller's node, what the process is: `keeper' or `{runner, Compression}'},
 %% the keepers alive per caller node, when each kind of bounded log line was last
 %% written with how many came since; the `{Node, Key}' requests' queues, the
 %% workers of keyed calls that said they are ready (CallerRef => Worker), the
 %% monitors of keyed workers (=> the request's id: a keyed call's worker from
 %% its ready on, a keyed cast's from its start), and the keyed casts queued per
 %% peer.
--type state() :: #{keepers := #{reference() => pid()},
-                   monitors := #{reference() => {reference(), node()}},
+-type state() :: #{name := atom(),
+                   keepers := #{reference() => pid()},
+                   monitors := #{reference() => {reference(), node(), kind()}},
                    per_node := #{node() => pos_integer()},
                    logged := #{atom() => {integer(), non_neg_integer()}},
                    keys := teleport_rpc_keys:keys(),
                    workers := #{reference() => pid()},
                    running := #{reference() => reference()},
                    queued_casts := #{node() => pos_integer()}}.
+
+-type kind() :: keeper | {runner, teleport_rpc_codec:compression()}.
 
 -define(MALFORMED_LOG_MS, 10000).
 %% Calls one peer node may have under way at once on this node, shared evenly by the
@@ -67,17 +75,17 @@ names() ->
 
 -spec start_link(atom()) -> {ok, pid()} | {error, term()}.
 start_link(Name) ->
-    gen_server:start_link({local, Name}, ?MODULE, [], []).
+    gen_server:start_link({local, Name}, ?MODULE, Name, []).
 
--spec init([]) -> {ok, state()}.
-init([]) ->
+-spec init(atom()) -> {ok, state()}.
+init(Name) ->
     %% So that a shutdown runs terminate/2, which hands on what is still queued.
     process_flag(trap_exit, true),
     %% Keepers inherit this group leader. Not the application's: stopping the
     %% application kills every process under its group leader, and a keeper
     %% must outlive a restart of teleport (the supervisor still stops relays).
     _ = is_pid(whereis(user)) andalso group_leader(whereis(user), self()),
-    {ok, #{keepers => #{}, monitors => #{}, per_node => #{}, logged => #{},
+    {ok, #{name => Name, keepers => #{}, monitors => #{}, per_node => #{}, logged => #{},
            keys => teleport_rpc_keys:new(), workers => #{}, running => #{},
            queued_casts => #{}}}.
 
@@ -94,10 +102,15 @@ handle_info({'$teleport_call', _, _, _} = Call, State) ->
     {noreply, take(Call, State)};
 handle_info({'$teleport_ready', Ref, Worker}, State) when is_reference(Ref), is_pid(Worker) ->
     {noreply, ready(Ref, Worker, State)};
+handle_info({'$teleport_slow', Ref, Runner}, State) when is_reference(Ref), is_pid(Runner) ->
+    %% A runner's timer, which may reach a relay restarted since: announced if
+    %% the runner still works (a late announcement is dropped with the alias).
+    _ = is_process_alive(Runner) andalso erlang:send(Ref, {'$teleport_started', Ref, Runner}),
+    {noreply, State};
 handle_info({'DOWN', Mon, process, _, Reason}, #{monitors := Monitors, running := Running} = State) ->
     case {maps:take(Mon, Monitors), maps:take(Mon, Running)} of
-        {{{Ref, Node}, Monitors1}, _} ->
-            {noreply, keeper_down(Ref, Node, Reason, State#{monitors := Monitors1})};
+        {{{Ref, Node, Kind}, Monitors1}, _} ->
+            {noreply, keeper_down(Ref, Node, Kind, Reason, State#{monitors := Monitors1})};
         {error, {Id, Running1}} ->
             {noreply, worker_down(Id, State#{running := Running1})};
         {error, error} ->
@@ -158,7 +171,7 @@ take({'$teleport_call', {?FORWARD, Ref, Msg}, _, _}, State) when is_reference(Re
 take({'$teleport_call', Dest, {Caller, Ref, Timeout}, Request}, State)
   when (is_pid(Dest) orelse is_atom(Dest)), ?IS_CALL(Caller, Ref, Timeout) ->
     start_keeper(Ref, node(Caller), {teleport_call, keeper, [Dest, Caller, Ref, Timeout, Request]},
-                 State);
+                 keeper, State);
 take(Call, State) ->
     malformed(Call, State).
 
@@ -175,15 +188,15 @@ malformed({'$teleport_call', Dest, Call, _Request}, State) ->
     bounded_log(malformed_call, notice,
                 #{dest => teleport_log:bounded(Dest), call => teleport_log:bounded(Call)}, State).
 
-start_keeper(Ref, Node, {M, F, A}, #{keepers := Keepers, monitors := Monitors,
-                                     per_node := PerNode} = State) ->
+start_keeper(Ref, Node, {M, F, A}, Kind, #{keepers := Keepers, monitors := Monitors,
+                                           per_node := PerNode} = State) ->
     Count = maps:get(Node, PerNode, 0),
     case Count >= ?MAX_CALLS_PER_PEER div length(names()) of
         true ->
             refuse(Node, Ref, State);
         false ->
             {Keeper, Mon} = proc_lib:spawn_opt(M, F, A, [monitor]),
-            State#{keepers := Keepers#{Ref => Keeper}, monitors := Monitors#{Mon => {Ref, Node}},
+            State#{keepers := Keepers#{Ref => Keeper}, monitors := Monitors#{Mon => {Ref, Node, Kind}},
                    per_node := PerNode#{Node => Count + 1}}
     end.
 
@@ -197,11 +210,20 @@ refuse(Node, Ref, State) ->
                                #{node => Node, kind => call, reason => too_many_calls}),
     bounded_log(too_many_calls, warning, #{peer => Node, limit => ?MAX_CALLS_PER_PEER}, State).
 
-keeper_down(Ref, Node, Reason, #{keepers := Keepers, per_node := PerNode} = State) ->
-    %% A keeper ends normally once its outcome is out; one that was killed may
-    %% not have told its caller it existed.
-    _ = Reason =:= normal orelse
-        erlang:send(Ref, {'$teleport_down', Ref, undefined, {call_keeper_down, Reason}}),
+keeper_down(Ref, Node, Kind, Reason, #{keepers := Keepers, per_node := PerNode} = State) ->
+    %% A keeper or runner ends normally once its outcome is out; one that was
+    %% killed may not have told its caller it existed. A runner catches what its
+    %% function raises: only an exit signal kills it, which erpc reports as such.
+    _ = case {Reason, Kind} of
+            {normal, _} ->
+                ok;
+            {_, keeper} ->
+                erlang:send(Ref, {'$teleport_down', Ref, undefined, {call_keeper_down, Reason}});
+            {_, {runner, Compression}} ->
+                Outcome = teleport_rpc_exec:normalize(Ref, Reason),
+                erlang:send(Ref, {'$teleport_reply', Ref, undefined,
+                                  teleport_rpc_codec:pack(Outcome, Compression)})
+        end,
     PerNode1 = case PerNode of
                    #{Node := 1} -> maps:remove(Node, PerNode);
                    #{Node := N} -> PerNode#{Node := N - 1}
@@ -224,13 +246,17 @@ rpc_call(Caller, Ref, Timeout, Request, Key, State) ->
                                       {erpc, {module_not_allowed, Module}}}),
                     refuse_rpc(Node, Module, State);
                 true ->
-                    Turn = case Key of
-                               none -> none;
-                               {key, _} -> self()
-                           end,
-                    State1 = start_keeper(Ref, Node, {teleport_rpc_exec, keeper,
-                                                      [Caller, Ref, Timeout, Request, Turn]},
-                                          State),
+                    {MFA, Kind} =
+                        case Key of
+                            none ->
+                                {{teleport_rpc_exec, runner,
+                                  [Caller, Ref, Timeout, Request, maps:get(name, State)]},
+                                 {runner, element(5, Request)}};
+                            {key, _} ->
+                                {{teleport_rpc_exec, keeper, [Caller, Ref, Timeout, Request, self()]},
+                                 keeper}
+                        end,
+                    State1 = start_keeper(Ref, Node, MFA, Kind, State),
                     case {Key, State1} of
                         {{key, K}, #{keepers := #{Ref := _}}} -> queue_keyed(K, Ref, call, State1);
                         _ -> State1

@@ -495,7 +495,12 @@ remote_call(Node, Key, {M, F, A}, Timeout, Compression, Opts) ->
     Zip = teleport_rpc_codec:compression(Node, Compression),
     Request = {M, F, teleport_rpc_codec:pack(A, Zip), group_leader(), Zip},
     {Frames, ConnKey} = call_frames(Key, Request),
-    case teleport_call:request(Node, Frames, ConnKey, Timeout, Opts) of
+    %% An unkeyed call's "keeper" is its runner, which only an exit signal kills.
+    Opts1 = case Key of
+                none -> Opts#{keeper_down => fun(Reason) -> {signal, Reason} end};
+                {key, _} -> Opts
+            end,
+    case teleport_call:request(Node, Frames, ConnKey, Timeout, Opts1) of
         {ok, Outcome} -> inflate(Outcome, Node);
         {error, Reason} -> failure(Reason)
     end.

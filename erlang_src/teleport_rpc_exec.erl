@@ -3,15 +3,26 @@
 %% (teleport_call_relay) take them from call frames, check them against the
 %% `rpc_modules' setting, and start these processes.
 %%
-%% A call runs on gs_call's protocol (teleport_call): the relay starts a keeper
-%% ({@link keeper/5}), which spawns a fresh worker process to apply the
-%% function, as erpc's `spawn_request' does (the worker runs
-%% `erpc:execute_call/4', so results, exceptions and stack traces are erpc's
-%% own), watches it as a gs_call keeper watches its server, and delivers what
-%% it ended with: small outcomes over disterl, large ones over teleport to a
-%% relay on the caller's node, which passes them to the caller's alias (a late
-%% one is dropped there). A call that times out is not stopped: as with erpc,
-%% the function runs to its end and its result is dropped.
+%% A call runs on gs_call's protocol (teleport_call). The relay starts a fresh
+%% process for it, as erpc's `spawn_request' does, which applies the function
+%% with `erpc:execute_call/4' (so results, exceptions and stack traces are
+%% erpc's own) and delivers the outcome as a keeper does: small outcomes over
+%% disterl, large ones over teleport to a relay on the caller's node, which
+%% passes them to the caller's alias (a late one is dropped there).
+%% <ul>
+%% <li>An unkeyed call's process is a runner ({@link runner/5}): it applies the
+%%     function and delivers the outcome itself. Its relay monitors it and
+%%     reports it if it is killed (`{signal, Reason}', as erpc does), and
+%%     announces it to the caller if the call takes over 100 ms (a timer the
+%%     runner sets), so that the caller can watch it as it watches a keeper.
+%%     One process per call: a keeper beside the worker cost a quarter of the
+%%     calls per second with many concurrent callers (BENCHMARKS.md).</li>
+%% <li>A `{Node, Key}' call needs a keeper ({@link keeper/5}): its worker waits
+%%     for its turn before it applies the function, and the keeper watches it as
+%%     a gs_call keeper watches its server.</li>
+%% </ul>
+%% A call that times out is not stopped: as with erpc, the function runs to its
+%% end and its result is dropped.
 %%
 %% A cast is a worker alone (`erpc:execute_cast/3'). Requests to `{Node, Key}'
 %% reach one relay per key (the NIF picks the relay by the key), in the order
@@ -25,7 +36,7 @@
 %% caller's node.
 -module(teleport_rpc_exec).
 
--export([keeper/5, worker/5, cast_worker/5, run_in_order/1, allowed/2, valid_call/1,
+-export([runner/5, keeper/5, worker/5, cast_worker/5, run_in_order/1, allowed/2, valid_call/1,
          valid_cast/1, normalize/2]).
 -export_type([call_request/0, cast_request/0, outcome/0]).
 
@@ -44,8 +55,27 @@
 %% `exit({exception, R})'), `error' with its stack), an `{erpc, Reason}' error,
 %% or `{signal, Reason}': the process was killed by an exit signal.
 
-%% @doc The body of an RPC call's keeper (spawned by a relay). `Turn' is the
-%% relay whose turn a `{Node, Key}' call waits for, or `none'.
+%% @doc The body of an unkeyed RPC call's runner (spawned by the relay
+%% registered as `Relay'): applies the function and delivers the outcome. The
+%% timer tells the relay, whichever process has the name by then, to announce a
+%% runner still working after ?ANNOUNCE_AFTER_MS.
+-spec runner(pid(), reference(), timeout(), call_request(), atom()) -> ok.
+runner(Caller, Ref, Timeout, {M, F, Args, GroupLeader, Compression}, Relay) ->
+    Deadline = teleport_call:deadline(Timeout),
+    true = group_leader(GroupLeader, self()),
+    Slow = erlang:send_after(?ANNOUNCE_AFTER_MS, Relay, {'$teleport_slow', Ref, self()}),
+    Outcome = case teleport_rpc_codec:unpack(Args, node(Caller)) of
+                  %% execute_call/4 ends the process with its outcome: caught
+                  %% here, as the outcome still has to be delivered.
+                  {ok, A} -> try erpc:execute_call(Ref, M, F, A) catch exit:Ended -> normalize(Ref, Ended) end;
+                  {error, Why} -> {erpc, Why}
+              end,
+    _ = erlang:cancel_timer(Slow, [{async, true}, {info, false}]),
+    teleport_call:deliver_outcome({reply, teleport_rpc_codec:pack(Outcome, Compression)},
+                                  Caller, Ref, Deadline).
+
+%% @doc The body of a `{Node, Key}' RPC call's keeper (spawned by a relay).
+%% `Turn' is the relay whose turn the call waits for (`none': runs at once).
 -spec keeper(pid(), reference(), timeout(), call_request(), pid() | none) -> ok.
 keeper(Caller, Ref, Timeout, {M, F, Args, GroupLeader, Compression}, Turn) ->
     {_, Mon} = erlang:spawn_opt(?MODULE, worker,

@@ -28,6 +28,20 @@
 %%%     and killed once it has: `{call_keeper_down, killed}'.</li>
 %%% <li>`server': killed while it holds the call: its exit reason.</li>
 %%% </ol>
+%%% The `rpc_infinity' and `rpc_finite' groups run the same steps with
+%%% `teleport_rpc:call/5' (erpc's exceptions: a lost request is
+%%% `{erpc, noconnection}', teleport absent for good `{erpc, notsup}'; no
+%%% decoder step: an RPC request's structure-heavy arguments travel packed in a
+%%% binary, teleport_rpc_codec, so no decoder builds them), where an
+%%% unkeyed call has a runner, the process that applies the function and
+%%% delivers its outcome, in the keeper's place. Its steps: the runner killed at
+%%% once (before its 100 ms timer has it announced), once announced, and once the
+%%% caller watches it (after a second): each `{signal, killed}', as erpc says it;
+%%% the relays killed while the runner works, before it is announced (the timer
+%%% reaches the restarted relay: the reply) and, later, with the runner killed
+%%% after them (only the caller's monitor sees it: `{signal, killed}'). The
+%%% storm runs with RPC callers too.
+%%%
 %%% The answer's way back (relays killed after the keeper started, teleport
 %%% restarted on either node, connections dropped while a small or a large
 %%% reply travels) is faults_SUITE's `calls' groups.
@@ -58,9 +72,12 @@
          relay_killed/1, relay_teleport_restarted/1, relay_none/1,
          keeper_killed_at_once/1, keeper_killed_announced/1,
          server_killed/1,
-         storm_faults/1, storm_restarts/1, sends_across_restarts/1]).
+         storm_faults/1, storm_restarts/1, sends_across_restarts/1,
+         runner_killed_at_once/1, runner_killed_announced/1, runner_killed_watched/1,
+         relays_killed_under_runner/1, relays_killed_then_runner/1]).
 %% Run on B.
--export([suspend/1, resume/1, queued/1, keepers/0, keeper_watches_server/0, seq_sink/1]).
+-export([suspend/1, resume/1, queued/1, keepers/0, keeper_watches_server/0, seq_sink/1,
+         runners/0, rpc_serve/1]).
 
 -define(SERVER, protocol_server).
 -define(SINK, protocol_sink).
@@ -80,7 +97,8 @@ suite() ->
     [{timetrap, {minutes, 5}}].
 
 all() ->
-    [{group, infinity}, {group, finite}, {group, storm}].
+    [{group, infinity}, {group, finite}, {group, storm},
+     {group, rpc_infinity}, {group, rpc_finite}, {group, rpc_storm}].
 
 groups() ->
     Steps = [reach_teleport_restarting, reach_teleport_absent,
@@ -89,9 +107,17 @@ groups() ->
              relay_killed, relay_teleport_restarted, relay_none,
              keeper_killed_at_once, keeper_killed_announced,
              server_killed],
+    RpcSteps = [reach_teleport_restarting, reach_teleport_absent,
+                queue_pool_closed,
+                relay_killed, relay_teleport_restarted, relay_none,
+                runner_killed_at_once, runner_killed_announced, runner_killed_watched,
+                relays_killed_under_runner, relays_killed_then_runner],
     [{infinity, [], Steps},
      {finite, [], Steps},
-     {storm, [], [storm_faults, storm_restarts, sends_across_restarts]}].
+     {storm, [], [storm_faults, storm_restarts, sends_across_restarts]},
+     {rpc_infinity, [], RpcSteps},
+     {rpc_finite, [], RpcSteps},
+     {rpc_storm, [], [storm_faults, storm_restarts]}].
 
 init_per_suite(Config) ->
     case teleport_test_peer:start_local_teleport("protocol") of
@@ -102,8 +128,17 @@ init_per_suite(Config) ->
 end_per_suite(_Config) ->
     teleport_test_peer:stop_local_teleport().
 
-init_per_group(finite, Config) -> [{timeout, 20000} | Config];
-init_per_group(_, Config) -> [{timeout, infinity} | Config].
+init_per_group(Group, Config) ->
+    Timeout = case Group of
+                  finite -> 20000;
+                  rpc_finite -> 20000;
+                  _ -> infinity
+              end,
+    Mode = case lists:member(Group, [rpc_infinity, rpc_finite, rpc_storm]) of
+               true -> rpc;
+               false -> gs_call
+           end,
+    [{timeout, Timeout}, {mode, Mode} | Config].
 
 end_per_group(_, _Config) -> ok.
 
@@ -140,8 +175,13 @@ reach_teleport_absent(Config) ->
     Outcome = outcome(Caller, ?UNREACHABLE_MS + ?OUTCOME_BOUND_MS),
     Waited = erlang:monotonic_time(millisecond) - Started,
     ct:pal("teleport absent on B: ~p after ~b ms", [Outcome, Waited]),
-    ?assertMatch({exit, {{teleport_unreachable, B, not_started}, {teleport, gs_call, _}}},
-                 Outcome),
+    case ?config(mode, Config) of
+        gs_call ->
+            ?assertMatch({exit, {{teleport_unreachable, B, not_started}, {teleport, gs_call, _}}},
+                         Outcome);
+        rpc ->
+            ?assertEqual({exit, {erpc, notsup}}, Outcome)
+    end,
     %% It waited for teleport to come back before giving up.
     ?assert(Waited >= ?UNREACHABLE_MS).
 
@@ -160,7 +200,8 @@ queue_pool_closed(Config) ->
     %% which pauses that connection on B, then calls: its request waits behind.
     Caller = spawn_link(fun() ->
                                 ok = teleport:send({?SINK, B}, ?BIG_TERM),
-                                Self ! {outcome, self(), call(B, {echo, queued}, Timeout)}
+                                Self ! {outcome, self(), call(?config(mode, Config), B,
+                                                               {echo, queued}, Timeout)}
                         end),
     ok = wait_for(fun() -> queued_on(B, Decoders) > 0 end),
     timer:sleep(100),
@@ -168,33 +209,31 @@ queue_pool_closed(Config) ->
     %% Resumed once the caller has probed over a new pool.
     timer:sleep(2500),
     ok = erpc:call(B, ?MODULE, resume, [Decoders]),
-    expect(Caller, [{reply, queued}, lost(B)]).
+    expect(Caller, [{reply, queued}, lost(Config)]).
 
 %%====================================================================
 %% decoder
 %%====================================================================
 
 decoder_killed(Config) ->
-    B = ?config(b, Config),
     held_in(Config, teleport_decoder, fun(Holder, _Names) ->
         exit(Holder, kill)
-    end, [lost(B)]).
+    end, [lost(Config)]).
 
 decoder_teleport_restarted(Config) ->
     B = ?config(b, Config),
     held_in(Config, teleport_decoder, fun(_Holder, Names) ->
         restart_teleport(B, Names)
-    end, [{reply, ?BIG_TERM}, lost(B)]).
+    end, [{reply, ?BIG_TERM}, lost(Config)]).
 
 %%====================================================================
 %% relay
 %%====================================================================
 
 relay_killed(Config) ->
-    B = ?config(b, Config),
     held_in(Config, teleport_call_relay, fun(Holder, _Names) ->
         exit(Holder, kill)
-    end, [lost(B)]).
+    end, [lost(Config)]).
 
 relay_teleport_restarted(Config) ->
     B = ?config(b, Config),
@@ -208,7 +247,10 @@ relay_none(Config) ->
     Pids = erpc:call(B, fun() -> [begin P = whereis(N), unregister(N), P end || N <- Names] end),
     try
         Caller = call_async(Config, {echo, x}),
-        expect(Caller, [{exit, {teleport, no_call_relay}}])
+        expect(Caller, [case ?config(mode, Config) of
+                            gs_call -> {exit, {teleport, no_call_relay}};
+                            rpc -> {exit, {erpc, noconnection}}
+                        end])
     after
         erpc:call(B, fun() -> [register(N, P) || {N, P} <- lists:zip(Names, Pids)] end)
     end.
@@ -253,6 +295,65 @@ server_killed(Config) ->
     expect(Caller, [{exit, boom}]).
 
 %%====================================================================
+%% runner (RPC calls)
+%%====================================================================
+
+runner_killed_at_once(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    %% Polled from B itself: killed well within the 100 ms before its relay
+    %% announces it, so only the relay can tell the caller.
+    erpc:call(B, fun() -> {ok, R} = poll(fun() -> first(runners()) end, 1), exit(R, kill) end,
+              ?RPC_TIMEOUT),
+    expect(Caller, [{exit, {signal, killed}}]).
+
+runner_killed_announced(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    timer:sleep(300),
+    kill_runners(B),
+    expect(Caller, [{exit, {signal, killed}}]).
+
+%% After its first second the caller monitors the runner: its DOWN and the
+%% relay's report race, and both say the same.
+runner_killed_watched(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    timer:sleep(1500),
+    kill_runners(B),
+    expect(Caller, [{exit, {signal, killed}}]).
+
+%% The relays go (and are restarted) as soon as the runner exists: its timer
+%% still has it announced, by the new relay, so the caller does not probe into
+%% a relay that never heard of the call.
+relays_killed_under_runner(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 1500, late}),
+    erpc:call(B, fun() ->
+                         {ok, _} = poll(fun() -> first(runners()) end, 1),
+                         [exit(whereis(N), kill) || N <- teleport_call_relay:names()]
+                 end, ?RPC_TIMEOUT),
+    expect(Caller, [{reply, late}]).
+
+%% Relays killed once the caller watches the runner, then the runner: no relay
+%% knows it, the caller's own monitor reports it.
+relays_killed_then_runner(Config) ->
+    B = ?config(b, Config),
+    Caller = call_async(Config, {delayed_reply, 5000, late}),
+    timer:sleep(1500),
+    erpc:call(B, fun() -> [exit(whereis(N), kill) || N <- teleport_call_relay:names()] end),
+    timer:sleep(100),
+    kill_runners(B),
+    expect(Caller, [{exit, {signal, killed}}]).
+
+kill_runners(B) ->
+    ok = wait_for(fun() -> erpc:call(B, ?MODULE, runners, []) =/= [] end),
+    [exit(R, kill) || R <- erpc:call(B, ?MODULE, runners, [])].
+
+first([X | _]) -> {ok, X};
+first([]) -> false.
+
+%%====================================================================
 %% storm
 %%====================================================================
 
@@ -260,7 +361,7 @@ server_killed(Config) ->
 %% big requests queued, every relay unregistered for a moment.
 storm_faults(Config) ->
     B = ?config(b, Config),
-    storm(B, fun(I) ->
+    storm(Config, fun(I) ->
         Relays = erpc:call(B, teleport_call_relay, names, []),
         Decoders = erpc:call(B, teleport_decoder, names, []),
         case I rem 3 of
@@ -286,16 +387,16 @@ storm_faults(Config) ->
         %% Slow enough for the relays' supervisor (10 restarts in 10 s): faster,
         %% teleport itself would go down, which is the supervisor's design.
         timer:sleep(1200)
-    end, [request_lost, call_keeper_down, {teleport, no_call_relay}]).
+    end, [request_lost, call_keeper_down, {teleport, no_call_relay}, noconnection]).
 
 %% The restart loop: teleport stopped and started on B every 2.5 s.
 storm_restarts(Config) ->
     B = ?config(b, Config),
-    storm(B, fun(_) ->
+    storm(Config, fun(_) ->
         timer:sleep(2500),
         ok = erpc:call(B, application, stop, [teleport]),
         {ok, _} = erpc:call(B, application, ensure_all_started, [teleport])
-    end, [request_lost]).
+    end, [request_lost, noconnection]).
 
 sends_across_restarts(Config) ->
     B = ?config(b, Config),
@@ -355,10 +456,12 @@ seq_sink(Seqs) ->
 %% ?STORM_CALLERS processes loop on infinity calls (every tenth request a big
 %% one, for the decoders) while `Disturb(I)' runs over and over for ?STORM_MS;
 %% then each must finish its call in progress within the bound.
-storm(B, Disturb, AllowedExits) ->
+storm(Config, Disturb, AllowedExits) ->
+    B = ?config(b, Config),
+    Mode = ?config(mode, Config),
     Self = self(),
     Stop = atomics:new(1, []),
-    Callers = [spawn_link(fun() -> storm_caller(B, Self, Stop, N, #{}) end)
+    Callers = [spawn_link(fun() -> storm_caller(Mode, B, Self, Stop, N, #{}) end)
                || N <- lists:seq(1, ?STORM_CALLERS)],
     Until = erlang:monotonic_time(millisecond) + ?STORM_MS,
     Faults = disturb_until(Disturb, Until, 0),
@@ -380,7 +483,7 @@ disturb_until(Disturb, Until, I) ->
         false -> I
     end.
 
-storm_caller(B, Parent, Stop, N, Tally) ->
+storm_caller(Mode, B, Parent, Stop, N, Tally) ->
     case atomics:get(Stop, 1) of
         1 ->
             Parent ! {storm_done, self(), Tally};
@@ -390,14 +493,17 @@ storm_caller(B, Parent, Stop, N, Tally) ->
                           1 -> {Tag, ?BIG_TERM};
                           _ -> {Tag, small}
                       end,
-            Key = case call(B, {echo, Request}, infinity) of
+            %% An RPC call's lost request is erpc's noconnection.
+            Key = case call(Mode, B, {echo, Request}, infinity) of
                       {reply, Request} -> replies;
                       {reply, Other} -> {wrong_reply, Other};
                       {exit, {{request_lost, B}, _}} -> request_lost;
                       {exit, {{call_keeper_down, _}, _}} -> call_keeper_down;
+                      {exit, {erpc, noconnection}} -> noconnection;
                       {exit, {Reason, _}} -> Reason
                   end,
-            storm_caller(B, Parent, Stop, N, maps:update_with(Key, fun(C) -> C + 1 end, 1, Tally))
+            storm_caller(Mode, B, Parent, Stop, N,
+                         maps:update_with(Key, fun(C) -> C + 1 end, 1, Tally))
     end.
 
 %%====================================================================
@@ -427,8 +533,11 @@ restart_teleport(B, Suspended) ->
     ok = wait_for(fun() -> not is_process_alive(Stopper) end),
     {ok, _} = erpc:call(B, application, ensure_all_started, [teleport]).
 
-lost(B) ->
-    {exit, {request_lost, B}}.
+lost(Config) ->
+    case ?config(mode, Config) of
+        gs_call -> {exit, {request_lost, ?config(b, Config)}};
+        rpc -> {exit, {erpc, noconnection}}
+    end.
 
 %% B's teleport stopped: this node has seen its connections close. Until then a
 %% request is queued on the old pool and lost with it (the queue step's request_lost),
@@ -440,9 +549,18 @@ call_async(Config, Request) ->
     B = ?config(b, Config),
     Timeout = ?config(timeout, Config),
     Self = self(),
-    spawn_link(fun() -> Self ! {outcome, self(), call(B, Request, Timeout)} end).
+    Mode = ?config(mode, Config),
+    spawn_link(fun() -> Self ! {outcome, self(), call(Mode, B, Request, Timeout)} end).
 
-call(B, Request, Timeout) ->
+%% A gs_call to the server on B, or an RPC call that does what the server would.
+call(rpc, B, Request, Timeout) ->
+    try teleport_rpc:call(B, ?MODULE, rpc_serve, [Request], Timeout) of
+        Reply -> {reply, Reply}
+    catch
+        error:{erpc, Reason} -> {exit, {erpc, Reason}};
+        exit:{signal, Reason} -> {exit, {signal, Reason}}
+    end;
+call(gs_call, B, Request, Timeout) ->
     try teleport:gs_call({?SERVER, B}, Request, Timeout) of
         Reply -> {reply, Reply}
     catch
@@ -510,6 +628,16 @@ keeper_watches_server() ->
                           _ -> false
                       end
               end, keepers()).
+
+%% The RPC runners alive on this node.
+-spec runners() -> [pid()].
+runners() ->
+    [P || P <- processes(), proc_lib:translate_initial_call(P) =:= {teleport_rpc_exec, runner, 5}].
+
+%% What an RPC call in the `rpc' groups runs: the test server's requests.
+-spec rpc_serve({echo, term()} | {delayed_reply, non_neg_integer(), term()}) -> term().
+rpc_serve({echo, X}) -> X;
+rpc_serve({delayed_reply, Ms, Reply}) -> timer:sleep(Ms), Reply.
 
 %% The keepers alive on this node.
 -spec keepers() -> [pid()].

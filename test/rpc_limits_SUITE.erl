@@ -510,7 +510,8 @@ hold(Name) ->
     true = register(Name, self()),
     receive release -> released end.
 
-%% Whether no teleport_rpc keeper or waiter runs here (the relays know none).
+%% Whether no teleport_rpc keeper runs here. A runner is not one: it is the
+%% function's own process, which runs to its end as erpc's does.
 pid_of_keeper_free() ->
     [P || P <- teleport_processes(), is_keeper(P)] =:= [].
 
