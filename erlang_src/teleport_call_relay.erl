@@ -220,9 +220,8 @@ keeper_down(Ref, Node, Kind, Reason, #{keepers := Keepers, per_node := PerNode} 
             {_, keeper} ->
                 erlang:send(Ref, {'$teleport_down', Ref, undefined, {call_keeper_down, Reason}});
             {_, {runner, Compression}} ->
-                Outcome = teleport_rpc_exec:normalize(Ref, Reason),
-                erlang:send(Ref, {'$teleport_reply', Ref, undefined,
-                                  teleport_rpc_codec:pack(Outcome, Compression)})
+                {reply, Outcome} = teleport_rpc_exec:ended(Ref, Reason, Compression),
+                erlang:send(Ref, {'$teleport_reply', Ref, undefined, Outcome})
         end,
     PerNode1 = case PerNode of
                    #{Node := 1} -> maps:remove(Node, PerNode);

@@ -37,7 +37,7 @@
 -module(teleport_rpc_exec).
 
 -export([runner/5, keeper/5, worker/5, cast_worker/5, run_in_order/1, allowed/2, valid_call/1,
-         valid_cast/1, normalize/2]).
+         valid_cast/1, ended/3]).
 -export_type([call_request/0, cast_request/0, outcome/0]).
 
 -include("teleport_call.hrl").
@@ -64,36 +64,43 @@ runner(Caller, Ref, Timeout, {M, F, Args, GroupLeader, Compression}, Relay) ->
     Deadline = teleport_call:deadline(Timeout),
     true = group_leader(GroupLeader, self()),
     Slow = erlang:send_after(?ANNOUNCE_AFTER_MS, Relay, {'$teleport_slow', Ref, self()}),
-    Outcome = case teleport_rpc_codec:unpack(Args, node(Caller)) of
-                  %% execute_call/4 ends the process with its outcome: caught
-                  %% here, as the outcome still has to be delivered.
-                  {ok, A} -> try erpc:execute_call(Ref, M, F, A) catch exit:Ended -> normalize(Ref, Ended) end;
-                  {error, Why} -> {erpc, Why}
-              end,
+    %% The apply ends the process with its outcome: caught here, as the outcome
+    %% still has to be delivered.
+    Outcome = try apply_call(Ref, {M, F, Args}, node(Caller)) catch exit:Ended -> Ended end,
     _ = erlang:cancel_timer(Slow, [{async, true}, {info, false}]),
-    teleport_call:deliver_outcome({reply, teleport_rpc_codec:pack(Outcome, Compression)},
-                                  Caller, Ref, Deadline).
+    teleport_call:deliver_outcome(ended(Ref, Outcome, Compression), Caller, Ref, Deadline).
 
 %% @doc The body of a `{Node, Key}' RPC call's keeper (spawned by a relay).
-%% `Turn' is the relay whose turn the call waits for (`none': runs at once).
--spec keeper(pid(), reference(), timeout(), call_request(), pid() | none) -> ok.
+%% `Turn' is the relay whose turn the call waits for.
+-spec keeper(pid(), reference(), timeout(), call_request(), pid()) -> ok.
 keeper(Caller, Ref, Timeout, {M, F, Args, GroupLeader, Compression}, Turn) ->
     {_, Mon} = erlang:spawn_opt(?MODULE, worker,
                                 [Ref, {M, F, Args}, GroupLeader, Turn, node(Caller)], [monitor]),
-    OnDown = fun(Reason) ->
-                     {reply, teleport_rpc_codec:pack(normalize(Ref, Reason), Compression)}
-             end,
+    OnDown = fun(Reason) -> ended(Ref, Reason, Compression) end,
     teleport_call:serve(Mon, Caller, Ref, Timeout,
                         #{announce => when_slow, on_down => OnDown, large => forward}).
+
+%% @doc What the caller gets for a call's process that ended with `Reason' (its
+%% exit reason, as `erpc:execute_call/4' or an exit signal made it), packed as
+%% the call's compression says: a keeper's, a runner's, or a relay's for a
+%% runner killed.
+-spec ended(reference(), term(), teleport_rpc_codec:compression()) -> teleport_call:outcome().
+ended(Ref, Reason, Compression) ->
+    {reply, teleport_rpc_codec:pack(normalize(Ref, Reason), Compression)}.
 
 %% @doc The process that applies a call's function; it ends with erpc's exit
 %% reason for it (`{Ref, return, Value}', ...), which its keeper turns into an
 %% {@link outcome()}.
--spec worker(reference(), {module(), atom(), list() | tuple()}, pid(), pid() | none, node()) ->
+-spec worker(reference(), {module(), atom(), list() | tuple()}, pid(), pid(), node()) ->
     no_return().
-worker(Ref, {M, F, Args}, GroupLeader, Turn, Peer) ->
+worker(Ref, MFA, GroupLeader, Turn, Peer) ->
     true = group_leader(GroupLeader, self()),
     wait_turn(Ref, Turn),
+    apply_call(Ref, MFA, Peer).
+
+%% Applies a call's function; ends the process with erpc's exit reason for it.
+-spec apply_call(reference(), {module(), atom(), list() | tuple()}, node()) -> no_return().
+apply_call(Ref, {M, F, Args}, Peer) ->
     case teleport_rpc_codec:unpack(Args, Peer) of
         {ok, A} -> erpc:execute_call(Ref, M, F, A);
         {error, Why} -> exit({Ref, error, {erpc, Why}})
@@ -101,8 +108,6 @@ worker(Ref, {M, F, Args}, GroupLeader, Turn, Peer) ->
 
 %% A `{Node, Key}' call's worker tells the relay it is ready and waits for the
 %% calls before it on its key; if the relay dies meanwhile, it runs.
-wait_turn(_Ref, none) ->
-    ok;
 wait_turn(Ref, Relay) ->
     Mon = erlang:monitor(process, Relay),
     Relay ! {'$teleport_ready', Ref, self()},
@@ -165,7 +170,7 @@ valid_args(Args) when is_list(Args) -> true;
 valid_args({'$teleport_z', Bin}) -> is_binary(Bin);
 valid_args(_) -> false.
 
-%% @doc A worker's exit reason as an {@link outcome()}, as erpc reads a spawned
+%% A worker's exit reason as an outcome(), as erpc reads a spawned
 %% process's `DOWN' reason (`Ref' tags erpc's own results).
 -spec normalize(reference(), term()) -> outcome().
 normalize(Ref, {Ref, return, Value}) -> {return, Value};

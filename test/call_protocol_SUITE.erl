@@ -308,19 +308,17 @@ runner_killed_at_once(Config) ->
     expect(Caller, [{exit, {signal, killed}}]).
 
 runner_killed_announced(Config) ->
-    B = ?config(b, Config),
-    Caller = call_async(Config, {delayed_reply, 5000, late}),
-    timer:sleep(300),
-    kill_runners(B),
-    expect(Caller, [{exit, {signal, killed}}]).
+    runner_killed_after(Config, 300).
 
 %% After its first second the caller monitors the runner: its DOWN and the
 %% relay's report race, and both say the same.
 runner_killed_watched(Config) ->
-    B = ?config(b, Config),
+    runner_killed_after(Config, 1500).
+
+runner_killed_after(Config, Ms) ->
     Caller = call_async(Config, {delayed_reply, 5000, late}),
-    timer:sleep(1500),
-    kill_runners(B),
+    timer:sleep(Ms),
+    kill_runners(?config(b, Config)),
     expect(Caller, [{exit, {signal, killed}}]).
 
 %% The relays go (and are restarted) as soon as the runner exists: its timer
