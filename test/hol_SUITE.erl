@@ -19,7 +19,10 @@
 %%% Each condition runs ROUNDS times, interleaved with the others (idle, full,
 %%% paced, disterl_paced, idle, ...), so a noisy stretch of the machine falls on
 %%% all of them. Printed per round: p50, p99 and max of each series, and the
-%%% streams' throughput; then per condition the median and the worst round.
+%%% streams' throughput; then per condition the median and the worst round. Each
+%%% call asks the echo for the OS clock when the call reached it, which both nodes
+%%% share on one host, so each series is also split into its legs: p50 and p99 of
+%%% the way there (caller to server, the request's transport) and back.
 %%%
 %%% `slow_link': the same calls and streams between two nodes whose teleport and
 %%% disterl connections both go through a relay started here, which passes at
@@ -207,7 +210,9 @@ round(B, #{transport := Transport, rate := Rate, streams := N, payload := Payloa
     %% Whatever the calls did, every byte the streams sent arrives.
     ok = await_sink(B, Start + Sent, erlang:monotonic_time(millisecond) + 60000),
     #{teleport => lists:sort(maps:get(teleport, Lat)), disterl => lists:sort(maps:get(disterl, Lat)),
-      late => lists:sort(maps:get(late, Lat)), mbps => (End - Start) / max(1, T1 - T0)}.
+      late => lists:sort(maps:get(late, Lat)), mbps => (End - Start) / max(1, T1 - T0),
+      legs => maps:from_list([{{Leg, S}, lists:sort(maps:get({Leg, S}, Lat))}
+                              || Leg <- [there, back], S <- [teleport, disterl]])}.
 
 sink_count(B) ->
     erpc:call(B, erlang, whereis, [?SINK]) ! {count, self()},
@@ -237,13 +242,15 @@ fire([{Series, At} | Rest], B, Collector) ->
     _ = Wait > 0 andalso timer:sleep((Wait + 999) div 1000),
     Started = erlang:monotonic_time(microsecond),
     spawn(fun() ->
-                  Reply = case Series of
-                              teleport -> teleport:gs_call({?SERVER, B}, {echo, ping}, 30000);
-                              disterl -> gen_server:call({?SERVER, B}, {echo, ping}, 30000)
-                          end,
-                  ping = Reply,
+                  Sent = os:system_time(microsecond),
+                  Arrived = case Series of
+                                teleport -> teleport:gs_call({?SERVER, B}, clock, 30000);
+                                disterl -> gen_server:call({?SERVER, B}, clock, 30000)
+                            end,
+                  Back = os:system_time(microsecond),
+                  true = is_integer(Arrived),
                   Collector ! {latency, Series, erlang:monotonic_time(microsecond) - Started,
-                               Started - At}
+                               Started - At, Arrived - Sent, Back - Arrived}
           end),
     fire(Rest, B, Collector).
 
@@ -251,9 +258,10 @@ collect(Parent, 0, Acc) ->
     Parent ! {latencies, self(), Acc};
 collect(Parent, Left, Acc) ->
     receive
-        {latency, Series, Us, Late} ->
-            Acc1 = maps:update_with(late, fun(L) -> [Late | L] end, [Late], Acc),
-            collect(Parent, Left - 1, maps:update_with(Series, fun(L) -> [Us | L] end, Acc1))
+        {latency, Series, Us, Late, There, Back} ->
+            Add = fun(Key, Value, M) -> maps:update_with(Key, fun(L) -> [Value | L] end, [Value], M) end,
+            Acc1 = Add(late, Late, Add({there, Series}, There, Add({back, Series}, Back, Acc))),
+            collect(Parent, Left - 1, Add(Series, Us, Acc1))
     end.
 
 %% One stream: sends `Bin' to the sink on B over `Transport', at most `Rate' bytes
@@ -335,17 +343,26 @@ report(Name, P, Conditions, Results) ->
             [Name, R, Cond | stats(maps:get(teleport, M)) ++ stats(maps:get(disterl, M))
              ++ [maps:get(mbps, M), lists:nth(2, stats(maps:get(late, M)))]])
      || {Cond, R, M} <- Results],
+    %% Where a call's time went: from the caller to the server (request), and back
+    %% (reply), by the OS clock both nodes share.
+    [ct:pal("~s round ~b ~-19s legs p50 / p99: gs_call there ~7.1f / ~8.1f back ~7.1f / ~8.1f | "
+            "disterl call there ~7.1f / ~8.1f back ~7.1f / ~8.1f us",
+            [Name, R, Cond | legs(M)])
+     || {Cond, R, M} <- Results],
     Summary = [begin
                    Rounds = [M || {C, _, M} <- Results, C =:= Cond],
                    Med = fun(Series, I) -> median([lists:nth(I, stats(maps:get(Series, M))) || M <- Rounds]) end,
                    Worst = fun(Series, I) -> lists:max([lists:nth(I, stats(maps:get(Series, M))) || M <- Rounds]) end,
+                   MedLegs = [median([lists:nth(I, legs(M)) || M <- Rounds]) || I <- lists:seq(1, 8)],
                    io_lib:format("~n  ~-19s teleport p50 ~9.1f (worst ~9.1f) p99 ~9.1f (worst ~9.1f) | "
                                  "disterl p50 ~9.1f (worst ~9.1f) p99 ~9.1f (worst ~9.1f) us | "
-                                 "streams ~9.1f MB/s (least ~9.1f)",
+                                 "streams ~9.1f MB/s (least ~9.1f)"
+                                 "~n  ~-19s   legs p50 / p99: gs_call there ~7.1f / ~8.1f back ~7.1f / ~8.1f | "
+                                 "disterl call there ~7.1f / ~8.1f back ~7.1f / ~8.1f us",
                                  [Cond, Med(teleport, 1), Worst(teleport, 1), Med(teleport, 2), Worst(teleport, 2),
                                   Med(disterl, 1), Worst(disterl, 1), Med(disterl, 2), Worst(disterl, 2),
                                   median([maps:get(mbps, M) || M <- Rounds]),
-                                  lists:min([maps:get(mbps, M) || M <- Rounds])])
+                                  lists:min([maps:get(mbps, M) || M <- Rounds]), "" | MedLegs])
                end || Cond <- Conditions],
     Text = io_lib:format("hol ~s ~p: medians over ~b rounds~s",
                          [Name, P, maps:get(rounds, P), Summary]),
@@ -355,6 +372,11 @@ report(Name, P, Conditions, Results) ->
     [?assertEqual(maps:get(calls, P), length(maps:get(S, M))) || {_, _, M} <- Results,
                                                                    S <- [teleport, disterl]],
     ok.
+
+%% p50 and p99 of each leg: gs_call's there and back, then the disterl call's.
+legs(#{legs := Legs}) ->
+    lists:append([lists:sublist(stats(maps:get({Leg, S}, Legs)), 2)
+                  || S <- [teleport, disterl], Leg <- [there, back]]).
 
 stats([]) -> [0.0, 0.0, 0.0];
 stats(Sorted) -> [float(percentile(Sorted, 50)), float(percentile(Sorted, 99)), float(lists:last(Sorted))].

@@ -48,6 +48,10 @@ handle_call({delayed_reply, Ms, X}, From, State) when is_integer(Ms), Ms >= 0 ->
     {noreply, State};
 handle_call(whoami, _From, State) ->
     {reply, node(), State};
+%% The OS clock when the call arrived: on one host it splits a call's time into
+%% its way there and its way back.
+handle_call(clock, _From, State) ->
+    {reply, os:system_time(microsecond), State};
 handle_call(Other, _From, State) ->
     {reply, {unknown_call, Other}, State}.
 

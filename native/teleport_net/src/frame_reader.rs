@@ -57,6 +57,11 @@ pub(crate) trait Receive {
     /// Whether `peek` and `discard` work; without them every read is a plain read.
     const CAN_PEEK: bool;
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads into `first`, then `then` (one `readv` on a socket).
+    fn read_two(&mut self, first: &mut [u8], then: &mut [u8]) -> io::Result<usize> {
+        let _ = then;
+        self.read(first)
+    }
     /// Puts the socket in delayed-ACK mode for the bytes the next peek finds.
     fn delay_acks(&mut self) {}
     /// Copies queued bytes into `buf` and leaves them queued; `WouldBlock` when empty.
@@ -159,16 +164,29 @@ impl FrameReader {
             if read >= budget {
                 return Ok(ReadTurn::More);
             }
-            // A large body, or a chunk of one: straight into its buffer.
+            // A large body, or a chunk of one: straight into its buffer, and the next
+            // frame's header in the same call (a bulk body is many chunks: one call
+            // per chunk, not two).
             if let Some(rest) = self.parser.direct_rest(self.buf.len()) {
-                let n = match socket.read(rest) {
+                let rest_len = rest.len();
+                let n = match socket.read_two(rest, &mut self.buf[..HEADER_LEN]) {
                     Ok(0) => return Err(CloseReason::Io("closed")),
                     Ok(n) => n,
                     Err(e) => return would_block(e),
                 };
                 read += n;
-                if self.parser.direct_filled(n, sink)? == Flow::Pause {
+                if self.parser.direct_filled(n.min(rest_len), sink)? == Flow::Pause {
+                    self.early
+                        .extend_from_slice(&self.buf[..n.saturating_sub(rest_len)]);
                     return Ok(ReadTurn::Paused);
+                }
+                if n > rest_len {
+                    let header = n - rest_len;
+                    let (used, flow) = self.parser.consume(&self.buf[..header], sink)?;
+                    self.early.extend_from_slice(&self.buf[used..header]);
+                    if flow == Flow::Pause {
+                        return Ok(ReadTurn::Paused);
+                    }
                 }
                 continue;
             }
@@ -612,6 +630,10 @@ impl Receive for &TcpStream {
         Read::read(self, buf)
     }
 
+    fn read_two(&mut self, first: &mut [u8], then: &mut [u8]) -> io::Result<usize> {
+        Read::read_vectored(self, &mut [io::IoSliceMut::new(first), io::IoSliceMut::new(then)])
+    }
+
     fn delay_acks(&mut self) {
         socket::delay_acks(self)
     }
@@ -799,11 +821,9 @@ mod tests {
         assert!(!parser.between_frames());
     }
 
-    #[test]
-    fn a_bulk_chunk_is_read_straight_into_the_bodys_buffer() {
-        let big = vec![3u8; 4 * READ_BUFFER_BYTES];
-        let mut wire = stream(&[]);
-        wire.extend(bulk(&big, 2, b"between"));
+    /// `wire` read in one turn, buffers lent for large bodies: what arrived, and the
+    /// calls made on the socket.
+    fn read_all_lending(wire: Vec<u8>) -> (Recorder, Script) {
         let mut socket = Script::new(wire);
         let mut sink = Recorder {
             lend_from: Some(OWN_BUFFER_MIN),
@@ -811,6 +831,15 @@ mod tests {
         };
         let turn = reader().read_turn(&mut sink, &mut socket, usize::MAX);
         assert_eq!(turn, Ok(ReadTurn::Drained));
+        (sink, socket)
+    }
+
+    #[test]
+    fn a_bulk_chunk_is_read_straight_into_the_bodys_buffer() {
+        let big = vec![3u8; 4 * READ_BUFFER_BYTES];
+        let mut wire = stream(&[]);
+        wire.extend(bulk(&big, 2, b"between"));
+        let (sink, socket) = read_all_lending(wire);
         assert_eq!(sink.frames.len(), 3);
         assert!(sink.frames[1].1 == big && sink.frames[1].2);
         // Once the body is under way every call is a read that stops at the end of a
@@ -833,6 +862,37 @@ mod tests {
             .map(|op| if let Op::Read(n) = op { *n } else { 0 })
             .sum();
         assert!(read > big.len() / 2, "{after:?}");
+    }
+
+    /// Each read of a chunk's rest takes the next frame's header too: one call per
+    /// chunk, whether a chunk or a small frame follows.
+    #[test]
+    fn a_chunk_and_the_next_header_come_in_one_read() {
+        let big: Vec<u8> = (0..16 * READ_BUFFER_BYTES as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let chunks = 16;
+        let mut wire = stream(&[]);
+        wire.extend(crate::framing::bulk_start(FrameKind::Send, big.len() as u32));
+        for (i, chunk) in big.chunks(big.len() / chunks).enumerate() {
+            wire.extend(encode_frame(FrameKind::BulkChunk, chunk));
+            if i % 4 == 3 {
+                wire.extend(encode_frame(FrameKind::Send, b"between"));
+            }
+        }
+        wire.extend(encode_frame(FrameKind::Send, b"last"));
+        let (sink, socket) = read_all_lending(wire);
+        let got: Vec<&[u8]> = sink.frames.iter().map(|(_, b, _)| &b[..]).collect();
+        let mut expected: Vec<&[u8]> = vec![b"between"; 3];
+        expected.extend([&big[..], b"between", b"last"]);
+        assert!(
+            got == expected,
+            "{:?}",
+            sink.frames.iter().map(|f| f.1.len()).collect::<Vec<_>>()
+        );
+        let reads = socket.ops.iter().filter(|op| matches!(op, Op::Read(_))).count();
+        // A chunk each, a small frame's body each, and the first and last reads.
+        assert!(reads <= chunks + 4 + 2, "{reads} reads: {:?}", socket.ops);
     }
 
     #[test]
@@ -930,6 +990,18 @@ mod tests {
             self.at += n;
             Ok(n)
         }
+        fn read_two(&mut self, first: &mut [u8], then: &mut [u8]) -> io::Result<usize> {
+            let n = self.copy_out(first)?;
+            self.at += n;
+            let m = if n == first.len() {
+                self.copy_out(then).unwrap_or(0)
+            } else {
+                0
+            };
+            self.at += m;
+            self.ops.push(Op::Read(n + m));
+            Ok(n + m)
+        }
         fn delay_acks(&mut self) {
             self.ops.push(Op::DelayAcks);
         }
@@ -991,13 +1063,7 @@ mod tests {
     fn a_large_body_is_read_straight_into_its_own_buffer() {
         let big = vec![5u8; 3 * READ_BUFFER_BYTES + 17];
         let wire = stream(&[&big, b"next"]);
-        let mut socket = Script::new(wire);
-        let mut sink = Recorder {
-            lend_from: Some(OWN_BUFFER_MIN),
-            ..Recorder::default()
-        };
-        let turn = reader().read_turn(&mut sink, &mut socket, usize::MAX);
-        assert_eq!(turn, Ok(ReadTurn::Drained));
+        let (sink, socket) = read_all_lending(wire);
         assert_eq!(sink.frames.len(), 2);
         assert!(sink.frames[0].1 == big && sink.frames[0].2);
         // After the first peek, the body's bulk comes by plain reads, not peeks.

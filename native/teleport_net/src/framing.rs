@@ -5,7 +5,7 @@
 //! A body over `EXPRESS_MAX` bytes does not go whole: a `BulkStart` frame announces
 //! it (its kind and length), and `BulkChunk` frames carry it, with other frames (of
 //! other senders) between them. So a small message never waits behind more than one
-//! chunk of someone else's large one, and a chunk takes about `CHUNK_TIME` to send. One bulk body is
+//! chunk of someone else's large one (`CHUNK_MAX` at most, see `chunking`). One bulk body is
 //! under way per connection at a time: the receiver holds at most one partial body
 //! per connection, in the buffer it will be delivered in.
 
@@ -19,30 +19,48 @@ pub const HEADER_LEN: usize = 5;
 /// Bodies up to this size go in one frame; larger ones in chunks.
 pub const EXPRESS_MAX: usize = 64 * 1024;
 
-/// A bulk body's chunks are sized, as its first one is written, to take about
-/// `CHUNK_TIME` at the delivery rate TCP measures on the connection (`chunk_len`):
-/// a small frame waits at most about that long behind another sender's large one,
-/// whatever the link, and on a fast path (loopback, 3-4 GB/s) chunks are large
-/// enough that their headers and the reads they cut cost little (with 256 KiB chunks
-/// there the ring ran 1.9x disterl, with 1 MiB 2.2x, with 2 MiB 2.6x: 2.7x unchunked).
-pub const CHUNK_TIME: Duration = Duration::from_micros(500);
-/// Chunks never smaller than this (a slow link: 64 KiB take 0.5 ms at 1 Gbit/s)...
-pub const CHUNK_MIN: usize = 64 * 1024;
+/// A bulk body goes out in writes of several chunks, each write sized as the body
+/// starts to take about `BULK_WRITE_TIME` at the delivery rate TCP measures on the
+/// connection (`chunking`). Large writes keep a fast path fast: on loopback each
+/// `sendmsg` costs the sender's kernel about as much as the bytes it copies, and one
+/// chunk per write of 256 KiB ran bulk streams at 0.6x of 2 MiB writes (the ring 1.9x
+/// disterl against 2.6x). Small chunks keep a small frame's wait short: one queued
+/// while a write is under way goes out after the chunk being written, ahead of the
+/// write's other chunks (`SendQueue`), so it waits for at most `CHUNK_MAX` bytes of
+/// another sender's body, not a whole write's.
+pub const BULK_WRITE_TIME: Duration = Duration::from_micros(500);
+/// Writes never smaller than this (a slow link: 64 KiB take 0.5 ms at 1 Gbit/s)...
+pub const BULK_WRITE_MIN: usize = 64 * 1024;
 /// ...nor larger than this.
-pub const CHUNK_MAX: usize = 2 * 1024 * 1024;
+pub const BULK_WRITE_MAX: usize = 2 * 1024 * 1024;
 /// Where TCP reports no rate (not Linux, or nothing delivered yet).
-pub const CHUNK_DEFAULT: usize = 256 * 1024;
+pub const BULK_WRITE_DEFAULT: usize = 1024 * 1024;
+/// The largest chunk: about 0.1 ms of the 2.5 GB/s one of two loopback connections
+/// gets when a single receiving thread reads both.
+pub const CHUNK_MAX: usize = 256 * 1024;
 
-/// The chunk size for a connection delivering `rate` bytes a second, if known.
-pub fn chunk_len(rate: Option<u64>) -> usize {
-    match rate {
+/// How a bulk body is cut for a connection: chunks of `chunk` bytes, written
+/// `per_write` bytes of them at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunking {
+    pub chunk: usize,
+    pub per_write: usize,
+}
+
+/// The chunking for a connection delivering `rate` bytes a second, if known.
+pub fn chunking(rate: Option<u64>) -> Chunking {
+    let per_write = match rate {
         Some(rate) if rate > 0 => {
-            let len = rate.saturating_mul(CHUNK_TIME.as_micros() as u64) / 1_000_000;
+            let len = rate.saturating_mul(BULK_WRITE_TIME.as_micros() as u64) / 1_000_000;
             usize::try_from(len)
-                .unwrap_or(CHUNK_MAX)
-                .clamp(CHUNK_MIN, CHUNK_MAX)
+                .unwrap_or(BULK_WRITE_MAX)
+                .clamp(BULK_WRITE_MIN, BULK_WRITE_MAX)
         }
-        _ => CHUNK_DEFAULT,
+        _ => BULK_WRITE_DEFAULT,
+    };
+    Chunking {
+        chunk: per_write.min(CHUNK_MAX),
+        per_write,
     }
 }
 
@@ -214,16 +232,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_take_about_half_a_millisecond_within_bounds() {
-        assert_eq!(chunk_len(None), CHUNK_DEFAULT);
-        assert_eq!(chunk_len(Some(0)), CHUNK_DEFAULT);
-        // 1 Gbit/s: 62,500 bytes in 0.5 ms, so the floor.
-        assert_eq!(chunk_len(Some(125_000_000)), CHUNK_MIN);
-        // 10 Gbit/s: 625,000 bytes.
-        assert_eq!(chunk_len(Some(1_250_000_000)), 625_000);
+    fn writes_take_about_half_a_millisecond_in_chunks_of_at_most_256_kib() {
+        let whole = |len| Chunking {
+            chunk: len,
+            per_write: len,
+        };
+        let cut = |per_write| Chunking {
+            chunk: CHUNK_MAX,
+            per_write,
+        };
+        assert_eq!(chunking(None), cut(BULK_WRITE_DEFAULT));
+        assert_eq!(chunking(Some(0)), cut(BULK_WRITE_DEFAULT));
+        // 1 Gbit/s: 62,500 bytes in 0.5 ms, so the floor, one chunk per write.
+        assert_eq!(chunking(Some(125_000_000)), whole(BULK_WRITE_MIN));
+        // 2 Gbit/s: 125,000 bytes.
+        assert_eq!(chunking(Some(250_000_000)), whole(125_000));
+        // 10 Gbit/s: 625,000 bytes, in chunks of 256 KiB.
+        assert_eq!(chunking(Some(1_250_000_000)), cut(625_000));
         // Loopback, 3.5 GB/s and beyond: the ceiling.
-        assert_eq!(chunk_len(Some(3_500_000_000)), 1_750_000);
-        assert_eq!(chunk_len(Some(u64::MAX)), CHUNK_MAX);
+        assert_eq!(chunking(Some(3_500_000_000)), cut(1_750_000));
+        assert_eq!(chunking(Some(u64::MAX)), cut(BULK_WRITE_MAX));
     }
     use std::io::{self, Read};
 

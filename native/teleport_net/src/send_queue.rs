@@ -4,9 +4,11 @@
 //!
 //! The express lane takes small frames; the bulk lane takes frames over
 //! `framing::EXPRESS_MAX`, which go out in chunks (`framing`), and the small frames of a
-//! sender whose large frame is still queued (its frames keep their order). Between two
-//! chunks the writer puts out every express frame queued, so a small message waits for
-//! at most one chunk of another sender's large one, however large that is.
+//! sender whose large frame is still queued (its frames keep their order). A large
+//! frame's chunks go out several per write; an express frame queued meanwhile goes
+//! out after the chunk being written, ahead of the others (`let_express_in`), so a
+//! small message waits for at most one chunk of another sender's large one, however
+//! large that is.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
@@ -21,7 +23,7 @@ use mio::net::TcpStream;
 
 use crate::config::Config;
 use crate::framing::{
-    self, FrameBody, FrameError, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN,
+    self, Chunking, FrameBody, FrameError, FrameHeader, FrameKind, BULK_START_LEN, EXPRESS_MAX, HEADER_LEN,
 };
 use crate::handshake::Capabilities;
 use crate::host::Callback;
@@ -164,8 +166,8 @@ struct BulkOut {
     key: u64,
     /// Body bytes put into chunks so far.
     framed: usize,
-    /// Bytes per chunk, chosen as the frame started (`framing::chunk_len`).
-    chunk: usize,
+    /// Bytes per chunk and per write, chosen as the frame started (`framing::chunking`).
+    chunking: Chunking,
 }
 
 /// What is going on the wire: units taken from the lanes, the first with `offset`
@@ -230,6 +232,9 @@ pub struct SendQueue {
     direct: bool,
     /// What the peer told of itself in this connection's handshake.
     peer_capabilities: Capabilities,
+    /// A fixed chunking instead of the one the connection's rate gives.
+    #[cfg(test)]
+    chunking_for_tests: Option<Chunking>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -287,6 +292,8 @@ impl SendQueue {
             created: Instant::now(),
             direct,
             peer_capabilities,
+            #[cfg(test)]
+            chunking_for_tests: None,
         }
     }
 
@@ -460,6 +467,9 @@ impl SendQueue {
                 self.wake_waiters(false);
                 return Ok((Flushed::More, written));
             }
+            if batch.units.len() > 1 && !self.express.1.is_empty() {
+                let_express_in(&mut batch, &self.express.1);
+            }
             match self.write_some_of(&mut batch, out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
@@ -474,12 +484,22 @@ impl SendQueue {
         }
     }
 
+    /// How this connection cuts a bulk body now (see `framing::chunking`).
+    fn chunking(&self) -> Chunking {
+        #[cfg(test)]
+        if let Some(chunking) = self.chunking_for_tests {
+            return chunking;
+        }
+        framing::chunking(socket::delivery_rate(&self.socket))
+    }
+
     fn nothing_queued(&self) -> bool {
         self.express.1.is_empty() && self.bulk.1.is_empty()
     }
 
-    /// Takes what goes out next: every express frame queued (up to a batch), then one
-    /// bulk unit (a chunk, or a frame of the bulk lane). False if there was nothing to take.
+    /// Takes what goes out next: every express frame queued (up to a batch), then the
+    /// bulk lane's next frame if small, else the chunks of a write of the large frame
+    /// under way. False if there was nothing to take.
     fn refill(&self, batch: &mut Batch) -> bool {
         let mut bytes = 0;
         while bytes < BATCH_BYTES && batch.units.len() < BATCH_FRAMES {
@@ -493,6 +513,14 @@ impl SendQueue {
         }
         if !batch.holds_bulk_unit() {
             self.next_bulk_unit(batch);
+            let mut chunked = 0;
+            while let Some(bulk) = &batch.bulk {
+                chunked += bulk.chunking.chunk;
+                if chunked >= bulk.chunking.per_write || bulk.framed == bulk.frame.body_len() {
+                    break;
+                }
+                self.next_bulk_unit(batch);
+            }
         }
         !batch.units.is_empty()
     }
@@ -519,11 +547,11 @@ impl SendQueue {
                 frame,
                 key,
                 framed: 0,
-                chunk: framing::chunk_len(socket::delivery_rate(&self.socket)),
+                chunking: self.chunking(),
             });
         }
         if let Some(bulk) = &mut batch.bulk {
-            let len = (bulk.frame.body_len() - bulk.framed).min(bulk.chunk);
+            let len = (bulk.frame.body_len() - bulk.framed).min(bulk.chunking.chunk);
             let header = FrameHeader {
                 kind: FrameKind::BulkChunk,
                 body_len: len as u32,
@@ -711,6 +739,36 @@ impl Drop for SendQueue {
 
 /// `Write::write_all_vectored` is not stable yet (tests only: the I/O thread never
 /// waits for a write to complete).
+/// Express frames queued while a write of chunks is under way go out after the unit
+/// being written (the first), ahead of the write's chunks not yet begun, which are put
+/// back to be cut again (`framed` rewinds to the first of them). The express frames
+/// already in the batch keep their place in front of the new ones. Express frames come
+/// from senders with nothing in the bulk lane, so no sender's order changes.
+fn let_express_in(batch: &mut Batch, express: &Receiver<Queued>) {
+    while batch.units.len() > 1 {
+        let Some(&Unit::Chunk { from, .. }) = batch.units.back() else {
+            break;
+        };
+        batch.units.pop_back();
+        if let Some(bulk) = &mut batch.bulk {
+            bulk.framed = from;
+        }
+    }
+    let mut at = 1;
+    while at < batch.units.len() && matches!(batch.units[at], Unit::Whole { key: None, .. }) {
+        at += 1;
+    }
+    let mut bytes = 0;
+    while bytes < BATCH_BYTES && batch.units.len() < BATCH_FRAMES {
+        let Ok(Queued { frame, .. }) = express.try_recv() else {
+            break;
+        };
+        bytes += frame.wire_len();
+        batch.units.insert(at, Unit::Whole { frame, key: None });
+        at += 1;
+    }
+}
+
 #[cfg(test)]
 fn write_all_vectored(
     writer: &mut impl Write,
@@ -794,6 +852,132 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    struct NoThread;
+    impl crate::io_slot::IoThread for NoThread {
+        fn flush(&self, _slot: crate::io_slot::Slot) {}
+        fn close(&self, _slot: crate::io_slot::Slot) {}
+    }
+
+    /// A queue on a connected loopback socket that the test writes for itself (through
+    /// `flush_to`), with a fixed chunking.
+    fn queue(chunking: Chunking) -> (SendQueue, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let socket = TcpStream::from_std(client);
+        let counters = ConnStats::new(&socket).unwrap();
+        let io = IoSlot {
+            thread: Arc::new(NoThread),
+            slot: crate::io_slot::Slot { index: 0, id: 0 },
+        };
+        let config = Config::for_tests("a@127.0.0.1", b"cookie");
+        let mut queue = SendQueue::new(
+            Arc::new(socket),
+            io,
+            &config,
+            Arc::default(),
+            counters,
+            false,
+            Capabilities::default(),
+        );
+        queue.chunking_for_tests = Some(chunking);
+        (queue, server)
+    }
+
+    /// Takes `first` bytes, then says the socket is full.
+    struct FillsUp {
+        out: Vec<u8>,
+        room: usize,
+    }
+    impl Write for FillsUp {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The frames on the wire: kind and body length.
+    fn frames_of(mut wire: &[u8]) -> Vec<(FrameKind, usize)> {
+        let mut frames = Vec::new();
+        while !wire.is_empty() {
+            let header: [u8; HEADER_LEN] = wire[..HEADER_LEN].try_into().unwrap();
+            let header = FrameHeader::decode(&header, u32::MAX).unwrap();
+            let len = header.body_len as usize;
+            frames.push((header.kind, len));
+            wire = &wire[HEADER_LEN + len..];
+        }
+        frames
+    }
+
+    fn frame(kind: FrameKind, len: usize) -> OutFrame {
+        OutFrame::new(kind, Box::new(vec![7u8; len]), u32::MAX).unwrap()
+    }
+
+    /// A large frame's write of four chunks has begun when a small frame of another
+    /// sender is queued: the small frame goes out after the chunk being written, and
+    /// the large one's other chunks after it, in order, the body whole.
+    #[test]
+    fn a_small_frame_goes_ahead_of_the_chunks_of_a_write_not_yet_begun() {
+        let chunk = EXPRESS_MAX / 2;
+        let (queue, _peer) = queue(Chunking {
+            chunk,
+            per_write: 4 * chunk,
+        });
+        let large = 10 * chunk;
+        queue.enqueue(frame(FrameKind::Send, large), 1).unwrap();
+        let mut out = FillsUp {
+            out: Vec::new(),
+            room: 100,
+        };
+        assert_eq!(queue.flush_to(usize::MAX, &mut out).unwrap().0, Flushed::Blocked);
+        queue.enqueue(frame(FrameKind::Call, 16), 2).unwrap();
+        out.room = usize::MAX;
+        assert_eq!(queue.flush_to(usize::MAX, &mut out).unwrap().0, Flushed::Idle);
+        let frames = frames_of(&out.out);
+        let chunk_frame = (FrameKind::BulkChunk, chunk);
+        let mut expected = vec![
+            (FrameKind::BulkStart, BULK_START_LEN),
+            chunk_frame,
+            (FrameKind::Call, 16),
+        ];
+        expected.extend(std::iter::repeat_n(chunk_frame, 9));
+        assert_eq!(frames, expected);
+        let body: usize = frames
+            .iter()
+            .filter(|f| f.0 == FrameKind::BulkChunk)
+            .map(|f| f.1)
+            .sum();
+        assert_eq!(body, large);
+        assert_eq!(queue.queued_bytes(), 0);
+    }
+
+    /// Without express frames, a write takes `per_write` bytes of chunks.
+    #[test]
+    fn chunks_go_out_several_per_write() {
+        let chunk = EXPRESS_MAX / 2;
+        let (queue, _peer) = queue(Chunking {
+            chunk,
+            per_write: 4 * chunk,
+        });
+        queue.enqueue(frame(FrameKind::Send, 10 * chunk), 1).unwrap();
+        let mut batch = queue.writing.lock().unwrap();
+        assert!(queue.refill(&mut batch));
+        let chunks = batch
+            .units
+            .iter()
+            .filter(|u| matches!(u, Unit::Chunk { .. }))
+            .count();
+        assert_eq!(chunks, 4);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use teleport_net::framing::{CHUNK_DEFAULT, EXPRESS_MAX};
+use teleport_net::framing::{CHUNK_MAX, EXPRESS_MAX};
 use teleport_net::ConnDirection;
 
 mod nodes;
@@ -131,8 +131,8 @@ fn size() -> impl Strategy<Value = usize> {
     prop_oneof![
         12usize..200,
         (EXPRESS_MAX - 20)..(EXPRESS_MAX + 20),
-        (CHUNK_DEFAULT - 20)..(CHUNK_DEFAULT + 20),
-        (2 * CHUNK_DEFAULT)..(5 * CHUNK_DEFAULT),
+        (CHUNK_MAX - 20)..(CHUNK_MAX + 20),
+        (2 * CHUNK_MAX)..(5 * CHUNK_MAX),
     ]
 }
 
