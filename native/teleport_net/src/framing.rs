@@ -27,7 +27,8 @@ pub const EXPRESS_MAX: usize = 64 * 1024;
 /// disterl against 2.6x). Small chunks keep a small frame's wait short: one queued
 /// while a write is under way goes out after the chunk being written, ahead of the
 /// write's other chunks (`SendQueue`), so it waits for at most `CHUNK_MAX` bytes of
-/// another sender's body, not a whole write's.
+/// another sender's body, not a whole write's. A write is cut so only while small
+/// frames go to the peer (`send_queue::SMALL_FRAMES_LATELY`); otherwise it is one chunk.
 pub const BULK_WRITE_TIME: Duration = Duration::from_micros(500);
 /// Writes never smaller than this (a slow link: 64 KiB take 0.5 ms at 1 Gbit/s)...
 pub const BULK_WRITE_MIN: usize = 64 * 1024;

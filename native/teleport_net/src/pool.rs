@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use crate::error::{CloseReason, OpenError};
 use crate::host::Callback;
 use crate::send_queue::SendQueue;
+use crate::send_queue::SmallFrames;
 use crate::stats::{ConnStatsSnapshot, PeerStats};
 
 pub use crate::framing::{PoolToken, POOL_TOKEN_LEN};
@@ -29,6 +30,8 @@ pub struct Pool {
     pub(crate) token: PoolToken,
     size: usize,
     pub(crate) stats: Arc<PeerStats>,
+    /// When a small frame was last offered on any of its connections.
+    pub(crate) small_frames: Arc<SmallFrames>,
     /// Set once every connection is up: the pool is published.
     connections: OnceLock<Vec<Arc<SendQueue>>>,
     /// While dialing: the connections up so far by slot, and the next slot to dial.
@@ -67,6 +70,7 @@ impl Pool {
             token,
             size,
             stats,
+            small_frames: Arc::new(SmallFrames::new()),
             connections: OnceLock::new(),
             dialing: Mutex::new(((0..size).map(|_| None).collect(), 0)),
             closing: AtomicBool::new(false),

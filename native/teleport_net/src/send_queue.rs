@@ -15,7 +15,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -28,6 +28,7 @@ use crate::framing::{
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::io_slot::IoSlot;
+use crate::pool::Pool;
 use crate::socket::{self, SendNoSignal};
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -117,6 +118,43 @@ const DIRECT_WRITE_MAX: usize = 64 * 1024;
 /// 100-byte messages, always writing directly made 0.6-0.9x disterl's messages/s, this
 /// made 1.1-1.2x (BENCHMARKS.md); a 32-byte ping-pong's gaps are >= 40 us.
 const STREAM_GAP_NS: u64 = 30_000;
+
+/// While a small frame went to the peer this recently (on any connection of the
+/// pool), bulk writes are cut into chunks (`framing::CHUNK_MAX`), so the next small
+/// frame waits for at most one chunk; otherwise a write is one chunk, which costs less
+/// (the ring ran about 6% slower with writes always cut: BENCHMARKS.md). Small frames
+/// come in conversations (calls, casts, acknowledgements): the first after a quiet
+/// spell may wait for a whole write, 0.5 ms at the connection's measured rate.
+const SMALL_FRAMES_LATELY: Duration = Duration::from_millis(100);
+
+/// When a pool last offered a small frame, shared by its connections.
+pub(crate) struct SmallFrames {
+    epoch: Instant,
+    /// Nanoseconds since `epoch`, plus one (0: never).
+    last: AtomicU64,
+}
+
+impl SmallFrames {
+    pub(crate) fn new() -> SmallFrames {
+        SmallFrames {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    fn offered(&self) {
+        self.last.store(self.now(), Relaxed);
+    }
+
+    fn lately(&self) -> bool {
+        let last = self.last.load(Relaxed);
+        last != 0 && self.now() - last < SMALL_FRAMES_LATELY.as_nanos() as u64
+    }
+}
 
 /// Express frames taken at once hold at most this much, so a long queue is written in
 /// turns with the I/O thread's other connections.
@@ -228,6 +266,8 @@ pub struct SendQueue {
     /// When the last frame was offered, in nanoseconds since `created` (see `STREAM_GAP_NS`).
     last_frame_ns: AtomicU64,
     created: Instant,
+    /// The pool's (see `SMALL_FRAMES_LATELY`).
+    small_frames: Arc<SmallFrames>,
     /// Whether senders may write to the socket themselves (not through TLS).
     direct: bool,
     /// What the peer told of itself in this connection's handshake.
@@ -261,11 +301,12 @@ pub(crate) enum Flushed {
 }
 
 impl SendQueue {
+    /// A connection of `pool`, sharing its stats and `SmallFrames`.
     pub(crate) fn new(
         socket: Arc<TcpStream>,
         io: IoSlot,
         config: &Config,
-        stats: Arc<PeerStats>,
+        pool: &Pool,
         counters: ConnStats,
         direct: bool,
         peer_capabilities: Capabilities,
@@ -276,7 +317,7 @@ impl SendQueue {
             bulk: crossbeam_channel::unbounded(),
             bulk_senders: Mutex::new(HashMap::new()),
             bulk_queued: AtomicUsize::new(0),
-            stats,
+            stats: pool.stats.clone(),
             counters,
             socket,
             writing: Mutex::new(Batch::default()),
@@ -290,6 +331,7 @@ impl SendQueue {
             has_waiters: AtomicBool::new(false),
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
+            small_frames: pool.small_frames.clone(),
             direct,
             peer_capabilities,
             #[cfg(test)]
@@ -307,6 +349,7 @@ impl SendQueue {
         let frame = if large {
             frame
         } else {
+            self.small_frames.offered();
             match self.try_direct_write(frame) {
                 None => return Ok(Enqueued::Ok),
                 Some(frame) => frame,
@@ -512,32 +555,33 @@ impl SendQueue {
             }
         }
         if !batch.holds_bulk_unit() {
-            self.next_bulk_unit(batch);
-            let mut chunked = 0;
+            let cut = self.small_frames.lately();
+            let mut chunked = self.next_bulk_unit(batch, cut);
             while let Some(bulk) = &batch.bulk {
-                chunked += bulk.chunking.chunk;
                 if chunked >= bulk.chunking.per_write || bulk.framed == bulk.frame.body_len() {
                     break;
                 }
-                self.next_bulk_unit(batch);
+                chunked += self.next_bulk_unit(batch, cut);
             }
         }
         !batch.units.is_empty()
     }
 
     /// The next unit of the bulk lane: the next chunk of the frame under way, or the
-    /// lane's next frame (whole if small, else its `BulkStart` and first chunk).
-    fn next_bulk_unit(&self, batch: &mut Batch) {
+    /// lane's next frame (whole if small, else its `BulkStart` and first chunk). The
+    /// chunk is a write's worth, or `chunking.chunk` if `cut`. Returns the chunk's
+    /// length (0 if none).
+    fn next_bulk_unit(&self, batch: &mut Batch, cut: bool) -> usize {
         if batch.bulk.is_none() {
             let Ok(Queued { frame, key }) = self.bulk.1.try_recv() else {
-                return;
+                return 0;
             };
             if frame.body_len() <= EXPRESS_MAX {
                 batch.units.push_back(Unit::Whole {
                     frame,
                     key: Some(key),
                 });
-                return;
+                return 0;
             }
             batch.units.push_back(Unit::Start(framing::bulk_start(
                 frame.kind,
@@ -550,20 +594,26 @@ impl SendQueue {
                 chunking: self.chunking(),
             });
         }
-        if let Some(bulk) = &mut batch.bulk {
-            let len = (bulk.frame.body_len() - bulk.framed).min(bulk.chunking.chunk);
-            let header = FrameHeader {
-                kind: FrameKind::BulkChunk,
-                body_len: len as u32,
-            }
-            .encode();
-            batch.units.push_back(Unit::Chunk {
-                header,
-                from: bulk.framed,
-                len,
-            });
-            bulk.framed += len;
+        let Some(bulk) = &mut batch.bulk else {
+            return 0;
+        };
+        let chunk = match cut {
+            true => bulk.chunking.chunk,
+            false => bulk.chunking.per_write,
+        };
+        let len = (bulk.frame.body_len() - bulk.framed).min(chunk);
+        let header = FrameHeader {
+            kind: FrameKind::BulkChunk,
+            body_len: len as u32,
         }
+        .encode();
+        batch.units.push_back(Unit::Chunk {
+            header,
+            from: bulk.framed,
+            len,
+        });
+        bulk.framed += len;
+        len
     }
 
     /// One write system call of the batch's units; units wholly out leave it (a frame
@@ -877,7 +927,13 @@ mod tests {
             Arc::new(socket),
             io,
             &config,
-            Arc::default(),
+            &Pool::new(
+                "b@127.0.0.1",
+                server.local_addr().unwrap(),
+                1,
+                [0; 16],
+                Arc::default(),
+            ),
             counters,
             false,
             Capabilities::default(),
@@ -934,6 +990,7 @@ mod tests {
             per_write: 4 * chunk,
         });
         let large = 10 * chunk;
+        queue.small_frames.offered();
         queue.enqueue(frame(FrameKind::Send, large), 1).unwrap();
         let mut out = FillsUp {
             out: Vec::new(),
@@ -961,23 +1018,38 @@ mod tests {
         assert_eq!(queue.queued_bytes(), 0);
     }
 
-    /// Without express frames, a write takes `per_write` bytes of chunks.
-    #[test]
-    fn chunks_go_out_several_per_write() {
+    /// The chunks of a write: `per_write` bytes of them, cut to `chunk` bytes each
+    /// while the connection carries small frames, else one.
+    fn chunks_of_a_write(small_frame_ago: Option<Duration>) -> Vec<usize> {
         let chunk = EXPRESS_MAX / 2;
         let (queue, _peer) = queue(Chunking {
             chunk,
             per_write: 4 * chunk,
         });
+        if let Some(ago) = small_frame_ago {
+            queue.small_frames.offered();
+            std::thread::sleep(ago);
+        }
         queue.enqueue(frame(FrameKind::Send, 10 * chunk), 1).unwrap();
         let mut batch = queue.writing.lock().unwrap();
         assert!(queue.refill(&mut batch));
-        let chunks = batch
+        batch
             .units
             .iter()
-            .filter(|u| matches!(u, Unit::Chunk { .. }))
-            .count();
-        assert_eq!(chunks, 4);
+            .filter_map(|u| match u {
+                Unit::Chunk { len, .. } => Some(*len),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_write_is_cut_into_chunks_only_while_small_frames_go_by() {
+        let chunk = EXPRESS_MAX / 2;
+        assert_eq!(chunks_of_a_write(Some(Duration::ZERO)), vec![chunk; 4]);
+        let long_ago = SMALL_FRAMES_LATELY + Duration::from_millis(10);
+        assert_eq!(chunks_of_a_write(Some(long_ago)), vec![4 * chunk]);
+        assert_eq!(chunks_of_a_write(None), vec![4 * chunk]);
     }
 
     #[test]

@@ -416,7 +416,7 @@ pub(super) fn client_handshake(
         conn.socket.clone(),
         io,
         config,
-        pool.stats.clone(),
+        &pool,
         counters,
         conn.tls.is_none(),
         server.capabilities,
