@@ -238,7 +238,7 @@ impl FrameReader {
     /// chunk's (a sender cuts a body into chunks of one size). A bulk body then costs
     /// one call per chunk or fewer, not two. When the header is something else (a
     /// small frame between two chunks), the bytes read past it are taken out of the
-    /// body's buffer and parsed as usual. `None` when no body is under way.
+    /// body's buffer and parsed as usual. `Direct::NoBody` when no body is under way.
     fn read_direct<R: Receive>(
         &mut self,
         sink: &mut dyn FrameSink,

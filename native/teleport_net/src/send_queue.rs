@@ -28,7 +28,6 @@ use crate::framing::{
 use crate::handshake::Capabilities;
 use crate::host::Callback;
 use crate::io_slot::IoSlot;
-use crate::pool::Pool;
 use crate::socket::{self, SendNoSignal};
 use crate::stats::{ConnStats, ConnStatsSnapshot, PeerStats};
 
@@ -301,12 +300,14 @@ pub(crate) enum Flushed {
 }
 
 impl SendQueue {
-    /// A connection of `pool`, sharing its stats and `SmallFrames`.
+    /// A connection of a pool, sharing its `stats` and `small_frames`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         socket: Arc<TcpStream>,
         io: IoSlot,
         config: &Config,
-        pool: &Pool,
+        stats: Arc<PeerStats>,
+        small_frames: Arc<SmallFrames>,
         counters: ConnStats,
         direct: bool,
         peer_capabilities: Capabilities,
@@ -317,7 +318,7 @@ impl SendQueue {
             bulk: crossbeam_channel::unbounded(),
             bulk_senders: Mutex::new(HashMap::new()),
             bulk_queued: AtomicUsize::new(0),
-            stats: pool.stats.clone(),
+            stats,
             counters,
             socket,
             writing: Mutex::new(Batch::default()),
@@ -331,7 +332,7 @@ impl SendQueue {
             has_waiters: AtomicBool::new(false),
             last_frame_ns: AtomicU64::new(0),
             created: Instant::now(),
-            small_frames: pool.small_frames.clone(),
+            small_frames,
             direct,
             peer_capabilities,
             #[cfg(test)]
@@ -927,13 +928,8 @@ mod tests {
             Arc::new(socket),
             io,
             &config,
-            &Pool::new(
-                "b@127.0.0.1",
-                server.local_addr().unwrap(),
-                1,
-                [0; 16],
-                Arc::default(),
-            ),
+            Arc::default(),
+            Arc::new(SmallFrames::new()),
             counters,
             false,
             Capabilities::default(),
