@@ -281,13 +281,8 @@ impl FrameReader {
         } else {
             Vec::new()
         };
-        if flow == Flow::Go && header_got > 0 {
-            let (used, then) = self.parser.consume(&self.buf[..header_got], sink)?;
-            self.early.extend_from_slice(&self.buf[used..header_got]);
-            flow = then;
-        } else {
-            self.early.extend_from_slice(&self.buf[..header_got]);
-        }
+        let (parser, early) = (&mut self.parser, &mut self.early);
+        flow = feed(parser, early, &self.buf[..header_got], flow, sink)?;
         if guessed {
             // The header was the chunk's: its bytes are in place.
             match flow {
@@ -297,24 +292,11 @@ impl FrameReader {
                     self.early.extend_from_slice(&ahead);
                 }
             }
-            let after = HEADER_LEN..HEADER_LEN + after_got;
-            if flow == Flow::Go && after_got > 0 {
-                let (used, then) = self.parser.consume(&self.buf[after.clone()], sink)?;
-                self.early
-                    .extend_from_slice(&self.buf[after.start + used..after.end]);
-                flow = then;
-            } else {
-                self.early.extend_from_slice(&self.buf[after]);
-            }
+            let after = &self.buf[HEADER_LEN..HEADER_LEN + after_got];
+            flow = feed(&mut self.parser, &mut self.early, after, flow, sink)?;
             return Ok(Direct::Read(n, flow));
         }
-        if flow == Flow::Go && !spilled.is_empty() {
-            let (used, then) = self.parser.consume(&spilled, sink)?;
-            self.early.extend_from_slice(&spilled[used..]);
-            flow = then;
-        } else {
-            self.early.extend_from_slice(&spilled);
-        }
+        flow = feed(&mut self.parser, &mut self.early, &spilled, flow, sink)?;
         Ok(Direct::Read(n, flow))
     }
 }
@@ -331,9 +313,29 @@ enum Direct {
 
 /// Whether `header` is a chunk's of `len` bytes.
 fn is_chunk_header(header: &[u8], len: usize) -> bool {
-    let mut body_len = [0u8; 4];
-    body_len.copy_from_slice(&header[..4]);
-    header[4] == FrameKind::BulkChunk as u8 && u32::from_be_bytes(body_len) as usize == len
+    header
+        .try_into()
+        .ok()
+        .and_then(|header| FrameHeader::decode(header, u32::MAX).ok())
+        .is_some_and(|h| h.kind == FrameKind::BulkChunk && h.body_len as usize == len)
+}
+
+/// Parses `bytes` while the flow goes on; what is not parsed (all of it once paused)
+/// waits in `early`, in order, for the next turn.
+fn feed(
+    parser: &mut Parser,
+    early: &mut Vec<u8>,
+    bytes: &[u8],
+    flow: Flow,
+    sink: &mut dyn FrameSink,
+) -> Result<Flow, CloseReason> {
+    if flow == Flow::Pause || bytes.is_empty() {
+        early.extend_from_slice(bytes);
+        return Ok(flow);
+    }
+    let (used, flow) = parser.consume(bytes, sink)?;
+    early.extend_from_slice(&bytes[used..]);
+    Ok(flow)
 }
 
 fn would_block(e: io::Error) -> Result<ReadTurn, CloseReason> {

@@ -145,8 +145,13 @@ impl SmallFrames {
         self.epoch.elapsed().as_nanos() as u64 + 1
     }
 
+    /// Every small frame calls this: the shared word is written at most once a
+    /// millisecond, so senders on several schedulers do not pass its cache line around.
     fn offered(&self) {
-        self.last.store(self.now(), Relaxed);
+        let (now, last) = (self.now(), self.last.load(Relaxed));
+        if last == 0 || now - last > 1_000_000 {
+            self.last.store(now, Relaxed);
+        }
     }
 
     fn lately(&self) -> bool {
