@@ -199,6 +199,8 @@ impl Worker {
             None
         };
         if self.spin_next && timeout != Some(Duration::ZERO) && !busy_wait.is_zero() {
+            // Polling yields at every turn: the work that follows starts afresh.
+            self.working_since = Instant::now();
             let start = Instant::now();
             while start.elapsed() < busy_wait {
                 if self.poll_events(events, Some(Duration::ZERO)) && !events.is_empty() {
